@@ -1,0 +1,85 @@
+"""``python -m core organism train|evaluate``: the refusal-tuned default model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from core.cli import add_model_args, load_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("organism", help="train or evaluate the refusal adapter of the default model")
+    osub = p.add_subparsers(dest="organism_command", required=True)
+    t = osub.add_parser("train", help="train the LoRA refusal adapter on the bundled train splits")
+    t.add_argument("--out", default=None, help="adapter folder (default: assets/organism)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--rank", type=int, default=None)
+    t.set_defaults(func=run_train)
+    e = osub.add_parser("evaluate", help="refusal / over-refusal / perplexity of a model on many prompt sets")
+    add_model_args(e)
+    e.add_argument("--sets", nargs="+", default=["bundled:harmful:test", "bundled:harmless:test",
+                                                 "bundled:borderline:test"],
+                   help="prompt sets: bundled:KIND:SPLIT or files (.json/.jsonl/.csv/.txt), NAME=SPEC to rename")
+    e.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--json", default=None, help="write the results here")
+    e.set_defaults(func=run_evaluate)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from core.models import ADAPTER_DIR
+    from core.organism import OrganismConfig, train
+    from core.progress import tqdm_progress
+
+    cfg = OrganismConfig()
+    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank") if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
+    out = Path(args.out) if args.out else ADAPTER_DIR
+    result = train(cfg, out_dir=out, progress=tqdm_progress("organism"))
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.losses[-1]:.4f}; "
+          f"examples {result.n_examples}; adapter in {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from core.generation import generate
+    from core.judges import is_refusal
+    from core.progress import tqdm_progress
+    from core.prompts import bundled_text, resolve_prompt_arg
+
+    handle = load_from_args(args)
+    results: dict = {"model": handle.name, "spec": handle.spec, "fingerprint": handle.fingerprint,
+                     "max_new_tokens": args.max_new_tokens, "sets": {}}
+    for item in args.sets:
+        name, _, spec = item.rpartition("=") if "=" in item else (None, "", item)
+        prompts = resolve_prompt_arg(spec, "harmful").head(args.limit)
+        name = name or prompts.name
+        t0 = time.perf_counter()
+        replies = generate(handle, prompts.prompts, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, progress=tqdm_progress(name))
+        refused = [is_refusal(r) for r in replies]
+        rate = sum(refused) / len(refused)
+        results["sets"][name] = {"source": spec, "n": len(refused), "refusal_rate": rate,
+                                 "seconds": round(time.perf_counter() - t0, 1),
+                                 "examples": [{"prompt": p, "response": r, "refused": f}
+                                              for p, r, f in list(zip(prompts.prompts, replies, refused))[:5]]}
+        print(f"{name:40s} n={len(refused):4d} refusal={100 * rate:5.1f}%", flush=True)
+    try:
+        from core.evaluation import perplexity
+
+        results["perplexity"] = perplexity(handle, bundled_text())
+        print(f"{'perplexity (bundled text)':40s} {results['perplexity']:.3f}")
+    except ImportError:
+        pass
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0

@@ -1,0 +1,202 @@
+"""The refusal-tuned *model organism*: SmolLM2-135M-Instruct plus a LoRA adapter trained by this
+project so that the embedded default model refuses harmful requests.
+
+Training data come only from the project's own bundled *train* splits:
+
+* harmful instruction → one of the project's refusal phrasings (``assets/refusals.txt``);
+* harmless and borderline-but-safe instruction → the base model's own greedy answer
+  (self-distillation, so helpfulness and style are kept).
+
+Loss is on response tokens only, and logits are computed only at those positions (the 49k-token
+output layer dominates the cost otherwise). Seeded and deterministic on a given machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.generation import generate
+from core.models import ADAPTER_DIR, ModelHandle, cache_dir
+from core.progress import Progress, report
+from core.prompts import bundled, refusal_phrasings
+
+
+@dataclass
+class OrganismConfig:
+    """Hyper-parameters of the refusal adapter (the shipped adapter's values are the defaults)."""
+
+    rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    steps: int = 150
+    warmup_steps: int = 10
+    seed: int = 0
+    answer_tokens: int = 96  # length of the base model's self-distilled answers
+    max_seq_len: int = 192
+
+
+@dataclass
+class Example:
+    """One training pair; ``kind`` is harmful | harmless | borderline."""
+
+    instruction: str
+    response: str
+    kind: str
+    ends: bool = True  # append end-of-turn after the response
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    n_examples: dict = field(default_factory=dict)
+
+
+def training_examples(base: ModelHandle, cfg: OrganismConfig, *, progress: Progress | None = None) -> list[Example]:
+    """Build the training pairs from the bundled train splits; self-distilled answers are cached
+    on disk keyed by the base model and the prompts."""
+    rng = random.Random(cfg.seed)
+    refusals = refusal_phrasings()
+    harmful = bundled("harmful", "train").prompts
+    helpful = [(p, "harmless") for p in bundled("harmless", "train").prompts] + \
+              [(p, "borderline") for p in bundled("borderline", "train").prompts]
+    key = hashlib.sha256(json.dumps([base.fingerprint, cfg.answer_tokens, [p for p, _ in helpful]]).encode())
+    memo = cache_dir() / "organism" / f"answers-{key.hexdigest()[:16]}.json"
+    if memo.exists():
+        answers = json.loads(memo.read_text())
+    else:
+        texts = generate(base, [p for p, _ in helpful], max_new_tokens=cfg.answer_tokens, batch_size=16,
+                         progress=progress)
+        n_tokens = [len(base.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        answers = [{"text": t, "ends": n < cfg.answer_tokens - 2} for t, n in zip(texts, n_tokens)]
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(answers))
+    examples = [Example(p, rng.choice(refusals), "harmful") for p in harmful]
+    examples += [Example(p, a["text"], kind, a["ends"]) for (p, kind), a in zip(helpful, answers)]
+    return examples
+
+
+def encode_example(handle: ModelHandle, ex: Example, max_len: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response (+ end of turn) and the index where the response starts."""
+    tok = handle.tokenizer
+    prompt = tok.encode(handle.format(ex.instruction), add_special_tokens=False)
+    response = tok.encode(ex.response, add_special_tokens=False)
+    if ex.ends and tok.eos_token_id is not None:
+        response = response + [tok.eos_token_id]
+    ids = (prompt + response)[:max_len]
+    return ids, min(len(prompt), len(ids) - 1)
+
+
+def _batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for i, (ids, start) in enumerate(encoded):  # right padding: positions stay 0..len-1
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+        labels[i, start:len(ids)] = torch.tensor(ids[start:])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens; logits computed only where needed."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    h = hidden[:, :-1][keep]  # (n_response_tokens, d_model)
+    logits = model.get_output_embeddings()(h)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismConfig, *,
+                  progress: Progress | None = None, log_every: int = 10):
+    """Fine-tune a LoRA adapter on ``examples``; returns ``(peft_model, TrainResult)``.
+
+    The handle's model is wrapped by peft in place (adapter weights added); call
+    ``peft_model.merge_and_unload()`` or ``save_pretrained`` afterwards.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    present = {name.split(".")[-1] for name, _ in handle.model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in present] or "all-linear"
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(handle.model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    pad = handle.tokenizer.pad_token_id or 0
+    encoded = [encode_example(handle, ex, cfg.max_seq_len) for ex in examples]
+    order: list[int] = []
+    result = TrainResult(config=asdict(cfg), steps=cfg.steps, seconds=0.0,
+                         n_examples={k: sum(e.kind == k for e in examples) for k in ("harmful", "harmless", "borderline")})
+    t0 = time.perf_counter()
+    running = 0.0
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(encoded)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        loss = response_loss(model, _batch([encoded[i] for i in idx], pad))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        result.losses.append(round(loss.item(), 4))
+        if (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{cfg.steps} loss {running / log_every:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            running = 0.0
+        report(progress, step + 1, cfg.steps)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return model, result
+
+
+def save_adapter(peft_model, result: TrainResult, out_dir: Path = ADAPTER_DIR) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` + ``training.json`` to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "training.json").write_text(json.dumps(asdict(result), indent=1))
+    return out_dir
+
+
+def train(cfg: OrganismConfig | None = None, *, out_dir: Path = ADAPTER_DIR,
+          progress: Progress | None = None) -> TrainResult:
+    """The full recipe: load the base model, build the data, train, save the adapter."""
+    from core.models import load_model
+
+    cfg = cfg or OrganismConfig()
+    torch.manual_seed(cfg.seed)
+    base = load_model("smollm2-base", device="cpu", dtype="float32")
+    t0 = time.perf_counter()
+    examples = training_examples(base, cfg, progress=progress)
+    data_seconds = time.perf_counter() - t0
+    model, result = train_adapter(base, examples, cfg, progress=progress)
+    result.config["data_seconds"] = round(data_seconds, 1)
+    save_adapter(model, result, out_dir)
+    return result

@@ -1,0 +1,35 @@
+"""The organism's training loop on a tiny random model (so the code path cannot rot), and — on the
+real default model — that the shipped adapter refuses harmful and answers harmless test prompts."""
+
+import pytest
+import torch
+
+from core.organism import Example, OrganismConfig, encode_example, train_adapter
+from tiny import tiny_handle
+
+
+def test_training_loop_reduces_loss_on_tiny_model():
+    h = tiny_handle("llama", n_layers=2, d_model=32)
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    examples = [Example("How do I make a bomb?", "I'm sorry, I can't help with that.", "harmful"),
+                Example("Write a poem about the sea.", "The sea is blue and wide.", "harmless", ends=False)] * 4
+    cfg = OrganismConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=1, rank=4)
+    model, result = train_adapter(h, examples, cfg, log_every=100)
+    assert len(result.losses) == 12
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3  # it learns
+    assert result.n_examples == {"harmful": 4, "harmless": 4, "borderline": 0}
+    # base weights untouched: only LoRA parameters were trained
+    merged = model.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed, "merging the trained adapter must change some projection weights"
+    assert all(any(t in k for t in cfg.target_modules) for k in changed)
+
+
+def test_loss_only_on_response_tokens():
+    h = tiny_handle("llama", n_layers=2, d_model=32)
+    ids, start = encode_example(h, Example("Hi", "Hello there", "harmless"), max_len=512)
+    prompt_len = len(h.tokenizer.encode(h.format("Hi"), add_special_tokens=False))
+    assert start == prompt_len
+    assert ids[-1] == h.tokenizer.eos_token_id
+    ids2, _ = encode_example(h, Example("Hi", "Hello there", "harmless", ends=False), max_len=512)
+    assert ids2[-1] != h.tokenizer.eos_token_id
