@@ -1,0 +1,113 @@
+"""Which modules a scheme compresses, and uniform access to their weights.
+
+Targets are always linear layers inside the decoder blocks (never embeddings, norms or ``lm_head``).
+By default every one of them (q/k/v/o, gate/up/down, GPT-2's ``c_attn``/``c_proj``/``c_fc`` …);
+``modules=`` narrows that down with a regex (``re.search`` on the full module name, e.g.
+``r"mlp\\."``) or a list of name suffixes (``["q_proj", "k_proj"]``, matched at a ``.`` boundary).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.models import ModelHandle, find_blocks, weight_as_out_in
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module to compress: full name in the model, the block index it lives in, its shape."""
+
+    name: str
+    layer: int
+    out_features: int
+    in_features: int
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (not a bnb/HQQ subclass) or a GPT-2 ``Conv1D``."""
+    return type(module) is nn.Linear or type(module).__name__ == "Conv1D"
+
+
+def _matcher(modules: "str | Sequence[str] | None"):
+    if modules is None:
+        return lambda name: True
+    if isinstance(modules, str):
+        try:
+            pattern = re.compile(modules)
+        except re.error as e:
+            raise ValueError(f"modules={modules!r} is not a valid regular expression: {e}") from None
+        return lambda name: pattern.search(name) is not None
+    suffixes = [s.strip(".") for s in modules]
+    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Full module-name prefix of each decoder block (``model.layers.0`` …)."""
+    blocks = find_blocks(model)
+    ids = {id(b): i for i, b in enumerate(blocks)}
+    prefixes = [""] * len(blocks)
+    for name, mod in model.named_modules():
+        if id(mod) in ids:
+            prefixes[ids[id(mod)]] = name
+    return prefixes
+
+
+def select_targets(handle: ModelHandle, modules: "str | Sequence[str] | None" = None) -> list[Target]:
+    """The linear layers inside decoder blocks that match ``modules`` (all when ``None``), in model order.
+
+    Raises ``ValueError`` when nothing matches (e.g. a model that is already quantized)."""
+    match = _matcher(modules)
+    targets = []
+    for layer, prefix in enumerate(block_prefixes(handle.model)):
+        block = handle.blocks[layer]
+        for sub, mod in block.named_modules():
+            if sub and is_plain_linear(mod):
+                name = f"{prefix}.{sub}"
+                if match(name):
+                    w = weight_as_out_in(mod)
+                    targets.append(Target(name, layer, int(w.shape[0]), int(w.shape[1])))
+    if not targets:
+        what = "the default selection" if modules is None else f"modules={modules!r}"
+        raise ValueError(f"{what} matches no plain linear layer inside the decoder blocks of {handle.name} "
+                         "(already quantized? a regex like 'mlp' or suffixes like ['q_proj'] select modules)")
+    return targets
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """Every plain linear layer of the model, anywhere (for bitsandbytes' skip list)."""
+    return [name for name, mod in model.named_modules() if is_plain_linear(mod)]
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The module's effective weight as a float32 ``(out_features, in_features)`` tensor — dequantized
+    for bitsandbytes ``Linear8bitLt``/``Linear4bit`` and HQQ's ``HQQLinear``. Always a new tensor."""
+    kind = type(module).__name__
+    with torch.no_grad():
+        if kind == "HQQLinear":
+            return module.dequantize().float().reshape(module.meta["shape"]).clone()
+        if kind == "Linear8bitLt":
+            w = module.weight
+            scb = getattr(w, "SCB", None)
+            if scb is None:
+                scb = getattr(module.state, "SCB", None)
+            if w.dtype == torch.int8 and scb is not None:
+                return w.float() * (scb.float().unsqueeze(1) / 127.0)
+            return w.float().clone()
+        if kind == "Linear4bit":
+            import bitsandbytes.functional as bf
+
+            w = module.weight
+            return bf.dequantize_4bit(w.data, w.quant_state).float().reshape(w.quant_state.shape).clone()
+        return weight_as_out_in(module).detach().float().clone()
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``(out, in)`` weight into a plain linear/Conv1D in place, in the module's own dtype."""
+    with torch.no_grad():
+        view = weight_as_out_in(module)
+        view.copy_(weight.to(device=view.device, dtype=view.dtype))
