@@ -1,0 +1,350 @@
+"""Residual-stream activations at the post-instruction positions, batched and memory-flat.
+
+The residual stream is read at the input of every decoder block and at the input of the final norm,
+so one prompt gives a tensor ``(n_positions, n_layers + 1, d_model)``. The *post-instruction
+positions* are the tokens the chat template appends after the user's text (end-of-turn + assistant
+header); they are found from the template itself (:func:`post_instruction_length`) and are the last
+``n_positions`` tokens of every formatted prompt. Positions are named by negative offsets
+``-n_positions … -1`` (``-1`` = the last prompt token).
+
+Speed on CPU comes from three things: prompts are sorted by length and batched under a memory budget
+(little padding); the token prefix shared by every prompt (system prompt + user header) is run once
+and reused through the KV cache; and means are accumulated in float64 running sums, never keeping
+every activation. Every forward and every hook installation holds ``handle.lock``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from core.models import MARKER, ChatTemplateError, ModelHandle
+from core.progress import Progress, report
+
+DEFAULT_MEMORY_MB = 512
+DEFAULT_MAX_BATCH = 32
+MIN_SHARED_PREFIX = 4  # below this many tokens, sharing the prefix is not worth a cache copy per batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-instruction positions
+# ----------------------------------------------------------------------------------------------
+
+def post_instruction_length(handle: ModelHandle) -> int:
+    """Number of tokens the chat template appends after the user's instruction.
+
+    Formats a marker instruction and counts the tokens that start after the marker, tokenized in
+    context (so a suffix that would merge differently on its own is still counted right); falls back
+    to tokenizing the suffix alone for tokenizers without offset mappings.
+    """
+    text = handle.format(MARKER)
+    if MARKER not in text:
+        raise ChatTemplateError(f"the chat template of {handle.name} drops the user's text")
+    end = text.rindex(MARKER) + len(MARKER)
+    tok = handle.tokenizer
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        n = sum(1 for start, _ in enc["offset_mapping"] if start >= end)
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        n = len(tok(text[end:], add_special_tokens=False)["input_ids"])
+    if n < 1:
+        raise ChatTemplateError(f"the chat template of {handle.name} adds nothing after the instruction; "
+                                "there are no post-instruction positions to read")
+    return n
+
+
+def post_instruction_tokens(handle: ModelHandle) -> list[str]:
+    """The post-instruction tokens as text, in order (for tables: which token a position is)."""
+    n = post_instruction_length(handle)
+    ids = handle.tokenizer(handle.format(MARKER), add_special_tokens=False)["input_ids"][-n:]
+    return [handle.tokenizer.decode([i]) for i in ids]
+
+
+def tokenize(handle: ModelHandle, instructions: Sequence[str], *, formatted: bool = False) -> list[list[int]]:
+    """Chat-format (unless ``formatted``) and tokenize without padding → one id list per prompt."""
+    texts = list(instructions) if formatted else [handle.format(i) for i in instructions]
+    if not texts:
+        return []
+    return [list(ids) for ids in handle.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched forward with a shared prefix
+# ----------------------------------------------------------------------------------------------
+
+def _per_token_bytes(handle: ModelHandle, kv_len: int) -> int:
+    """Rough peak activation bytes per token of one forward (hidden states, MLP, attention scores)."""
+    cfg = handle.model.config
+    d = handle.d_model
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8
+    elt = max(torch.finfo(handle.dtype).bits // 8, 4)
+    return elt * (10 * d + 3 * inter + 2 * heads * kv_len)
+
+
+class BatchRunner:
+    """Runs pre-tokenized prompts through the model in length-sorted, memory-bounded batches.
+
+    ``min_rest`` tokens of every prompt are never folded into the shared prefix, so hooks always see
+    the last ``min_rest`` positions of every prompt. Call :meth:`run` with ``handle.lock`` held and
+    with whatever hooks/interventions should apply — the prefix is recomputed under them on each run.
+    """
+
+    def __init__(self, handle: ModelHandle, ids: Sequence[Sequence[int]], *, min_rest: int = 1,
+                 batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+                 max_batch: int = DEFAULT_MAX_BATCH, share_prefix: bool = True) -> None:
+        self.handle = handle
+        ids = [list(s) for s in ids]
+        if any(len(s) < min_rest for s in ids):
+            raise ValueError(f"a prompt has fewer than {min_rest} tokens")
+        prefix: list[int] = []
+        if share_prefix and ids:
+            limit = min(len(s) for s in ids) - min_rest
+            first = ids[0]
+            k = 0
+            while k < limit and all(s[k] == first[k] for s in ids):
+                k += 1
+            # Padding sits between the prefix and the rest, which shifts KV-cache indices: a sliding
+            # window (counted in cache indices) would then cut at the wrong token, so don't share.
+            window = getattr(handle.model.config, "sliding_window", None)
+            too_long = bool(window) and max(len(s) for s in ids) + limit > int(window)
+            if k >= MIN_SHARED_PREFIX and not too_long:
+                prefix = first[:k]
+        self.prefix = prefix
+        self.rest = [s[len(prefix):] for s in ids]
+        order = sorted(range(len(ids)), key=lambda i: len(self.rest[i]))
+        self.batches: list[list[int]] = []
+        budget = memory_mb * 2**20
+        vocab_bytes = 8 * int(getattr(handle.model.config, "vocab_size", 0) or 0)
+        cur: list[int] = []
+        for i in order:
+            trial = cur + [i]
+            longest = len(self.rest[i])
+            cost = len(trial) * (longest * _per_token_bytes(handle, len(prefix) + longest) + vocab_bytes)
+            limit_rows = batch_size or max_batch
+            if cur and (len(trial) > limit_rows or (batch_size is None and cost > budget)):
+                self.batches.append(cur)
+                cur = [i]
+            else:
+                cur = trial
+        if cur:
+            self.batches.append(cur)
+
+    def __len__(self) -> int:
+        return len(self.rest)
+
+    def _prefix_cache(self):
+        if not self.prefix:
+            return None
+        dev = self.handle.device
+        ids = torch.tensor([self.prefix], device=dev)
+        out = self.handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                logits_to_keep=1)
+        return out.past_key_values
+
+    @torch.inference_mode()
+    def run(self) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch."""
+        model, dev = self.handle.model, self.handle.device
+        pad = self.handle.tokenizer.pad_token_id or 0
+        cache = self._prefix_cache()
+        p = len(self.prefix)
+        for idx in self.batches:
+            seqs = [self.rest[i] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[row, width - len(s):] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + p
+            kwargs: dict = dict(input_ids=ids.to(dev), position_ids=position_ids.to(dev), logits_to_keep=1)
+            if cache is not None:
+                batch_cache = copy.deepcopy(cache)
+                batch_cache.batch_repeat_interleave(len(seqs))
+                mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), mask], dim=1)
+                kwargs.update(past_key_values=batch_cache, use_cache=True)
+            else:
+                kwargs.update(use_cache=False)
+            out = model(attention_mask=mask.to(dev), **kwargs)
+            yield idx, out.logits[:, -1, :].float()
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def read_points(handle: ModelHandle) -> list[torch.nn.Module]:
+    """Modules whose *input* is the residual stream we read: every block, then the final norm."""
+    norm = handle.final_norm
+    if norm is None:
+        raise ValueError(f"{handle.name}: no final norm found, cannot read the last residual stream")
+    return [*handle.blocks, norm]
+
+
+def _capture(handle: ModelHandle, runner: BatchRunner, n_positions: int,
+             on_batch: Callable[[list[int], torch.Tensor, torch.Tensor], None],
+             progress: Progress | None) -> None:
+    """Run ``runner`` with read hooks; ``on_batch(idx, acts (B, n_pos, L+1, d), logits (B, vocab))``."""
+    points = read_points(handle)
+    buf: list[torch.Tensor | None] = [None] * len(points)
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            buf[i] = _hidden(args, kwargs)[:, -n_positions:, :]
+        return hook
+
+    done = 0
+    with handle.lock:
+        hooks = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(points)]
+        try:
+            for idx, logits in runner.run():
+                acts = torch.stack(buf, dim=2)  # type: ignore[arg-type]
+                buf[:] = [None] * len(points)
+                on_batch(idx, acts, logits)
+                done += len(idx)
+                report(progress, done, len(runner))
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Means, projections, naive reference
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Activations:
+    """Mean residual stream over a prompt set.
+
+    ``mean``: ``(n_positions, n_layers + 1, d_model)`` float64 over the *kept* prompts (all prompts
+    when no ``keep`` filter was given); ``mean_all`` over every prompt. ``kept[i]`` tells whether
+    prompt ``i`` (input order) passed the filter; ``positions`` are the negative offsets.
+    """
+
+    mean: torch.Tensor
+    count: int
+    mean_all: torch.Tensor
+    count_all: int
+    positions: list[int]
+    kept: list[bool] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def mean_activations(handle: ModelHandle, instructions: Sequence[str], *, n_positions: int | None = None,
+                     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+                     share_prefix: bool = True, formatted: bool = False,
+                     progress: Progress | None = None) -> Activations:
+    """Mean residual stream at the post-instruction positions, ``(n_positions, n_layers + 1, d_model)``.
+
+    ``keep(last_logits (B, vocab)) → bool (B,)`` optionally filters prompts by the model's own
+    next-token distribution (e.g. "refused" for harmful prompts) in the same pass. Memory stays flat in
+    the number of prompts: only float64 running sums are kept.
+    """
+    if not instructions:
+        raise ValueError("no prompts given")
+    n = n_positions or post_instruction_length(handle)
+    runner = BatchRunner(handle, tokenize(handle, instructions, formatted=formatted), min_rest=n,
+                         batch_size=batch_size, memory_mb=memory_mb, share_prefix=share_prefix)
+    shape = (n, handle.n_layers + 1, handle.d_model)
+    sum_all = torch.zeros(shape, dtype=torch.float64)
+    sum_kept = torch.zeros(shape, dtype=torch.float64)
+    kept = [keep is None] * len(instructions)
+
+    def on_batch(idx: list[int], acts: torch.Tensor, logits: torch.Tensor) -> None:
+        acts = acts.double().cpu()
+        sum_all.add_(acts.sum(0))
+        if keep is not None:
+            mask = keep(logits).bool().cpu()
+            if mask.any():
+                sum_kept.add_(acts[mask].sum(0))
+            for j, i in enumerate(idx):
+                kept[i] = bool(mask[j])
+
+    _capture(handle, runner, n, on_batch, progress)
+    count = sum(kept)
+    mean_all = sum_all / len(instructions)
+    mean = mean_all if keep is None else (sum_kept / count if count else torch.full(shape, math.nan,
+                                                                                      dtype=torch.float64))
+    return Activations(mean=mean, count=count, mean_all=mean_all, count_all=len(instructions),
+                       positions=list(range(-n, 0)), kept=kept)
+
+
+def _unit_per_layer(direction: torch.Tensor, n_points: int) -> torch.Tensor:
+    d = direction.detach().double().cpu()
+    if d.dim() == 1:
+        d = d.expand(n_points, -1)
+    if d.shape[0] != n_points:
+        raise ValueError(f"direction has {d.shape[0]} rows, expected 1 or {n_points}")
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.inference_mode()
+def projections(handle: ModelHandle, instructions: Sequence[str], direction: torch.Tensor, *,
+                position: int = -1, batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+                share_prefix: bool = True, progress: Progress | None = None) -> torch.Tensor:
+    """Per-prompt projection of the residual stream at ``position`` (negative offset) onto the unit
+    direction, at every read point → ``(n_prompts, n_layers + 1)`` float32.
+
+    ``direction`` is ``(d_model,)`` (one direction for all layers) or ``(n_layers + 1, d_model)``.
+    """
+    if position >= 0:
+        raise ValueError("position is a negative offset from the end of the prompt (-1 = last token)")
+    n = -position
+    unit = _unit_per_layer(direction, handle.n_layers + 1)
+    runner = BatchRunner(handle, tokenize(handle, instructions), min_rest=n, batch_size=batch_size,
+                         memory_mb=memory_mb, share_prefix=share_prefix)
+    out = torch.zeros(len(instructions), handle.n_layers + 1, dtype=torch.float64)
+
+    def on_batch(idx: list[int], acts: torch.Tensor, logits: torch.Tensor) -> None:
+        x = acts[:, 0].double().cpu()  # (B, L+1, d) at the requested position
+        out[idx] = (x * unit).sum(-1)
+
+    _capture(handle, runner, n, on_batch, progress)
+    return out.float()
+
+
+def projection_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-layer bands of two projection matrices ``(n_prompts, n_layers + 1)``: mean/std of each set
+    and Cohen's d (difference of means over the pooled std)."""
+    mh, mn = harmful.double().mean(0), harmless.double().mean(0)
+    sh = harmful.double().std(0) if len(harmful) > 1 else torch.zeros_like(mh)
+    sn = harmless.double().std(0) if len(harmless) > 1 else torch.zeros_like(mn)
+    nh, nn_ = len(harmful), len(harmless)
+    dof = max(nh + nn_ - 2, 1)
+    pooled = (((nh - 1) * sh**2 + (nn_ - 1) * sn**2) / dof).sqrt()
+    d = (mh - mn) / pooled.clamp_min(1e-12)
+    return {k: v.float() for k, v in dict(harmful_mean=mh, harmful_std=sh, harmless_mean=mn, harmless_std=sn,
+                                          cohens_d=d).items()}
+
+
+@torch.inference_mode()
+def naive_mean_activations(handle: ModelHandle, instructions: Sequence[str], *, n_positions: int | None = None,
+                           progress: Progress | None = None) -> torch.Tensor:
+    """Reference implementation: one prompt at a time with ``output_hidden_states=True``, every hidden
+    state kept until the end → same result as :func:`mean_activations` (``mean``), slowly.
+
+    HF's last hidden state is *after* the final norm, so the final-norm input is read with one hook.
+    """
+    n = n_positions or post_instruction_length(handle)
+    L = handle.n_layers
+    per_prompt = []
+    norm_in: dict[str, torch.Tensor] = {}
+    with handle.lock:
+        hook = handle.final_norm.register_forward_pre_hook(
+            lambda m, args, kwargs: norm_in.__setitem__("x", _hidden(args, kwargs)), with_kwargs=True)
+        try:
+            for k, text in enumerate(instructions):
+                ids = torch.tensor([tokenize(handle, [text])[0]], device=handle.device)
+                out = handle.model(input_ids=ids, output_hidden_states=True)
+                hs = [h[0, -n:] for h in out.hidden_states[:L]] + [norm_in["x"][0, -n:]]
+                per_prompt.append(torch.stack(hs, dim=1).double().cpu())
+                report(progress, k + 1, len(instructions))
+        finally:
+            hook.remove()
+    return torch.stack(per_prompt).mean(0)
