@@ -1,0 +1,435 @@
+"""Refusal directions: difference-in-means candidates, selection, persistence, comparison.
+
+Follows Arditi et al. 2024 ("Refusal in language models is mediated by a single direction"):
+
+1. :func:`generate_candidates` — ``r[pos, layer] = mean_harmful − mean_harmless`` of the residual
+   stream at each post-instruction position and block input, shape ``(n_pos, n_layers, d_model)``.
+2. :func:`select_direction` — for every candidate below ``max_layer_frac·n_layers``: *bypass* (mean
+   refusal score on harmful val prompts with the candidate ablated everywhere), *induce* (mean refusal
+   score on harmless val prompts with the candidate added at its layer) and *KL* (next-token KL on
+   harmless val prompts under ablation). Keep KL < ``kl_threshold`` and induce > ``induce_threshold``;
+   pick the lowest bypass. If nothing survives, fall back to the lowest bypass with a warning naming
+   the filters that removed the candidates.
+
+Refusal score: ``log P(R) − log(1 − P(R))`` at the last prompt position, R the first tokens of
+typical refusal openings for this tokenizer (:func:`core.judges.refusal_token_ids`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.activations import (DEFAULT_MEMORY_MB, BatchRunner, mean_activations, post_instruction_tokens,
+                              tokenize)
+from core.interventions import ablate, add
+from core.judges import refusal_score_from_logits, refusal_token_ids
+from core.models import ModelHandle
+from core.progress import Progress, report
+from core.prompts import PromptSet
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "directions.safetensors"
+META_FILE = "directions.json"
+MIN_KEPT = 4  # fewer prompts than this after a refusal filter → the filter is dropped with a warning
+
+
+def _sha(prompts: Sequence[str]) -> str:
+    return prompts.sha if isinstance(prompts, PromptSet) else PromptSet("prompts", list(prompts)).sha
+
+
+# ----------------------------------------------------------------------------------------------
+# The direction set
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DirectionSet:
+    """Candidates, their selection scores and the chosen direction for one model.
+
+    * ``candidates`` ``(n_pos, n_layers, d_model)`` float32 — raw difference-in-means vectors.
+    * ``mean_harmful`` / ``mean_harmless`` ``(n_pos, n_layers + 1, d_model)`` float32 — the means
+      (the last layer slot is the final-norm input).
+    * ``positions`` — negative offsets of the post-instruction positions (``-1`` = last token).
+    * ``bypass`` / ``induce`` / ``kl`` ``(n_pos, n_layers)`` float32, NaN where not evaluated.
+    * ``selected`` — ``(position offset, layer)`` or None before selection.
+    * ``metadata`` — model fingerprint, prompt-set hashes, thresholds, filter counts, warnings, …
+    """
+
+    candidates: torch.Tensor
+    mean_harmful: torch.Tensor
+    mean_harmless: torch.Tensor
+    positions: list[int]
+    bypass: torch.Tensor
+    induce: torch.Tensor
+    kl: torch.Tensor
+    selected: tuple[int, int] | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.candidates.shape[1])
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.candidates.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.candidates.shape[2])
+
+    def pos_index(self, position: int) -> int:
+        """Row of ``candidates`` for a position offset (``-1`` …) ."""
+        if position not in self.positions:
+            raise ValueError(f"position {position} not among {self.positions}")
+        return self.positions.index(position)
+
+    def candidate(self, position: int, layer: int) -> torch.Tensor:
+        """Raw candidate ``(d_model,)`` at a position offset and layer."""
+        return self.candidates[self.pos_index(position), layer]
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The selected direction ``(d_model,)``, raw (not normalised: its norm is the mean gap)."""
+        if self.selected is None:
+            raise ValueError("no direction selected yet: run select_direction first")
+        return self.candidate(*self.selected)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.metadata.get("warnings", []))
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``directions.safetensors`` (tensors) and ``directions.json`` (the rest) to ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().float().contiguous().cpu()
+                   for name in ("candidates", "mean_harmful", "mean_harmless", "bypass", "induce", "kl")}
+        if self.selected is not None:
+            tensors["direction"] = self.direction.detach().float().cpu().clone()
+        save_file(tensors, str(folder / TENSORS_FILE))
+        meta = {"format_version": FORMAT_VERSION, "positions": self.positions,
+                "selected": list(self.selected) if self.selected is not None else None,
+                "shape": {"n_positions": self.n_positions, "n_layers": self.n_layers, "d_model": self.d_model},
+                "metadata": self.metadata}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DirectionSet":
+        """Read a folder written by :meth:`save` (no pickle involved)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / TENSORS_FILE).exists() or not (folder / META_FILE).exists():
+            raise FileNotFoundError(f"{folder} is not a direction set (expected {TENSORS_FILE} and {META_FILE})")
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{folder}: direction set format {meta['format_version']} is newer than this code")
+        t = load_file(str(folder / TENSORS_FILE))
+        sel = meta.get("selected")
+        return cls(candidates=t["candidates"], mean_harmful=t["mean_harmful"], mean_harmless=t["mean_harmless"],
+                   positions=[int(p) for p in meta["positions"]], bypass=t["bypass"], induce=t["induce"],
+                   kl=t["kl"], selected=(int(sel[0]), int(sel[1])) if sel else None,
+                   metadata=meta.get("metadata", {}))
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+# ----------------------------------------------------------------------------------------------
+
+def _refusal_keep(handle: ModelHandle, refused: bool):
+    ids = refusal_token_ids(handle.tokenizer)
+
+    def keep(logits: torch.Tensor) -> torch.Tensor:
+        s = refusal_score_from_logits(logits, ids)
+        return s > 0 if refused else s < 0
+    return keep
+
+
+def generate_candidates(handle: ModelHandle, harmful: Sequence[str], harmless: Sequence[str], *,
+                        filter_refusals: bool = False, batch_size: int | None = None,
+                        memory_mb: float = DEFAULT_MEMORY_MB, progress: Progress | None = None) -> DirectionSet:
+    """Difference-in-means candidates at every post-instruction position and block input.
+
+    ``filter_refusals`` keeps (as in the anchor) only harmful prompts the model refuses (refusal score
+    > 0) and harmless prompts it does not (< 0), decided in the same forward pass; if fewer than
+    ``MIN_KEPT`` prompts survive, all are used and a warning is recorded.
+    """
+    t0 = time.perf_counter()
+    total = len(harmful) + len(harmless)
+    offset = {"n": 0}
+
+    def sub(done: int, _total: int) -> None:
+        report(progress, offset["n"] + done, total)
+
+    msgs: list[str] = []
+    means = {}
+    for kind, prompts, refused in (("harmful", harmful, True), ("harmless", harmless, False)):
+        keep = _refusal_keep(handle, refused) if filter_refusals else None
+        acts = mean_activations(handle, list(prompts), keep=keep, batch_size=batch_size, memory_mb=memory_mb,
+                                progress=sub)
+        offset["n"] += len(prompts)
+        if keep is not None and acts.count < MIN_KEPT:
+            msgs.append(f"refusal filter kept only {acts.count}/{acts.count_all} {kind} prompts; "
+                        f"using all {acts.count_all}")
+            means[kind] = (acts.mean_all, acts.count_all)
+        else:
+            means[kind] = (acts.mean, acts.count)
+        positions = acts.positions
+    for m in msgs:
+        warnings.warn(m)
+    mh, mn = means["harmful"][0].float(), means["harmless"][0].float()
+    n_pos, n_layers = mh.shape[0], handle.n_layers
+    cand = (means["harmful"][0] - means["harmless"][0])[:, :n_layers].float().contiguous()
+    nan = torch.full((n_pos, n_layers), math.nan)
+    meta = {
+        "model": handle.name, "model_spec": handle.spec, "model_fingerprint": handle.fingerprint,
+        "n_layers": n_layers, "d_model": handle.d_model,
+        "post_instruction_tokens": post_instruction_tokens(handle),
+        "harmful_sha": _sha(harmful), "harmless_sha": _sha(harmless),
+        "n_harmful": means["harmful"][1], "n_harmless": means["harmless"][1],
+        "n_harmful_given": len(harmful), "n_harmless_given": len(harmless),
+        "filter_refusals": filter_refusals, "warnings": msgs,
+        "extraction_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return DirectionSet(candidates=cand, mean_harmful=mh, mean_harmless=mn, positions=positions,
+                        bypass=nan.clone(), induce=nan.clone(), kl=nan.clone(), metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+def _last_logits(runner: BatchRunner) -> torch.Tensor:
+    out: torch.Tensor | None = None
+    for idx, logits in runner.run():
+        if out is None:
+            out = torch.empty(len(runner), logits.shape[-1])
+        out[idx] = logits.cpu()
+    assert out is not None
+    return out
+
+
+def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over prompts of KL(base ‖ new) of next-token distributions."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return float((base_logp.exp() * (base_logp - logp)).sum(-1).mean())
+
+
+def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str],
+                     harmless_val: Sequence[str], *, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
+                     induce_threshold: float = 0.0, positions: Sequence[int] | None = None,
+                     filter_refusals: bool = False, exhaustive: bool = False, batch_size: int | None = None,
+                     memory_mb: float = DEFAULT_MEMORY_MB, progress: Progress | None = None) -> DirectionSet:
+    """Score candidates and select one; returns a new :class:`DirectionSet` with scores and ``selected``.
+
+    Cost: one forward over ``harmful_val`` per candidate evaluated (bypass) plus two over
+    ``harmless_val`` (KL, induce) per candidate checked against the filters. Candidates are evaluated
+    at ``positions`` (offsets; default all post-instruction positions) × layers below
+    ``int(max_layer_frac·n_layers)`` — e.g. 5 × 24 = 120 bypass passes for SmolLM2-135M. Unless
+    ``exhaustive``, KL/induce are computed lazily in order of increasing bypass and the search stops
+    at the first candidate passing both filters: that is exactly the candidate the full grid would
+    select, at a fraction of the cost (unevaluated grid cells stay NaN).
+
+    ``filter_refusals`` keeps only harmful val prompts the unmodified model refuses and harmless ones it
+    does not (the anchor's val filtering); dropped with a warning if fewer than ``MIN_KEPT`` remain.
+    """
+    if handle.n_layers != dirset.n_layers or handle.d_model != dirset.d_model:
+        raise ValueError(f"direction set is for {dirset.n_layers} layers × {dirset.d_model}, "
+                         f"model has {handle.n_layers} × {handle.d_model}")
+    if not harmful_val or not harmless_val:
+        raise ValueError("selection needs harmful and harmless validation prompts")
+    t0 = time.perf_counter()
+    msgs = list(dirset.metadata.get("warnings", []))
+    pos_list = list(positions) if positions is not None else list(dirset.positions)
+    for p in pos_list:
+        dirset.pos_index(p)
+    ref_ids = refusal_token_ids(handle.tokenizer)
+    score = lambda logits: refusal_score_from_logits(logits, ref_ids)  # noqa: E731
+    runner_kw = dict(batch_size=batch_size, memory_mb=memory_mb)
+    harmful_val, harmless_val = list(harmful_val), list(harmless_val)
+    L = handle.n_layers
+    cut = int(max_layer_frac * L)
+    layers = list(range(min(cut, L)))
+    if not layers:
+        msgs.append(f"layer filter (< {max_layer_frac}·{L}) removed every layer; evaluating all layers")
+        layers = list(range(L))
+    grid = [(p, layer) for p in pos_list for layer in layers
+            if float(dirset.candidate(p, layer).norm()) > 0]
+    bypass = torch.full_like(dirset.bypass, math.nan)
+    induce = torch.full_like(dirset.induce, math.nan)
+    kl = torch.full_like(dirset.kl, math.nan)
+    total = 1 + len(grid) * 3
+    done = 0
+
+    def tick(k: int = 1) -> None:
+        nonlocal done
+        done += k
+        report(progress, min(done, total), total)
+
+    with handle.lock:
+        run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
+        run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
+        base_h, base_n = _last_logits(run_h), _last_logits(run_n)
+        s_h, s_n = score(base_h), score(base_n)
+        if filter_refusals:
+            keep_h, keep_n = (s_h > 0), (s_n < 0)
+            for kind, keep, vals in (("harmful", keep_h, harmful_val), ("harmless", keep_n, harmless_val)):
+                if int(keep.sum()) < MIN_KEPT:
+                    msgs.append(f"val refusal filter kept only {int(keep.sum())}/{len(vals)} {kind} prompts; "
+                                "using all")
+                    keep[:] = True
+            if not bool(keep_h.all()):
+                harmful_val = [q for q, k in zip(harmful_val, keep_h.tolist()) if k]
+                run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
+            if not bool(keep_n.all()):
+                harmless_val = [q for q, k in zip(harmless_val, keep_n.tolist()) if k]
+                run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
+                base_n = base_n[keep_n]
+            s_h, s_n = s_h[keep_h], s_n[keep_n]
+        base_logp_n = torch.log_softmax(base_n.double(), dim=-1)
+        tick()
+
+        for p, layer in grid:
+            with ablate(handle, dirset.candidate(p, layer)):
+                bypass[dirset.pos_index(p), layer] = float(score(_last_logits(run_h)).mean())
+            tick()
+
+        order = sorted(grid, key=lambda c: float(bypass[dirset.pos_index(c[0]), c[1]]))
+        chosen: tuple[int, int] | None = None
+        removed = {"kl": 0, "induce": 0}
+        n_checked = 0
+        for p, layer in order:
+            i = dirset.pos_index(p)
+            r = dirset.candidate(p, layer)
+            with ablate(handle, r):
+                kl[i, layer] = _kl(base_logp_n, _last_logits(run_n))
+            tick()
+            kl_ok = float(kl[i, layer]) < kl_threshold
+            if kl_ok or exhaustive:
+                with add(handle, r, layer, 1.0):
+                    induce[i, layer] = float(score(_last_logits(run_n)).mean())
+                tick()
+            n_checked += 1
+            induce_ok = kl_ok and float(induce[i, layer]) > induce_threshold
+            if not kl_ok:
+                removed["kl"] += 1
+            elif not induce_ok:
+                removed["induce"] += 1
+            if kl_ok and induce_ok and chosen is None:
+                chosen = (p, layer)
+                if not exhaustive:
+                    break
+    fallback = False
+    if chosen is None:
+        if not order:
+            raise ValueError("no non-zero candidate direction to select from")
+        chosen = order[0]
+        fallback = True
+        parts = [f"{name} filter (KL < {kl_threshold})" if name == "kl" else
+                 f"{name} filter (induce > {induce_threshold})" for name, n in removed.items() if n]
+        detail = ", ".join(f"{name}: {n}" for name, n in removed.items() if n)
+        msg = (f"every evaluated candidate ({len(order)}) was removed by the {' and '.join(parts)} "
+               f"[{detail}]; falling back to the lowest bypass score at position {chosen[0]}, layer {chosen[1]}")
+        msgs.append(msg)
+        warnings.warn(msg)
+    report(progress, total, total)
+    i = dirset.pos_index(chosen[0])
+    meta = dict(dirset.metadata)
+    meta.update({
+        "warnings": msgs,
+        "selection": {
+            "max_layer_frac": max_layer_frac, "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
+            "positions": pos_list, "layers": layers, "exhaustive": exhaustive,
+            "layers_removed_by_layer_filter": [x for x in range(L) if x not in layers],
+            "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},
+            "n_candidates": len(grid), "n_checked": n_checked, "fallback": fallback,
+            "harmful_val_sha": _sha(harmful_val), "harmless_val_sha": _sha(harmless_val),
+            "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
+            "filter_refusals": filter_refusals,
+            "baseline_harmful_score": float(s_h.mean()), "baseline_harmless_score": float(s_n.mean()),
+            "bypass": float(bypass[i, chosen[1]]), "induce": float(induce[i, chosen[1]]),
+            "kl": float(kl[i, chosen[1]]), "seconds": round(time.perf_counter() - t0, 2),
+        },
+    })
+    return dataclasses.replace(dirset, bypass=bypass, induce=induce, kl=kl, selected=chosen, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison helpers (drift view)
+# ----------------------------------------------------------------------------------------------
+
+def _per_layer(x: DirectionSet | torch.Tensor, position: int | None) -> torch.Tensor:
+    if isinstance(x, DirectionSet):
+        pos = position if position is not None else (x.selected[0] if x.selected else -1)
+        return x.candidates[x.pos_index(pos)]
+    return torch.as_tensor(x)
+
+
+def layer_cosines(a: DirectionSet | torch.Tensor, b: DirectionSet | torch.Tensor, *,
+                  position: int | None = None) -> torch.Tensor:
+    """Cosine similarity per layer ``(n_layers,)`` between two sets' candidates at one position
+    (``position``, else ``a``'s selected position, else -1); NaN where a vector is zero. Tensors
+    ``(n_layers, d_model)`` also work."""
+    if position is None and isinstance(a, DirectionSet) and a.selected:
+        position = a.selected[0]
+    va, vb = _per_layer(a, position).double(), _per_layer(b, position).double()
+    if va.shape != vb.shape:
+        raise ValueError(f"cannot compare direction sets of shapes {tuple(va.shape)} and {tuple(vb.shape)}")
+    cos = torch.nn.functional.cosine_similarity(va, vb, dim=-1, eps=1e-30)
+    cos[(va.norm(dim=-1) == 0) | (vb.norm(dim=-1) == 0)] = math.nan  # undefined (e.g. layer 0 at a template token)
+    return cos.float()
+
+
+def source(dirset: DirectionSet) -> dict:
+    """Where the selected direction comes from: position offset, layer, the template token there."""
+    if dirset.selected is None:
+        return {"position": None, "layer": None, "token": None}
+    pos, layer = dirset.selected
+    toks = dirset.metadata.get("post_instruction_tokens") or []
+    token = toks[pos] if toks and -len(toks) <= pos < 0 else None
+    return {"position": pos, "layer": layer, "token": token, "n_layers": dirset.n_layers}
+
+
+def quality(dirset: DirectionSet) -> dict:
+    """The selected direction's bypass/induce/KL scores and the baselines they compare to."""
+    sel = dirset.metadata.get("selection", {})
+    if dirset.selected is None:
+        return {}
+    i = dirset.pos_index(dirset.selected[0])
+    layer = dirset.selected[1]
+    return {"bypass": float(dirset.bypass[i, layer]), "induce": float(dirset.induce[i, layer]),
+            "kl": float(dirset.kl[i, layer]), "baseline_harmful": sel.get("baseline_harmful_score"),
+            "baseline_harmless": sel.get("baseline_harmless_score"), "fallback": sel.get("fallback", False),
+            "norm": float(dirset.direction.norm())}
+
+
+def mean_projections(dirset: DirectionSet, direction: torch.Tensor | None = None, *,
+                     position: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer projection ``(n_layers + 1,)`` of the stored harmful and harmless means at ``position``
+    (default: the selected one) onto the unit ``direction`` (default: the selected direction)."""
+    r = (direction if direction is not None else dirset.direction).double()
+    r = r / r.norm().clamp_min(1e-12)
+    pos = position if position is not None else (dirset.selected[0] if dirset.selected else -1)
+    i = dirset.pos_index(pos)
+    return {"harmful": (dirset.mean_harmful[i].double() @ r).float(),
+            "harmless": (dirset.mean_harmless[i].double() @ r).float()}
