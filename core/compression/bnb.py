@@ -15,6 +15,7 @@ for NF4/FP4.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -25,6 +26,19 @@ from torch import nn
 from core.compression.schemes import Scheme
 from core.compression.targets import Target, all_linear_names
 from core.models import ModelHandle
+
+
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast … to float16" on every int8 forward on CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+def _quiet_bnb() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
+        logger.addFilter(_DropCastNotice())
 
 
 class BnbUnavailable(RuntimeError):
@@ -68,12 +82,13 @@ def load_quantized(parent: ModelHandle, scheme: Scheme, targets: Sequence[Target
         raise BnbUnavailable(f"bitsandbytes cannot run on this device: {reason}; {_advice(scheme)}")
     from transformers import AutoModelForCausalLM
 
+    _quiet_bnb()
     wanted = {t.name for t in targets}
     skip = [re.escape(name) for name in all_linear_names(parent.model) if name not in wanted]
     device = parent.device
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+            warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
             model = AutoModelForCausalLM.from_pretrained(
                 parent.source_dir, quantization_config=bnb_config(scheme, parent.dtype, skip),
                 dtype=parent.dtype, device_map={"": str(device)})

@@ -8,6 +8,7 @@ By default every one of them (q/k/v/o, gate/up/down, GPT-2's ``c_attn``/``c_proj
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,11 +100,33 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
                 return w.float() * (scb.float().unsqueeze(1) / 127.0)
             return w.float().clone()
         if kind == "Linear4bit":
-            import bitsandbytes.functional as bf
-
-            w = module.weight
-            return bf.dequantize_4bit(w.data, w.quant_state).float().reshape(w.quant_state.shape).clone()
+            return _dequantize_bnb_4bit(module)
         return weight_as_out_in(module).detach().float().clone()
+
+
+def _dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
+    """Dequantize a bnb ``Linear4bit``. On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the
+    first forward (``packing_format_for_cpu``, absmax in bfloat16); undo that on a copy first. Falls back
+    to reading the weight off a forward pass of the identity if the layout is unknown."""
+    import bitsandbytes.functional as bf
+
+    w = module.weight
+    qs, data = w.quant_state, w.data
+    try:
+        if getattr(qs, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, qs = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.copy(qs))
+            if qs.absmax.dim() == 2:  # left transposed (blocks-per-row, rows) when not nested
+                qs.absmax = qs.absmax.T.reshape(-1).float()
+        return bf.dequantize_4bit(data, qs).float().reshape(qs.shape).clone()
+    except Exception:
+        eye = torch.eye(module.in_features, device=data.device, dtype=getattr(module, "compute_dtype", None)
+                        or torch.float32)
+        out = module(eye).float()
+        if module.bias is not None:
+            out = out - module.bias.float()
+        return out.T.contiguous()
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:

@@ -1,0 +1,68 @@
+"""Model-quality evaluations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from core.models import ModelHandle
+from core.progress import Progress, report
+
+
+@torch.no_grad()
+def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride: int | None = None,
+               batch_size: int = 4, progress: Progress | None = None) -> float:
+    """Token-level perplexity ``exp(mean NLL)`` of ``text`` with a sliding window.
+
+    The text is tokenized once (no special tokens); windows of ≤ ``max_length`` tokens start every
+    ``stride`` tokens (default ``max_length // 2``; ``stride < max_length``) and each window scores only the tokens no earlier
+    window scored, so every token but the first is predicted exactly once, with ≥ ``max_length − stride``
+    tokens of context once past the first window. Windows of equal length run ``batch_size`` at a time;
+    every forward holds ``handle.lock``. ``max_length`` is capped at the model's context length.
+    """
+    ids = handle.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    total = int(ids.numel())
+    if total < 2:
+        raise ValueError("perplexity needs a text of at least 2 tokens")
+    limit = getattr(getattr(handle.model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 1 < limit < max_length:
+        max_length = limit
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride < max_length:
+        raise ValueError(f"stride must be in 1..max_length-1 ({max_length - 1}) so windows overlap by at "
+                         f"least one token, got {stride}")
+    windows: list[tuple[int, int, int]] = []  # (begin, end, first scored position)
+    scored_until = 1
+    for begin in range(0, total, stride):
+        end = min(begin + max_length, total)
+        if end > scored_until:
+            windows.append((begin, end, scored_until))
+            scored_until = end
+        if end == total:
+            break
+    device = handle.device
+    nll = 0.0
+    count = 0
+    done = 0
+    i = 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        batch = [windows[i]]
+        while (i + len(batch) < len(windows) and len(batch) < batch_size
+               and windows[i + len(batch)][1] - windows[i + len(batch)][0] == length):
+            batch.append(windows[i + len(batch)])
+        inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+        with handle.lock:
+            logits = handle.model(input_ids=inputs, use_cache=False).logits
+        for row, (b, e, first) in enumerate(batch):
+            # logits at position p predict token p + 1: score tokens first..e-1
+            pred = logits[row, first - b - 1:e - b - 1].float()
+            target = inputs[row, first - b:e - b]
+            nll += float(F.cross_entropy(pred, target, reduction="sum"))
+            count += e - first
+        i += len(batch)
+        done += len(batch)
+        report(progress, done, len(windows))
+    return math.exp(nll / count)

@@ -1,0 +1,70 @@
+"""bitsandbytes schemes on a tiny model saved to disk (bnb reloads from the handle's source_dir)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.compression import REGISTRY, apply
+from core.compression.bnb import BnbUnavailable
+from core.compression.targets import dense_weight, select_targets
+from core.models import load_model
+from tiny import tiny_handle
+
+pytestmark = pytest.mark.skipif(REGISTRY["bnb-int8"].unavailable_reason is not None,
+                                reason=str(REGISTRY["bnb-int8"].unavailable_reason))
+
+
+@pytest.fixture(scope="module")
+def disk_handle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    h = tiny_handle("llama", n_layers=2, d_model=128, seed=3)
+    h.model.save_pretrained(folder, safe_serialization=True)
+    h.tokenizer.save_pretrained(folder)
+    return load_model(str(folder), device="cpu")
+
+
+def _logits(h, ids):
+    with h.lock, torch.no_grad():
+        return h.model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("spec,min_corr", [("bnb-int8", 0.98), ("bnb-nf4", 0.9), ("bnb-fp4", 0.85)])
+def test_bnb_model_works_and_original_untouched(disk_handle, spec, min_corr):
+    snap = {k: v.clone() for k, v in disk_handle.model.state_dict().items()}
+    ids = torch.tensor([[5, 17, 42, 99, 7, 230, 11, 3]])
+    ref = _logits(disk_handle, ids)
+    new, rep = apply(disk_handle, spec)
+    assert not new.model.training
+    for k, v in snap.items():
+        assert torch.equal(disk_handle.model.state_dict()[k], v), k
+    names = {type(new.model.get_submodule(t.name)).__name__ for t in select_targets(disk_handle)}
+    assert names == {"Linear8bitLt" if spec == "bnb-int8" else "Linear4bit"}
+    assert type(new.model.get_output_embeddings()).__name__ == "Linear"  # lm_head stays
+    out = _logits(new, ids)
+    assert torch.isfinite(out).all()
+    corr = torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1]
+    assert corr > min_corr, corr
+    # the report: dequantized weights near the originals, 8 or ~4.5 bits per weight
+    t = select_targets(disk_handle)[0]
+    w0, w1 = dense_weight(disk_handle.model.get_submodule(t.name)), dense_weight(new.model.get_submodule(t.name))
+    assert w1.shape == w0.shape and float((w1 - w0).abs().mean()) < 0.2 * float(w0.abs().mean())
+    if spec == "bnb-int8":
+        assert rep.module_bits[t.name] == pytest.approx(8 + 32 / t.in_features)
+    else:  # float32 absmax per 64, or bfloat16 once repacked for AVX512-BF16 CPUs
+        assert 4 + 16 / 64 - 0.01 <= rep.bits_per_weight <= 4 + 32 / 64 + 0.05
+    assert rep.memory_bytes < rep.original_memory_bytes and len(rep.layer_sparsity) == 2
+    assert new.spec.endswith("+" + spec) and new.meta["parent_fingerprint"] == disk_handle.fingerprint
+
+
+def test_bnb_respects_module_selection(disk_handle):
+    new, rep = apply(disk_handle, "bnb-nf4", modules=["mlp.down_proj"])
+    kinds = {t.name: type(new.model.get_submodule(t.name)).__name__ for t in select_targets(disk_handle)}
+    assert all((k == "Linear4bit") == n.endswith("down_proj") for n, k in kinds.items())
+    assert rep.n_modules == 2
+
+
+def test_bnb_needs_source_dir():
+    h = tiny_handle("llama", n_layers=2, d_model=64)
+    with pytest.raises(BnbUnavailable, match="rtn:4:64"):
+        apply(h, "bnb-nf4")
