@@ -1,39 +1,103 @@
-"""Model page: load a model spec and show its architecture and chat format."""
+"""Model page: choose a model spec, device, dtype; show architecture, chat format and memory."""
 
+import os
+
+import pandas as pd
 import streamlit as st
 
-from core.models import ModelLoadError, load_model
+from core.models import ChatTemplateError
+from pages._shared import default_cfg, fix_for, load_handle, model_cfg, show_error, MODEL_CFG
 
+st.title("🧠 Model")
+cfg = model_cfg()
 
-@st.cache_resource(show_spinner=False)
-def cached_model(spec: str, device: str, dtype: str, trust_remote_code: bool):
-    return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+PRESETS = {"default": "Default — SmolLM2-135M-Instruct + refusal adapter",
+           "smollm2-base": "SmolLM2-135M-Instruct (untouched)",
+           "custom": "Hugging Face id, local folder or .gguf file"}
+preset = cfg["spec"] if cfg["spec"] in ("default", "smollm2-base") else "custom"
 
+with st.form("model_form"):
+    choice = st.radio("Model", list(PRESETS), format_func=PRESETS.get, index=list(PRESETS).index(preset),
+                      horizontal=True)
+    custom = st.text_input("Spec (when *custom*)", value=cfg["spec"] if preset == "custom" else "",
+                           placeholder="Qwen/Qwen2.5-0.5B-Instruct · /path/to/folder · /path/model.gguf")
+    c1, c2 = st.columns(2)
+    devices = ["auto", "cpu", "cuda"]
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    device = c1.selectbox("Device", devices, index=devices.index(cfg["device"]))
+    dtype = c2.selectbox("Dtype", dtypes, index=dtypes.index(cfg["dtype"]),
+                         help="auto = float32 on CPU, bfloat16 on GPU")
+    with st.expander("Advanced"):
+        trust = st.checkbox("Trust remote code", value=cfg["trust_remote_code"],
+                            help="Runs Python code shipped in the model repository with your permissions.")
+        template = st.text_area("Chat template (Jinja) for models without one", value=cfg.get("chat_template") or "",
+                                height=80)
+    submitted = st.form_submit_button("Load", type="primary")
 
-st.title("Model")
-spec = st.text_input("Model spec", value=st.session_state.get("model_spec", "default"),
-                     help="`default` (SmolLM2-135M-Instruct + refusal adapter), `smollm2-base`, "
-                          "a Hugging Face id, a local folder or a .gguf file")
-c1, c2 = st.columns(2)
-device = c1.selectbox("Device", ["auto", "cpu", "cuda"])
-dtype = c2.selectbox("Dtype", ["auto", "float32", "bfloat16", "float16"])
-trust = st.checkbox("Trust remote code", value=False,
-                    help="Runs Python code from the model repository. Only for repositories you trust.")
 if trust:
-    st.warning("Remote code will run with your permissions.")
+    st.warning("**Trust remote code is on**: Python code from the model repository will run on this "
+               "machine with your permissions. Only use it for repositories you trust.", icon="⚠️")
+
+if submitted:
+    spec = custom.strip() if choice == "custom" else choice
+    if not spec:
+        show_error("No model spec", "the *custom* choice needs a spec.",
+                   "type a Hugging Face id, a local folder or a .gguf path — or pick the default.")
+    else:
+        new = {"spec": spec, "device": device, "dtype": dtype, "trust_remote_code": bool(trust),
+               "chat_template": template.strip() or None}
+        try:
+            with st.spinner(f"Loading `{spec}` …"):
+                load_handle(new)
+        except Exception as e:  # noqa: BLE001 — shown, never a traceback; the previous model stays
+            show_error(f"Could not load `{spec}`", e,
+                       fix_for(e) + " The previously loaded model is still in use.")
+        else:
+            st.session_state[MODEL_CFG] = new
+            cfg = new
+
 try:
-    with st.spinner(f"Loading {spec}…"):
-        handle = cached_model(spec, device, dtype, trust)
-except ModelLoadError as e:
-    st.error(f"Could not load `{spec}`: {e}")
+    with st.spinner(f"Loading `{cfg['spec']}` (once per server) …"):
+        handle = load_handle(cfg)
+except Exception as e:  # noqa: BLE001
+    show_error(f"Could not load `{cfg['spec']}`", e, fix_for(e))
+    if st.button("Back to the default model"):
+        st.session_state[MODEL_CFG] = default_cfg()
+        st.rerun()
     st.stop()
-st.session_state["model_spec"] = spec
+
 s = handle.summary()
-cols = st.columns(4)
+param_bytes = sum(p.numel() * p.element_size() for p in handle.model.parameters())
+cols = st.columns(5)
 cols[0].metric("Layers", s["n_layers"])
 cols[1].metric("Width (d_model)", s["d_model"])
 cols[2].metric("Parameters", f"{s['parameters'] / 1e6:.1f} M")
-cols[3].metric("Device / dtype", f"{s['device']} / {s['dtype']}")
-st.caption(f"{s['name']} · {s['architecture']} · fingerprint `{s['fingerprint']}`")
+cols[3].metric("Weights in memory", f"{param_bytes / 2**20:.0f} MiB")
+cols[4].metric("Device / dtype", f"{s['device']} / {s['dtype']}")
+try:
+    import psutil
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    vm = psutil.virtual_memory()
+    st.caption(f"Server process memory: {rss / 2**30:.2f} GiB · machine: {vm.available / 2**30:.1f} GiB free "
+               f"of {vm.total / 2**30:.1f} GiB")
+except ImportError:
+    pass
+st.caption(f"**{s['name']}** · `{s['spec']}` · {s['architecture']} · fingerprint `{s['fingerprint']}`")
+for w in handle.meta.get("warnings", []):
+    st.warning(w)
+
 st.subheader("Chat template applied to an example")
-st.code(handle.format("How do I bake bread?"), language=None)
+example = st.text_input("Example instruction", value="How do I bake bread?")
+try:
+    st.code(handle.format(example), language=None)
+except ChatTemplateError as e:
+    show_error("No chat template", e, "paste a Jinja chat template under *Advanced* above and click Load.")
+
+with st.expander("Residual writers per layer (found by structure)"):
+    rows = []
+    for layer in range(handle.n_layers):
+        w = handle.writers(layer)
+        rows.append({"layer": layer, "attention out": type(w["attn"]).__name__,
+                     "attention shape": "×".join(map(str, w["attn"].weight.shape)),
+                     "MLP out": type(w["mlp"]).__name__, "MLP shape": "×".join(map(str, w["mlp"].weight.shape))})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")

@@ -1,0 +1,225 @@
+"""UI glue shared by the dashboard pages: the shared model cache, progress bars with cancel,
+error boxes. No science here — every computation is a call into ``core/``.
+
+Sharing model: the loaded model and what is computed from it (compressed variants, the refusal
+direction) live in :func:`workspace`, a ``st.cache_resource`` object shared by every session of the
+server, so a page reload or a second browser tab reuses them. Interventions hold ``handle.lock``
+(core), so sessions never run under each other's steering.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+
+from core.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
+from core.progress import Cancelled
+
+DEFAULT_SPEC = os.environ.get("REFUSAL_LAB_MODEL", "default")
+MODEL_CFG = "model_cfg"
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+def show_error(what: str, exc: BaseException | str, fix: str | None = None) -> None:
+    """An ``st.error`` box with what failed, the cause and how to fix it (never a traceback)."""
+    cause = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    msg = f"**{what}.** {cause}"
+    if fix:
+        msg += f"\n\n**Fix:** {fix}"
+    st.error(msg, icon="🚫")
+
+
+def fix_for(exc: BaseException) -> str:
+    """A generic fix hint for an exception raised by ``core``."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "cannot allocate" in text:
+        return ("the machine ran out of memory: remove compressed variants you no longer need (Compress page), "
+                "pick a smaller model or load it in bfloat16.")
+    if isinstance(exc, ChatTemplateError):
+        return "give a chat template on the Model page (Advanced → chat template)."
+    if isinstance(exc, ModelLoadError):
+        return "check the model spec on the Model page."
+    return "check the inputs above and try again; results computed so far are kept."
+
+
+def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tuple[bool, Any]:
+    """Run ``fn``; on an error show it (cause + fix) and return ``(False, None)``.
+
+    :class:`~core.progress.Cancelled` shows an info box instead. Streamlit's own control-flow
+    exceptions (rerun/stop, which derive from ``BaseException``) pass through untouched.
+    """
+    try:
+        return True, fn()
+    except Cancelled:
+        st.info(f"{what}: cancelled. Everything finished before the cancel is kept.", icon="⏹️")
+    except Exception as e:  # noqa: BLE001 — the page must show the error, not a traceback
+        traceback.print_exc()  # server log keeps the details
+        show_error(f"{what} failed", e, fix or fix_for(e))
+    return False, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress with cancel
+# ----------------------------------------------------------------------------------------------
+
+def cancel_button(key: str) -> None:
+    """A cancel button for a long action; clicking it sets ``session_state[key]`` (and reruns, which
+    stops the running computation at its next progress report)."""
+    st.session_state.setdefault(key, False)
+
+    def _cancel() -> None:
+        st.session_state[key] = True
+
+    st.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon="⏹️")
+
+
+def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):
+    """A core progress callback ``(done, total)`` that drives an ``st.progress`` bar labelled with
+    ``stage``; raises :class:`Cancelled` when ``session_state[cancel_key]`` is set."""
+    where = container if container is not None else st
+    bar = where.progress(0.0, text=f"{stage} …")
+
+    def callback(done: int, total: int) -> None:
+        if cancel_key and st.session_state.get(cancel_key):
+            raise Cancelled(stage)
+        frac = 0.0 if total <= 0 else min(1.0, done / total)
+        bar.progress(frac, text=f"{stage} · {done}/{total}")
+
+    callback.bar = bar  # type: ignore[attr-defined]
+    return callback
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared model and workspace
+# ----------------------------------------------------------------------------------------------
+
+def default_cfg() -> dict:
+    return {"spec": DEFAULT_SPEC, "device": "auto", "dtype": "auto", "trust_remote_code": False,
+            "chat_template": None}
+
+
+def model_cfg() -> dict:
+    """The model configuration chosen in this session (the default model unless changed)."""
+    cfg = st.session_state.get(MODEL_CFG)
+    if not isinstance(cfg, dict):
+        cfg = default_cfg()
+        st.session_state[MODEL_CFG] = cfg
+    return cfg
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, chat_template: str | None) -> ModelHandle:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            chat_template=chat_template or None)
+    handle.meta.setdefault("warnings", [])
+    handle.meta["warnings"] += sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)
+                                       and "adapter" in str(w.message)})
+    return handle
+
+
+@dataclass
+class Variant:
+    """A compressed variant of the workspace's model."""
+
+    scheme: str
+    handle: ModelHandle
+    report: dict
+    perplexity: float | None = None
+
+
+@dataclass
+class Workspace:
+    """Everything computed from one loaded model, shared by all sessions of the server."""
+
+    fingerprint: str
+    variants: dict[str, Variant] = field(default_factory=dict)
+    directions: dict[str, Any] = field(default_factory=dict)  # key → DirectionSet
+    values: dict[str, Any] = field(default_factory=dict)     # small cached results (perplexity, …)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def workspace(fingerprint: str) -> Workspace:
+    return Workspace(fingerprint)
+
+
+def load_handle(cfg: dict | None = None) -> ModelHandle:
+    """Load (or reuse) the model of ``cfg``; raises ``ModelLoadError`` & co."""
+    cfg = cfg or model_cfg()
+    return _load(cfg["spec"], cfg["device"], cfg["dtype"], bool(cfg["trust_remote_code"]),
+                 cfg.get("chat_template"))
+
+
+def require_handle() -> ModelHandle:
+    """The session's model, loaded with a spinner; on failure an error box and ``st.stop()``."""
+    cfg = model_cfg()
+    try:
+        with st.spinner(f"Loading model `{cfg['spec']}` (once per server) …"):
+            return load_handle(cfg)
+    except Exception as e:  # noqa: BLE001
+        show_error(f"Could not load model `{cfg['spec']}`", e,
+                   "open the **Model** page and pick another spec (e.g. `default`).")
+        st.stop()
+        raise  # unreachable
+
+
+def current_workspace(handle: ModelHandle | None = None) -> Workspace:
+    handle = handle or require_handle()
+    return workspace(handle.fingerprint)
+
+
+def model_badge(handle: ModelHandle) -> None:
+    """A one-line caption saying which model the page works on."""
+    st.caption(f"Model: **{handle.name}** · {handle.n_layers} layers × {handle.d_model} · "
+               f"fingerprint `{handle.fingerprint}` — change it on the Model page.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt sets chosen on the Prompts page
+# ----------------------------------------------------------------------------------------------
+
+PROMPTS = "prompt_choice"
+ROLES = ("harmful", "harmless", "borderline")
+
+
+def prompt_choice() -> dict:
+    """``{role: {"source": "bundled"} | {"source": "file", "path": str, "name": str}}`` for this session."""
+    choice = st.session_state.get(PROMPTS)
+    if not isinstance(choice, dict):
+        choice = {role: {"source": "bundled"} for role in ROLES}
+        st.session_state[PROMPTS] = choice
+    return choice
+
+
+def prompt_set(role: str, split: str | None = None):
+    """The session's prompt set for ``role`` (harmful / harmless / borderline), optionally one split
+    (train / val / test; uploaded files are split with the same fixed seed as the bundled sets)."""
+    from core.prompts import SPLIT_FRACTIONS, PromptSet, bundled, load_prompts, split_indices
+
+    c = prompt_choice().get(role, {"source": "bundled"})
+    if c.get("source") != "file":
+        return bundled(role, split)
+    full = load_prompts(c["path"], column=c.get("column") or None, name=c.get("name") or role)
+    if split is None:
+        return full
+    idx = split_indices(len(full), SPLIT_FRACTIONS[role])[split]
+    return PromptSet(f"{full.name}/{split}", [full.prompts[i] for i in idx], [full.categories[i] for i in idx],
+                     full.source)
+
+
+def prompt_spec(role: str) -> str:
+    """The role's prompt set as a spec string (``bundled:KIND`` or a file path) for the study pipeline."""
+    c = prompt_choice().get(role, {"source": "bundled"})
+    return c["path"] if c.get("source") == "file" else f"bundled:{role}"

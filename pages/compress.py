@@ -1,0 +1,135 @@
+"""Compress page: pick schemes, compress the loaded model with progress, compare the variants."""
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import compression
+from core.compression import SchemeError, parse_scheme
+from core.evaluation import perplexity
+from core.prompts import bundled_text
+from pages._shared import (Variant, cancel_button, current_workspace, guarded, model_badge, progress_callback,
+                           require_handle, show_error)
+
+PPL_MAX_LENGTH = 256  # perplexity window (tokens)
+PPL_CHARS = 4000  # first characters of the bundled text: keeps the evaluation a few seconds on CPU
+CANCEL = "compress_cancelled"
+
+st.title("🗜️ Compress")
+handle = require_handle()
+ws = current_workspace(handle)
+model_badge(handle)
+
+infos = compression.list_schemes()
+available = [ex for info in infos if info.unavailable_reason is None for ex in info.examples]
+with st.expander("Schemes and their spec forms"):
+    st.dataframe(pd.DataFrame([{"method": i.method, "family": i.family, "form": i.form,
+                                "examples": ", ".join(i.examples), "calibration": i.calibration,
+                                "available": i.unavailable_reason or "yes", "description": i.description}
+                               for i in infos]), hide_index=True, width="stretch")
+
+picked = st.multiselect("Schemes", available, default=[s for s in ("wanda:0.5",) if s in available],
+                        help="one variant per scheme; add others below")
+extra = st.text_input("Other schemes (comma-separated)", placeholder="e.g. magnitude:0.3, rtn:4:32, sparsegpt:2:4")
+c1, c2 = st.columns(2)
+calib = c1.radio("Calibration (Wanda, SparseGPT)", ["bundled English text", "harmless train prompts"],
+                 horizontal=True)
+do_ppl = c2.checkbox("Measure perplexity", value=True,
+                     help=f"on the first {PPL_CHARS:,} characters of the bundled English text, windows of {PPL_MAX_LENGTH} tokens")
+
+specs = list(picked) + [s.strip() for s in extra.split(",") if s.strip()]
+schemes, bad = [], []
+for s in specs:
+    try:
+        schemes.append(str(parse_scheme(s)))
+    except SchemeError as e:
+        bad.append(e)
+for e in bad:
+    show_error(f"Scheme `{e.spec}` is not valid", e.problem, f"use one of the valid forms: {compression.VALID_FORMS}")
+
+calibration = "harmless" if calib.startswith("harmless") else None
+suffix = "@harmless" if calibration else ""
+
+
+def key_of(scheme: str) -> str:
+    return scheme + (suffix if parse_scheme(scheme).needs_calibration else "")
+
+
+def original_ppl() -> float:
+    if "perplexity" not in ws.values:
+        cb = progress_callback("Perplexity of the original", cancel_key=CANCEL)
+        ws.values["perplexity"] = perplexity(handle, bundled_text()[:PPL_CHARS], max_length=PPL_MAX_LENGTH, progress=cb)
+        cb.bar.empty()
+    return ws.values["perplexity"]
+
+
+def run(scheme: str) -> None:
+    cb = progress_callback(f"Compressing with {scheme}", cancel_key=CANCEL)
+    small, rep = compression.apply(handle, scheme, calibration=calibration, progress=cb)
+    ppl = None
+    if do_ppl:
+        cb2 = progress_callback(f"Perplexity of {scheme}", cancel_key=CANCEL)
+        ppl = perplexity(small, bundled_text()[:PPL_CHARS], max_length=PPL_MAX_LENGTH, progress=cb2)
+    with ws.lock:
+        ws.variants[key_of(scheme)] = Variant(key_of(scheme), small, rep.to_dict(), ppl)
+
+
+todo = [s for s in dict.fromkeys(schemes) if key_of(s) not in ws.variants]
+go_btn = st.button(f"Compress ({len(todo)} new)" if todo else "Compress", type="primary",
+                   disabled=not todo or bool(bad))
+if st.session_state.get(CANCEL):
+    st.info("Compression cancelled; the variants finished before the cancel are kept.", icon="⏹️")
+    st.session_state[CANCEL] = False
+if go_btn and todo:
+    st.session_state[CANCEL] = False
+    cancel_button(CANCEL)
+    if do_ppl:
+        guarded("Perplexity of the original model", original_ppl)
+    for scheme in todo:
+        ok, _ = guarded(f"Compressing with `{scheme}`", lambda scheme=scheme: run(scheme))
+        if not ok:
+            break
+    st.rerun()
+
+# ------------------------------------------------------------------------------------------------
+st.subheader("Variants")
+if not ws.variants:
+    st.info("No compressed variant yet: pick a scheme and click **Compress**.")
+    st.stop()
+
+mib = 2 ** 20
+first = next(iter(ws.variants.values())).report
+rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first["original_bits_per_weight"],
+         "stored MiB": first["original_memory_bytes"] / mib, "resident MiB": first["original_memory_bytes"] / mib,
+         "perplexity": ws.values.get("perplexity"), "seconds": None}]
+for key, v in ws.variants.items():
+    r = v.report
+    rows.append({"variant": key, "family": r["family"], "sparsity": r["sparsity"], "bits/weight": r["bits_per_weight"],
+                 "stored MiB": r["memory_bytes"] / mib, "resident MiB": r["resident_bytes"] / mib,
+                 "perplexity": v.perplexity, "seconds": r["seconds"]})
+table = pd.DataFrame(rows)
+st.dataframe(table, hide_index=True, width="stretch",
+             column_config={"sparsity": st.column_config.NumberColumn(format="%.3f"),
+                            "bits/weight": st.column_config.NumberColumn(format="%.2f"),
+                            "stored MiB": st.column_config.NumberColumn(format="%.1f"),
+                            "resident MiB": st.column_config.NumberColumn(format="%.1f"),
+                            "perplexity": st.column_config.NumberColumn(format="%.2f"),
+                            "seconds": st.column_config.NumberColumn(format="%.1f")})
+st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory now.")
+
+fig = go.Figure()
+for key, v in ws.variants.items():
+    ls = v.report["layer_sparsity"]
+    fig.add_scatter(x=list(range(len(ls))), y=ls, mode="lines+markers", name=key)
+fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", height=300, margin=dict(l=10, r=10, t=30, b=10),
+                  title="Per-layer sparsity")
+st.plotly_chart(fig, width="stretch")
+with st.expander("Accounting"):
+    st.caption(first.get("accounting", ""))
+
+drop = st.multiselect("Free memory: remove variants", list(ws.variants))
+if drop and st.button("Remove"):
+    with ws.lock:
+        for key in drop:
+            ws.variants.pop(key, None)
+    st.rerun()
