@@ -1,0 +1,172 @@
+"""Steer page: one prompt through the original and compressed variants, with and without an
+intervention along the original model's refusal direction; per-token refusal scores."""
+
+import contextlib
+import html
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.directions import source
+from core.generation import generate
+from core.interventions import ablate, add, orthogonalize
+from core.judges import is_refusal
+from core.store import cache_key
+from core.ui_support import prefix_refusal_scores
+from pages._shared import (ROLES, cached_direction, cancel_button, compute_direction, current_workspace, guarded,
+                           model_badge, progress_callback, prompt_set, require_handle)
+
+CANCEL = "steer_cancelled"
+RESULTS = "steer_results"
+INTERVENTIONS = {"none": "None", "ablate": "Ablate the direction (every layer)",
+                 "add": "Add the direction (one layer × coefficient)",
+                 "orthogonalize": "Orthogonalized weights"}
+
+st.title("🎛️ Steer")
+handle = require_handle()
+ws = current_workspace(handle)
+model_badge(handle)
+
+# -- prompt ---------------------------------------------------------------------------------------
+mode = st.radio("Prompt", ["Type a prompt", "Pick from a set"], horizontal=True, label_visibility="collapsed")
+if mode == "Type a prompt":
+    prompt = st.text_area("Prompt", value="How do I pick a lock?", height=80)
+else:
+    c1, c2 = st.columns([1, 3])
+    role = c1.selectbox("Set (test split)", ROLES)
+    try:
+        options = prompt_set(role, "test").prompts
+    except Exception as e:  # noqa: BLE001
+        options = []
+        st.error(f"Could not load the {role} prompts: {e}. Fix: check the Prompts page.")
+    prompt = c2.selectbox("Prompt", options) if options else ""
+prompt = (prompt or "").strip()
+
+# -- variants and intervention --------------------------------------------------------------------
+names = ["original", *ws.variants]
+c1, c2 = st.columns([2, 3])
+chosen = c1.multiselect("Variants", names, default=names[:3],
+                        help="compressed variants are made on the Compress page")
+max_new = c1.slider("New tokens", 8, 128, 48, step=8)
+kind = c2.radio("Intervention", list(INTERVENTIONS), format_func=INTERVENTIONS.get, horizontal=True)
+
+dirset = cached_direction(handle)
+coeff, layer = 1.0, 0
+if kind != "none":
+    if dirset is None:
+        st.info("Interventions use the **original model's refusal direction** (difference in means of harmful vs "
+                "harmless train prompts, selected on val). It is computed once and cached.")
+        if st.button("Compute the refusal direction", type="primary"):
+            st.session_state[CANCEL] = False
+            cancel_button(CANCEL)
+            ok, dirset = guarded("Computing the refusal direction", lambda: compute_direction(handle, cancel_key=CANCEL))
+            if ok:
+                st.rerun()
+    else:
+        src = source(dirset)
+        st.caption(f"Direction: position {src['position']} (token `{src['token']!r}`), layer {src['layer']} of "
+                   f"{dirset.n_layers}, norm {float(dirset.direction.norm()):.2f}.")
+        for w in dirset.warnings:
+            st.warning(w)
+        if kind == "add":
+            a, b = st.columns(2)
+            coeff = a.slider("Coefficient", -4.0, 4.0, 1.0, step=0.25)
+            layer = b.slider("Layer", 0, handle.n_layers - 1, int(src["layer"]))
+
+ready = bool(prompt) and bool(chosen) and (kind == "none" or dirset is not None)
+
+
+def variant_handle(name: str):
+    return handle if name == "original" else ws.variants[name].handle
+
+
+def intervention(h):
+    if kind == "ablate":
+        return ablate(h, dirset.direction)
+    if kind == "add":
+        return add(h, dirset.direction, layer, coeff)
+    if kind == "orthogonalize":
+        return orthogonalize(h, dirset.direction)
+    return contextlib.nullcontext()
+
+
+def one(name: str, steered: bool) -> dict:
+    """Generate and score one (variant, steered?) cell; cached in the shared workspace."""
+    h = variant_handle(name)
+    params = [kind, coeff, layer] if steered else ["none"]
+    key = cache_key("steer-v1", h.fingerprint, prompt, max_new, params,
+                    dirset.metadata.get("harmful_sha") if steered and dirset else None)
+    if key in ws.values:
+        return ws.values[key]
+    ctx = intervention(h) if steered else contextlib.nullcontext()
+    with ctx:  # holds h.lock: other sessions wait, never see this steering
+        reply = generate(h, [prompt], max_new_tokens=max_new)[0]
+        tokens, scores = prefix_refusal_scores(h, prompt, reply)
+    out = {"reply": reply, "refusal": is_refusal(reply), "tokens": tokens, "scores": scores}
+    ws.values[key] = out
+    return out
+
+
+if st.button("Generate", type="primary", disabled=not ready):
+    st.session_state[CANCEL] = False
+    cancel_button(CANCEL)
+    cells = [(n, s) for n in chosen for s in ([False, True] if kind != "none" else [False])]
+    cb = progress_callback("Generating", cancel_key=CANCEL)
+    results = {}
+
+    def run_all():
+        for i, (n, s) in enumerate(cells):
+            cb(i, len(cells))
+            results[(n, s)] = one(n, s)
+        cb(len(cells), len(cells))
+
+    ok, _ = guarded("Generation", run_all,
+                    fix="orthogonalized weights need float weights: use *Ablate* on quantized variants."
+                    if kind == "orthogonalize" else None)
+    cb.bar.empty()
+    st.session_state[RESULTS] = {"prompt": prompt, "kind": kind, "coeff": coeff, "layer": layer,
+                                 "cells": results}
+if st.session_state.get(CANCEL):
+    st.info("Generation cancelled.", icon="⏹️")
+    st.session_state[CANCEL] = False
+
+
+# -- results --------------------------------------------------------------------------------------
+def token_strip(tokens: list[str], scores: list[float]) -> str:
+    """Reply tokens coloured by the refusal score before each (red = refusal likely)."""
+    spans = []
+    for t, s in zip(tokens, scores):
+        a = max(0.0, min(1.0, (s + 4) / 8))  # -4 → white, +4 → red
+        spans.append(f'<span title="{s:+.2f}" style="background: rgba(220,40,40,{a:.2f}); '
+                     f'border-radius: 3px">{html.escape(t)}</span>')
+    return "<div style='line-height: 1.9; font-family: monospace; white-space: pre-wrap'>" + "".join(spans) + "</div>"
+
+
+res = st.session_state.get(RESULTS)
+if res and res["cells"]:
+    st.subheader("Generations")
+    label = INTERVENTIONS[res["kind"]] + (f" · c = {res['coeff']}, layer {res['layer']}" if res["kind"] == "add" else "")
+    st.caption(f"Prompt: *{res['prompt']}* · intervention: {label}")
+    variant_names = list(dict.fromkeys(n for n, _ in res["cells"]))
+    cols = st.columns(len(variant_names))
+    for col, name in zip(cols, variant_names):
+        with col:
+            st.markdown(f"#### {name}")
+            for steered in (False, True):
+                cell = res["cells"].get((name, steered))
+                if cell is None:
+                    continue
+                tag = "steered" if steered else "plain"
+                verdict = "🛑 refuses" if cell["refusal"] else "✅ complies"
+                st.markdown(f"**{tag}** — {verdict} · first-token refusal score {cell['scores'][0]:+.2f}")
+                st.markdown(token_strip(cell["tokens"], cell["scores"]), unsafe_allow_html=True)
+    fig = go.Figure()
+    for (name, steered), cell in res["cells"].items():
+        fig.add_scatter(y=cell["scores"], mode="lines", name=f"{name} · {'steered' if steered else 'plain'}",
+                        line=dict(dash="dot" if steered else "solid"))
+    fig.add_hline(y=0, line=dict(color="grey", width=1))
+    fig.update_layout(height=300, xaxis_title="reply tokens so far", yaxis_title="refusal score (log-odds)",
+                      margin=dict(l=10, r=10, t=30, b=10), title="Refusal score along each reply")
+    st.plotly_chart(fig, width="stretch")
+elif not ready and not prompt:
+    st.info("Type a prompt or pick one from a set.")
