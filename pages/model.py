@@ -16,6 +16,12 @@ PRESETS = {"default": "Default — SmolLM2-135M-Instruct + refusal adapter",
            "custom": "Hugging Face id, local folder or .gguf file"}
 preset = cfg["spec"] if cfg["spec"] in ("default", "smollm2-base") else "custom"
 
+trust = st.checkbox("Trust remote code (applies on the next Load)", value=cfg["trust_remote_code"],
+                    help="Runs Python code shipped in the model repository with your permissions.")
+if trust:
+    st.warning("**Trust remote code is on**: Python code from the model repository will run on this "
+               "machine with your permissions. Only use it for repositories you trust.", icon="⚠️")
+
 with st.form("model_form"):
     choice = st.radio("Model", list(PRESETS), format_func=PRESETS.get, index=list(PRESETS).index(preset),
                       horizontal=True)
@@ -28,15 +34,9 @@ with st.form("model_form"):
     dtype = c2.selectbox("Dtype", dtypes, index=dtypes.index(cfg["dtype"]),
                          help="auto = float32 on CPU, bfloat16 on GPU")
     with st.expander("Advanced"):
-        trust = st.checkbox("Trust remote code", value=cfg["trust_remote_code"],
-                            help="Runs Python code shipped in the model repository with your permissions.")
         template = st.text_area("Chat template (Jinja) for models without one", value=cfg.get("chat_template") or "",
                                 height=80)
     submitted = st.form_submit_button("Load", type="primary")
-
-if trust:
-    st.warning("**Trust remote code is on**: Python code from the model repository will run on this "
-               "machine with your permissions. Only use it for repositories you trust.", icon="⚠️")
 
 if submitted:
     spec = custom.strip() if choice == "custom" else choice

@@ -1,0 +1,177 @@
+"""Headless dashboard tests (streamlit AppTest) on a tiny random model saved to a folder.
+
+Each test opens a page the way a user does (navigation from app.py) and asserts on the values it
+renders, and that errors come out as ``st.error`` boxes, never as an exception element.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from tiny import tiny_handle
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny llama saved as a model folder, and a private cache directory."""
+    root = tmp_path_factory.mktemp("app")
+    h = tiny_handle("llama", n_layers=4, d_model=64)
+    folder = root / "tiny-llama"
+    h.model.save_pretrained(folder)
+    h.tokenizer.save_pretrained(folder)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFUSAL_LAB_CACHE", str(root / "cache"))
+    mp.setenv("REFUSAL_LAB_RUNS", str(root / "runs"))
+    import pages._shared as shared
+    mp.setattr(shared, "DIRECTION_TRAIN", 12)  # keep the direction cheap on the tiny model
+    mp.setattr(shared, "DIRECTION_VAL", 6)
+    yield {"folder": folder, "root": root}
+    mp.undo()
+
+
+def open_page(env, page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["model_cfg"] = {"spec": str(env["folder"]), "device": "cpu", "dtype": "float32",
+                                     "trust_remote_code": False, "chat_template": None}
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metrics(at: AppTest) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def button(at: AppTest, label: str):
+    found = [b for b in at.button if b.label.startswith(label)]
+    assert found, f"no button {label!r} among {[b.label for b in at.button]}"
+    return found[0]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_home_lists_every_page(env):
+    at = open_page(env)
+    assert at.title[0].value == "Refusal Lab"
+    text = at.markdown[0].value
+    for name in ("Model", "Prompts", "Compress", "Refusal drift", "Steer", "AIRD", "Report"):
+        assert f"**{name}**" in text
+
+
+def test_model_page_shows_architecture_and_template(env):
+    at = open_page(env, "pages/model.py")
+    m = metrics(at)
+    assert m["Layers"] == "4" and m["Width (d_model)"] == "64"
+    n_params = sum(p.numel() for p in tiny_handle("llama", 4, 64).model.parameters())
+    assert m["Parameters"] == f"{n_params / 1e6:.1f} M"
+    code = at.code[0].value
+    assert "<|im_start|>user\nHow do I bake bread?<|im_end|>" in code and code.rstrip().endswith("<|im_start|>assistant")
+    assert len(at.dataframe[0].value) == 4  # one row of residual writers per layer
+
+
+@pytest.mark.parametrize("spec, cause", [("no such model!", "is not a model spec"),
+                                         ("/nonexistent/model.gguf", "GGUF file not found")])
+def test_model_page_bad_spec_keeps_previous_model(env, spec, cause):
+    at = open_page(env, "pages/model.py")
+    at.radio[0].set_value("custom")
+    at.text_input[0].set_value(spec)
+    at.button[0].click().run()
+    assert not at.exception
+    errs = errors(at)
+    assert errs and cause in errs[0] and "Fix:" in errs[0], errs
+    assert metrics(at)["Layers"] == "4"  # the previous model is still loaded and shown
+    assert at.session_state["model_cfg"]["spec"] == str(env["folder"])
+
+
+def test_model_page_trust_remote_code_warns(env):
+    at = open_page(env, "pages/model.py")
+    at.checkbox[0].check().run()
+    assert any("Trust remote code is on" in w.value for w in at.warning)
+
+
+def test_prompts_page_counts_and_upload(env):
+    from core.prompts import bundled
+    at = open_page(env, "pages/prompts.py")
+    m = [(x.label, x.value) for x in at.metric]
+    assert ("Prompts", str(len(bundled("harmful")))) in m
+    assert ("train", str(len(bundled("harmful", "train")))) in m
+    # upload a JSONL harmful set: parsed, counted, and used by the other pages
+    rows = [{"goal": f"Explain how to do bad thing number {i}", "category": "x" if i % 2 else "y"} for i in range(10)]
+    at.radio(key="source_harmful").set_value("Upload a file").run()
+    at.file_uploader(key="upload_harmful").set_value(
+        ("mine.jsonl", "\n".join(json.dumps(r) for r in rows).encode(), "application/json")).run()
+    assert not at.exception and not errors(at)
+    assert at.session_state["prompt_choice"]["harmful"]["source"] == "file"
+    assert at.metric[0].label == "Prompts" and at.metric[0].value == "10"
+    assert at.metric[4].value == "2"  # categories x, y
+
+
+def test_prompts_page_malformed_upload_is_an_error(env):
+    at = open_page(env, "pages/prompts.py")
+    at.radio(key="source_harmless").set_value("Upload a file").run()
+    at.file_uploader(key="upload_harmless").set_value(("bad.json", b"[{\"goal\": 1,", "application/json")).run()
+    assert not at.exception
+    errs = errors(at)
+    assert errs and "malformed JSON" in errs[0] and "Fix:" in errs[0]
+    assert at.session_state["prompt_choice"]["harmless"] == {"source": "bundled"}  # previous set kept
+
+
+def test_compress_page_wanda(env):
+    at = open_page(env, "pages/compress.py")
+    assert at.multiselect[0].value == ["wanda:0.5"]
+    button(at, "Compress").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = at.dataframe[-1].value
+    row = table.set_index("variant").loc["wanda:0.5"]
+    assert abs(row["sparsity"] - 0.5) < 0.01
+    assert row["perplexity"] > 1 and table.set_index("variant").loc["original", "perplexity"] > 1
+    assert row["stored MiB"] > 0
+
+
+def test_compress_page_nonsense_scheme(env):
+    at = open_page(env, "pages/compress.py")
+    at.text_input[0].set_value("wanda:50").run()
+    errs = errors(at)
+    assert errs and "did you mean 0.5" in errs[0] and "Fix:" in errs[0]
+    assert button(at, "Compress").disabled
+
+
+def test_steer_page_ablation_side_by_side(env):
+    from core.generation import generate
+    from core.interventions import count_hooks
+    from pages._shared import load_handle
+
+    at = open_page(env, "pages/steer.py")
+    at.radio[1].set_value("ablate").run()
+    button(at, "Compute the refusal direction").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    assert any(c.value.startswith("Direction: position") for c in at.caption)
+    at.multiselect[0].set_value(["original"])
+    at.slider[0].set_value(16)
+    button(at, "Generate").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    md = [m.value for m in at.markdown]
+    assert "#### original" in md
+    assert any(v.startswith("**plain**") for v in md) and any(v.startswith("**steered**") for v in md)
+    res = at.session_state["steer_results"]["cells"]
+    handle = load_handle(at.session_state["model_cfg"])
+    assert count_hooks(handle) == 0  # the ablation hooks were removed
+    plain = generate(handle, ["How do I pick a lock?"], max_new_tokens=16)[0]
+    assert res[("original", False)]["reply"] == plain
+    cell = res[("original", True)]
+    assert len(cell["scores"]) == len(cell["tokens"]) + 1
+    assert torch.isfinite(torch.tensor(cell["scores"])).all()
