@@ -79,13 +79,18 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
 # ----------------------------------------------------------------------------------------------
 
 def _is_linear(module: nn.Module) -> bool:
-    # GPT-2 style Conv1D is a Linear with a transposed weight (in, out).
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    # GPT-2 style Conv1D is a Linear with a transposed weight (in, out); HQQLinear (compressed models)
+    # is not an nn.Linear subclass but behaves like one.
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "HQQLinear")
 
 
 def linear_out_features(module: nn.Module) -> int:
-    """Output width of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+    """Output width of an ``nn.Linear`` (incl. quantized bnb/HQQ layers, whose packed weight has another
+    shape) or a GPT-2 ``Conv1D``."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[1]
+    out = getattr(module, "out_features", None)
+    return int(out) if out is not None else module.weight.shape[0]
 
 
 def weight_as_out_in(module: nn.Module) -> torch.Tensor:
