@@ -139,6 +139,8 @@ def test_hqq_quantizes_and_leaves_original(handle):
     with torch.no_grad():
         a, b = handle.model(ids).logits, new.model(ids).logits
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+    full, _ = apply(handle, "hqq:8")
+    assert type(full.writers(1)["mlp"]).__name__ == "HQQLinear"
 
 
 # -- pruning -------------------------------------------------------------------------------------

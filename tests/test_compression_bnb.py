@@ -55,6 +55,7 @@ def test_bnb_model_works_and_original_untouched(disk_handle, spec, min_corr):
         assert 4 + 16 / 64 - 0.01 <= rep.bits_per_weight <= 4 + 32 / 64 + 0.05
     assert rep.memory_bytes < rep.original_memory_bytes and len(rep.layer_sparsity) == 2
     assert new.spec.endswith("+" + spec) and new.meta["parent_fingerprint"] == disk_handle.fingerprint
+    assert set(new.writers(0)) == {"attn", "mlp"}  # architecture discovery works on quantized layers
 
 
 def test_bnb_respects_module_selection(disk_handle):

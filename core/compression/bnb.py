@@ -28,17 +28,22 @@ from core.compression.targets import Target, all_linear_names
 from core.models import ModelHandle
 
 
-class _DropCastNotice(logging.Filter):
-    """bitsandbytes logs "MatMul8bitLt: inputs will be cast … to float16" on every int8 forward on CPU."""
+class _DropNotices(logging.Filter):
+    """Drop two bitsandbytes notices that are noise here: "MatMul8bitLt: inputs will be cast … to float16"
+    (logged on every int8 forward on CPU) and "Failed to load CPU gemm_4bit_forward from kernels-community"
+    (logged at import when the optional ``kernels`` package is absent; bitsandbytes falls back to its
+    own CPU path)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast" not in record.getMessage()
+        msg = record.getMessage()
+        return "inputs will be cast" not in msg and "from kernels-community" not in msg
 
 
 def _quiet_bnb() -> None:
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
-        logger.addFilter(_DropCastNotice())
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices())
 
 
 class BnbUnavailable(RuntimeError):
@@ -52,6 +57,7 @@ def _advice(scheme: Scheme) -> str:
 
 def availability() -> str | None:
     """``None`` if bitsandbytes imports, else the reason."""
+    _quiet_bnb()
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
@@ -121,3 +127,34 @@ def module_storage_bits(module: nn.Module) -> int:
             for t in (qs.state2.absmax, qs.state2.code):
                 bits += t.numel() * t.element_size() * 8
     return bits
+
+
+def unpack_cpu_4bit(model: nn.Module) -> int:
+    """Undo bitsandbytes' CPU repacking of 4-bit weights before ``save_pretrained``; returns how many
+    layers were converted.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks each ``Linear4bit`` at its first forward
+    (``packing_format_for_cpu``: new nibble layout, absmax transposed to ``(blocks, rows)`` in bfloat16).
+    Its own ``_save_to_state_dict`` inverts the layout but leaves the absmax transposed, so a saved and
+    reloaded model gets scrambled block scales. Here the layout is inverted and the absmax put back in
+    row-major block order (float32 holding the bfloat16 values the live model uses), so the reloaded
+    model computes exactly what the in-memory one does. The next forward repacks again.
+    """
+    count = 0
+    for mod in model.modules():
+        if type(mod).__name__ != "Linear4bit":
+            continue
+        qs = mod.weight.quant_state
+        if not getattr(qs, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, qs = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
+        if qs.absmax.dim() == 2:
+            qs.absmax = qs.absmax.T.reshape(-1).float().contiguous()
+        mod.weight.data = data
+        mod.weight.quant_state = qs
+        if hasattr(mod, "quant_state"):
+            mod.quant_state = qs
+        count += 1
+    return count

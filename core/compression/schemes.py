@@ -157,7 +157,7 @@ def parse_scheme(spec: "str | Scheme") -> Scheme:
         except ValueError:
             raise SchemeError(raw, f"SPARSITY must be a number, got {args[0]!r}") from None
         if not math.isfinite(s) or not 0.0 <= s <= MAX_SPARSITY:
-            hint = f" (a fraction: did you mean {s / 100:g}?)" if 1 < s <= 100 * MAX_SPARSITY else ""
+            hint = f" (a fraction: did you mean {s / 100:g}?)" if 5 <= s <= 100 * MAX_SPARSITY else ""
             raise SchemeError(raw, f"SPARSITY must be between 0 and {MAX_SPARSITY}, got {args[0]}{hint}")
         return Scheme(method=method, sparsity=s)
     if len(args) == 2:
