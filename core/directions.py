@@ -275,6 +275,16 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         layers = list(range(L))
     grid = [(p, layer) for p in pos_list for layer in layers
             if float(dirset.candidate(p, layer).norm()) > 0]
+    if not grid and len(layers) < L:
+        # e.g. a 2-layer model: only layer 0 passes, and its candidates at template tokens are zero.
+        msgs.append(f"no non-zero candidate below layer {cut} (layer filter < {max_layer_frac}·{L}); "
+                    "evaluating all layers")
+        layers = list(range(L))
+        grid = [(p, layer) for p in pos_list for layer in layers
+                if float(dirset.candidate(p, layer).norm()) > 0]
+    if not grid:
+        raise ValueError("every candidate direction is zero: the harmful and harmless means are identical "
+                         "at the evaluated positions (are the two prompt sets the same?)")
     bypass = torch.full_like(dirset.bypass, math.nan)
     induce = torch.full_like(dirset.induce, math.nan)
     kl = torch.full_like(dirset.kl, math.nan)
@@ -341,8 +351,6 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                     break
     fallback = False
     if chosen is None:
-        if not order:
-            raise ValueError("no non-zero candidate direction to select from")
         chosen = order[0]
         fallback = True
         parts = [f"{name} filter (KL < {kl_threshold})" if name == "kl" else
