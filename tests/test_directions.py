@@ -1,0 +1,161 @@
+"""Directions: candidates, selection (incl. the fallback), persistence, comparison helpers, refusal tokens."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from core.activations import mean_activations
+from core.directions import (DirectionSet, generate_candidates, layer_cosines, mean_projections, quality,
+                             select_direction, source)
+from core.interventions import ablate, add
+from core.judges import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids
+from core.prompts import bundled
+from tiny import tiny_handle
+
+HARMFUL = bundled("harmful", "train").head(12)
+HARMLESS = bundled("harmless", "train").head(12)
+H_VAL = bundled("harmful", "val").prompts[:6]
+N_VAL = bundled("harmless", "val").prompts[:6]
+POS = [-2, -1]
+
+
+@pytest.fixture(scope="module")
+def handle():
+    return tiny_handle("llama", n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def cands(handle):
+    return generate_candidates(handle, HARMFUL, HARMLESS)
+
+
+@pytest.fixture(scope="module")
+def selected(handle, cands):
+    return select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=10.0, induce_threshold=-1e9)
+
+
+def test_candidates_shapes_and_metadata(handle, cands):
+    n_pos = len(cands.positions)
+    assert cands.candidates.shape == (n_pos, handle.n_layers, handle.d_model)
+    assert cands.candidates.dtype == torch.float32
+    assert cands.mean_harmful.shape == cands.mean_harmless.shape == (n_pos, handle.n_layers + 1, handle.d_model)
+    assert cands.positions == list(range(-n_pos, 0))
+    assert cands.bypass.shape == (n_pos, handle.n_layers) and torch.isnan(cands.bypass).all()
+    torch.testing.assert_close(cands.candidates, (cands.mean_harmful - cands.mean_harmless)[:, :handle.n_layers])
+    direct = mean_activations(handle, HARMFUL.prompts).mean - mean_activations(handle, HARMLESS.prompts).mean
+    torch.testing.assert_close(cands.candidates, direct[:, :handle.n_layers].float(), atol=1e-6, rtol=1e-5)
+    m = cands.metadata
+    assert m["model_fingerprint"] == handle.fingerprint
+    assert m["harmful_sha"] == HARMFUL.sha and m["harmless_sha"] == HARMLESS.sha
+    assert len(m["post_instruction_tokens"]) == n_pos
+    with pytest.raises(ValueError, match="no direction selected"):
+        cands.direction
+
+
+def test_refusal_filter_falls_back_when_the_model_never_refuses(handle):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = generate_candidates(handle, HARMFUL.head(6), HARMLESS.head(6), filter_refusals=True)
+    assert any("refusal filter kept only" in str(x.message) for x in w)  # random weights refuse nothing
+    assert ds.metadata["n_harmful"] == 6 and ds.warnings
+
+
+def test_selection_scores_and_choice(handle, cands, selected):
+    sel = selected.metadata["selection"]
+    cut = int(0.8 * handle.n_layers)
+    assert selected.selected is not None and selected.selected[0] in POS and selected.selected[1] < cut
+    assert not sel["fallback"]
+    rows = [cands.pos_index(p) for p in POS]
+    # bypass everywhere evaluated below the cut (non-zero candidates), NaN at other positions / layers
+    assert torch.isnan(selected.bypass[:, cut:]).all()
+    assert torch.isnan(selected.bypass[[i for i in range(cands.n_positions) if i not in rows]]).all()
+    evaluated = selected.bypass[rows, :cut]
+    finite = evaluated[~torch.isnan(evaluated)]
+    i, layer = selected.pos_index(selected.selected[0]), selected.selected[1]
+    assert float(selected.bypass[i, layer]) == float(finite.min())  # lenient filters: lowest bypass wins
+    # the lazy search only checked the winner; its scores are filled in
+    assert sel["n_checked"] == 1 and not math.isnan(float(selected.kl[i, layer]))
+    # bypass is the mean refusal score with the candidate ablated everywhere; induce is with it added
+    r = selected.direction
+    assert torch.equal(r, cands.candidate(*selected.selected))
+    with ablate(handle, r):
+        bypass = float(refusal_scores(handle, H_VAL).mean())
+    with add(handle, r, layer):
+        induce = float(refusal_scores(handle, N_VAL).mean())
+    assert abs(bypass - float(selected.bypass[i, layer])) < 1e-4
+    assert abs(induce - float(selected.induce[i, layer])) < 1e-4
+    q = quality(selected)
+    assert q["bypass"] == float(selected.bypass[i, layer]) and q["fallback"] is False
+    assert q["baseline_harmful"] == pytest.approx(float(refusal_scores(handle, H_VAL).mean()), abs=1e-4)
+    src = source(selected)
+    assert (src["position"], src["layer"]) == selected.selected and isinstance(src["token"], str)
+
+
+def test_exhaustive_grid_selects_the_same_candidate(handle, cands, selected):
+    full = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=10.0,
+                            induce_threshold=-1e9, exhaustive=True)
+    assert full.selected == selected.selected
+    rows = [cands.pos_index(p) for p in POS]
+    finite = ~torch.isnan(full.bypass[rows])
+    assert torch.equal(finite, ~torch.isnan(full.kl[rows])) and torch.equal(finite, ~torch.isnan(full.induce[rows]))
+
+
+def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0)
+    msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
+    assert len(msgs) == 1 and "kl filter" in msgs[0]
+    sel = ds.metadata["selection"]
+    assert sel["fallback"] and sel["removed"]["kl"] == sel["n_candidates"]
+    assert ds.selected == selected.selected  # lowest bypass overall
+    assert any("falling back" in m for m in ds.warnings) and quality(ds)["fallback"]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds2 = select_direction(handle, cands, H_VAL, N_VAL, positions=[-1], kl_threshold=10.0,
+                               induce_threshold=1e9)
+    assert any("induce filter" in str(x.message) for x in w) and ds2.metadata["selection"]["fallback"]
+
+
+def test_save_load_round_trip(tmp_path, selected):
+    folder = selected.save(tmp_path / "dirs")
+    assert sorted(p.name for p in folder.iterdir()) == ["directions.json", "directions.safetensors"]
+    back = DirectionSet.load(folder)
+    for name in ("candidates", "mean_harmful", "mean_harmless", "bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(back, name), getattr(selected, name), equal_nan=True, atol=0, rtol=0)
+    assert back.selected == selected.selected and back.positions == selected.positions
+    assert back.metadata == selected.metadata
+    assert torch.equal(back.direction, selected.direction)
+    with pytest.raises(FileNotFoundError):
+        DirectionSet.load(tmp_path / "nowhere")
+
+
+def test_comparison_helpers(cands, selected):
+    cos = layer_cosines(selected, selected)
+    assert cos.shape == (selected.n_layers,)
+    finite = cos[~torch.isnan(cos)]
+    assert len(finite) >= selected.n_layers - 1 and torch.allclose(finite, torch.ones_like(finite))
+    flipped = DirectionSet(**{**selected.__dict__, "candidates": -selected.candidates})
+    assert torch.allclose(layer_cosines(selected, flipped)[~torch.isnan(cos)], -torch.ones_like(finite))
+    per_layer = selected.candidates[selected.pos_index(-1)]
+    torch.testing.assert_close(layer_cosines(per_layer, per_layer, position=-1), layer_cosines(selected, selected,
+                                                                                              position=-1),
+                               equal_nan=True)
+    proj = mean_projections(selected)
+    assert proj["harmful"].shape == proj["harmless"].shape == (selected.n_layers + 1,)
+    layer = selected.selected[1]
+    gap = proj["harmful"][layer] - proj["harmless"][layer]
+    assert float(gap) == pytest.approx(float(selected.direction.norm()), rel=1e-4)  # r·r̂ = |r|
+    assert source(cands)["layer"] is None and quality(cands) == {}
+
+
+def test_refusal_tokens_come_from_the_tokenizer(handle):
+    ids = refusal_token_ids(handle.tokenizer)
+    assert ids and len(set(ids)) == len(ids)
+    pieces = [handle.tokenizer.decode([i]).strip() for i in ids]
+    assert all(any(o.startswith(p) for o in REFUSAL_OPENINGS) for p in pieces if p)
+    assert handle.tokenizer.convert_tokens_to_ids("I") in ids  # the tiny BPE has "I" as a token
