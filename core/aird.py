@@ -1,0 +1,429 @@
+"""AIRD — re-induce the *original* model's refusal direction in a compressed model.
+
+Chhabra & Khalili 2025 (arXiv 2504.04215) describe AIRD as a training-free edit of one layer that
+works with the original model's refusal direction and costs sparsity in that layer; they publish
+no formula. **This module is our reconstruction**, with those properties:
+
+* O = original model, C = compressed model, r̂ = O's selected refusal direction (unit), from O's
+  source layer l*.
+* For the residual-writing matrices W_C (attention-output and MLP-output projections) of the
+  repair layers ℓ ∈ S (default: l*−1 and l*):  **W′ = W_C + α r̂ r̂ᵀ W_C** (bias b′ = b + α r̂ r̂ᵀ b).
+  The layer writes (1+α)× its component along r̂ and is unchanged in every other direction.
+  Harmful prompts write much more along r̂ than harmless ones, so refusal comes back on harmful
+  prompts while harmless ones barely move. The update is rank-1 but dense: in mode ``merged`` the
+  repaired matrices lose their sparsity — the cost the paper reports.
+* Mode ``adapter`` (beyond the paper): W_C stays untouched (sparse, RTN, bitsandbytes or HQQ) and
+  the layer output y becomes y + α r̂ (r̂ᵀ y) at run time — the same function, zero weights changed,
+  ``d_model`` extra numbers.
+* α and S are calibrated on the bundled *validation* split only (:func:`calibrate`).
+
+Also here: the alternatives AIRD is compared against, the recoverability diagnostic and the
+budget curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.generation import generate
+from core.interventions import add as add_direction
+from core.interventions import scale_writers
+from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
+from core.models import ModelHandle, weight_as_out_in
+from core.progress import Progress, report
+
+MODES = ("merged", "adapter")
+METHODS = ("none", "aird-merged", "aird-adapter", "projection-restore", "dense-copy", "activation-addition")
+METHOD_LABELS = {
+    "none": "No repair", "aird-merged": "AIRD (merged weights)", "aird-adapter": "AIRD (adapter)",
+    "projection-restore": "Projection restore r̂r̂ᵀ(W_O − W_C)", "dense-copy": "Dense copy of O's layer(s)",
+    "activation-addition": "Activation addition of O's direction"}
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+class AIRDError(ValueError):
+    """A repair cannot be applied as asked; the message says why and what to do instead."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths (pure)
+# ----------------------------------------------------------------------------------------------
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """``v / ‖v‖`` in float64."""
+    v = torch.as_tensor(v).detach().double()
+    n = v.norm()
+    if not torch.isfinite(n) or n == 0:
+        raise AIRDError("the refusal direction has zero norm")
+    return v / n
+
+
+def rank1_edit(weight: torch.Tensor, r_hat: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W + α r̂ (r̂ᵀ W)`` for a writer weight ``W`` ``(d_model, in)`` and unit ``r̂`` ``(d_model,)``;
+    computed in float64, returned in W's dtype. A bias ``(d_model,)`` works the same way."""
+    w = weight.detach().double()
+    r = r_hat.to(w.device, torch.float64)
+    return (w + alpha * torch.outer(r, r @ w) if w.dim() == 2 else w + alpha * r * (r @ w)).to(weight.dtype)
+
+
+def projection_restore(w_c: torch.Tensor, w_o: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """``W_C + r̂ r̂ᵀ (W_O − W_C)``: the compressed writer with O's component along r̂ put back."""
+    r = r_hat.to(w_c.device, torch.float64)
+    diff = w_o.detach().double() - w_c.detach().double()
+    return (w_c.detach().double() + torch.outer(r, r @ diff)).to(w_c.dtype)
+
+
+def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cohen's d per column of ``a`` ``(n_a, k)`` vs ``b`` ``(n_b, k)`` → ``(k,)``."""
+    a, b = a.double(), b.double()
+    pooled = (((len(a) - 1) * a.var(0) + (len(b) - 1) * b.var(0)) / max(len(a) + len(b) - 2, 1)).sqrt()
+    return ((a.mean(0) - b.mean(0)) / pooled.clamp_min(1e-12)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Repairs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Repair:
+    """An AIRD repair: unit ``direction`` ``(d_model,)`` (O's), repair ``layers``, strength ``alpha``."""
+
+    direction: torch.Tensor
+    layers: list[int]
+    alpha: float
+    mode: str = "merged"
+    source_layer: int | None = None
+    calibration: list[dict] = field(default_factory=list)
+    auto: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AIRDError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.direction = unit(self.direction).float()
+        self.layers = sorted({int(x) for x in self.layers})
+
+    def describe(self) -> dict:
+        """Plain-data summary (no tensors)."""
+        d = asdict(self)
+        d.pop("direction")
+        return d
+
+    def save(self, folder: str | Path) -> Path:
+        """The adapter as ``aird_adapter.safetensors`` (r̂) + ``aird_adapter.json`` (layers, α, …)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"direction": self.direction.contiguous()}, str(folder / "aird_adapter.safetensors"))
+        (folder / "aird_adapter.json").write_text(json.dumps(self.describe(), indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Repair":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "aird_adapter.json").read_text())
+        return cls(direction=load_file(str(folder / "aird_adapter.safetensors"))["direction"], **meta)
+
+
+def _writers(handle: ModelHandle, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Module]]:
+    bad = [x for x in layers if not 0 <= x < handle.n_layers]
+    if bad:
+        raise AIRDError(f"repair layers {bad} outside [0, {handle.n_layers})")
+    return [(layer, role, mod) for layer in layers for role, mod in handle.writers(layer).items()]
+
+
+def _is_dense(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and type(module).__name__ in ("Linear",) \
+        or type(module).__name__ == "Conv1D"
+
+
+def _copy(handle: ModelHandle, suffix: str) -> ModelHandle:
+    """A deep copy of a handle's model under a new name (torch-side weights only)."""
+    with handle.lock:
+        model = copy.deepcopy(handle.model)
+    import hashlib
+
+    return ModelHandle(model=model, tokenizer=handle.tokenizer, name=f"{handle.name} + {suffix}",
+                       spec=f"{handle.spec}+{suffix}",
+                       fingerprint=hashlib.sha256(f"{handle.fingerprint}|{suffix}".encode()).hexdigest()[:16],
+                       chat_template=handle.chat_template, system_prompt=handle.system_prompt,
+                       meta={**handle.meta, "parent_fingerprint": handle.fingerprint, "edit": suffix})
+
+
+def _check_dense(handle: ModelHandle, layers: Sequence[int], what: str) -> None:
+    for layer, role, mod in _writers(handle, layers):
+        if not _is_dense(mod):
+            raise AIRDError(f"{what} edits weights, but layer {layer}'s {role} projection is "
+                            f"{type(mod).__name__} (quantized storage). Use mode 'adapter', which works "
+                            "on any layer type.")
+
+
+def _set_weight(mod: torch.nn.Module, new_out_in: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight_as_out_in(mod).copy_(new_out_in)
+
+
+def merge(compressed: ModelHandle, repair: Repair) -> ModelHandle:
+    """A new handle: a copy of ``compressed`` with ``W′ = W + α r̂ r̂ᵀ W`` merged in the repair layers.
+    ``compressed`` is not modified. Quantized (bitsandbytes/HQQ) writers need mode 'adapter'."""
+    _check_dense(compressed, repair.layers, "Merged AIRD")
+    new = _copy(compressed, f"aird(α={repair.alpha:g},L={','.join(map(str, repair.layers))})")
+    r = repair.direction
+    for _, _, mod in _writers(new, repair.layers):
+        _set_weight(mod, rank1_edit(weight_as_out_in(mod), r, repair.alpha))
+        if getattr(mod, "bias", None) is not None:
+            with torch.no_grad():
+                mod.bias.copy_(rank1_edit(mod.bias, r, repair.alpha))
+    return new
+
+
+@contextmanager
+def applied(compressed: ModelHandle, repair: Repair) -> Iterator[ModelHandle]:
+    """The repaired model for the duration of the block: in ``adapter`` mode ``compressed`` itself
+    under output hooks (removed on exit), in ``merged`` mode a merged copy."""
+    if repair.mode == "adapter":
+        with scale_writers(compressed, repair.direction, repair.layers, alpha=repair.alpha):
+            yield compressed
+    else:
+        yield merge(compressed, repair)
+
+
+def writer_density(handle: ModelHandle, layers: Sequence[int]) -> dict:
+    """Non-zero weights / total of the writers in ``layers`` (dense float weights only; quantized
+    layers count as dense)."""
+    nnz = total = 0
+    for _, _, mod in _writers(handle, layers):
+        if _is_dense(mod):
+            w = mod.weight
+            nnz += int((w != 0).sum())
+            total += w.numel()
+        else:
+            n = int(getattr(mod, "in_features", 0)) * int(getattr(mod, "out_features", 0))
+            nnz += n
+            total += n
+    return {"nonzero": nnz, "total": total, "density": nnz / total if total else math.nan}
+
+
+def densified_weights(compressed: ModelHandle, layers: Sequence[int]) -> int:
+    """How many zero weights a merged repair of ``layers`` turns non-zero (its sparsity cost)."""
+    d = writer_density(compressed, layers)
+    return d["total"] - d["nonzero"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Alternatives (for comparison)
+# ----------------------------------------------------------------------------------------------
+
+@contextmanager
+def method_applied(method: str, original: ModelHandle, compressed: ModelHandle, repair: Repair,
+                   direction_raw: torch.Tensor | None = None) -> Iterator[ModelHandle]:
+    """Yield the model that ``method`` (one of :data:`METHODS`) produces from ``compressed``.
+
+    ``projection-restore`` and ``dense-copy`` use the repair's layers; ``activation-addition`` adds
+    O's raw direction (``direction_raw``, its norm is the mean harmful–harmless gap) at the input of
+    ``repair.source_layer`` for every prompt.
+    """
+    if method == "none":
+        yield compressed
+    elif method in ("aird-merged", "aird-adapter"):
+        mode = method.split("-")[1]
+        with applied(compressed, Repair(repair.direction, repair.layers, repair.alpha, mode,
+                                        repair.source_layer)) as h:
+            yield h
+    elif method == "projection-restore":
+        _check_dense(compressed, repair.layers, "Projection restore")
+        new = _copy(compressed, f"projection-restore(L={','.join(map(str, repair.layers))})")
+        for (_, _, m_new), (_, _, m_o) in zip(_writers(new, repair.layers), _writers(original, repair.layers)):
+            _set_weight(m_new, projection_restore(weight_as_out_in(m_new), weight_as_out_in(m_o),
+                                                  repair.direction))
+        yield new
+    elif method == "dense-copy":
+        _check_dense(compressed, repair.layers, "Dense copy")
+        new = _copy(compressed, f"dense-copy(L={','.join(map(str, repair.layers))})")
+        with torch.no_grad():
+            for layer in repair.layers:
+                new.blocks[layer].load_state_dict(original.blocks[layer].state_dict())
+        yield new
+    elif method == "activation-addition":
+        if direction_raw is None or repair.source_layer is None:
+            raise AIRDError("activation addition needs O's raw direction and its source layer")
+        with add_direction(compressed, direction_raw, repair.source_layer, coeff=1.0):
+            yield compressed
+    else:
+        raise AIRDError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def changed_parameters(method: str, compressed: ModelHandle, repair: Repair) -> int:
+    """Number of stored numbers a method changes or adds relative to ``compressed``."""
+    if method == "none":
+        return 0
+    if method == "aird-adapter":
+        return compressed.d_model + 1  # r̂ and α
+    if method == "activation-addition":
+        return compressed.d_model
+    mods = [m for _, _, m in _writers(compressed, repair.layers)]
+    if method == "dense-copy":
+        return sum(p.numel() for layer in repair.layers for p in compressed.blocks[layer].parameters())
+    return sum(weight_as_out_in(m).numel() for m in mods)  # merged / projection restore: whole matrices
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements used by calibration and comparison
+# ----------------------------------------------------------------------------------------------
+
+def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                 progress: Progress | None = None) -> tuple[float, list[str]]:
+    """Fraction of ``prompts`` whose greedy reply the substring judge calls a refusal, and the replies."""
+    if not prompts:
+        return math.nan, []
+    replies = generate(handle, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress)
+    return sum(map(is_refusal, replies)) / len(replies), replies
+
+
+def kl_to(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) of next-token distributions ``(n, vocab)``."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@dataclass
+class CalibrationSets:
+    """Validation prompts for calibration (the bundled val splits by default — never test prompts)."""
+
+    harmful: list[str]
+    harmless: list[str]
+
+    @classmethod
+    def bundled(cls) -> "CalibrationSets":
+        from core.prompts import bundled
+
+        return cls(harmful=bundled("harmful", "val").prompts,
+                   harmless=bundled("harmless", "val").prompts + bundled("borderline", "val").prompts)
+
+
+def candidate_layer_sets(source_layer: int, n_layers: int, max_layers: int = 4) -> list[list[int]]:
+    """Repair-layer sets tried by calibration: ``[l*−1, l*]`` (the default), ``[l*]``, then growing
+    windows ending at l*."""
+    sets = [[source_layer - 1, source_layer], [source_layer]]
+    sets += [list(range(source_layer - k + 1, source_layer + 1)) for k in range(3, max_layers + 1)]
+    return [s for s in ([[x for x in s if 0 <= x < n_layers] for s in sets]) if s]
+
+
+def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
+              sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
+              alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
+              kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
+              progress: Progress | None = None) -> Repair:
+    """Choose S and α on validation prompts: the largest harmful refusal rate (ties: larger mean
+    refusal score, then fewer layers, then smaller α) subject to harmless+borderline over-refusal
+    rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold``.
+
+    Runs in adapter form (hooks; identical function to merged), so it also works on quantized
+    layers; α grows per layer set until a constraint fails. Returns the chosen :class:`Repair` with
+    the whole grid in ``calibration``; α = 0 (no repair) when nothing beats the unrepaired model.
+    """
+    sets = sets or CalibrationSets.bundled()
+    layer_sets = [list(s) for s in (layer_sets or candidate_layer_sets(source_layer, compressed.n_layers))]
+    r = unit(direction).float()
+    ids = refusal_token_ids(compressed.tokenizer)
+    total = 1 + len(layer_sets) * len(alphas)
+    done = 0
+
+    def measure() -> dict:
+        harm_rate, _ = refusal_rate(compressed, sets.harmful, max_new_tokens=gen_tokens)
+        harmless_rate, _ = refusal_rate(compressed, sets.harmless, max_new_tokens=gen_tokens)
+        harm_logits = last_logits(compressed, sets.harmful)
+        harmless_logits = last_logits(compressed, sets.harmless)
+        return {"harmful_refusal": harm_rate, "harmless_refusal": harmless_rate,
+                "harmful_score": float(refusal_score_from_logits(harm_logits, ids).mean()),
+                "harmless_logits": harmless_logits}
+
+    base = measure()
+    base_logits = base.pop("harmless_logits")
+    grid = [{"layers": [], "alpha": 0.0, **base, "kl": 0.0, "feasible": True}]
+    done += 1
+    report(progress, done, total)
+    for layers in layer_sets:
+        for alpha in sorted(alphas):
+            with scale_writers(compressed, r, layers, alpha=alpha):
+                m = measure()
+            m["kl"] = kl_to(base_logits, m.pop("harmless_logits"))
+            m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
+                             and m["kl"] <= kl_threshold)
+            grid.append({"layers": layers, "alpha": alpha, **m})
+            done += 1
+            report(progress, done, total)
+            if not m["feasible"]:
+                done += len(alphas) - sorted(alphas).index(alpha) - 1
+                report(progress, done, total)
+                break  # larger α only moves further
+    feasible = [g for g in grid if g["feasible"]]
+    best = max(feasible, key=lambda g: (round(g["harmful_refusal"], 6), g["harmful_score"], -len(g["layers"]),
+                                        -g["alpha"]))
+    layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
+    for g in grid:
+        g["chosen"] = g is best
+    return Repair(direction=r, layers=layers, alpha=best["alpha"], mode=mode, source_layer=source_layer,
+                  calibration=grid, auto=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostic and budget curve
+# ----------------------------------------------------------------------------------------------
+
+def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict[str, torch.Tensor],
+                   source_layer: int, *, good_ratio: float = 0.6, poor_ratio: float = 0.3,
+                   min_d: float = 1.0) -> dict:
+    """Compare the separation of harmful vs harmless projections on O's r̂ in O and C.
+
+    ``*_proj`` hold ``harmful`` ``(n_h, n_layers+1)`` and ``harmless`` ``(n_n, n_layers+1)`` projections
+    (see :func:`core.activations.projections`). Returns per-layer Cohen's d for both and a verdict on
+    the source layer: a weight edit along r̂ can only amplify a separation that is still there.
+    """
+    d_o = cohens_d(original_proj["harmful"], original_proj["harmless"])
+    d_c = cohens_d(compressed_proj["harmful"], compressed_proj["harmless"])
+    at = source_layer
+    ratio = float(d_c[at] / d_o[at]) if d_o[at].abs() > 1e-6 else math.nan
+    if ratio >= good_ratio and float(d_c[at]) >= min_d:
+        verdict, level = (f"Recoverable: harmful and harmless prompts still separate along the original refusal "
+                          f"direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f} in the "
+                          "original), so amplifying that component can restore refusal."), "recoverable"
+    elif ratio >= poor_ratio:
+        verdict, level = (f"Partly recoverable: the separation along the original direction at layer {at} shrank to "
+                          f"{100 * ratio:.0f}% of the original's (d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f}); "
+                          "a repair will recover some refusal, and cost more over-refusal."), "partial"
+    else:
+        verdict, level = (f"Not recoverable by a weight edit: compression removed most of the harmful/harmless "
+                          f"separation along the original direction at layer {at} (d {float(d_c[at]):.2f} vs "
+                          f"{float(d_o[at]):.2f}). Amplifying r̂ would push harmless prompts as much as harmful "
+                          "ones. Use a milder compression or keep this layer dense."), "unrecoverable"
+    return {"cohens_d_original": d_o.tolist(), "cohens_d_compressed": d_c.tolist(), "layer": at,
+            "ratio": ratio, "level": level, "verdict": verdict}
+
+
+def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str], *, max_layers: int = 8,
+                 gen_tokens: int = 24, progress: Progress | None = None) -> list[dict]:
+    """Refusal on ``prompts`` when repairing the k layers ending at the source layer, k = 1…``max_layers``
+    (adapter form, same α), with the weights a merged repair would densify."""
+    src = repair.source_layer if repair.source_layer is not None else max(repair.layers)
+    rows = []
+    for k in range(1, max_layers + 1):
+        layers = [x for x in range(src - k + 1, src + 1) if x >= 0]
+        with scale_writers(compressed, repair.direction, layers, alpha=repair.alpha):
+            rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens)
+        rows.append({"n_layers": len(layers), "layers": layers, "refusal": rate,
+                     "densified_weights": densified_weights(compressed, layers)})
+        report(progress, k, max_layers)
+    return rows
