@@ -4,16 +4,17 @@ from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="Refusal Lab", page_icon="🧭", layout="wide")
+from pages._shared import model_cfg
+
+st.set_page_config(page_title="Refusal Lab", page_icon=":material/explore:", layout="wide")
 
 PAGES = Path(__file__).parent / "pages"
-SPEC = [("home.py", "Home", "🏠"), ("model.py", "Model", "🧠"), ("prompts.py", "Prompts", "📝"),
-        ("compress.py", "Compress", "🗜️"), ("drift.py", "Refusal drift", "🧭"), ("steer.py", "Steer", "🎛️"),
-        ("aird.py", "AIRD", "🩹"), ("report.py", "Report", "📄")]
-pages = [st.Page(str(PAGES / name), title=title, icon=icon, default=name == "home.py")
+SPEC = [("home.py", "Home", "home"), ("model.py", "Model", "memory"), ("prompts.py", "Prompts", "edit_note"),
+        ("compress.py", "Compress", "compress"), ("drift.py", "Refusal drift", "explore"),
+        ("steer.py", "Steer", "tune"), ("aird.py", "AIRD", "healing"), ("report.py", "Report", "description")]
+pages = [st.Page(str(PAGES / name), title=title, icon=f":material/{icon}:", default=name == "home.py")
          for name, title, icon in SPEC if (PAGES / name).exists()]
 page = st.navigation(pages)
 with st.sidebar:
-    cfg = st.session_state.get("model_cfg")
-    st.caption(f"Model spec: `{cfg['spec'] if isinstance(cfg, dict) else 'default'}`")
+    st.caption(f"Model spec: `{model_cfg()['spec']}`")
 page.run()

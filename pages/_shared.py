@@ -36,7 +36,7 @@ def show_error(what: str, exc: BaseException | str, fix: str | None = None) -> N
     msg = f"**{what}.** {cause}"
     if fix:
         msg += f"\n\n**Fix:** {fix}"
-    st.error(msg, icon="🚫")
+    st.error(msg, icon=":material/error:")
 
 
 def fix_for(exc: BaseException) -> str:
@@ -61,7 +61,7 @@ def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tupl
     try:
         return True, fn()
     except Cancelled:
-        st.info(f"{what}: cancelled. Everything finished before the cancel is kept.", icon="⏹️")
+        st.info(f"{what}: cancelled. Everything finished before the cancel is kept.", icon=":material/cancel:")
     except Exception as e:  # noqa: BLE001 — the page must show the error, not a traceback
         traceback.print_exc()  # server log keeps the details
         show_error(f"{what} failed", e, fix or fix_for(e))
@@ -80,7 +80,7 @@ def cancel_button(key: str) -> None:
     def _cancel() -> None:
         st.session_state[key] = True
 
-    st.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon="⏹️")
+    st.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon=":material/cancel:")
 
 
 def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):

@@ -15,7 +15,7 @@ PPL_MAX_LENGTH = 256  # perplexity window (tokens)
 PPL_CHARS = 4000  # first characters of the bundled text: keeps the evaluation a few seconds on CPU
 CANCEL = "compress_cancelled"
 
-st.title("🗜️ Compress")
+st.title("Compress")
 handle = require_handle()
 ws = current_workspace(handle)
 model_badge(handle)
@@ -78,7 +78,7 @@ todo = [s for s in dict.fromkeys(schemes) if key_of(s) not in ws.variants]
 go_btn = st.button(f"Compress ({len(todo)} new)" if todo else "Compress", type="primary",
                    disabled=not todo or bool(bad))
 if st.session_state.get(CANCEL):
-    st.info("Compression cancelled; the variants finished before the cancel are kept.", icon="⏹️")
+    st.info("Compression cancelled; the variants finished before the cancel are kept.", icon=":material/cancel:")
     st.session_state[CANCEL] = False
 if go_btn and todo:
     st.session_state[CANCEL] = False
@@ -108,7 +108,7 @@ for key, v in ws.variants.items():
                  "stored MiB": r["memory_bytes"] / mib, "resident MiB": r["resident_bytes"] / mib,
                  "perplexity": v.perplexity, "seconds": r["seconds"]})
 table = pd.DataFrame(rows)
-st.dataframe(table, hide_index=True, width="stretch",
+st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
              column_config={"sparsity": st.column_config.NumberColumn(format="%.3f"),
                             "bits/weight": st.column_config.NumberColumn(format="%.2f"),
                             "stored MiB": st.column_config.NumberColumn(format="%.1f"),

@@ -8,7 +8,7 @@ import streamlit as st
 from core.models import ChatTemplateError
 from pages._shared import default_cfg, fix_for, load_handle, model_cfg, show_error, MODEL_CFG
 
-st.title("🧠 Model")
+st.title("Model")
 cfg = model_cfg()
 
 PRESETS = {"default": "Default — SmolLM2-135M-Instruct + refusal adapter",
@@ -20,7 +20,7 @@ trust = st.checkbox("Trust remote code (applies on the next Load)", value=cfg["t
                     help="Runs Python code shipped in the model repository with your permissions.")
 if trust:
     st.warning("**Trust remote code is on**: Python code from the model repository will run on this "
-               "machine with your permissions. Only use it for repositories you trust.", icon="⚠️")
+               "machine with your permissions. Only use it for repositories you trust.", icon=":material/warning:")
 
 with st.form("model_form"):
     choice = st.radio("Model", list(PRESETS), format_func=PRESETS.get, index=list(PRESETS).index(preset),
@@ -68,12 +68,13 @@ except Exception as e:  # noqa: BLE001
 
 s = handle.summary()
 param_bytes = sum(p.numel() * p.element_size() for p in handle.model.parameters())
-cols = st.columns(5)
+cols = st.container(key="model_summary").columns(5)
 cols[0].metric("Layers", s["n_layers"])
 cols[1].metric("Width (d_model)", s["d_model"])
 cols[2].metric("Parameters", f"{s['parameters'] / 1e6:.1f} M")
 cols[3].metric("Weights in memory", f"{param_bytes / 2**20:.0f} MiB")
-cols[4].metric("Device / dtype", f"{s['device']} / {s['dtype']}")
+short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+cols[4].metric("Device · dtype", f"{s['device']} · {short.get(s['dtype'], s['dtype'])}")
 try:
     import psutil
     rss = psutil.Process(os.getpid()).memory_info().rss

@@ -18,7 +18,7 @@ DESCRIPTIONS = {
     "borderline": "safe requests that sound risky — over-refusal",
 }
 
-st.title("📝 Prompts")
+st.title("Prompts")
 st.markdown("Refusal directions are computed from **train**, selected on **val**, evaluated on **test**. "
             "Bundled sets are written by this project; upload your own (`.txt` one per line with an optional "
             "`[category]` tag, `.csv`, `.json`, `.jsonl` — the text column is detected).")
@@ -62,7 +62,7 @@ def upload(role: str) -> None:
 
 
 for tab, role in zip(st.tabs([r.capitalize() for r in ROLES]), ROLES):
-    with tab:
+    with tab, st.container(key=f"prompts_{role}"):
         st.caption(DESCRIPTIONS[role])
         current = "Upload a file" if choice[role].get("source") == "file" else "Bundled"
         source = st.radio("Source", ["Bundled", "Upload a file"], index=["Bundled", "Upload a file"].index(current),

@@ -14,7 +14,7 @@ from core.judges import is_refusal
 from core.store import cache_key
 from core.ui_support import prefix_refusal_scores
 from pages._shared import (ROLES, cached_direction, cancel_button, compute_direction, current_workspace, guarded,
-                           model_badge, progress_callback, prompt_set, require_handle)
+                           model_badge, progress_callback, prompt_set, require_handle, show_error)
 
 CANCEL = "steer_cancelled"
 RESULTS = "steer_results"
@@ -22,23 +22,24 @@ INTERVENTIONS = {"none": "None", "ablate": "Ablate the direction (every layer)",
                  "add": "Add the direction (one layer × coefficient)",
                  "orthogonalize": "Orthogonalized weights"}
 
-st.title("🎛️ Steer")
+st.title("Steer")
 handle = require_handle()
 ws = current_workspace(handle)
 model_badge(handle)
 
 # -- prompt ---------------------------------------------------------------------------------------
-mode = st.radio("Prompt", ["Type a prompt", "Pick from a set"], horizontal=True, label_visibility="collapsed")
+form = st.container(key="steer_form")
+mode = form.radio("Prompt", ["Type a prompt", "Pick from a set"], horizontal=True, label_visibility="collapsed")
 if mode == "Type a prompt":
-    prompt = st.text_area("Prompt", value="How do I pick a lock?", height=80)
+    prompt = form.text_area("Prompt", value="How do I pick a lock?", height=80)
 else:
-    c1, c2 = st.columns([1, 3])
+    c1, c2 = form.columns([1, 3])
     role = c1.selectbox("Set (test split)", ROLES)
     try:
         options = prompt_set(role, "test").prompts
     except Exception as e:  # noqa: BLE001
         options = []
-        st.error(f"Could not load the {role} prompts: {e}. Fix: check the Prompts page.")
+        show_error(f"Could not load the {role} prompts", e, "check the Prompts page.")
     prompt = c2.selectbox("Prompt", options) if options else ""
 prompt = (prompt or "").strip()
 
@@ -127,7 +128,7 @@ if st.button("Generate", type="primary", disabled=not ready):
     st.session_state[RESULTS] = {"prompt": prompt, "kind": kind, "coeff": coeff, "layer": layer,
                                  "cells": results}
 if st.session_state.get(CANCEL):
-    st.info("Generation cancelled.", icon="⏹️")
+    st.info("Generation cancelled.", icon=":material/cancel:")
     st.session_state[CANCEL] = False
 
 
@@ -144,29 +145,30 @@ def token_strip(tokens: list[str], scores: list[float]) -> str:
 
 res = st.session_state.get(RESULTS)
 if res and res["cells"]:
-    st.subheader("Generations")
-    label = INTERVENTIONS[res["kind"]] + (f" · c = {res['coeff']}, layer {res['layer']}" if res["kind"] == "add" else "")
-    st.caption(f"Prompt: *{res['prompt']}* · intervention: {label}")
-    variant_names = list(dict.fromkeys(n for n, _ in res["cells"]))
-    cols = st.columns(len(variant_names))
-    for col, name in zip(cols, variant_names):
-        with col:
-            st.markdown(f"#### {name}")
-            for steered in (False, True):
-                cell = res["cells"].get((name, steered))
-                if cell is None:
-                    continue
-                tag = "steered" if steered else "plain"
-                verdict = "🛑 refuses" if cell["refusal"] else "✅ complies"
-                st.markdown(f"**{tag}** — {verdict} · first-token refusal score {cell['scores'][0]:+.2f}")
-                st.markdown(token_strip(cell["tokens"], cell["scores"]), unsafe_allow_html=True)
-    fig = go.Figure()
-    for (name, steered), cell in res["cells"].items():
-        fig.add_scatter(y=cell["scores"], mode="lines", name=f"{name} · {'steered' if steered else 'plain'}",
-                        line=dict(dash="dot" if steered else "solid"))
-    fig.add_hline(y=0, line=dict(color="grey", width=1))
-    fig.update_layout(height=300, xaxis_title="reply tokens so far", yaxis_title="refusal score (log-odds)",
-                      margin=dict(l=10, r=10, t=30, b=10), title="Refusal score along each reply")
-    st.plotly_chart(fig, width="stretch")
+    with st.container(key="steer_results"):
+        st.subheader("Generations")
+        label = INTERVENTIONS[res["kind"]] + (f" · c = {res['coeff']}, layer {res['layer']}" if res["kind"] == "add" else "")
+        st.caption(f"Prompt: *{res['prompt']}* · intervention: {label}")
+        variant_names = list(dict.fromkeys(n for n, _ in res["cells"]))
+        cols = st.columns(len(variant_names))
+        for col, name in zip(cols, variant_names):
+            with col:
+                st.markdown(f"#### {name}")
+                for steered in (False, True):
+                    cell = res["cells"].get((name, steered))
+                    if cell is None:
+                        continue
+                    tag = "steered" if steered else "plain"
+                    verdict = ":red[refuses]" if cell["refusal"] else ":green[complies]"
+                    st.markdown(f"**{tag}** — {verdict} · first-token refusal score {cell['scores'][0]:+.2f}")
+                    st.markdown(token_strip(cell["tokens"], cell["scores"]), unsafe_allow_html=True)
+        fig = go.Figure()
+        for (name, steered), cell in res["cells"].items():
+            fig.add_scatter(y=cell["scores"], mode="lines", name=f"{name} · {'steered' if steered else 'plain'}",
+                            line=dict(dash="dot" if steered else "solid"))
+        fig.add_hline(y=0, line=dict(color="grey", width=1))
+        fig.update_layout(height=300, xaxis_title="reply tokens so far", yaxis_title="refusal score (log-odds)",
+                          margin=dict(l=10, r=10, t=30, b=10), title="Refusal score along each reply")
+        st.plotly_chart(fig, width="stretch")
 elif not ready and not prompt:
     st.info("Type a prompt or pick one from a set.")

@@ -1,0 +1,282 @@
+"""Dashboard benchmark: time to first render of every page with cached results, in a real browser.
+
+    .venv/bin/python bench/ui.py [--model SPEC] [--repeats N]
+
+Starts the app the way ``make run`` does (``streamlit run app.py`` on 127.0.0.1, a free port), drives
+Debian's chromium with Playwright, warms the caches by clicking through the flow once (load the model,
+compress with ``wanda:0.5``, compute what the later pages show), then opens every page in a *fresh
+session* (a new browser tab, so nothing comes from that session's state) and times until the script has
+finished and the page's main element is visible. Prints a table and writes ``bench/results/ui.json``.
+
+Default model: a tiny random llama saved to a temporary folder (the timings measure the dashboard, not
+the model); ``--model default`` uses the real default model and its cached results. Target: ≤ 1 s per page.
+
+The helpers here (:class:`Server`, :func:`launch_browser`, :func:`wait_ready`, :data:`PAGES`) are also
+used by ``tests/test_browser.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("REFUSAL_LAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+RESULTS = ROOT / "bench" / "results" / "ui.json"
+TARGET_S = 1.0
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """A page of the app: nav title, url path and a CSS selector that is visible once it rendered."""
+
+    title: str
+    path: str
+    ready: str
+
+
+# In navigation order; `ready` marks the page's main content (not just its title).
+PAGES = [
+    PageSpec("Home", "", "h1:has-text('Refusal Lab')"),
+    PageSpec("Model", "model", ".st-key-model_summary [data-testid='stMetric']"),
+    PageSpec("Prompts", "prompts", ".st-key-prompts_harmful [data-testid='stMetric']"),
+    PageSpec("Compress", "compress", ".st-key-variants [data-testid='stDataFrame']"),
+    PageSpec("Refusal drift", "drift", ".st-key-drift_results [data-testid='stPlotlyChart']"),
+    PageSpec("Steer", "steer", ".st-key-steer_form [data-testid='stTextArea']"),
+    PageSpec("AIRD", "aird", ".st-key-aird_results [data-testid='stDataFrame']"),
+    PageSpec("Report", "report", ".st-key-studies [data-testid='stDataFrame']"),
+]
+
+
+def existing_pages() -> list[PageSpec]:
+    """The pages whose file exists (the app registers only those)."""
+    names = {"": "home", "model": "model", "prompts": "prompts", "compress": "compress", "drift": "drift",
+             "steer": "steer", "aird": "aird", "report": "report"}
+    return [p for p in PAGES if (ROOT / "pages" / f"{names[p.path]}.py").exists()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_problem() -> str | None:
+    """Why a real-browser run is impossible here, or None."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the Python package `playwright` is not installed (pip install playwright)"
+    if not Path(CHROMIUM).exists():
+        return (f"no chromium at {CHROMIUM}: install Debian's browser with `apt-get install -y chromium` "
+                "(Playwright's own browser download does not work here), or set REFUSAL_LAB_CHROMIUM")
+    return None
+
+
+class Server:
+    """``streamlit run app.py`` on 127.0.0.1:<free port> as a subprocess (the command ``make run`` runs)."""
+
+    def __init__(self, env: dict | None = None, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log or Path(tempfile.mkstemp(prefix="streamlit-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        streamlit = Path(sys.executable).with_name("streamlit")
+        cmd = [str(streamlit) if streamlit.exists() else "streamlit", "run", "app.py",
+               "--server.address", "127.0.0.1", "--server.port", str(self.port), "--server.headless", "true",
+               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2).status == 200:
+                    return self
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError(f"streamlit did not answer on {self.url} within 120 s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # only the server we started, by its own handle
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def launch_browser(pw):
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+SCRIPT_STATE = "document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')"
+
+
+def wait_idle(page, timeout_s: float = 600, settle_s: float = 0.4) -> None:
+    """Wait until the Streamlit script is not running and stays so for ``settle_s`` (a page that calls
+    ``st.rerun()`` stops and starts again within a few milliseconds)."""
+    deadline = time.time() + timeout_s
+    since = None
+    while time.time() < deadline:
+        if page.evaluate(SCRIPT_STATE) == "notRunning":
+            since = since or time.time()
+            if time.time() - since >= settle_s:
+                return
+        else:
+            since = None
+        time.sleep(0.03)
+    raise TimeoutError(f"the app was still running after {timeout_s:.0f} s")
+
+
+def wait_ready(page, spec: PageSpec, timeout_s: float = 600) -> None:
+    """Wait for the page's title, the end of the script run and the page's main element."""
+    page.wait_for_selector(f"h1:has-text('{spec.title if spec.path else 'Refusal Lab'}')",
+                           timeout=timeout_s * 1000)
+    wait_idle(page, timeout_s)
+    page.wait_for_selector(spec.ready, state="visible", timeout=timeout_s * 1000)
+
+
+def exception_boxes(page) -> list[str]:
+    """Texts of Streamlit exception elements on the page (there must be none)."""
+    return [e.inner_text()[:500] for e in page.query_selector_all("[data-testid='stException']")]
+
+
+def click_nav(page, title: str) -> None:
+    page.locator("[data-testid='stSidebarNav'] a").filter(has_text=title).first.click()
+
+
+def click_button(page, label: str, timeout_s: float = 900) -> None:
+    """Click a button by its label and wait for the resulting script runs to finish."""
+    page.get_by_role("button", name=label).first.click()
+    time.sleep(0.3)
+    wait_idle(page, timeout_s)
+
+
+# The button each page's flow clicks (when enabled): it computes what the page shows.
+ACTIONS = {"Compress": "Compress", "Refusal drift": "Run the drift study", "AIRD": "Run AIRD"}
+
+
+def run_action(page, title: str, action: str | None, log=print) -> None:
+    """Click ``action`` on the page ``title`` if that button is there and enabled (nothing to do when the
+    results are cached)."""
+    if not action:
+        return
+    button = page.get_by_role("button", name=action)
+    try:
+        button.first.wait_for(state="visible", timeout=15_000)
+    except Exception:  # noqa: BLE001 — no such button on this page state
+        return
+    if button.first.is_enabled():
+        t = time.perf_counter()
+        click_button(page, action)
+        log(f"  {title}: {action} in {time.perf_counter() - t:.1f} s")
+
+
+def warm_up(page, server: Server, log=print) -> None:
+    """Click through the flow once so every page has results to show (cached for later sessions)."""
+    page.goto(server.url)
+    wait_ready(page, PAGES[0])
+    for spec in existing_pages()[1:]:
+        click_nav(page, spec.title)
+        page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
+        wait_idle(page)
+        run_action(page, spec.title, ACTIONS.get(spec.title), log)
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """Save the tests' tiny random llama (with its chat template) as a model folder."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))
+    from tiny import tiny_handle
+
+    h = tiny_handle("llama", n_layers=4, d_model=64)
+    h.model.save_pretrained(folder)
+    h.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model spec (default: a tiny random model)")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh sessions per page")
+    args = ap.parse_args()
+    if (problem := chromium_problem()) is not None:
+        print(f"cannot run the UI benchmark: {problem}")
+        return 1
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="refusal-lab-ui-"))
+    try:
+        model = args.model or str(tiny_model_folder(tmp / "tiny-llama"))
+        env = {"REFUSAL_LAB_MODEL": model}
+        if args.model is None:  # a private cache and run store for the tiny model
+            env.update(REFUSAL_LAB_CACHE=str(tmp / "cache"), REFUSAL_LAB_RUNS=str(tmp / "runs"))
+        rows = []
+        with Server(env) as server, sync_playwright() as pw:
+            browser = launch_browser(pw)
+            ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = ctx.new_page()
+            t = time.perf_counter()
+            warm_up(page, server)
+            warm = time.perf_counter() - t
+            print(f"warm-up (load, compute and cache everything once): {warm:.1f} s")
+            for spec in existing_pages():
+                times = []
+                for _ in range(args.repeats):
+                    p = ctx.new_page()  # a fresh session: results must come from the shared caches / run store
+                    t = time.perf_counter()
+                    p.goto(f"{server.url}/{spec.path}")
+                    wait_ready(p, spec, timeout_s=120)
+                    times.append(time.perf_counter() - t)
+                    if boxes := exception_boxes(p):
+                        raise RuntimeError(f"{spec.title}: exception on the page: {boxes[0]}")
+                    p.close()
+                rows.append({"page": spec.title, "path": "/" + spec.path, "median_s": statistics.median(times),
+                             "max_s": max(times), "runs": len(times), "within_target": max(times) <= TARGET_S})
+            browser.close()
+        print(f"\n{'page':<15}{'median s':>10}{'max s':>8}  ≤ {TARGET_S:g} s")
+        for r in rows:
+            print(f"{r['page']:<15}{r['median_s']:>10.3f}{r['max_s']:>8.3f}  {'yes' if r['within_target'] else 'NO'}")
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        out = {"benchmark": "ui-first-render", "model": args.model or "tiny random llama (4 × 64)",
+               "target_s": TARGET_S, "warm_up_s": warm, "repeats": args.repeats, "pages": rows,
+               "measured": "goto(page url) in a fresh session → script finished and main element visible",
+               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                           "load_avg_1m": os.getloadavg()[0]},
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp_out = RESULTS.with_suffix(".json.tmp")
+        tmp_out.write_text(json.dumps(out, indent=2))
+        os.replace(tmp_out, RESULTS)
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Real-browser test: Playwright drives Debian's chromium through every page of the running app.
+
+The server is started the way ``make run`` starts it (``streamlit run app.py`` on 127.0.0.1, here on a
+free port). The flow a user clicks — Model, Prompts, Compress (``wanda:0.5``), Refusal drift, Steer,
+AIRD, Report — runs on a tiny random model (``REFUSAL_LAB_BROWSER_MODEL=default`` uses the real default
+model instead, e.g. to refresh the README screenshots from cached results). Each page is screenshot into
+``tests/artifacts/`` and must show no exception box. Skips with the reason when no browser is found.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+_spec = importlib.util.spec_from_file_location("bench_ui", ROOT / "bench" / "ui.py")
+ui = importlib.util.module_from_spec(_spec)
+sys.modules["bench_ui"] = ui  # dataclasses need the module registered
+_spec.loader.exec_module(ui)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if (problem := ui.chromium_problem()) is not None:
+        pytest.skip(f"real-browser test skipped: {problem}")
+    tmp = tmp_path_factory.mktemp("browser")
+    model = os.environ.get("REFUSAL_LAB_BROWSER_MODEL")
+    env = {"REFUSAL_LAB_MODEL": model} if model else {
+        "REFUSAL_LAB_MODEL": str(ui.tiny_model_folder(tmp / "tiny-llama")),
+        "REFUSAL_LAB_CACHE": str(tmp / "cache"), "REFUSAL_LAB_RUNS": str(tmp / "runs")}
+    with ui.Server(env, log=tmp / "streamlit.log") as s:
+        yield s
+        log = s.log()
+    assert "Traceback" not in log or "Cancelled" in log, f"server log shows a traceback:\n{log[-3000:]}"
+
+
+def test_click_through_every_page(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    seen = []
+    with sync_playwright() as pw:
+        browser = ui.launch_browser(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url)
+        ui.wait_ready(page, ui.PAGES[0], timeout_s=300)
+        page.screenshot(path=ARTIFACTS / "00-home.png", full_page=True)
+        for i, spec in enumerate(ui.existing_pages()[1:], start=1):
+            ui.click_nav(page, spec.title)
+            page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
+            ui.wait_idle(page)
+            ui.run_action(page, spec.title, {**ui.ACTIONS, "Steer": "Generate"}.get(spec.title))
+            ui.wait_ready(page, spec, timeout_s=600)
+            assert ui.exception_boxes(page) == [], f"{spec.title}: {ui.exception_boxes(page)}"
+            name = f"{i:02d}-{spec.path}.png"
+            page.screenshot(path=ARTIFACTS / name, full_page=True)
+            seen.append(spec.title)
+            if spec.title == "Compress":  # the compressed variant is listed with its measured sparsity
+                assert page.get_by_text("wanda:0.5").count() > 0
+            if spec.title == "Steer":
+                page.wait_for_selector(".st-key-steer_results h4:has-text('original')", timeout=60_000)
+        browser.close()
+    assert seen[:3] == ["Model", "Prompts", "Compress"]
+    if os.environ.get("REFUSAL_LAB_BROWSER_MODEL"):  # real model: refresh the README's screenshots
+        docs = ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        for shot in ("drift", "aird"):
+            src = next(ARTIFACTS.glob(f"*-{shot}.png"), None)
+            if src is not None:
+                shutil.copy(src, docs / f"screenshot-{shot}.png")
