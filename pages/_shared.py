@@ -282,3 +282,17 @@ def compute_direction(handle: ModelHandle, *, cancel_key: str | None = None):
     os.replace(tmp, final)  # atomic: a killed save leaves no half folder under the final name
     workspace(handle.fingerprint).directions[key] = ds
     return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Run store
+# ----------------------------------------------------------------------------------------------
+
+def runs_root() -> str:
+    """The run store folder (``$REFUSAL_LAB_RUNS`` or ``runs/`` in the working directory)."""
+    return os.environ.get("REFUSAL_LAB_RUNS", "runs")
+
+
+def run_store():
+    from core.store import RunStore
+    return RunStore(runs_root())

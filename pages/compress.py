@@ -31,10 +31,9 @@ with st.expander("Schemes and their spec forms"):
 picked = st.multiselect("Schemes", available, default=[s for s in ("wanda:0.5",) if s in available],
                         help="one variant per scheme; add others below")
 extra = st.text_input("Other schemes (comma-separated)", placeholder="e.g. magnitude:0.3, rtn:4:32, sparsegpt:2:4")
-c1, c2 = st.columns(2)
-calib = c1.radio("Calibration (Wanda, SparseGPT)", ["bundled English text", "harmless train prompts"],
-                 horizontal=True)
-do_ppl = c2.checkbox("Measure perplexity", value=True,
+st.caption("Wanda and SparseGPT calibrate on the bundled English text (the same variants the study pipeline "
+           "and the CLI make, so their results are shared).")
+do_ppl = st.checkbox("Measure perplexity", value=True,
                      help=f"on the first {PPL_CHARS:,} characters of the bundled English text, windows of {PPL_MAX_LENGTH} tokens")
 
 specs = list(picked) + [s.strip() for s in extra.split(",") if s.strip()]
@@ -47,12 +46,8 @@ for s in specs:
 for e in bad:
     show_error(f"Scheme `{e.spec}` is not valid", e.problem, f"use one of the valid forms: {compression.VALID_FORMS}")
 
-calibration = "harmless" if calib.startswith("harmless") else None
-suffix = "@harmless" if calibration else ""
-
-
 def key_of(scheme: str) -> str:
-    return scheme + (suffix if parse_scheme(scheme).needs_calibration else "")
+    return scheme
 
 
 def original_ppl() -> float:
@@ -65,7 +60,7 @@ def original_ppl() -> float:
 
 def run(scheme: str) -> None:
     cb = progress_callback(f"Compressing with {scheme}", cancel_key=CANCEL)
-    small, rep = compression.apply(handle, scheme, calibration=calibration, progress=cb)
+    small, rep = compression.apply(handle, scheme, progress=cb)
     ppl = None
     if do_ppl:
         cb2 = progress_callback(f"Perplexity of {scheme}", cancel_key=CANCEL)

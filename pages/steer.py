@@ -110,7 +110,7 @@ def one(name: str, steered: bool) -> dict:
 
 if st.button("Generate", type="primary", disabled=not ready):
     st.session_state[CANCEL] = False
-    cancel_button(CANCEL)
+    stop = cancel_button(CANCEL)
     cells = [(n, s) for n in chosen for s in ([False, True] if kind != "none" else [False])]
     cb = progress_callback("Generating", cancel_key=CANCEL)
     results = {}
@@ -125,6 +125,7 @@ if st.button("Generate", type="primary", disabled=not ready):
                     fix="orthogonalized weights need float weights: use *Ablate* on quantized variants."
                     if kind == "orthogonalize" else None)
     cb.bar.empty()
+    stop.empty()
     st.session_state[RESULTS] = {"prompt": prompt, "kind": kind, "coeff": coeff, "layer": layer,
                                  "cells": results}
 if st.session_state.get(CANCEL):

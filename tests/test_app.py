@@ -175,3 +175,20 @@ def test_steer_page_ablation_side_by_side(env):
     cell = res[("original", True)]
     assert len(cell["scores"]) == len(cell["tokens"]) + 1
     assert torch.isfinite(torch.tensor(cell["scores"])).all()
+
+
+def test_report_page_lists_stored_studies(env, tmp_path, monkeypatch):
+    from core.store import RunStore
+
+    monkeypatch.setenv("REFUSAL_LAB_RUNS", str(tmp_path / "runs"))
+    at = open_page(env, "pages/report.py")
+    assert any("No stored study yet" in i.value for i in at.info)
+    study = RunStore(tmp_path / "runs").create_study("unit study", {"model": "tiny", "schemes": ["wanda:0.5"]})
+    study.put_json("k1", "drift wanda:0.5", {"cosine_selected": 0.42}, seconds=1.5)
+    at = open_page(env, "pages/report.py")
+    studies = at.dataframe[0].value
+    assert list(studies["study"]) == ["unit study"] and studies.loc[0, "entries"] == 1
+    stages = at.dataframe[1].value
+    assert list(stages["stage"]) == ["drift wanda:0.5"] and list(stages["status"]) == ["ok"]
+    button(at, "Prepare a zip").click().run()
+    assert not at.exception and not errors(at)
