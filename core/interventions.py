@@ -188,8 +188,11 @@ def orthogonalize(handle: ModelHandle, direction: torch.Tensor) -> Iterator[None
                 edits.append((emb, "weight", _orthogonal(emb.weight, r, axis=1)))
             for layer in range(handle.n_layers):
                 for w in handle.writers(layer).values():
-                    if not w.weight.is_floating_point():
-                        raise TypeError(f"cannot orthogonalize a quantized {type(w).__name__}; use ablate()")
+                    weight = getattr(w, "weight", None)
+                    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() \
+                            or type(weight) not in (torch.Tensor, nn.Parameter):
+                        raise TypeError(f"cannot orthogonalize the quantized {type(w).__name__} of layer {layer}: "
+                                        "weight editing needs plain float weights; use ablate() instead")
                     conv1d = type(w).__name__ == "Conv1D"  # GPT-2: weight is (in, out)
                     edits.append((w, "weight", _orthogonal(w.weight, r, axis=1 if conv1d else 0)))
                     if getattr(w, "bias", None) is not None:
