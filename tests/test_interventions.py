@@ -232,3 +232,16 @@ def test_bad_directions_are_rejected():
         with add(h, torch.ones(h.d_model), 7):
             pass
     assert count_hooks(h) == 0
+
+
+def test_orthogonalize_rejects_quantized_writers_and_leaves_weights_alone():
+    h = tiny_handle("llama", n_layers=2)
+    writer = h.writers(1)["mlp"]
+    writer.weight = torch.nn.Parameter(torch.zeros_like(writer.weight, dtype=torch.int8), requires_grad=False)
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    with pytest.raises(TypeError, match="use ablate"):
+        with orthogonalize(h, torch.ones(h.d_model)):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+    assert h.lock.acquire(blocking=False)
+    h.lock.release()
