@@ -119,10 +119,11 @@ class BatchRunner:
             # Padding sits between the prefix and the rest, which shifts KV-cache indices: a sliding
             # window (counted in cache indices) would then cut at the wrong token, so don't share.
             window = getattr(handle.model.config, "sliding_window", None)
-            too_long = bool(window) and max(len(s) for s in ids) + limit > int(window)
+            too_long = bool(window) and max(len(s) for s in ids) >= int(window)
             if k >= MIN_SHARED_PREFIX and not too_long:
                 prefix = first[:k]
         self.prefix = prefix
+        self.ids = ids
         self.rest = [s[len(prefix):] for s in ids]
         order = sorted(range(len(ids)), key=lambda i: len(self.rest[i]))
         self.batches: list[list[int]] = []
@@ -152,7 +153,9 @@ class BatchRunner:
         ids = torch.tensor([self.prefix], device=dev)
         out = self.handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                 logits_to_keep=_last_index(len(self.prefix), dev))
-        return out.past_key_values
+        cache = out.past_key_values
+        # Legacy tuple caches (some remote-code models) cannot be repeated per batch: run full prompts.
+        return cache if hasattr(cache, "batch_repeat_interleave") else None
 
     @torch.inference_mode()
     def run(self) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -160,9 +163,9 @@ class BatchRunner:
         model, dev = self.handle.model, self.handle.device
         pad = self.handle.tokenizer.pad_token_id or 0
         cache = self._prefix_cache()
-        p = len(self.prefix)
+        p = len(self.prefix) if cache is not None else 0
         for idx in self.batches:
-            seqs = [self.rest[i] for i in idx]
+            seqs = [self.rest[i] if cache is not None else self.ids[i] for i in idx]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -119,3 +119,11 @@ def test_projections_and_stats(llama):
     stats = projection_stats(proj + 1.0, proj)
     assert set(stats) == {"harmful_mean", "harmful_std", "harmless_mean", "harmless_std", "cohens_d"}
     assert (stats["cohens_d"] > 0).all() and stats["cohens_d"].shape == (llama.n_layers + 1,)
+
+
+def test_runner_without_a_reusable_cache_runs_full_prompts(llama, monkeypatch):
+    h = _with_template(llama, None, "You are a helpful AI assistant.")
+    ref = mean_activations(h, PROMPTS).mean
+    monkeypatch.setattr(BatchRunner, "_prefix_cache", lambda self: None)  # e.g. a legacy tuple cache
+    assert len(BatchRunner(h, tokenize(h, PROMPTS), min_rest=2).prefix) >= 4
+    torch.testing.assert_close(mean_activations(h, PROMPTS).mean, ref, atol=1e-5, rtol=1e-4)
