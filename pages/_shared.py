@@ -72,15 +72,18 @@ def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tupl
 # Progress with cancel
 # ----------------------------------------------------------------------------------------------
 
-def cancel_button(key: str) -> None:
+def cancel_button(key: str):
     """A cancel button for a long action; clicking it sets ``session_state[key]`` (and reruns, which
-    stops the running computation at its next progress report)."""
+    stops the running computation at its next progress report). Returns its placeholder: call
+    ``.empty()`` on it when the action is over."""
     st.session_state.setdefault(key, False)
 
     def _cancel() -> None:
         st.session_state[key] = True
 
-    st.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon=":material/cancel:")
+    slot = st.empty()
+    slot.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon=":material/cancel:")
+    return slot
 
 
 def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):
@@ -147,7 +150,9 @@ class Workspace:
     variants: dict[str, Variant] = field(default_factory=dict)
     directions: dict[str, Any] = field(default_factory=dict)  # key → DirectionSet
     values: dict[str, Any] = field(default_factory=dict)     # small cached results (perplexity, …)
+    studies: dict[str, Any] = field(default_factory=dict)    # study-spec key → core.study.Study
     lock: threading.RLock = field(default_factory=threading.RLock)
+    study_lock: threading.RLock = field(default_factory=threading.RLock)  # one study computation at a time
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -220,9 +225,9 @@ def prompt_set(role: str, split: str | None = None):
 
 
 def prompt_spec(role: str) -> str:
-    """The role's prompt set as a spec string (``bundled:KIND`` or a file path) for the study pipeline."""
+    """The role's *evaluation* set as a study spec string: ``bundled:KIND:test`` or an uploaded file."""
     c = prompt_choice().get(role, {"source": "bundled"})
-    return c["path"] if c.get("source") == "file" else f"bundled:{role}"
+    return c["path"] if c.get("source") == "file" else f"bundled:{role}:test"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,3 +301,116 @@ def runs_root() -> str:
 def run_store():
     from core.store import RunStore
     return RunStore(runs_root())
+
+
+# ----------------------------------------------------------------------------------------------
+# The study pipeline (Drift, AIRD pages)
+# ----------------------------------------------------------------------------------------------
+
+SETTINGS = "study_settings"
+DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32}
+
+
+class _Probe(Cancelled):
+    """Raised by the probe callback: the stage is not stored, it would have to be computed."""
+
+
+def study_settings() -> dict:
+    """Evaluation settings of this session (prompts per set, new tokens per reply)."""
+    cur = st.session_state.get(SETTINGS)
+    if not isinstance(cur, dict):
+        cur = dict(DEFAULT_SETTINGS)
+        st.session_state[SETTINGS] = cur
+    return cur
+
+
+def settings_widgets(container=None) -> dict:
+    """Sliders for :func:`study_settings` (they change the evaluation, hence the cache keys)."""
+    where = container if container is not None else st
+    cur = study_settings()
+    c1, c2 = where.columns(2)
+    limit = c1.slider("Prompts per evaluation set", 4, 200, int(cur["limit"]), step=4,
+                      help="first N prompts of the harmful / harmless / borderline test sets (Prompts page)")
+    tokens = c2.slider("New tokens per reply", 16, 128, int(cur["max_new_tokens"]), step=16,
+                       help="greedy generation judged by the substring refusal judge")
+    cur.update(limit=limit, max_new_tokens=tokens)
+    return cur
+
+
+def study_spec(handle: ModelHandle, **aird):
+    """The dashboard's study spec for this session: model, evaluation sets and settings (schemes are
+    attached per call, so adding a variant never changes where earlier results are stored)."""
+    from core.study import StudySpec
+
+    cfg, s = model_cfg(), study_settings()
+    return StudySpec(model=cfg["spec"], schemes=[], harmful=prompt_spec("harmful"), harmless=prompt_spec("harmless"),
+                     borderline=prompt_spec("borderline"), limit=int(s["limit"]),
+                     max_new_tokens=int(s["max_new_tokens"]), device=cfg["device"], dtype=cfg["dtype"],
+                     name=f"dashboard · {handle.name}", **aird)
+
+
+def get_study(handle: ModelHandle, **aird):
+    """The shared :class:`core.study.Study` of this session's spec, with the Compress page's variants."""
+    from core.store import cache_key
+    from core.study import Study
+
+    spec = study_spec(handle, **aird)
+    key = cache_key(spec.to_dict())
+    ws = workspace(handle.fingerprint)
+    with ws.lock:
+        study = ws.studies.get(key)
+        if study is None:
+            study = ws.studies[key] = Study(spec, run_store(), original=handle)
+        attach_variants(study, ws)
+    return study
+
+
+def attach_variants(study, ws: Workspace) -> None:
+    """Give the study the variants already compressed on the Compress page (same scheme, same
+    calibration: the same model), so it does not compress them again."""
+    variants = getattr(study, "_variants", None)
+    if isinstance(variants, dict):
+        for key, v in ws.variants.items():
+            variants.setdefault(key, v.handle)
+
+
+def run_study(handle: ModelHandle, study, fn, *, what: str, cancel_key: str | None = None):
+    """Run ``fn(study)`` with one progress bar labelled with the current stage; errors become error boxes.
+    Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
+    ws = workspace(handle.fingerprint)
+    bar = st.progress(0.0, text=f"{what} …")
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if cancel_key and st.session_state.get(cancel_key):
+            raise Cancelled(stage)
+        bar.progress(0.0 if total <= 0 else min(1.0, done / total), text=f"{what} · {stage} · {done}/{total}")
+
+    def call():
+        with ws.study_lock:
+            study.on_progress = on_progress
+            try:
+                return fn(study)
+            finally:
+                study.on_progress = None
+
+    ok, value = guarded(what, call)
+    bar.empty()
+    return ok, value
+
+
+def peek_study(handle: ModelHandle, study, fn):
+    """``fn(study)`` if everything it needs is already stored (or in memory), else None — nothing is
+    computed: the progress callback stops the first stage that would start computing."""
+    ws = workspace(handle.fingerprint)
+
+    def refuse(stage: str, done: int, total: int) -> None:
+        raise _Probe(stage)
+
+    with ws.study_lock:
+        study.on_progress = refuse
+        try:
+            return fn(study)
+        except _Probe:
+            return None
+        finally:
+            study.on_progress = None
