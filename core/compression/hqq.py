@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from core.compression.runtime import few_threads
 from core.compression.schemes import Scheme
 from core.compression.targets import Target
 from core.models import weight_as_out_in
@@ -69,8 +70,9 @@ def quantize_modules(model: nn.Module, targets: Sequence[Target], scheme: Scheme
         parent = model.get_submodule(parent_name)
         lin = _as_linear(getattr(parent, attr))
         try:
-            q = HQQLinear(lin, quant_config=config, compute_dtype=lin.weight.dtype,
-                          device=str(lin.weight.device), del_orig=True)
+            with few_threads(lin.weight.device):  # HQQ's optimiser is many small ops
+                q = HQQLinear(lin, quant_config=config, compute_dtype=lin.weight.dtype,
+                              device=str(lin.weight.device), del_orig=True)
         except Exception as e:
             raise HqqUnavailable(f"HQQ failed on {t.name} ({type(e).__name__}: {e}); use rtn:"
                                  f"{scheme.bits}{':' + str(scheme.group) if scheme.group else ''} instead") from e

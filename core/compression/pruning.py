@@ -22,15 +22,14 @@ outputs (from the *pruned* block) become the next block's inputs, as in both pap
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from core.compression.calibration import Calibration
+from core.compression.runtime import few_threads
 from core.compression.targets import Target, dense_weight, set_weight
 from core.progress import Progress, report
 
@@ -114,27 +113,6 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("SparseGPT: the calibration Hessian is not positive definite even after damping")
 
 
-_THREADS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device) -> Iterator[None]:
-    """Run many tiny CPU ops on one intra-op thread. SparseGPT's column loop issues ~10 small ops per
-    column; with a 2-thread pool on a busy machine each op pays a thread barrier and the loop ran
-    10-30× slower than single-threaded (measured: 38 s vs 1.3 s for a 576×1536 matrix). The setting is
-    process-wide, so it is restored right after the loop."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    with _THREADS_LOCK:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,
                     n: int | None = None, m: int | None = None, *, blocksize: int = SPARSEGPT_BLOCK,
                     damp: float = SPARSEGPT_DAMP) -> torch.Tensor:
@@ -151,7 +129,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         blocksize = m * max(1, blocksize // m)
     s = sparsity or 0.0
     Wt = W.T.contiguous()  # (cols, rows): a column of W is a contiguous row here
-    with _few_threads(W.device):
+    with few_threads(W.device):
         _obs_columns(Wt, U, s, n, m, blocksize)
     return Wt.T.contiguous()
 
