@@ -74,3 +74,13 @@ def test_bnb_nf4_save_reload(folder, tmp_path, capsys):
 def test_hqq_out_refused_before_loading(tmp_path, capsys):
     assert main(["compress", "--model", "does-not-exist", "--scheme", "hqq:4:64", "--out", str(tmp_path)]) == 2
     assert "cannot be saved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("modules,count", [("mlp", 6), ("q_proj,o_proj", 4), (r"layers\.1\.", 7)])
+def test_modules_option(folder, tmp_path, capsys, modules, count):
+    js = tmp_path / "r.json"
+    assert main(["compress", "--model", str(folder), "--scheme", "magnitude:0.5", "--modules", modules,
+                 "--json", str(js), "--no-layers", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    rep = json.loads(js.read_text())
+    assert rep["n_modules"] == count

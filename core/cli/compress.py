@@ -20,8 +20,8 @@ def register(sub) -> None:
                                     "(see --list)")
     p.add_argument("--list", action="store_true", help="list the compression schemes and exit")
     p.add_argument("--modules", default=None,
-                   help="which linears inside the decoder blocks: a regex (e.g. 'mlp\\.') or comma-separated "
-                        "name suffixes (e.g. q_proj,k_proj); default: all of them")
+                   help="which linears inside the decoder blocks: a regex searched in the module name (e.g. mlp, "
+                        "'layers\\.(0|1)\\.') or comma-separated name suffixes (e.g. q_proj,k_proj); default: all")
     p.add_argument("--calibration", default="text",
                    help="Wanda/SparseGPT calibration: 'text' (bundled English prose), 'harmless' (bundled "
                         "harmless train prompts) or a .txt file of prose")
@@ -52,9 +52,10 @@ def print_schemes() -> None:
 
 
 def _modules_arg(text: str | None):
+    """``a,b,c`` → name suffixes; anything else → a regex searched in the full module name."""
     if text is None:
         return None
-    if "," in text or text.replace("_", "").replace(".", "").isalnum():
+    if "," in text:
         return [s.strip() for s in text.split(",") if s.strip()]
     return text
 
