@@ -177,10 +177,6 @@ def click_button(page, label: str, timeout_s: float = 900) -> None:
     wait_idle(page, timeout_s)
 
 
-# The button each page's flow clicks (when enabled): it computes what the page shows.
-ACTIONS = {"Compress": "Compress", "Refusal drift": "Run the drift study", "AIRD": "Run AIRD"}
-
-
 def run_action(page, title: str, action: str | None, log=print) -> None:
     """Click ``action`` on the page ``title`` if that button is there and enabled (nothing to do when the
     results are cached)."""
@@ -197,6 +193,31 @@ def run_action(page, title: str, action: str | None, log=print) -> None:
         log(f"  {title}: {action} in {time.perf_counter() - t:.1f} s")
 
 
+def click_label(page, text: str) -> None:
+    """Click a radio/checkbox option by its visible label and wait for the rerun."""
+    page.get_by_text(text, exact=True).first.click()
+    time.sleep(0.3)
+    wait_idle(page)
+
+
+def flow_step(page, title: str, *, fast: bool, log=print) -> None:
+    """What a user clicks on each page to get its results. ``fast``: last-token direction search and a
+    manual AIRD repair (no calibration grid) — the browser test's short path; otherwise the defaults."""
+    if title == "Compress":
+        run_action(page, title, "Compress", log)
+    elif title == "Refusal drift":
+        if fast:
+            page.get_by_text("Evaluation settings").first.click()
+            click_label(page, "last prompt token only (faster)")
+        run_action(page, title, "Run the drift study", log)
+    elif title == "Steer":
+        run_action(page, title, "Generate", log)
+    elif title == "AIRD":
+        if fast:
+            click_label(page, "manual")
+        run_action(page, title, "Run AIRD", log)
+
+
 def warm_up(page, server: Server, log=print) -> None:
     """Click through the flow once so every page has results to show (cached for later sessions)."""
     page.goto(server.url)
@@ -205,7 +226,7 @@ def warm_up(page, server: Server, log=print) -> None:
         click_nav(page, spec.title)
         page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
         wait_idle(page)
-        run_action(page, spec.title, ACTIONS.get(spec.title), log)
+        flow_step(page, spec.title, fast=False, log=log)
 
 
 def tiny_model_folder(folder: Path) -> Path:

@@ -308,11 +308,8 @@ def run_store():
 # ----------------------------------------------------------------------------------------------
 
 SETTINGS = "study_settings"
-DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32}
-
-
-class _Probe(Cancelled):
-    """Raised by the probe callback: the stage is not stored, it would have to be computed."""
+DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "all"}
+POSITIONS = {"all": "every post-instruction token (as in the paper)", "last": "last prompt token only (faster)"}
 
 
 def study_settings() -> dict:
@@ -333,7 +330,11 @@ def settings_widgets(container=None) -> dict:
                       help="first N prompts of the harmful / harmless / borderline test sets (Prompts page)")
     tokens = c2.slider("New tokens per reply", 16, 128, int(cur["max_new_tokens"]), step=16,
                        help="greedy generation judged by the substring refusal judge")
-    cur.update(limit=limit, max_new_tokens=tokens)
+    positions = where.radio("Direction search over positions", list(POSITIONS), format_func=POSITIONS.get,
+                            index=list(POSITIONS).index(cur.get("positions", "all")), horizontal=True,
+                            help="candidates at every position × layer are scored; the last token alone is "
+                                 "several times cheaper")
+    cur.update(limit=limit, max_new_tokens=tokens, positions=positions)
     return cur
 
 
@@ -346,6 +347,7 @@ def study_spec(handle: ModelHandle, **aird):
     return StudySpec(model=cfg["spec"], schemes=[], harmful=prompt_spec("harmful"), harmless=prompt_spec("harmless"),
                      borderline=prompt_spec("borderline"), limit=int(s["limit"]),
                      max_new_tokens=int(s["max_new_tokens"]), device=cfg["device"], dtype=cfg["dtype"],
+                     selection_positions=[-1] if s.get("positions") == "last" else None,
                      name=f"dashboard · {handle.name}", **aird)
 
 
@@ -398,19 +400,34 @@ def run_study(handle: ModelHandle, study, fn, *, what: str, cancel_key: str | No
     return ok, value
 
 
-def peek_study(handle: ModelHandle, study, fn):
-    """``fn(study)`` if everything it needs is already stored (or in memory), else None — nothing is
-    computed: the progress callback stops the first stage that would start computing."""
-    ws = workspace(handle.fingerprint)
+def completed_key(page: str, **parts) -> str:
+    """Key of the dashboard's "everything this page shows is stored" marker in the study folder."""
+    from core.store import cache_key
+    return cache_key("dashboard-complete", page, parts)
 
-    def refuse(stage: str, done: int, total: int) -> None:
-        raise _Probe(stage)
 
-    with ws.study_lock:
-        study.on_progress = refuse
-        try:
-            return fn(study)
-        except _Probe:
-            return None
-        finally:
-            study.on_progress = None
+def is_completed(study, key: str) -> bool:
+    """Whether a page's results were fully computed and stored (so loading them computes nothing)."""
+    try:
+        return study.record.has(key)
+    except Exception:  # noqa: BLE001 — an unreadable marker just means "compute again"
+        return False
+
+
+def mark_completed(study, key: str, page: str, info: dict | None = None) -> None:
+    """Record in the study folder that a page's results are all stored (after a successful run)."""
+    study.record.put_json(key, f"dashboard {page}", {"complete": True, **(info or {})})
+
+
+def original_source_layer(study) -> int | None:
+    """The original's source layer if its direction is already stored (read from the marker)."""
+    key = completed_key("original-direction")
+    if is_completed(study, key):
+        return study.record.get_json(key).get("layer")
+    return None
+
+
+def mark_original_direction(study, dirset) -> None:
+    if dirset is not None and dirset.selected is not None:
+        mark_completed(study, completed_key("original-direction"), "original direction",
+                       {"position": dirset.selected[0], "layer": dirset.selected[1]})

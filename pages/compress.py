@@ -96,12 +96,12 @@ mib = 2 ** 20
 first = next(iter(ws.variants.values())).report
 rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first["original_bits_per_weight"],
          "stored MiB": first["original_memory_bytes"] / mib, "resident MiB": first["original_memory_bytes"] / mib,
-         "perplexity": ws.values.get("perplexity"), "seconds": None}]
+         "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan")}]
 for key, v in ws.variants.items():
     r = v.report
     rows.append({"variant": key, "family": r["family"], "sparsity": r["sparsity"], "bits/weight": r["bits_per_weight"],
                  "stored MiB": r["memory_bytes"] / mib, "resident MiB": r["resident_bytes"] / mib,
-                 "perplexity": v.perplexity, "seconds": r["seconds"]})
+                 "perplexity": v.perplexity if v.perplexity is not None else float("nan"), "seconds": r["seconds"]})
 table = pd.DataFrame(rows)
 st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
              column_config={"sparsity": st.column_config.NumberColumn(format="%.3f"),
@@ -116,7 +116,7 @@ fig = go.Figure()
 for key, v in ws.variants.items():
     ls = v.report["layer_sparsity"]
     fig.add_scatter(x=list(range(len(ls))), y=ls, mode="lines+markers", name=key)
-fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", height=300, margin=dict(l=10, r=10, t=30, b=10),
+fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", height=300, showlegend=True, margin=dict(l=10, r=10, t=30, b=10),
                   title="Per-layer sparsity")
 st.plotly_chart(fig, width="stretch")
 with st.expander("Accounting"):

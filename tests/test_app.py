@@ -192,3 +192,76 @@ def test_report_page_lists_stored_studies(env, tmp_path, monkeypatch):
     assert list(stages["stage"]) == ["drift wanda:0.5"] and list(stages["status"]) == ["ok"]
     button(at, "Prepare a zip").click().run()
     assert not at.exception and not errors(at)
+
+
+FAST = {"limit": 6, "max_new_tokens": 16, "positions": "last"}
+
+
+@pytest.fixture(scope="module")
+def study_env(env, tmp_path_factory):
+    """The tiny model with its own run store; the drift and AIRD tests share the stored stages."""
+    runs = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFUSAL_LAB_RUNS", str(runs))
+    yield {**env, "runs": runs}
+    mp.undo()
+
+
+def test_drift_page_runs_and_reloads_from_the_store(study_env):
+    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
+    from core.store import RunStore
+
+    state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
+    at = open_page(study_env, "pages/drift.py", **state)
+    assert any("Not computed yet" in i.value for i in at.info)
+    button(at, "Run the drift study").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = at.dataframe[0].value.set_index("model")
+    assert list(table.index) == ["original", "wanda:0.5"]
+    assert table.loc["original", "cosine to original"] == 1.0
+    cos = table.loc["wanda:0.5", "cosine to original"]
+    assert -1.0 <= cos <= 1.0 and cos == cos
+    for col in ("refusal (harmful)", "over-refusal (harmless)"):
+        assert 0.0 <= table.loc["wanda:0.5", col] <= 1.0
+    assert table.loc["wanda:0.5", "recoverability"] in ("recoverable", "partial", "unrecoverable")
+    assert len(at.get("plotly_chart")) == 4  # cosine per layer, refusal bars, heatmap, projection bands
+    # the study is in the run store, with the stages the page needed
+    [info] = RunStore(study_env["runs"]).list_studies()
+    assert {"directions original", "directions wanda:0.5", "drift wanda:0.5"} <= set(info.stages)
+    # a new session after a restart of the workspace loads it from the store: same values, no button click
+    import pages._shared as shared
+    shared.workspace.clear()
+    at2 = open_page(study_env, "pages/drift.py", **state)
+    assert not errors(at2)
+    again = at2.dataframe[0].value.set_index("model")
+    assert again.loc["wanda:0.5", "cosine to original"] == cos
+    assert button(at2, "Run the drift study").disabled
+
+
+def test_aird_page_manual_repair(study_env):
+    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
+    from core.aird import densified_weights
+    from core.compression import apply
+    from pages._shared import load_handle
+
+    state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
+    at = open_page(study_env, "pages/aird.py", **state)
+    [how] = [r for r in at.radio if r.label.startswith("Repair layers")]
+    how.set_value("manual").run()
+    layers = [m for m in at.multiselect if m.label == "Repair layers"][0]
+    layers.set_value([1, 2]).run()
+    button(at, "Run AIRD").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = at.dataframe[0].value.set_index("model")
+    assert list(table.index) == ["original", "wanda:0.5", "wanda:0.5 + AIRD"]
+    assert (table["ASR"] + table["refusal (harmful)"]).round(9).eq(1.0).all()
+    row = table.loc["wanda:0.5 + AIRD"]
+    assert row["layers"] == "1, 2" and row["α"] == 2.0
+    variant, _ = apply(load_handle(at.session_state["model_cfg"]), "wanda:0.5")
+    assert row["densified weights"] == densified_weights(variant, [1, 2]) > 0
+    assert len(at.get("plotly_chart")) == 3  # before/after bars, recoverability, budget curve
+    labels = [d.label for d in at.get("download_button")]
+    assert any(label.startswith("Adapter") for label in labels)
+    button(at, "Prepare the repaired model").click().run()
+    assert not errors(at)
+    assert any(d.label.startswith("Download the repaired model") for d in at.get("download_button"))

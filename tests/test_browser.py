@@ -58,14 +58,20 @@ def test_click_through_every_page(server):
             ui.click_nav(page, spec.title)
             page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
             ui.wait_idle(page)
-            ui.run_action(page, spec.title, {**ui.ACTIONS, "Steer": "Generate"}.get(spec.title))
+            ui.flow_step(page, spec.title, fast=True)
             ui.wait_ready(page, spec, timeout_s=600)
             assert ui.exception_boxes(page) == [], f"{spec.title}: {ui.exception_boxes(page)}"
+            page.mouse.move(0, 0)  # no tooltip in the screenshot
             name = f"{i:02d}-{spec.path}.png"
             page.screenshot(path=ARTIFACTS / name, full_page=True)
             seen.append(spec.title)
-            if spec.title == "Compress":  # the compressed variant is listed with its measured sparsity
-                assert page.get_by_text("wanda:0.5").count() > 0
+            legend = page.locator("[data-testid='stPlotlyChart'] .legendtext")
+            if spec.title == "Compress":  # per-layer sparsity of the variant
+                assert legend.filter(has_text="wanda:0.5").count() >= 1
+            if spec.title == "Refusal drift":  # cosine per layer, one line for the variant
+                assert legend.filter(has_text="wanda:0.5").count() >= 1
+            if spec.title == "AIRD":  # before/after bars include the repaired variant
+                assert legend.filter(has_text="wanda:0.5 + AIRD").count() >= 1
             if spec.title == "Steer":
                 page.wait_for_selector(".st-key-steer_results h4:has-text('original')", timeout=60_000)
         browser.close()

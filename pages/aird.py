@@ -1,0 +1,262 @@
+"""AIRD page: repair a compressed variant's refusal with the original's direction; before/after."""
+
+import dataclasses
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.store import cache_key
+from pages._shared import (Variant, cancel_button, completed_key, current_workspace, get_study, guarded,
+                           is_completed, mark_completed, mark_original_direction, model_badge,
+                           original_source_layer, require_handle, run_study, settings_widgets, show_error)
+
+CANCEL = "aird_cancelled"
+BUDGET_LAYERS = 6
+
+st.title("AIRD")
+handle = require_handle()
+ws = current_workspace(handle)
+model_badge(handle)
+st.markdown("**AIRD** re-induces the *original* model's refusal direction r̂ in a compressed model by editing "
+            "the residual writers of a few layers: W′ = W + α r̂ r̂ᵀ W (our reconstruction of Chhabra & Khalili "
+            "2025, see `core/aird.py`). *merged* edits the weights (the edited matrices become dense); *adapter* "
+            "leaves them untouched and applies the same edit at run time.")
+
+with st.expander("Evaluation settings", expanded=False):
+    settings_widgets()
+
+options = list(dict.fromkeys([*ws.variants, *st.session_state.get("drift_schemes", [])]))
+if not options:
+    st.info("Make a compressed variant first: **Compress** page (e.g. `wanda:0.5`).")
+    st.stop()
+ok, study = guarded("Opening the study", lambda: get_study(handle),
+                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (core/study.py).")
+if not ok:
+    st.stop()
+source_layer = original_source_layer(study)
+
+c1, c2, c3 = st.columns([2, 2, 1])
+scheme = c1.selectbox("Variant", options)
+how = c2.radio("Repair layers and α", ["auto-calibrated", "manual"], horizontal=True,
+               help="auto: the layer set and α with the most refusal on harmful val prompts, keeping over-refusal "
+                    "and KL on harmless val prompts in check")
+mode = c3.radio("Mode", ["merged", "adapter"], horizontal=False)
+aird = {"aird": "auto", "aird_mode": mode, "aird_alpha": None, "aird_layers": None}
+if how == "manual":
+    a, b = st.columns([3, 1])
+    default = [x for x in ([source_layer - 1, source_layer] if source_layer is not None else [0]) if x >= 0]
+    layers = a.multiselect("Repair layers", list(range(handle.n_layers)), default=default,
+                           help="default: the original's source layer and the one before")
+    alpha = b.number_input("α", min_value=0.0, max_value=20.0, value=2.0, step=0.5)
+    if not layers:
+        show_error("No repair layer", "manual mode needs at least one layer.", "pick the layers to edit.")
+        st.stop()
+    aird.update(aird="manual", aird_alpha=float(alpha), aird_layers=sorted(int(x) for x in layers))
+if source_layer is not None:
+    st.caption(f"The original's refusal direction comes from layer {source_layer}.")
+
+
+def with_aird(study, fn):
+    """Run ``fn(study)`` with this page's AIRD settings in the study spec (they are part of the repair's
+    cache key; the study folder — and every other stage stored in it — stays the same)."""
+    old = study.spec
+    study.spec = dataclasses.replace(old, **aird)
+    try:
+        return fn(study)
+    finally:
+        study.spec = old
+
+
+def budget(study, rep):
+    """Refusal vs number of repaired layers (core.aird.budget_curve), stored in the study folder."""
+    from core.aird import budget_curve
+
+    key = cache_key("dashboard budget", study.original_fingerprint(), scheme, rep.alpha, rep.source_layer,
+                    study.eval_sets()["harmful"].sha, study.spec.max_new_tokens, BUDGET_LAYERS)
+    if study.record.has(key):
+        return study.record.get_json(key)
+    progress = (lambda d, t: study.on_progress(f"AIRD {scheme}: budget curve", d, t)) if study.on_progress else None
+    rows = budget_curve(study.variant(scheme), rep, study.eval_sets()["harmful"].prompts,
+                        max_layers=BUDGET_LAYERS, gen_tokens=study.spec.max_new_tokens, progress=progress)
+    study.record.put_json(key, f"aird {scheme}: budget", rows)
+    return rows
+
+
+def gather(study):
+    def inner(s):
+        mark_original_direction(s, s.directions("original"))
+        rep = s.repair(scheme)
+        return {"original": s.evaluate("original"), "variant": s.evaluate(scheme), "drift": s.drift(scheme),
+                "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": budget(s, rep)}
+    return with_aird(study, inner)
+
+
+memo_key = ("aird", study.record.id, scheme, tuple((k, str(v)) for k, v in aird.items()))
+done_key = completed_key("aird", study=study.record.id, scheme=scheme, settings=aird, budget=BUDGET_LAYERS)
+results = ws.values.get(memo_key)
+auto = results is None and is_completed(study, done_key)  # stored: load it (computes nothing)
+clicked = st.button("Run AIRD", type="primary", disabled=results is not None or auto,
+                    help="computes only what is not stored yet: directions, evaluations, calibration, repair, budget")
+if clicked or auto:
+    st.session_state[CANCEL] = False
+    stop = cancel_button(CANCEL) if clicked else st.empty()
+    ok, results = run_study(handle, study, gather, what=f"AIRD on {scheme}" if clicked else "Loading stored AIRD results",
+                            cancel_key=CANCEL)
+    stop.empty()
+    if ok:
+        ws.values[memo_key] = results
+        mark_completed(study, done_key, "aird", {"scheme": scheme})
+        if scheme not in ws.variants and scheme in getattr(study, "_variants", {}):
+            ws.variants[scheme] = Variant(scheme, study._variants[scheme], study.compression_report(scheme))
+        st.rerun()  # redraw with the button disabled
+if st.session_state.get(CANCEL):
+    st.info("AIRD cancelled; every stage finished before the cancel is stored.")
+    st.session_state[CANCEL] = False
+if results is None:
+    st.info(f"Not computed yet for `{scheme}` with these settings: click **Run AIRD**.")
+    st.stop()
+
+# ------------------------------------------------------------------------------------------------
+from core.study import summary_rows  # noqa: E402 — only needed once results exist
+
+rep = results["repair"]
+box = st.container(key="aird_results")
+with box:
+    st.subheader("Before / after")
+    rows = summary_rows({"original": {"evaluation": results["original"]},
+                         "variants": {scheme: {"evaluation": results["variant"], "drift": results["drift"],
+                                               "repaired": results["repaired"]}}})
+    table = pd.DataFrame(rows)
+    keep = [c for c in ("model", "refusal_harmful", "asr", "over_refusal_harmless", "over_refusal_borderline",
+                        "perplexity", "kl_to_original", "aird_layers", "aird_alpha", "densified_weights")
+            if c in table.columns]
+    table = table[keep].rename(columns={"refusal_harmful": "refusal (harmful)", "asr": "ASR",
+                                        "over_refusal_harmless": "over-refusal (harmless)",
+                                        "over_refusal_borderline": "over-refusal (borderline)",
+                                        "kl_to_original": "KL to original", "aird_layers": "layers",
+                                        "aird_alpha": "α", "densified_weights": "densified weights"})
+    for c in ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)", "perplexity",
+              "KL to original", "α", "densified weights"):
+        if c in table.columns:
+            table[c] = pd.to_numeric(table[c], errors="coerce")
+    table["layers"] = table["layers"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else "")
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
+                                ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)",
+                                 "perplexity", "KL to original")})
+    how_chosen = "auto-calibrated on val prompts" if rep.auto else "manual"
+    st.caption(f"Repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode} ({how_chosen}); evaluated on "
+               f"{results['original']['sets']['harmful']['n']} test prompts per set.")
+    if rep.auto and rep.alpha == 0:
+        st.warning("Calibration found no α that raises refusal within the over-refusal and KL limits: "
+                   "the variant is left unrepaired (see the recoverability diagnostic).")
+
+    sets = ["harmful", "harmless", "borderline"]
+    fig = go.Figure()
+    for name, ev, color in (("original", results["original"], "#7f7f7f"), (scheme, results["variant"], "#ef553b"),
+                            (f"{scheme} + AIRD", results["repaired"], "#00cc96")):
+        fig.add_bar(x=sets, y=[ev["sets"].get(k, {}).get("refusal_rate") for k in sets], name=name,
+                    marker_color=color)
+    fig.update_layout(barmode="group", title="Refusal rate before and after the repair", yaxis_range=[0, 1],
+                      yaxis_title="refusal rate", height=330, margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch", key="aird_bars")
+
+    left, right = st.columns(2)
+    with left:
+        rec = results["drift"]["recoverability"]
+        st.markdown("**Recoverability diagnostic**")
+        (st.success if rec["level"] == "recoverable" else st.warning)(rec["verdict"])
+        dfig = go.Figure()
+        dfig.add_scatter(y=rec["cohens_d_original"], mode="lines", name="original", line=dict(color="#7f7f7f"))
+        dfig.add_scatter(y=rec["cohens_d_compressed"], mode="lines", name=scheme, line=dict(color="#ef553b"))
+        dfig.add_vline(x=rec["layer"], line=dict(color="grey", dash="dash"))
+        dfig.update_layout(title="Harmful vs harmless separation along r̂ (Cohen's d)", xaxis_title="layer",
+                           yaxis_title="Cohen's d", height=320, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(dfig, width="stretch", key="aird_recoverability")
+    with right:
+        st.markdown("**Budget curve**")
+        b = pd.DataFrame(results["budget"])
+        bfig = go.Figure()
+        bfig.add_scatter(x=b["n_layers"], y=b["refusal"], mode="lines+markers", name="refusal (harmful)",
+                         text=[f"layers {v}, densifies {w:,} weights" for v, w in zip(b["layers"], b["densified_weights"])])
+        bfig.add_hline(y=results["variant"]["sets"]["harmful"]["refusal_rate"], line=dict(color="#ef553b", dash="dot"),
+                       annotation_text="unrepaired")
+        bfig.add_hline(y=results["original"]["sets"]["harmful"]["refusal_rate"], line=dict(color="#7f7f7f", dash="dot"),
+                       annotation_text="original")
+        bfig.update_layout(title=f"Refusal vs repaired layers (α = {rep.alpha:g})", xaxis_title="layers repaired",
+                           yaxis_title="refusal rate", yaxis_range=[0, 1.05], height=320,
+                           margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(bfig, width="stretch", key="aird_budget")
+
+    if rep.calibration:
+        with st.expander("Calibration grid (val prompts)"):
+            grid = pd.DataFrame([{k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in g.items()}
+                                 for g in rep.calibration])
+            st.dataframe(grid, hide_index=True, width="stretch")
+
+    st.subheader("Example generations (harmful test prompts)")
+    n_show = st.slider("Examples", 1, min(10, results["original"]["sets"]["harmful"]["n"]), 3)
+    res = [results["original"]["sets"]["harmful"]["results"], results["variant"]["sets"]["harmful"]["results"],
+           results["repaired"]["sets"]["harmful"]["results"]]
+    for i in range(n_show):
+        st.markdown(f"**{res[0][i]['prompt']}**")
+        cols = st.columns(3)
+        for col, name, r in zip(cols, ("original", scheme, f"{scheme} + AIRD"), res):
+            verdict = ":red[refuses]" if r[i]["refused"] else ":green[complies]"
+            col.caption(f"{name} — {verdict}")
+            col.text(r[i]["response"][:600] or "(empty)")
+
+# ------------------------------------------------------------------------------------------------
+st.subheader("Download")
+
+
+def zip_folder(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(folder).as_posix())
+    return buf.getvalue()
+
+
+def adapter_zip() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        return zip_folder(rep.save(Path(tmp) / "aird_adapter"))
+
+
+def merged_zip() -> bytes:
+    from core.aird import merge
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        repaired = merge(study.variant(scheme), dataclasses.replace(rep, mode="merged"))
+        repaired.model.save_pretrained(out, safe_serialization=True)
+        repaired.tokenizer.save_pretrained(out)
+        rep.save(out)  # the repair's description travels with the weights
+        return zip_folder(out)
+
+
+c1, c2 = st.columns(2)
+ok, blob = guarded("Packing the adapter", adapter_zip)
+if ok:
+    c1.download_button("Adapter (r̂ + layers + α, safetensors)", blob, file_name=f"aird-adapter-{scheme}.zip",
+                       mime="application/zip")
+dl_key = ("aird_zip", memo_key)
+if c2.button("Prepare the repaired model (safetensors folder)"):
+    if scheme not in getattr(study, "_variants", {}) and scheme not in ws.variants:
+        show_error("The compressed variant is not in memory", f"`{scheme}` was computed in an earlier server run.",
+                   "compress it again on the Compress page (the study's stored results are reused).")
+    else:
+        ok, blob = guarded("Saving the repaired model", merged_zip,
+                           fix="quantized layers cannot be merged: download the adapter instead.")
+        if ok:
+            st.session_state["aird_zip"] = (memo_key, blob)
+z = st.session_state.get("aird_zip")
+if z and z[0] == memo_key:
+    c2.download_button(f"Download the repaired model ({len(z[1]) / 2**20:.0f} MiB zip)", z[1],
+                       file_name=f"aird-{scheme.replace(':', '_')}.zip", mime="application/zip")

@@ -1,0 +1,188 @@
+"""Refusal drift page: how far each compressed variant's refusal direction moved from the original's."""
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.compression import SchemeError, VALID_FORMS, parse_scheme
+from pages._shared import (Variant, cancel_button, guarded, completed_key, current_workspace, get_study, is_completed,
+                           mark_completed, mark_original_direction, model_badge, require_handle, run_study,
+                           settings_widgets, show_error)
+
+CANCEL = "drift_cancelled"
+COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
+
+st.title("Refusal drift")
+handle = require_handle()
+ws = current_workspace(handle)
+model_badge(handle)
+st.markdown("Each model's refusal direction is the difference of mean activations on harmful vs harmless "
+            "prompts (bundled **train** splits), selected on the **val** splits. Compression *drifts* it: "
+            "the cosine to the original's direction drops, the best layer moves, refusal weakens.")
+
+with st.expander("Evaluation settings", expanded=False):
+    settings_widgets()
+
+options = list(dict.fromkeys([*ws.variants, *st.session_state.get("drift_schemes", [])]))
+c1, c2 = st.columns([3, 2])
+schemes = c1.multiselect("Variants", options, default=options,
+                         help="variants made on the Compress page; add another scheme on the right")
+extra = c2.text_input("Add a scheme", placeholder="e.g. wanda:0.5, magnitude:0.5, bnb-nf4")
+if extra.strip():
+    try:
+        s = str(parse_scheme(extra))
+        if s not in schemes:
+            schemes.append(s)
+    except SchemeError as e:
+        show_error(f"Scheme `{extra}` is not valid", e.problem, f"use one of: {VALID_FORMS}")
+if not schemes:
+    st.info("Compress the model on the **Compress** page (e.g. `wanda:0.5`) or add a scheme above.")
+    st.stop()
+st.session_state["drift_schemes"] = schemes
+
+ok, study = guarded("Opening the study", lambda: get_study(handle),
+                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (core/study.py).")
+if not ok:
+    st.stop()
+
+
+def gather(study, schemes):
+    """Everything the page shows, from the study's stages (computed or loaded from the run store)."""
+    out = {"original": {"directions": study.directions("original"), "evaluation": study.evaluate("original")},
+           "variants": {}}
+    for s in schemes:
+        out["variants"][s] = {"drift": study.drift(s), "directions": study.directions(s),
+                              "evaluation": study.evaluate(s)}
+    return out
+
+
+memo_key = ("drift", study.record.id, tuple(schemes))
+done_key = completed_key("drift", study=study.record.id, schemes=sorted(schemes))
+results = ws.values.get(memo_key)
+auto = results is None and is_completed(study, done_key)  # stored: load it (computes nothing)
+clicked = st.button("Run the drift study", type="primary", disabled=results is not None or auto,
+                    help="computes only the stages not stored yet (directions, drift, evaluation)")
+if clicked or auto:
+    st.session_state[CANCEL] = False
+    stop = cancel_button(CANCEL) if clicked else st.empty()
+    ok, results = run_study(handle, study, lambda s: gather(s, schemes),
+                            what="Drift study" if clicked else "Loading the stored drift study", cancel_key=CANCEL)
+    stop.empty()
+    if ok:
+        ws.values[memo_key] = results
+        mark_completed(study, done_key, "drift", {"schemes": schemes})
+        mark_original_direction(study, results["original"]["directions"])
+        # the study may have compressed new schemes: share them with the other pages
+        for s in schemes:
+            if s not in ws.variants and s in getattr(study, "_variants", {}):
+                ws.variants[s] = Variant(s, study._variants[s], study.compression_report(s))
+        st.rerun()  # redraw with the button disabled
+if st.session_state.get(CANCEL):
+    st.info("Drift study cancelled; every stage finished before the cancel is stored.")
+    st.session_state[CANCEL] = False
+if results is None:
+    st.info(f"Not computed yet for {', '.join(f'`{s}`' for s in schemes)}: click **Run the drift study**. "
+            "Stages already stored in the run store are reused.")
+    st.stop()
+
+# ------------------------------------------------------------------------------------------------
+d_o = results["original"]["directions"]
+src_o = d_o.selected
+variants = results["variants"]
+
+box = st.container(key="drift_results")
+with box:
+    fig = go.Figure()
+    for i, (s, v) in enumerate(variants.items()):
+        cos = [math.nan if c is None else c for c in v["drift"]["cosine_per_layer"]]
+        fig.add_scatter(x=list(range(len(cos))), y=cos, mode="lines+markers", name=s,
+                        line=dict(color=COLORS[i % len(COLORS)]))
+    fig.add_vline(x=src_o[1], line=dict(color="grey", dash="dash"),
+                  annotation_text=f"original's source layer {src_o[1]}")
+    fig.update_layout(title=f"Cosine similarity to the original's candidates, per layer (position {src_o[0]})",
+                      xaxis_title="layer", yaxis_title="cosine", yaxis_range=[-0.05, 1.05], height=380, showlegend=True,
+                      margin=dict(l=10, r=10, t=50, b=10), legend_title="variant")
+    st.plotly_chart(fig, width="stretch", key="cosine_chart")
+
+    def ev_row(name: str, ev: dict) -> dict:
+        sets = ev["sets"]
+        return {"refusal (harmful)": sets["harmful"]["refusal_rate"],
+                "over-refusal (harmless)": sets["harmless"]["refusal_rate"],
+                "over-refusal (borderline)": sets.get("borderline", {}).get("refusal_rate"),
+                "perplexity": ev.get("perplexity"), "KL to original": ev.get("kl_to_original")}
+
+    def src_row(info: dict) -> dict:
+        src, q = info["source"], info["quality"]
+        return {"source layer": src["layer"], "position": src["position"], "token": repr(src["token"]),
+                "bypass": q.get("bypass"), "induce": q.get("induce"), "KL": q.get("kl")}
+
+    first = next(iter(variants.values()))["drift"]
+    rows = [{"model": "original", **src_row(first["original"]), "cosine to original": 1.0,
+             **ev_row("original", results["original"]["evaluation"]), "recoverability": "—"}]
+    for s, v in variants.items():
+        rows.append({"model": s, **src_row(v["drift"]["variant"]), "cosine to original": v["drift"]["cosine_selected"],
+                     **ev_row(s, v["evaluation"]), "recoverability": v["drift"]["recoverability"]["level"]})
+    fmt = {c: st.column_config.NumberColumn(format="%.3f") for c in
+           ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
+            "over-refusal (borderline)", "perplexity", "KL to original")}
+    st.subheader("Source layer, direction quality and refusal")
+    df = pd.DataFrame(rows)
+    for c in fmt:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    st.dataframe(df, hide_index=True, width="stretch", column_config=fmt)
+    st.caption("bypass = mean refusal score on harmful val prompts with the direction ablated (lower = the "
+               "direction carries refusal); induce = on harmless prompts with it added (higher = stronger); KL = "
+               "next-token KL on harmless prompts under ablation. Refusal rates on the test sets "
+               f"({results['original']['evaluation']['sets']['harmful']['n']} prompts each).")
+
+    sets = ["harmful", "harmless", "borderline"]
+    bars = go.Figure()
+    for i, (name, ev) in enumerate([("original", results["original"]["evaluation"]),
+                                    *[(s, v["evaluation"]) for s, v in variants.items()]]):
+        ys = [ev["sets"].get(k, {}).get("refusal_rate") for k in sets]
+        bars.add_bar(x=sets, y=ys, name=name, marker_color="#7f7f7f" if name == "original" else
+                     COLORS[(i - 1) % len(COLORS)])
+    bars.update_layout(barmode="group", title="Refusal rate per variant", yaxis_title="refusal rate",
+                       yaxis_range=[0, 1], height=320, margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(bars, width="stretch", key="refusal_bars")
+
+    left, right = st.columns(2)
+    with left:
+        which = st.selectbox("Candidate scores of", ["original", *variants], key="heatmap_of")
+        ds = d_o if which == "original" else variants[which]["directions"]
+        toks = ds.metadata.get("post_instruction_tokens") or []
+        ylabels = [f"{p} {toks[p]!r}" if toks and -len(toks) <= p < 0 else str(p) for p in ds.positions]
+        z = ds.bypass.tolist()
+        heat = go.Figure(go.Heatmap(z=[[None if x != x else x for x in row] for row in z], y=ylabels,
+                                    x=list(range(ds.n_layers)), colorscale="RdBu_r", colorbar_title="bypass"))
+        if ds.selected is not None:
+            heat.add_scatter(x=[ds.selected[1]], y=[ylabels[ds.pos_index(ds.selected[0])]], mode="markers",
+                             marker=dict(symbol="x", size=14, color="black"), name="selected", showlegend=False)
+        heat.update_layout(title=f"Bypass score per candidate — {which} (× = selected)", xaxis_title="layer",
+                           yaxis_title="position", height=360, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(heat, width="stretch", key="heatmap")
+    with right:
+        pick = st.selectbox("Projection bands of", list(variants), key="bands_of")
+        pr = variants[pick]["drift"]["projections"]
+        band = go.Figure()
+        for who, dash in (("original", "solid"), ("variant", "dot")):
+            p = pr[who]
+            x = list(range(len(p["harmful_mean"])))
+            for kind, color in (("harmful", "220,40,40"), ("harmless", "40,90,220")):
+                m, sd = p[f"{kind}_mean"], p[f"{kind}_std"]
+                label = f"{kind} · {'original' if who == 'original' else pick}"
+                band.add_scatter(x=x + x[::-1], y=[a + b for a, b in zip(m, sd)] + [a - b for a, b in zip(m, sd)][::-1],
+                                 fill="toself", fillcolor=f"rgba({color},{0.15 if who == 'original' else 0.08})",
+                                 line=dict(width=0), hoverinfo="skip", showlegend=False)
+                band.add_scatter(x=x, y=m, mode="lines", name=label, line=dict(color=f"rgb({color})", dash=dash))
+        band.update_layout(title="Projection on the original's direction (mean ± std per layer)",
+                           xaxis_title="layer (last = final norm input)", yaxis_title="projection", height=360,
+                           margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(band, width="stretch", key="bands")
+    rec = variants[pick]["drift"]["recoverability"]
+    (st.success if rec["level"] == "recoverable" else st.warning)(
+        f"**{pick}** — {rec['verdict']}")
+    for w in d_o.warnings:
+        st.caption(f"original direction: {w}")
