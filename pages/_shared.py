@@ -231,65 +231,6 @@ def prompt_spec(role: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The original model's refusal direction (Steer page)
-# ----------------------------------------------------------------------------------------------
-
-DIRECTION_TRAIN = 64  # harmful + harmless train prompts each, for the difference in means
-DIRECTION_VAL = 16    # val prompts each, for the selection
-
-
-def direction_inputs(handle: ModelHandle) -> tuple[str, dict]:
-    """Cache key and prompt subsets of the direction for this session's prompt sets."""
-    from core.store import cache_key
-
-    sets = {"harmful": prompt_set("harmful", "train").head(DIRECTION_TRAIN),
-            "harmless": prompt_set("harmless", "train").head(DIRECTION_TRAIN),
-            "harmful_val": prompt_set("harmful", "val").head(DIRECTION_VAL),
-            "harmless_val": prompt_set("harmless", "val").head(DIRECTION_VAL)}
-    key = cache_key("direction-v1", handle.fingerprint, {k: v.sha for k, v in sets.items()})
-    return key, sets
-
-
-def cached_direction(handle: ModelHandle):
-    """The selected direction set if already computed (memory, then disk), else None."""
-    from core.directions import DirectionSet
-    from core.models import cache_dir
-
-    key, _ = direction_inputs(handle)
-    ws = workspace(handle.fingerprint)
-    if key in ws.directions:
-        return ws.directions[key]
-    folder = cache_dir() / "directions" / key
-    try:
-        ds = DirectionSet.load(folder)
-    except (FileNotFoundError, ValueError, OSError, KeyError):
-        return None
-    ws.directions[key] = ds
-    return ds
-
-
-def compute_direction(handle: ModelHandle, *, cancel_key: str | None = None):
-    """Difference-in-means candidates + selection (core.directions) with two progress bars; saved."""
-    from core.directions import generate_candidates, select_direction
-    from core.models import cache_dir
-
-    key, sets = direction_inputs(handle)
-    cb = progress_callback("Refusal direction: mean activations", cancel_key=cancel_key)
-    ds = generate_candidates(handle, sets["harmful"], sets["harmless"], progress=cb)
-    cb2 = progress_callback("Refusal direction: selecting the candidate", cancel_key=cancel_key)
-    ds = select_direction(handle, ds, sets["harmful_val"], sets["harmless_val"], progress=cb2)
-    final = cache_dir() / "directions" / key
-    tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
-    ds.save(tmp)
-    if final.exists():
-        import shutil
-        shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # atomic: a killed save leaves no half folder under the final name
-    workspace(handle.fingerprint).directions[key] = ds
-    return ds
-
-
-# ----------------------------------------------------------------------------------------------
 # Run store
 # ----------------------------------------------------------------------------------------------
 
@@ -431,3 +372,22 @@ def mark_original_direction(study, dirset) -> None:
     if dirset is not None and dirset.selected is not None:
         mark_completed(study, completed_key("original-direction"), "original direction",
                        {"position": dirset.selected[0], "layer": dirset.selected[1]})
+
+
+def study_direction(handle: ModelHandle, study, *, compute: bool = False, cancel_key: str | None = None):
+    """The original model's selected refusal direction from the study (the one the Drift and AIRD pages
+    use): from memory, else loaded from the run store when stored, else computed when ``compute``.
+    Returns a :class:`core.directions.DirectionSet` or None."""
+    ws = workspace(handle.fingerprint)
+    key = ("direction", study.record.id)
+    if key in ws.values:
+        return ws.values[key]
+    if not compute and original_source_layer(study) is None:
+        return None
+    ok, ds = run_study(handle, study, lambda s: s.directions("original"), cancel_key=cancel_key,
+                       what="Refusal direction of the original" if compute else "Loading the stored refusal direction")
+    if not ok:
+        return None
+    ws.values[key] = ds
+    mark_original_direction(study, ds)
+    return ds

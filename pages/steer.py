@@ -13,8 +13,8 @@ from core.interventions import ablate, add, orthogonalize
 from core.judges import is_refusal
 from core.store import cache_key
 from core.ui_support import prefix_refusal_scores
-from pages._shared import (ROLES, cached_direction, cancel_button, compute_direction, current_workspace, guarded,
-                           model_badge, progress_callback, prompt_set, require_handle, show_error)
+from pages._shared import (ROLES, cancel_button, current_workspace, get_study, guarded, model_badge, progress_callback,
+                           prompt_set, require_handle, settings_widgets, show_error, study_direction)
 
 CANCEL = "steer_cancelled"
 RESULTS = "steer_results"
@@ -51,24 +51,29 @@ chosen = c1.multiselect("Variants", names, default=names[:3],
 max_new = c1.slider("New tokens", 8, 128, 48, step=8)
 kind = c2.radio("Intervention", list(INTERVENTIONS), format_func=INTERVENTIONS.get, horizontal=True)
 
-dirset = cached_direction(handle)
+with st.expander("Direction settings", expanded=False):
+    settings_widgets()
+ok, study = guarded("Opening the study", lambda: get_study(handle))
+dirset = study_direction(handle, study) if ok else None
 coeff, layer = 1.0, 0
-if kind != "none":
+if kind != "none" and ok:
     if dirset is None:
         st.info("Interventions use the **original model's refusal direction** (difference in means of harmful vs "
-                "harmless train prompts, selected on val). It is computed once and cached.")
+                "harmless train prompts, selected on val) — the same one the Refusal drift and AIRD pages use. "
+                "It is computed once and stored.")
         if st.button("Compute the refusal direction", type="primary"):
             st.session_state[CANCEL] = False
-            cancel_button(CANCEL)
-            ok, dirset = guarded("Computing the refusal direction", lambda: compute_direction(handle, cancel_key=CANCEL))
-            if ok:
+            stop = cancel_button(CANCEL)
+            dirset = study_direction(handle, study, compute=True, cancel_key=CANCEL)
+            stop.empty()
+            if dirset is not None:
                 st.rerun()
     else:
         src = source(dirset)
         st.caption(f"Direction: position {src['position']} (token `{src['token']!r}`), layer {src['layer']} of "
                    f"{dirset.n_layers}, norm {float(dirset.direction.norm()):.2f}.")
         for w in dirset.warnings:
-            st.warning(w)
+            st.caption(f"Note: {w}")
         if kind == "add":
             a, b = st.columns(2)
             coeff = a.slider("Coefficient", -4.0, 4.0, 1.0, step=0.25)

@@ -30,9 +30,6 @@ def env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("REFUSAL_LAB_CACHE", str(root / "cache"))
     mp.setenv("REFUSAL_LAB_RUNS", str(root / "runs"))
-    import pages._shared as shared
-    mp.setattr(shared, "DIRECTION_TRAIN", 12)  # keep the direction cheap on the tiny model
-    mp.setattr(shared, "DIRECTION_VAL", 6)
     yield {"folder": folder, "root": root}
     mp.undo()
 
@@ -155,13 +152,15 @@ def test_steer_page_ablation_side_by_side(env):
     from core.interventions import count_hooks
     from pages._shared import load_handle
 
-    at = open_page(env, "pages/steer.py")
-    at.radio[1].set_value("ablate").run()
+    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
+    at = open_page(env, "pages/steer.py", study_settings={"limit": 6, "max_new_tokens": 16, "positions": "last"})
+    [kind] = [r for r in at.radio if r.label == "Intervention"]
+    kind.set_value("ablate").run()
     button(at, "Compute the refusal direction").click().run()
     assert not at.exception and not errors(at), errors(at)
     assert any(c.value.startswith("Direction: position") for c in at.caption)
     at.multiselect[0].set_value(["original"])
-    at.slider[0].set_value(16)
+    [s for s in at.slider if s.label == "New tokens"][0].set_value(16)
     button(at, "Generate").click().run()
     assert not at.exception and not errors(at), errors(at)
     md = [m.value for m in at.markdown]
