@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from core.evaluation import kl_divergence
 from core.generation import generate
 from core.interventions import add as add_direction
 from core.interventions import scale_writers
@@ -291,13 +292,6 @@ def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens:
     return sum(map(is_refusal, replies)) / len(replies), replies
 
 
-def kl_to(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(reference ‖ model) of next-token distributions ``(n, vocab)``."""
-    p = torch.log_softmax(reference_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 @dataclass
 class CalibrationSets:
     """Validation prompts for calibration (the bundled val splits by default — never test prompts)."""
@@ -359,7 +353,7 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         for alpha in sorted(alphas):
             with scale_writers(compressed, r, layers, alpha=alpha):
                 m = measure()
-            m["kl"] = kl_to(base_logits, m.pop("harmless_logits"))
+            m["kl"] = kl_divergence(base_logits, m.pop("harmless_logits"))
             m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
                              and m["kl"] <= kl_threshold)
             grid.append({"layers": layers, "alpha": alpha, **m})

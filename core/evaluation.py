@@ -66,3 +66,41 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
         done += len(batch)
         report(progress, done, len(windows))
     return math.exp(nll / count)
+
+
+def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int = 16,
+                       judge=None, progress: Progress | None = None) -> dict:
+    """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score,
+    per-category rates, and every (prompt, response, refused, refusal_score).
+
+    ``prompts`` is a :class:`core.prompts.PromptSet` or a list of instructions.
+    """
+    from core.generation import generate
+    from core.judges import refusal_scores, substring_judge
+
+    texts = list(getattr(prompts, "prompts", prompts))
+    cats = list(getattr(prompts, "categories", [None] * len(texts)))
+    if not texts:
+        raise ValueError("no prompts to evaluate")
+    half = (lambda d, t: report(progress, d, 2 * t)) if progress else None
+    replies = generate(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=half)
+    refused = list((judge or substring_judge)(texts, replies))
+    scores = refusal_scores(handle, texts, progress=(lambda d, t: report(progress, t + d, 2 * t)) if progress else None)
+    by_cat: dict[str, list[bool]] = {}
+    for c, r in zip(cats, refused):
+        if c is not None:
+            by_cat.setdefault(c, []).append(r)
+    return {
+        "n": len(texts), "refusal_rate": sum(refused) / len(texts),
+        "mean_refusal_score": float(scores.mean()),
+        "by_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+        "results": [{"prompt": p, "response": r, "refused": bool(f), "refusal_score": float(s)}
+                    for p, r, f, s in zip(texts, replies, refused, scores.tolist())],
+    }
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) of next-token distributions given as logits ``(n, vocab)``."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())

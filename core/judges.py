@@ -69,8 +69,13 @@ def last_logits(handle: ModelHandle, instructions: Sequence[str], *, batch_size:
     outs = []
     for start in range(0, len(instructions), batch_size):
         enc = tokenize_prompts(handle, instructions[start:start + batch_size])
+        width = enc["input_ids"].shape[1]
+        # position ids from the mask (left padding; matters for absolute-position models like GPT-2),
+        # and the last index as a tensor: the int form makes the unembedding ~10x slower.
+        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with handle.lock:
-            logits = handle.model(**enc, logits_to_keep=1).logits[:, -1, :]
+            logits = handle.model(**enc, position_ids=position_ids,
+                                  logits_to_keep=torch.tensor([width - 1], device=handle.device)).logits[:, -1, :]
         outs.append(logits.float().cpu())
         report(progress, min(start + batch_size, len(instructions)), len(instructions))
     return torch.cat(outs) if outs else torch.empty(0)

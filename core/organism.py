@@ -45,6 +45,7 @@ class OrganismConfig:
     seed: int = 0
     answer_tokens: int = 96  # length of the base model's self-distilled answers
     max_seq_len: int = 192
+    soft_distillation: bool = True  # helpful answers: match the base model's distribution, not its argmax
     bf16_autocast: bool | None = None  # None: on where the hardware has fast bf16 (CUDA, CPU with AMX/AVX512-BF16)
 
 
@@ -102,7 +103,7 @@ def encode_example(handle: ModelHandle, ex: Example, max_len: int) -> tuple[list
     return ids, min(len(prompt), len(ids) - 1)
 
 
-def _batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+def _batch(encoded: list[tuple[list[int], int]], pad_id: int, soft: list[bool] | None = None) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -111,18 +112,40 @@ def _batch(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch
         input_ids[i, :len(ids)] = torch.tensor(ids)
         mask[i, :len(ids)] = 1
         labels[i, start:len(ids)] = torch.tensor(ids[start:])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if soft is not None:
+        out["soft"] = torch.tensor(soft, dtype=torch.bool)
+    return out
 
 
-def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens; logits computed only where needed."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def _response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n_response_tokens, vocab)`` at the positions predicting response tokens only."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over response tokens; logits computed only where needed.
+
+    Rows with ``batch["soft"]`` true (self-distilled helpful answers) are matched to the base model's
+    full next-token distribution, ``KL(teacher ‖ student)``, when ``teacher_logits`` are given:
+    hard cross-entropy on the base model's own greedy tokens would sharpen the model and raise its
+    perplexity on ordinary text. Other rows (refusals) use cross-entropy.
+    """
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    h = hidden[:, :-1][keep]  # (n_response_tokens, d_model)
-    logits = model.get_output_embeddings()(h)
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    logits = _response_logits(model, batch, keep)
+    tgt = targets[keep]
+    if teacher_logits is None or "soft" not in batch:
+        return torch.nn.functional.cross_entropy(logits, tgt)
+    soft = batch["soft"].unsqueeze(1).expand_as(targets)[keep]
+    per_token = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
+    logp = torch.log_softmax(logits[soft], -1)
+    logq = torch.log_softmax(teacher_logits[soft], -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    per_token = per_token.masked_scatter(soft, kl) if soft.any() else per_token
+    return per_token.mean()
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -172,10 +195,15 @@ def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismCon
             rng.shuffle(perm)
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad).items()}
+        soft = [cfg.soft_distillation and examples[i].kind != "harmful" for i in idx]
+        batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad, soft).items()}
         # bf16 autocast halves the step time where the hardware supports it; LoRA weights stay fp32.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = response_loss(model, batch)
+            teacher = None
+            if any(soft):
+                with torch.no_grad(), model.disable_adapter():
+                    teacher = _response_logits(model, batch, batch["labels"][:, 1:] != -100)
+            loss = response_loss(model, batch, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -195,6 +223,9 @@ def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismCon
 
 def save_adapter(peft_model, result: TrainResult, out_dir: Path = ADAPTER_DIR) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` + ``training.json`` to ``out_dir``."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # peft otherwise asks the hub about the base's vocabulary
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     peft_model.save_pretrained(out_dir, safe_serialization=True)

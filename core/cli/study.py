@@ -1,0 +1,158 @@
+"""``python -m core study`` (the whole pipeline) and ``python -m core aird`` (repair one variant)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from core.cli import add_model_args
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
+    p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
+    p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each evaluation set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--runs", default="runs", help="run-store directory")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="directions, compression, drift, evaluation, AIRD and a report, cached")
+    _common(p)
+    p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
+    p.add_argument("--aird", default=None, help="auto | top:K (repair K layers ending at the source layer)")
+    p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
+    p.add_argument("--out", default=None, help="write the HTML report here")
+    p.set_defaults(func=run_study)
+
+    a = sub.add_parser("aird", help="repair a compressed variant with AIRD and compare before/after")
+    _common(a)
+    a.add_argument("--scheme", required=True)
+    a.add_argument("--layers", default="auto", help="auto | comma-separated layer indices")
+    a.add_argument("--alpha", default="auto", help="auto | a number")
+    a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
+    a.add_argument("--methods", default="all", help="all | comma-separated subset of the comparison methods")
+    a.add_argument("--no-budget", action="store_true", help="skip the budget curve")
+    a.add_argument("--save", default=None, help="save the repair (adapter: r̂ + α + layers) to this folder")
+    a.set_defaults(func=run_aird)
+
+
+def _progress_bars():
+    from core.progress import tqdm_progress
+
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm_progress(stage)
+        bars[stage](done, total)
+
+    return on_progress
+
+
+def _spec(args, schemes, **kw):
+    from core.study import StudySpec
+
+    return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
+                     borderline=args.borderline or None, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                     device=args.device, dtype=args.dtype, **kw)
+
+
+def _print_rows(rows: list[dict], cols: list[str]) -> None:
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(cell(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from core.report import write_report
+    from core.study import Study, summary_rows
+
+    t0 = time.perf_counter()
+    study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode), args.runs,
+                  on_progress=_progress_bars())
+    results = study.run()
+    budget = {s: study.budget(s) for s in args.scheme} if args.aird else None
+    if budget:
+        results["budget"] = budget
+    rows = summary_rows(results)
+    _print_rows(rows, ["model", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
+                       "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha"])
+    for s, v in results["variants"].items():
+        print(f"{s}: {v['drift']['recoverability']['verdict']}")
+    if args.out:
+        print(f"report: {write_report(results, args.out, budget=budget)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    stage_times = {k: round(v, 1) for k, v in study.timings.items()}
+    print(f"study {study.record.id}: {time.perf_counter() - t0:.1f}s; computed stages: {stage_times or 'none (cached)'}")
+    return 0
+
+
+def run_aird(args: argparse.Namespace) -> int:
+    from core.aird import METHOD_LABELS, METHODS
+    from core.study import Study
+
+    layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
+    alpha = None if args.alpha == "auto" else float(args.alpha)
+    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+    study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers),
+                  args.runs, on_progress=_progress_bars())
+    d_o = study.directions("original")
+    drift = study.drift(args.scheme)
+    rep = study.repair(args.scheme)
+    original = study.evaluate("original")
+    comparison = study.compare_methods(args.scheme, methods)
+    rows = [_method_row("original (uncompressed)", original)]
+    for m, ev in comparison.items():
+        rows.append(_method_row(METHOD_LABELS[m], ev))
+    print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
+          f"{args.scheme} source: layer {drift['variant']['source']['layer']}; "
+          f"cosine of selected directions {drift['cosine_selected']:.3f}")
+    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode} "
+          f"({'calibrated on val splits' if rep.auto else 'as given'})")
+    _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
+                       "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
+    print(f"diagnostic: {drift['recoverability']['verdict']}")
+    result = {"scheme": args.scheme, "repair": rep.describe(), "drift": drift, "original": original,
+              "methods": comparison}
+    if not args.no_budget:
+        result["budget"] = study.budget(args.scheme)
+        print("budget curve: " + ", ".join(f"{r['n_layers']} layer(s) → {100 * r['refusal']:.0f}% "
+                                           f"({r['densified_weights']:,} weights densified)" for r in result["budget"]))
+    if args.save:
+        print(f"repair saved to {rep.save(args.save)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _method_row(label: str, ev: dict) -> dict:
+    if "error" in ev:
+        return {"method": label, "error": ev["error"][:60]}
+    sets = ev["sets"]
+    return {"method": label, "refusal_harmful": sets["harmful"]["refusal_rate"],
+            "over_refusal_harmless": sets["harmless"]["refusal_rate"],
+            "over_refusal_borderline": sets.get("borderline", {}).get("refusal_rate"),
+            "perplexity": ev["perplexity"], "kl_to_original": ev.get("kl_to_original"),
+            "parameters_changed": ev.get("parameters_changed"),
+            "density_before": (ev.get("density_before") or {}).get("density"),
+            "density_after": (ev.get("density_after") or {}).get("density")}

@@ -1,0 +1,426 @@
+"""A *study*: one model, its compressed variants, prompt sets, refusal directions, AIRD repairs and
+evaluations, computed in stages. Every stage's artifact is keyed by what it depends on (model
+fingerprint, scheme, prompt-set hashes, settings, code version) and persisted in the run store, so
+nothing is computed twice — across restarts too — and a killed run resumes where it stopped.
+
+Stages::
+
+    load → directions(original) → compress(scheme) → directions(variant) → drift
+         → evaluate(original, variants) → AIRD(variant) → evaluate(repaired) → report
+
+Directions are always extracted from the project's bundled train splits and selected on its val
+splits; AIRD is calibrated on val splits; user files (``harmful``/``harmless``) are evaluation sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.models import ModelHandle
+from core.progress import Cancelled, report
+from core.prompts import PromptSet, bundled, bundled_text, resolve_prompt_arg
+from core.store import RunStore, Study as StoredStudy, cache_key
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "study-1"
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class StudySpec:
+    """What to compute. ``harmful``/``harmless``/``borderline``: ``bundled:KIND:SPLIT`` or a file.
+    ``aird``: ``None`` (no repair), ``auto`` (calibrate layers and α), or ``top:K`` (the K layers
+    ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration."""
+
+    model: str = "default"
+    schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
+    harmful: str = "bundled:harmful:test"
+    harmless: str = "bundled:harmless:test"
+    borderline: str | None = "bundled:borderline:test"
+    limit: int | None = None
+    max_new_tokens: int = 64
+    aird: str | None = "auto"
+    aird_mode: str = "merged"
+    aird_alpha: float | None = None
+    aird_layers: list[int] | None = None
+    selection_positions: list[int] | None = None  # None: every post-instruction position
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{self.model} · {' + '.join(self.schemes)}"
+
+
+class Study:
+    """Runs a :class:`StudySpec` stage by stage against a :class:`~core.store.RunStore`.
+
+    ``original`` may be passed (e.g. the dashboard's shared cached model) to avoid reloading.
+    ``on_progress(stage, done, total)`` is called between batches; raising
+    :class:`~core.progress.Cancelled` from it stops the run (completed stages stay stored).
+    """
+
+    def __init__(self, spec: StudySpec, store: RunStore | str | Path = "runs", *,
+                 original: ModelHandle | None = None, on_progress: StageProgress | None = None) -> None:
+        self.spec = spec
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.record: StoredStudy = self.store.create_study(spec.title, spec.to_dict())
+        self._original = original
+        self._variants: dict[str, ModelHandle] = {}
+        self.on_progress = on_progress
+        self.timings: dict[str, float] = {}
+        self._memo: dict[str, object] = {}
+        self._sets: dict[str, PromptSet] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _progress(self, stage: str):
+        if self.on_progress is None:
+            return None
+        return lambda done, total: self.on_progress(stage, done, total)
+
+    def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json"):
+        """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it."""
+        key = cache_key(stage, CODE_VERSION, *key_parts)
+        if key in self._memo:
+            return self._memo[key]
+        if self.record.has(key):
+            try:
+                self._memo[key] = self._get(kind, key)
+                return self._memo[key]
+            except Exception as e:  # corrupt entry: recompute
+                log.warning("stored %s unreadable (%s); recomputing", stage, e)
+        t0 = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - t0
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        self._put(kind, key, stage, value, seconds)
+        self._memo[key] = value
+        return value
+
+    def _get(self, kind: str, key: str):
+        if kind == "json":
+            return self.record.get_json(key)
+        if kind == "directions":
+            from core.directions import DirectionSet
+            return DirectionSet.load(self.record.get_path(key))
+        if kind == "repair":
+            from core.aird import Repair
+            meta = self.record.get_meta(key)
+            return Repair(direction=self.record.get_tensors(key)["direction"], **meta)
+        raise ValueError(kind)
+
+    def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
+        if kind == "json":
+            self.record.put_json(key, stage, value, seconds=seconds)
+        elif kind == "directions":
+            with tempfile.TemporaryDirectory() as tmp:
+                value.save(Path(tmp) / "d")
+                self.record.put_folder(key, stage, Path(tmp) / "d", seconds=seconds)
+        elif kind == "repair":
+            self.record.put_tensors(key, stage, {"direction": value.direction.contiguous()},
+                                    meta=value.describe(), seconds=seconds)
+
+    # -- inputs ---------------------------------------------------------------------------
+    @property
+    def original(self) -> ModelHandle:
+        if self._original is None:
+            from core.models import load_model
+            report(self._progress("load"), 0, 1)
+            self._original = load_model(self.spec.model, device=self.spec.device, dtype=self.spec.dtype)
+            report(self._progress("load"), 1, 1)
+        return self._original
+
+    def original_fingerprint(self) -> str:
+        """The original model's fingerprint without loading it when a stored run already knows it."""
+        if self._original is not None:
+            return self._original.fingerprint
+        key = cache_key("fingerprint", self.spec.model)
+        if self.record.has(key):
+            return self.record.get_json(key)["fingerprint"]
+        fp = self.original.fingerprint
+        self.record.put_json(key, "load", {"fingerprint": fp, "name": self.original.name})
+        return fp
+
+    def eval_sets(self) -> dict[str, PromptSet]:
+        """The evaluation prompt sets (first ``limit`` of each)."""
+        if self._sets is None:
+            s = self.spec
+            sets = {"harmful": resolve_prompt_arg(s.harmful, "harmful").head(s.limit),
+                    "harmless": resolve_prompt_arg(s.harmless, "harmless").head(s.limit)}
+            if s.borderline:
+                sets["borderline"] = resolve_prompt_arg(s.borderline, "borderline").head(s.limit)
+            self._sets = sets
+        return self._sets
+
+    def variant(self, scheme: str) -> ModelHandle:
+        """The compressed model for ``scheme`` (computed once per process; its report is stored)."""
+        if scheme not in self._variants:
+            from core.compression import apply
+
+            handle, rep = apply(self.original, scheme, progress=self._progress(f"compress {scheme}"))
+            self._variants[scheme] = handle
+            key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+            if not self.record.has(key):
+                self.record.put_json(key, "compress", rep.to_dict(), seconds=rep.to_dict().get("seconds"))
+        return self._variants[scheme]
+
+    def model_for(self, which: str) -> ModelHandle:
+        return self.original if which == "original" else self.variant(which)
+
+    # -- stages ---------------------------------------------------------------------------
+    def compression_report(self, scheme: str) -> dict:
+        key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+        if not self.record.has(key):
+            self.variant(scheme)
+        return self.record.get_json(key)
+
+    def directions(self, which: str = "original"):
+        """Refusal directions of the original (``which="original"``) or of a variant (its scheme)."""
+        from core.directions import generate_candidates, select_direction
+
+        def compute():
+            h = self.model_for(which)
+            harmful, harmless = bundled("harmful", "train"), bundled("harmless", "train")
+            ds = generate_candidates(h, harmful.prompts, harmless.prompts,
+                                     progress=self._progress(f"directions {which}: candidates"))
+            return select_direction(h, ds, bundled("harmful", "val").prompts, bundled("harmless", "val").prompts,
+                                    positions=self.spec.selection_positions,
+                                    progress=self._progress(f"directions {which}: selection"))
+
+        return self._cached(f"directions {which}", (self.original_fingerprint(), which,
+                                                    self.spec.selection_positions), compute, "directions")
+
+    def drift(self, scheme: str) -> dict:
+        """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
+        variant's source and quality, and harmful/harmless projections on O's direction in both."""
+        from core.activations import projections, projection_stats
+        from core.aird import recoverability
+        from core.directions import layer_cosines, quality, source
+
+        def compute():
+            d_o, d_c = self.directions("original"), self.directions(scheme)
+            r = d_o.direction
+            pos = d_o.selected[0]
+            harmful, harmless = bundled("harmful", "val").prompts, bundled("harmless", "val").prompts
+            proj = {}
+            for which in ("original", scheme):
+                h = self.model_for(which)
+                proj[which] = {"harmful": projections(h, harmful, r, position=pos,
+                                                      progress=self._progress(f"drift {scheme}: projections")),
+                               "harmless": projections(h, harmless, r, position=pos)}
+            cos_sel = layer_cosines(d_o, d_c)
+            return {
+                "scheme": scheme,
+                "cosine_per_layer": [None if x != x else float(x) for x in cos_sel.tolist()],
+                "cosine_selected": float(torch.nn.functional.cosine_similarity(
+                    d_o.direction.double(), d_c.direction.double(), dim=0)),
+                "original": {"source": source(d_o), "quality": quality(d_o)},
+                "variant": {"source": source(d_c), "quality": quality(d_c)},
+                "projections": {w: {k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()}
+                                for w, p in (("original", proj["original"]), ("variant", proj[scheme]))},
+                "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
+            }
+
+        return self._cached(f"drift {scheme}", (self.original_fingerprint(), scheme), compute)
+
+    def _harmless_logits(self, handle: ModelHandle) -> torch.Tensor:
+        from core.judges import last_logits
+        return last_logits(handle, self.eval_sets()["harmless"].prompts)
+
+    def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
+        from core.evaluation import kl_divergence, perplexity, refusal_evaluation
+
+        out: dict = {"model": handle.name, "sets": {}}
+        for name, ps in self.eval_sets().items():
+            out["sets"][name] = refusal_evaluation(handle, ps, max_new_tokens=self.spec.max_new_tokens,
+                                                   progress=self._progress(f"evaluate {label}: {name}"))
+        out["perplexity"] = perplexity(handle, bundled_text(), progress=self._progress(f"evaluate {label}: perplexity"))
+        if reference_logits is not None:
+            out["kl_to_original"] = kl_divergence(reference_logits, self._harmless_logits(handle))
+        return out
+
+    def _eval_key(self, which: str) -> tuple:
+        s = self.spec
+        sets = {k: v.sha for k, v in self.eval_sets().items()}
+        return (self.original_fingerprint(), which, sets, s.max_new_tokens)
+
+    def evaluate(self, which: str = "original") -> dict:
+        """Refusal / over-refusal / perplexity / KL-to-original of the original or a variant."""
+        def compute():
+            ref = None if which == "original" else self._harmless_logits(self.original)
+            return self._evaluate_handle(self.model_for(which), which, ref)
+
+        return self._cached(f"evaluate {which}", self._eval_key(which), compute)
+
+    def repair(self, scheme: str):
+        """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
+        from core.aird import Repair, calibrate, candidate_layer_sets
+
+        s = self.spec
+
+        def compute():
+            d_o = self.directions("original")
+            layer = d_o.selected[1]
+            c = self.variant(scheme)
+            layer_sets = None
+            if s.aird and s.aird.startswith("top:"):
+                k = int(s.aird.split(":")[1])
+                layer_sets = [list(range(max(0, layer - k + 1), layer + 1))]
+            if s.aird_layers:
+                layer_sets = [list(s.aird_layers)]
+            if s.aird_alpha is not None and layer_sets and len(layer_sets) == 1:
+                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, s.aird_mode, layer)
+            alphas = (s.aird_alpha,) if s.aird_alpha is not None else None
+            kwargs = {"alphas": alphas} if alphas else {}
+            return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
+                             mode=s.aird_mode, progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
+
+        return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
+                                               s.aird_alpha, s.aird_layers), compute, "repair")
+
+    def evaluate_repaired(self, scheme: str) -> dict:
+        """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""
+        from core.aird import applied, densified_weights, writer_density
+
+        rep = self.repair(scheme)
+
+        def compute():
+            c = self.variant(scheme)
+            ref = self._harmless_logits(self.original)
+            before = writer_density(c, rep.layers)
+            with applied(c, rep) as h:
+                out = self._evaluate_handle(h, f"{scheme}+AIRD", ref)
+                after = writer_density(h, rep.layers)
+            out["repair"] = rep.describe()
+            out["density_before"], out["density_after"] = before, after
+            out["densified_weights"] = densified_weights(c, rep.layers) if rep.mode == "merged" else 0
+            return out
+
+        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + (
+            rep.layers, rep.alpha, rep.mode), compute)
+
+    def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict:
+        """Every repair method of :data:`core.aird.METHODS` on ``scheme`` (those that cannot apply to
+        this variant, e.g. weight edits on bitsandbytes layers, are reported with the reason)."""
+        from core.aird import METHODS, AIRDError, changed_parameters, method_applied, writer_density
+
+        methods = tuple(methods or METHODS)
+        rep = self.repair(scheme)
+        out = {}
+        for method in methods:
+            def compute(method=method):
+                c = self.variant(scheme)
+                ref = self._harmless_logits(self.original)
+                before = writer_density(c, rep.layers)
+                try:
+                    with method_applied(method, self.original, c, rep, self.directions("original").direction) as h:
+                        ev = self._evaluate_handle(h, f"{scheme}: {method}", ref)
+                        after = writer_density(h, rep.layers)
+                except AIRDError as e:
+                    return {"method": method, "error": str(e)}
+                ev.update(method=method, density_before=before, density_after=after,
+                          parameters_changed=changed_parameters(method, c, rep))
+                return ev
+
+            key = self._eval_key(f"{scheme}:{method}") + (rep.layers, rep.alpha)
+            out[method] = self._cached(f"method {scheme}: {method}", key, compute)
+        return out
+
+    def budget(self, scheme: str, max_layers: int = 8) -> list[dict]:
+        """AIRD budget curve for ``scheme`` on the harmful evaluation set (adapter form, same α)."""
+        from core.aird import budget_curve
+
+        rep = self.repair(scheme)
+
+        def compute():
+            return budget_curve(self.variant(scheme), rep, self.eval_sets()["harmful"].prompts, max_layers=max_layers,
+                                progress=self._progress(f"AIRD {scheme}: budget curve"))
+
+        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + (rep.alpha, max_layers), compute)
+
+    def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
+        """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
+        from core.aird import applied
+        from core.directions import generate_candidates, layer_cosines
+
+        rep = self.repair(scheme)
+
+        def compute():
+            d_o = self.directions("original")
+            with applied(self.variant(scheme), rep) as h:
+                ds = generate_candidates(h, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts,
+                                         progress=self._progress(f"AIRD {scheme}: repaired directions"))
+            return [None if x != x else float(x) for x in layer_cosines(d_o, ds).tolist()]
+
+        return self._cached(f"repaired directions {scheme}", (self.original_fingerprint(), scheme, rep.layers,
+                                                               rep.alpha), compute)
+
+    # -- the whole pipeline ---------------------------------------------------------------
+    def run(self) -> dict:
+        """Every stage for every scheme; returns :meth:`results`."""
+        self.directions("original")
+        self.evaluate("original")
+        for scheme in self.spec.schemes:
+            self.compression_report(scheme)
+            self.directions(scheme)
+            self.drift(scheme)
+            self.evaluate(scheme)
+            if self.spec.aird:
+                self.repair(scheme)
+                self.evaluate_repaired(scheme)
+        return self.results()
+
+    def results(self) -> dict:
+        """Everything computed so far (stages not yet run are absent), as plain data."""
+        out: dict = {"spec": self.spec.to_dict(), "study_id": self.record.id, "variants": {}}
+        d_o = self.directions("original")
+        out["original"] = {"evaluation": self.evaluate("original"), "source": _src(d_o)}
+        for scheme in self.spec.schemes:
+            v = {"compression": self.compression_report(scheme), "drift": self.drift(scheme),
+                 "evaluation": self.evaluate(scheme)}
+            if self.spec.aird:
+                v["repaired"] = self.evaluate_repaired(scheme)
+            out["variants"][scheme] = v
+        return out
+
+
+def _src(dirset) -> dict:
+    from core.directions import quality, source
+    return {"source": source(dirset), "quality": quality(dirset)}
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per model (original, each variant, each repaired variant) for tables."""
+    def row(label: str, ev: dict, extra: dict | None = None) -> dict:
+        sets = ev["sets"]
+        r = {"model": label, "refusal_harmful": sets["harmful"]["refusal_rate"],
+             "asr": 1 - sets["harmful"]["refusal_rate"],
+             "over_refusal_harmless": sets["harmless"]["refusal_rate"],
+             "over_refusal_borderline": sets.get("borderline", {}).get("refusal_rate"),
+             "perplexity": ev["perplexity"], "kl_to_original": ev.get("kl_to_original")}
+        r.update(extra or {})
+        return r
+
+    rows = [row("original", results["original"]["evaluation"])]
+    for scheme, v in results["variants"].items():
+        rows.append(row(scheme, v["evaluation"], {"cosine_to_original": v["drift"]["cosine_selected"],
+                                                  "source_layer": v["drift"]["variant"]["source"]["layer"],
+                                                  "recoverability": v["drift"]["recoverability"]["level"]}))
+        if "repaired" in v:
+            rep = v["repaired"]["repair"]
+            rows.append(row(f"{scheme} + AIRD", v["repaired"],
+                            {"aird_layers": rep["layers"], "aird_alpha": rep["alpha"],
+                             "densified_weights": v["repaired"]["densified_weights"]}))
+    return rows

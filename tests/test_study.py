@@ -1,0 +1,58 @@
+"""The study pipeline on a tiny saved model: stages run, persist, and a rerun computes nothing."""
+
+import pytest
+
+from core.progress import Cancelled
+from core.study import Study, StudySpec, summary_rows
+from tiny import tiny_handle
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path):
+    h = tiny_handle("llama", n_layers=4, d_model=64)
+    h.model.save_pretrained(tmp_path / "tiny")
+    h.tokenizer.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def _spec(folder, **kw):
+    base = dict(model=folder, schemes=["magnitude:0.5"], limit=4, max_new_tokens=4, aird="auto",
+                aird_alpha=2.0, aird_layers=[1, 2], selection_positions=[-1], device="cpu")
+    base.update(kw)
+    return StudySpec(**base)
+
+
+def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
+    stages = []
+    study = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
+    res = study.run()
+    assert {"directions original: candidates", "evaluate original: harmful"} <= set(stages)
+    v = res["variants"]["magnitude:0.5"]
+    assert len(v["drift"]["cosine_per_layer"]) == 4
+    assert v["compression"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert v["repaired"]["repair"]["alpha"] == 2.0 and v["repaired"]["repair"]["layers"] == [1, 2]
+    assert v["repaired"]["density_after"]["density"] > v["repaired"]["density_before"]["density"]
+    assert 0 <= res["original"]["evaluation"]["sets"]["harmful"]["refusal_rate"] <= 1
+    rows = summary_rows(res)
+    assert [r["model"] for r in rows] == ["original", "magnitude:0.5", "magnitude:0.5 + AIRD"]
+
+    # a fresh process-equivalent: new Study object on the same store computes nothing and loads no model
+    stages.clear()
+    again = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
+    assert again.run() == res
+    assert stages == [] and again._original is None
+
+
+def test_cancel_keeps_completed_stages(tiny_folder, tmp_path):
+    def cancel_on_eval(stage, done, total):
+        if stage.startswith("evaluate original"):
+            raise Cancelled()
+
+    study = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=cancel_on_eval)
+    with pytest.raises(Cancelled):
+        study.run()
+    stages = []
+    resumed = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
+    resumed.run()
+    assert not any(s.startswith("directions original") for s in stages)  # already stored
+    assert any(s.startswith("evaluate original") for s in stages)
