@@ -317,10 +317,10 @@ def attach_variants(study, ws: Workspace) -> None:
             variants.setdefault(key, v.handle)
 
 
-def run_study(handle: ModelHandle, study, fn, *, what: str, cancel_key: str | None = None):
+def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None):
     """Run ``fn(study)`` with one progress bar labelled with the current stage; errors become error boxes.
     Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
-    ws = workspace(handle.fingerprint)
+    ws = workspace(handle.fingerprint if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
 
     def on_progress(stage: str, done: int, total: int) -> None:

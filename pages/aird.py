@@ -10,7 +10,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.store import cache_key
 from pages._shared import (Variant, cancel_button, completed_key, current_workspace, get_study, guarded,
                            is_completed, mark_completed, mark_original_direction, model_badge,
                            original_source_layer, require_handle, run_study, settings_widgets, show_error)
@@ -72,27 +71,12 @@ def with_aird(study, fn):
         study.spec = old
 
 
-def budget(study, rep):
-    """Refusal vs number of repaired layers (core.aird.budget_curve), stored in the study folder."""
-    from core.aird import budget_curve
-
-    key = cache_key("dashboard budget", study.original_fingerprint(), scheme, rep.alpha, rep.source_layer,
-                    study.eval_sets()["harmful"].sha, study.spec.max_new_tokens, BUDGET_LAYERS)
-    if study.record.has(key):
-        return study.record.get_json(key)
-    progress = (lambda d, t: study.on_progress(f"AIRD {scheme}: budget curve", d, t)) if study.on_progress else None
-    rows = budget_curve(study.variant(scheme), rep, study.eval_sets()["harmful"].prompts,
-                        max_layers=BUDGET_LAYERS, gen_tokens=study.spec.max_new_tokens, progress=progress)
-    study.record.put_json(key, f"aird {scheme}: budget", rows)
-    return rows
-
-
 def gather(study):
     def inner(s):
         mark_original_direction(s, s.directions("original"))
         rep = s.repair(scheme)
         return {"original": s.evaluate("original"), "variant": s.evaluate(scheme), "drift": s.drift(scheme),
-                "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": budget(s, rep)}
+                "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": s.budget(scheme, max_layers=BUDGET_LAYERS)}
     return with_aird(study, inner)
 
 
@@ -110,7 +94,7 @@ if clicked or auto:
     stop.empty()
     if ok:
         ws.values[memo_key] = results
-        mark_completed(study, done_key, "aird", {"scheme": scheme})
+        mark_completed(study, done_key, "aird", {"scheme": scheme, "settings": aird, "budget": BUDGET_LAYERS})
         if scheme not in ws.variants and scheme in getattr(study, "_variants", {}):
             ws.variants[scheme] = Variant(scheme, study._variants[scheme], study.compression_report(scheme))
         st.rerun()  # redraw with the button disabled

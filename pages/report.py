@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from core.store import StoreError
-from pages._shared import guarded, run_store, runs_root, show_error
+from core.study import Study, StudySpec
+from pages._shared import guarded, run_store, run_study, runs_root, show_error
 
 st.title("Report")
 st.caption(f"Run store: `{Path(runs_root()).resolve()}` — every stage of every study is stored there; "
@@ -65,8 +66,62 @@ def collect_json() -> dict:
     return out
 
 
+def pipeline_study() -> Study:
+    """The stored study as a :class:`core.study.Study` (nothing is loaded or computed here)."""
+    st_ = Study(StudySpec(**info.spec), store)
+    if st_.record.id != sid:
+        raise StoreError(f"the stored spec of {sid} maps to another folder ({st_.record.id}); the study was made "
+                         "by another version of the code")
+    return st_
+
+
+def report_inputs(st_: Study) -> tuple[dict, dict]:
+    """``(results, budgets)`` for :func:`core.report.html_report` from the study's stored stages.
+
+    CLI studies list their schemes in the spec. Dashboard studies (no schemes in the spec) take the
+    schemes their pages completed, and the AIRD settings each AIRD run used."""
+    import dataclasses
+
+    budgets: dict = {}
+    if st_.spec.schemes:
+        return st_.results(), budgets
+    markers = [study.get_json(k) for k, e in entries.items()
+               if str(e.get("stage", "")).startswith("dashboard ") and e.get("kind") == "json" and study.has(k)]
+    schemes = sorted({s for m in markers for s in m.get("schemes", [])} | {m["scheme"] for m in markers if "scheme" in m})
+    base = st_.spec
+    try:
+        st_.spec = dataclasses.replace(base, schemes=schemes, aird=None)
+        results = st_.results()
+        for m in markers:
+            if m.get("scheme") in results["variants"] and isinstance(m.get("settings"), dict):
+                st_.spec = dataclasses.replace(base, schemes=schemes, **m["settings"])
+                results["variants"][m["scheme"]]["repaired"] = st_.evaluate_repaired(m["scheme"])
+                budgets[m["scheme"]] = st_.budget(m["scheme"], max_layers=int(m.get("budget", 8)))
+    finally:
+        st_.spec = base
+    return results, budgets
+
+
+def html_export(st_: Study) -> bytes:
+    from core.report import html_report
+
+    results, budgets = report_inputs(st_)
+    if not results["variants"]:
+        raise ValueError("this study has no compressed variant with a drift result yet: run the Refusal drift page")
+    return html_report(results, budget=budgets).encode("utf-8")
+
+
 st.subheader("Export")
-c1, c2, c3 = st.columns(3)
+c0, c1, c2, c3 = st.columns(4)
+if c0.button("Prepare the HTML report", help="from the stored stages; a stage that is missing is computed"):
+    ok, st_ = guarded("Opening the study", pipeline_study)
+    ok, page = run_study(None, st_, html_export, what="Building the HTML report") if ok else (False, None)
+    if ok:
+        st.session_state["report_html"] = (sid, page)
+h = st.session_state.get("report_html")
+if h and h[0] == sid:
+    c0.download_button(f"Download report.html ({len(h[1]) / 2**20:.1f} MiB)", h[1], file_name=f"{sid}.html",
+                       mime="text/html")
 ok, data = guarded("Collecting the JSON report", collect_json)
 if ok:
     c1.download_button("JSON (all stored results)", json.dumps(data, indent=1, default=str),

@@ -264,3 +264,15 @@ def test_aird_page_manual_repair(study_env):
     button(at, "Prepare the repaired model").click().run()
     assert not errors(at)
     assert any(d.label.startswith("Download the repaired model") for d in at.get("download_button"))
+
+
+def test_report_page_html_export_of_a_dashboard_study(study_env):
+    """After the drift and AIRD tests (same module, same run store): the HTML report has both."""
+    pytest.importorskip("core.study")
+    at = open_page(study_env, "pages/report.py")
+    studies = at.dataframe[0].value
+    assert any(name.startswith("dashboard · ") for name in studies["study"])
+    button(at, "Prepare the HTML report").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    html = at.session_state["report_html"][1].decode()
+    assert "Refusal Lab report" in html and "wanda:0.5 + AIRD" in html and "plotly" in html.lower()
