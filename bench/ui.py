@@ -153,12 +153,33 @@ def wait_idle(page, timeout_s: float = 600, settle_s: float = 0.4) -> None:
     raise TimeoutError(f"the app was still running after {timeout_s:.0f} s")
 
 
-def wait_ready(page, spec: PageSpec, timeout_s: float = 600) -> None:
-    """Wait for the page's title, the end of the script run and the page's main element."""
-    page.wait_for_selector(f"h1:has-text('{spec.title if spec.path else 'Refusal Lab'}')",
-                           timeout=timeout_s * 1000)
-    wait_idle(page, timeout_s)
-    page.wait_for_selector(spec.ready, state="visible", timeout=timeout_s * 1000)
+READY_JS = """([title, sel]) => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const h1 = [...document.querySelectorAll('h1')].some(h => h.textContent.includes(title));
+  const el = document.querySelector(sel);
+  const visible = !!el && el.getClientRects().length > 0;
+  return [app ? app.getAttribute('data-test-script-state') : null, h1, visible];
+}"""
+
+
+def wait_ready(page, spec: PageSpec, timeout_s: float = 600, settle_s: float = 0.4) -> float:
+    """Wait until the page shows its title and main element and its script has finished; return the
+    ``time.perf_counter()`` at which that state was first seen (it must then hold for ``settle_s``, which
+    is not counted: a page that calls ``st.rerun()`` stops and starts again within milliseconds)."""
+    title = spec.title if spec.path else "Refusal Lab"
+    deadline = time.time() + timeout_s
+    first = None
+    while time.time() < deadline:
+        now = time.perf_counter()
+        state, has_title, visible = page.evaluate(READY_JS, [title, spec.ready])
+        if state == "notRunning" and has_title and visible:
+            first = first or now
+            if now - first >= settle_s:
+                return first
+        else:
+            first = None
+        time.sleep(0.02)
+    raise TimeoutError(f"{spec.title}: not ready after {timeout_s:.0f} s (script state, title and {spec.ready})")
 
 
 def exception_boxes(page) -> list[str]:
@@ -267,26 +288,41 @@ def main() -> int:
             warm = time.perf_counter() - t
             print(f"warm-up (load, compute and cache everything once): {warm:.1f} s")
             for spec in existing_pages():
-                times = []
+                cold, switch = [], []
                 for _ in range(args.repeats):
-                    p = ctx.new_page()  # a fresh session: results must come from the shared caches / run store
+                    # cold: a fresh tab (new session) straight to the page: frontend load + script + render
+                    p = ctx.new_page()
                     t = time.perf_counter()
                     p.goto(f"{server.url}/{spec.path}")
-                    wait_ready(p, spec, timeout_s=120)
-                    times.append(time.perf_counter() - t)
+                    cold.append(wait_ready(p, spec, timeout_s=120) - t)
                     if boxes := exception_boxes(p):
                         raise RuntimeError(f"{spec.title}: exception on the page: {boxes[0]}")
+                    # switch: a fresh session opened on Home, then a click in the sidebar
+                    if spec.path:
+                        p.goto(server.url)
+                        wait_ready(p, PAGES[0], timeout_s=120)
+                        t = time.perf_counter()
+                        click_nav(p, spec.title)
+                        switch.append(wait_ready(p, spec, timeout_s=120) - t)
                     p.close()
-                rows.append({"page": spec.title, "path": "/" + spec.path, "median_s": statistics.median(times),
-                             "max_s": max(times), "runs": len(times), "within_target": max(times) <= TARGET_S})
+                med = statistics.median(switch) if switch else None
+                rows.append({"page": spec.title, "path": "/" + spec.path,
+                             "switch_median_s": med, "switch_max_s": max(switch) if switch else None,
+                             "cold_median_s": statistics.median(cold), "cold_max_s": max(cold), "runs": len(cold),
+                             "within_target": (max(switch) if switch else max(cold)) <= TARGET_S})
             browser.close()
-        print(f"\n{'page':<15}{'median s':>10}{'max s':>8}  ≤ {TARGET_S:g} s")
+        print(f"\n{'page':<15}{'switch s':>10}{'cold tab s':>12}  switch ≤ {TARGET_S:g} s")
         for r in rows:
-            print(f"{r['page']:<15}{r['median_s']:>10.3f}{r['max_s']:>8.3f}  {'yes' if r['within_target'] else 'NO'}")
+            sw = "—" if r["switch_median_s"] is None else f"{r['switch_median_s']:.3f}"
+            print(f"{r['page']:<15}{sw:>10}{r['cold_median_s']:>12.3f}  {'yes' if r['within_target'] else 'NO'}")
+        print("switch = sidebar click in an open session until the page's main element is shown and its script "
+              "finished (medians); cold tab = a new tab loading the whole frontend.")
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         out = {"benchmark": "ui-first-render", "model": args.model or "tiny random llama (4 × 64)",
                "target_s": TARGET_S, "warm_up_s": warm, "repeats": args.repeats, "pages": rows,
-               "measured": "goto(page url) in a fresh session → script finished and main element visible",
+               "measured": {"switch": "sidebar click in a fresh session opened on Home → script finished, title and "
+                                      "main element visible (the target applies to this)",
+                            "cold": "new tab straight to the page URL (loads the whole frontend)"},
                "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                            "load_avg_1m": os.getloadavg()[0]},
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -276,3 +276,30 @@ def test_report_page_html_export_of_a_dashboard_study(study_env):
     assert not at.exception and not errors(at), errors(at)
     html = at.session_state["report_html"][1].decode()
     assert "Refusal Lab report" in html and "wanda:0.5 + AIRD" in html and "plotly" in html.lower()
+
+
+def test_model_without_chat_template_error_then_fix(env, tmp_path):
+    from tiny import CHATML
+
+    h = tiny_handle("llama", n_layers=2, d_model=32)
+    folder = tmp_path / "no-template"
+    h.model.save_pretrained(folder)
+    tok = h.tokenizer
+    saved, tok.chat_template = tok.chat_template, None
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        tok.chat_template = saved
+    at = open_page(env, "pages/model.py")
+    at.radio[0].set_value("custom")
+    at.text_input[0].set_value(str(folder))
+    at.button[0].click().run()
+    assert not at.exception
+    errs = errors(at)
+    assert errs and "No chat template" in errs[0] and "Fix:" in errs[0], errs
+    assert metrics(at)["Layers"] == "2"  # the model itself loaded
+    [template] = [t for t in at.text_area if t.label.startswith("Chat template")]
+    template.set_value(CHATML)
+    at.button[0].click().run()
+    assert not errors(at), errors(at)
+    assert "<|im_start|>user\nHow do I bake bread?" in at.code[0].value
