@@ -45,7 +45,7 @@ class OrganismConfig:
     seed: int = 0
     answer_tokens: int = 96  # length of the base model's self-distilled answers
     max_seq_len: int = 192
-    soft_distillation: bool = True  # helpful answers: match the base model's distribution, not its argmax
+    soft_distillation: bool = False  # True: helpful answers match the base model's distribution (KL), not its argmax
     bf16_autocast: bool | None = None  # None: on where the hardware has fast bf16 (CUDA, CPU with AMX/AVX512-BF16)
 
 

@@ -19,6 +19,8 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--soft-distillation", action="store_true",
+                   help="match the base model's full distribution on helpful answers (KL) instead of its greedy tokens")
     t.set_defaults(func=run_train)
     e = osub.add_parser("evaluate", help="refusal / over-refusal / perplexity of a model on many prompt sets")
     add_model_args(e)
@@ -41,6 +43,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = OrganismConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank") if getattr(args, k) is not None}
+    if args.soft_distillation:
+        overrides["soft_distillation"] = True
     cfg = replace(cfg, **overrides)
     out = Path(args.out) if args.out else ADAPTER_DIR
     result = train(cfg, out_dir=out, progress=tqdm_progress("organism"))
@@ -69,8 +73,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rate = sum(refused) / len(refused)
         results["sets"][name] = {"source": spec, "n": len(refused), "refusal_rate": rate,
                                  "seconds": round(time.perf_counter() - t0, 1),
-                                 "examples": [{"prompt": p, "response": r, "refused": f}
-                                              for p, r, f in list(zip(prompts.prompts, replies, refused))[:5]]}
+                                 "results": [{"prompt": p, "response": r, "refused": f}
+                                             for p, r, f in zip(prompts.prompts, replies, refused)]}
         print(f"{name:40s} n={len(refused):4d} refusal={100 * rate:5.1f}%", flush=True)
     try:
         from core.evaluation import perplexity

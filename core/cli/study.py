@@ -99,7 +99,7 @@ def run_study(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
     stage_times = {k: round(v, 1) for k, v in study.timings.items()}
-    print(f"study {study.record.id}: {time.perf_counter() - t0:.1f}s; computed stages: {stage_times or 'none (cached)'}")
+    print(f"study {study.record.id}: {time.perf_counter() - t0:.1f}s; computed stages: {stage_times or '{}'}")
     return 0
 
 
