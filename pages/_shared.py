@@ -15,6 +15,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -298,7 +299,7 @@ def get_study(handle: ModelHandle, **aird):
     from core.study import Study
 
     spec = study_spec(handle, **aird)
-    key = cache_key(spec.to_dict())
+    key = cache_key(spec.to_dict(), str(Path(runs_root()).resolve()))
     ws = workspace(handle.fingerprint)
     with ws.lock:
         study = ws.studies.get(key)
@@ -391,3 +392,33 @@ def study_direction(handle: ModelHandle, study, *, compute: bool = False, cancel
     ws.values[key] = ds
     mark_original_direction(study, ds)
     return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Compressed variants made on the Compress page, remembered in the run store
+# ----------------------------------------------------------------------------------------------
+
+def variants_record(handle: ModelHandle):
+    """A run-store study (one per model) listing the variants compressed on the Compress page, with
+    their compression reports and perplexities, so a restarted server still shows them."""
+    return run_store().create_study(f"dashboard variants · {handle.name}",
+                                    {"kind": "dashboard-variants", "model_fingerprint": handle.fingerprint})
+
+
+def remember_variant(handle: ModelHandle, v: Variant) -> None:
+    from core.store import cache_key
+    report = {k: val for k, val in v.report.items() if k not in ("module_sparsity", "module_bits")}
+    variants_record(handle).put_json(cache_key("variant", v.scheme), "dashboard compress",
+                                     {"scheme": v.scheme, "report": report, "perplexity": v.perplexity},
+                                     seconds=report.get("seconds"))
+
+
+def remembered_variants(handle: ModelHandle) -> dict[str, dict]:
+    """``{scheme: {"scheme", "report", "perplexity"}}`` stored by :func:`remember_variant`."""
+    rec = variants_record(handle)
+    out = {}
+    for key, e in rec.manifest["stages"].items():
+        if e.get("stage") == "dashboard compress" and rec.has(key):
+            d = rec.get_json(key)
+            out[d["scheme"]] = d
+    return out

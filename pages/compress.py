@@ -9,7 +9,7 @@ from core.compression import SchemeError, parse_scheme
 from core.evaluation import perplexity
 from core.prompts import bundled_text
 from pages._shared import (Variant, cancel_button, current_workspace, guarded, model_badge, progress_callback,
-                           require_handle, show_error)
+                           remember_variant, remembered_variants, require_handle, show_error)
 
 PPL_MAX_LENGTH = 256  # perplexity window (tokens)
 PPL_CHARS = 4000  # first characters of the bundled text: keeps the evaluation a few seconds on CPU
@@ -65,8 +65,10 @@ def run(scheme: str) -> None:
     if do_ppl:
         cb2 = progress_callback(f"Perplexity of {scheme}", cancel_key=CANCEL)
         ppl = perplexity(small, bundled_text()[:PPL_CHARS], max_length=PPL_MAX_LENGTH, progress=cb2)
+    v = Variant(key_of(scheme), small, rep.to_dict(), ppl)
     with ws.lock:
-        ws.variants[key_of(scheme)] = Variant(key_of(scheme), small, rep.to_dict(), ppl)
+        ws.variants[key_of(scheme)] = v
+    remember_variant(handle, v)
 
 
 todo = [s for s in dict.fromkeys(schemes) if key_of(s) not in ws.variants]
@@ -88,20 +90,27 @@ if go_btn and todo:
 
 # ------------------------------------------------------------------------------------------------
 st.subheader("Variants")
-if not ws.variants:
+ok, stored = guarded("Reading the stored variants", lambda: remembered_variants(handle))
+stored = stored or {}
+if not ws.variants and not stored:
     st.info("No compressed variant yet: pick a scheme and click **Compress**.")
     st.stop()
+entries = {k: {"scheme": k, "report": v.report, "perplexity": v.perplexity, "in memory": True}
+           for k, v in ws.variants.items()}
+for k, d in stored.items():
+    entries.setdefault(k, {**d, "in memory": False})
 
 mib = 2 ** 20
-first = next(iter(ws.variants.values())).report
+first = next(iter(entries.values()))["report"]
 rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first["original_bits_per_weight"],
          "stored MiB": first["original_memory_bytes"] / mib, "resident MiB": first["original_memory_bytes"] / mib,
          "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan")}]
-for key, v in ws.variants.items():
-    r = v.report
+for key, v in entries.items():
+    r = v["report"]
     rows.append({"variant": key, "family": r["family"], "sparsity": r["sparsity"], "bits/weight": r["bits_per_weight"],
                  "stored MiB": r["memory_bytes"] / mib, "resident MiB": r["resident_bytes"] / mib,
-                 "perplexity": v.perplexity if v.perplexity is not None else float("nan"), "seconds": r["seconds"]})
+                 "perplexity": v["perplexity"] if v["perplexity"] is not None else float("nan"),
+                 "seconds": r["seconds"], "in memory": v["in memory"]})
 table = pd.DataFrame(rows)
 st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
              column_config={"sparsity": st.column_config.NumberColumn(format="%.3f"),
@@ -110,11 +119,13 @@ st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
                             "resident MiB": st.column_config.NumberColumn(format="%.1f"),
                             "perplexity": st.column_config.NumberColumn(format="%.2f"),
                             "seconds": st.column_config.NumberColumn(format="%.1f")})
-st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory now.")
+st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory. "
+           "Variants not in memory (made before a server restart) are re-created by clicking **Compress** with "
+           "their scheme; their numbers come from the run store.")
 
 fig = go.Figure()
-for key, v in ws.variants.items():
-    ls = v.report["layer_sparsity"]
+for key, v in entries.items():
+    ls = v["report"]["layer_sparsity"]
     fig.add_scatter(x=list(range(len(ls))), y=ls, mode="lines+markers", name=key)
 fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", height=300, showlegend=True, margin=dict(l=10, r=10, t=30, b=10),
                   title="Per-layer sparsity")

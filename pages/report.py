@@ -35,7 +35,8 @@ st.container(key="studies").dataframe(pd.DataFrame(rows), hide_index=True, width
                                       column_config={"MiB": st.column_config.NumberColumn(format="%.1f")})
 
 by_id = {i.id: i for i in infos}
-sid = st.selectbox("Study", list(by_id), format_func=lambda s: f"{by_id[s].name} ({s})")
+order = sorted(by_id, key=lambda s: by_id[s].spec.get("kind") == "dashboard-variants")  # pipeline studies first
+sid = st.selectbox("Study", order, format_func=lambda s: f"{by_id[s].name} ({s})")
 info = by_id[sid]
 ok, study = guarded("Opening the study", lambda: store.open(sid))
 if not ok:
@@ -113,7 +114,9 @@ def html_export(st_: Study) -> bytes:
 
 st.subheader("Export")
 c0, c1, c2, c3 = st.columns(4)
-if c0.button("Prepare the HTML report", help="from the stored stages; a stage that is missing is computed"):
+if info.spec.get("kind") == "dashboard-variants":
+    c0.caption("Variants compressed on the Compress page (no pipeline results to report).")
+elif c0.button("Prepare the HTML report", help="from the stored stages; a stage that is missing is computed"):
     ok, st_ = guarded("Opening the study", pipeline_study)
     ok, page = run_study(None, st_, html_export, what="Building the HTML report") if ok else (False, None)
     if ok:

@@ -136,7 +136,13 @@ def test_compress_page_wanda(env):
     row = table.set_index("variant").loc["wanda:0.5"]
     assert abs(row["sparsity"] - 0.5) < 0.01
     assert row["perplexity"] > 1 and table.set_index("variant").loc["original", "perplexity"] > 1
-    assert row["stored MiB"] > 0
+    assert row["stored MiB"] > 0 and row["in memory"]
+    # after a server restart (empty workspace) the variant is still listed, from the run store
+    import pages._shared as shared
+    shared.workspace.clear()
+    at = open_page(env, "pages/compress.py")
+    row2 = at.dataframe[-1].value.set_index("variant").loc["wanda:0.5"]
+    assert not row2["in memory"] and row2["sparsity"] == row["sparsity"] and row2["perplexity"] == row["perplexity"]
 
 
 def test_compress_page_nonsense_scheme(env):
