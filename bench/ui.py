@@ -52,7 +52,7 @@ class PageSpec:
 
 # In navigation order; `ready` marks the page's main content (not just its title).
 PAGES = [
-    PageSpec("Home", "", "h1:has-text('Refusal Lab')"),
+    PageSpec("Home", "", ".st-key-home"),
     PageSpec("Model", "model", ".st-key-model_summary [data-testid='stMetric']"),
     PageSpec("Prompts", "prompts", ".st-key-prompts_harmful [data-testid='stMetric']"),
     PageSpec("Compress", "compress", ".st-key-variants [data-testid='stDataFrame']"),

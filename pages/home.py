@@ -3,7 +3,7 @@
 import streamlit as st
 
 st.title("Refusal Lab")
-st.markdown(
+st.container(key="home").markdown(
     "See what model compression does to a language model's **refusal direction** "
     "(Arditi et al. 2024) — and repair it (AIRD, after Chhabra & Khalili 2025).\n\n"
     "1. **Model** — the default model loads by itself; pick another one there.\n"
