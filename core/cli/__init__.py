@@ -40,6 +40,8 @@ def load_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns on import that an optional CPU kernel package is absent; its fallback works.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from core.models import ModelLoadError
