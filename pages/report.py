@@ -23,6 +23,9 @@ except (OSError, StoreError) as e:
                "(set REFUSAL_LAB_RUNS to use another one).")
     st.stop()
 
+empty = [i for i in infos if i.entries == 0 and not i.problem]
+if empty and not st.checkbox(f"Show empty studies ({len(empty)})", value=False):
+    infos = [i for i in infos if i not in empty]
 if not infos:
     st.info("No stored study yet. Run one from the **Refusal drift** or **AIRD** page, or with "
             "`python -m core study --model default --scheme wanda:0.5`.")
@@ -50,6 +53,8 @@ table = pd.DataFrame([{"stage": e.get("stage"), "kind": e.get("kind"), "done": e
                        "seconds": e.get("seconds"), "key": k,
                        "status": "ok" if (p := study.problem(k)) is None else p}
                       for k, e in entries.items()])
+if not table.empty:
+    table["seconds"] = pd.to_numeric(table["seconds"], errors="coerce")
 st.subheader("Stages")
 if table.empty:
     st.info("This study has no stored stage yet.")

@@ -275,6 +275,16 @@ def test_aird_page_manual_repair(study_env):
 def test_report_page_html_export_of_a_dashboard_study(study_env):
     """After the drift and AIRD tests (same module, same run store): the HTML report has both."""
     pytest.importorskip("core.study")
+    state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
+    at = open_page(study_env, "pages/drift.py", **state)  # stored by the tests above, else computed here
+    if not button(at, "Run the drift study").disabled:
+        button(at, "Run the drift study").click().run()
+    at = open_page(study_env, "pages/aird.py", **state)
+    [r for r in at.radio if r.label.startswith("Repair layers")][0].set_value("manual").run()
+    [m for m in at.multiselect if m.label == "Repair layers"][0].set_value([1, 2]).run()
+    if not button(at, "Run AIRD").disabled:
+        button(at, "Run AIRD").click().run()
+    assert not errors(at)
     at = open_page(study_env, "pages/report.py")
     studies = at.dataframe[0].value
     assert any(name.startswith("dashboard · ") for name in studies["study"])
