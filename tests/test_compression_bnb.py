@@ -69,3 +69,19 @@ def test_bnb_needs_source_dir():
     h = tiny_handle("llama", n_layers=2, d_model=64)
     with pytest.raises(BnbUnavailable, match="rtn:4:64"):
         apply(h, "bnb-nf4")
+
+
+def test_bnb_failure_is_explained(disk_handle, monkeypatch):
+    import transformers
+
+    import core.compression.bnb as bnb_mod
+
+    def broken(*a, **k):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(BnbUnavailable, match="cannot run on this device.*rtn:8"):
+        apply(disk_handle, "bnb-int8")
+    monkeypatch.setattr(bnb_mod, "availability", lambda: "bitsandbytes cannot run on this device: x; use rtn:8")
+    with pytest.raises(BnbUnavailable, match="rtn:8"):
+        bnb_mod.load_quantized(disk_handle, bnb_mod.Scheme("bnb-nf4"), [])

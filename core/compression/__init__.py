@@ -22,7 +22,8 @@ from core.compression.report import CompressionReport, build_report
 from core.compression.schemes import Scheme, SchemeError, VALID_FORMS, parse_scheme
 from core.compression.targets import Target, select_targets
 from core.models import ModelHandle
-from core.progress import Progress, report
+from core.progress import Progress
+from core.progress import report as _report_progress
 
 __all__ = ["Scheme", "SchemeError", "SchemeInfo", "CompressionReport", "Calibration", "REGISTRY",
            "parse_scheme", "list_schemes", "apply", "VALID_FORMS", "CODE_VERSION"]
@@ -132,9 +133,9 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
 
     if scheme.is_bnb:
         from core.compression.bnb import load_quantized
-        report(progress, 0, 1)
+        _report_progress(progress, 0, 1)
         model = load_quantized(handle, scheme, targets)
-        report(progress, 1, 1)
+        _report_progress(progress, 1, 1)
     else:
         model = _copy_model(handle)
         named = dict(model.named_modules())
@@ -146,7 +147,7 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
                 deq, _ = rtn_quantize(dense_weight(mods[t.name]), scheme.bits, scheme.group,
                                       symmetric=scheme.symmetric)
                 set_weight(mods[t.name], deq)
-                report(progress, i + 1, len(targets))
+                _report_progress(progress, i + 1, len(targets))
         elif scheme.method == "hqq":
             from core.compression.hqq import quantize_modules
             quantize_modules(model, targets, scheme, progress)
@@ -158,7 +159,7 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
             for i, t in enumerate(targets):
                 set_weight(mods[t.name], magnitude_prune(dense_weight(mods[t.name]), scheme.sparsity,
                                                          scheme.n, scheme.m))
-                report(progress, i + 1, len(targets))
+                _report_progress(progress, i + 1, len(targets))
         else:
             from core.compression.calibration import resolve
             from core.compression.pruning import prune_sequential

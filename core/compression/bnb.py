@@ -61,7 +61,8 @@ def availability() -> str | None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
-        return f"bitsandbytes is not importable ({type(e).__name__}: {e})"
+        return (f"bitsandbytes cannot run on this device: it is not importable ({type(e).__name__}: {e}); "
+                "use rtn:8 / rtn:4:64 instead")
     return None
 
 
@@ -85,7 +86,7 @@ def load_quantized(parent: ModelHandle, scheme: Scheme, targets: Sequence[Target
             "magnitude/wanda/sparsegpt")
     reason = availability()
     if reason:
-        raise BnbUnavailable(f"bitsandbytes cannot run on this device: {reason}; {_advice(scheme)}")
+        raise BnbUnavailable(reason)
     from transformers import AutoModelForCausalLM
 
     _quiet_bnb()
