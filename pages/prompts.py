@@ -61,48 +61,49 @@ def upload(role: str) -> None:
                     "n": len(parsed)}
 
 
-for tab, role in zip(st.tabs([r.capitalize() for r in ROLES]), ROLES):
-    with tab, st.container(key=f"prompts_{role}"):
-        st.caption(DESCRIPTIONS[role])
-        current = "Upload a file" if choice[role].get("source") == "file" else "Bundled"
-        source = st.radio("Source", ["Bundled", "Upload a file"], index=["Bundled", "Upload a file"].index(current),
-                          key=f"source_{role}", horizontal=True)
-        if source == "Bundled":
-            choice[role] = {"source": "bundled"}
-        else:
-            upload(role)
-        try:
-            full = prompt_set(role)
-            splits = {s: prompt_set(role, s) for s in SPLITS}
-        except (PromptFileError, OSError) as e:
-            show_error(f"Could not load the {role} prompts", e, "upload the file again or switch to the bundled set.")
-            continue
-        c = st.columns(5)
-        c[0].metric("Prompts", len(full))
-        for col, s in zip(c[1:4], SPLITS):
-            col.metric(s, len(splits[s]))
-        c[4].metric("Categories", len([k for k in full.category_counts() if k != "(none)"]))
-        st.caption(f"`{full.name}` · sha `{full.sha}` · {full.source}")
-        counts = full.category_counts()
-        left, right = st.columns([1, 2])
-        with left:
-            rows = []
-            for cat in counts:
-                row = {"category": cat, "all": counts[cat]}
-                for s in SPLITS:
-                    row[s] = splits[s].category_counts().get(cat, 0)
-                rows.append(row)
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        with right:
-            if len(counts) > 1:
-                fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "category", "y": "prompts"},
-                             height=260)
-                fig.update_layout(margin=dict(l=10, r=10, t=10, b=10))
-                st.plotly_chart(fig, width="stretch", key=f"cats_{role}")
-        split_of = {}
-        for s in SPLITS:
-            for p in splits[s].prompts:
-                split_of[p] = s
-        preview = pd.DataFrame({"prompt": full.prompts, "category": full.categories,
-                                "split": [split_of.get(p, "") for p in full.prompts]})
-        st.dataframe(preview.head(300), hide_index=True, width="stretch", height=280)
+role = st.radio("Prompt set", ROLES, format_func=str.capitalize, horizontal=True, key="prompts_role",
+                help="one set at a time; the choice of each set is kept")
+with st.container(key=f"prompts_{role}"):
+    st.caption(DESCRIPTIONS[role])
+    current = "Upload a file" if choice[role].get("source") == "file" else "Bundled"
+    source = st.radio("Source", ["Bundled", "Upload a file"], index=["Bundled", "Upload a file"].index(current),
+                      key=f"source_{role}", horizontal=True)
+    if source == "Bundled":
+        choice[role] = {"source": "bundled"}
+    else:
+        upload(role)
+    try:
+        full = prompt_set(role)
+        splits = {s: prompt_set(role, s) for s in SPLITS}
+    except (PromptFileError, OSError) as e:
+        show_error(f"Could not load the {role} prompts", e, "upload the file again or switch to the bundled set.")
+        st.stop()
+    c = st.columns(5)
+    c[0].metric("Prompts", len(full))
+    for col, s in zip(c[1:4], SPLITS):
+        col.metric(s, len(splits[s]))
+    c[4].metric("Categories", len([k for k in full.category_counts() if k != "(none)"]))
+    st.caption(f"`{full.name}` · sha `{full.sha}` · {full.source}")
+    counts = full.category_counts()
+    left, right = st.columns([1, 2])
+    with left:
+        rows = []
+        for cat in counts:
+            row = {"category": cat, "all": counts[cat]}
+            for s in SPLITS:
+                row[s] = splits[s].category_counts().get(cat, 0)
+            rows.append(row)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    with right:
+        if len(counts) > 1:
+            fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "category", "y": "prompts"},
+                         height=260)
+            fig.update_layout(margin=dict(l=10, r=10, t=10, b=10))
+            st.plotly_chart(fig, width="stretch", key=f"cats_{role}")
+    split_of = {}
+    for s in SPLITS:
+        for p in splits[s].prompts:
+            split_of[p] = s
+    preview = pd.DataFrame({"prompt": full.prompts, "category": full.categories,
+                            "split": [split_of.get(p, "") for p in full.prompts]})
+    st.dataframe(preview.head(300), hide_index=True, width="stretch", height=280)

@@ -119,6 +119,7 @@ def test_prompts_page_counts_and_upload(env):
 
 def test_prompts_page_malformed_upload_is_an_error(env):
     at = open_page(env, "pages/prompts.py")
+    at.radio(key="prompts_role").set_value("harmless").run()
     at.radio(key="source_harmless").set_value("Upload a file").run()
     at.file_uploader(key="upload_harmless").set_value(("bad.json", b"[{\"goal\": 1,", "application/json")).run()
     assert not at.exception
