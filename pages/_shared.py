@@ -27,6 +27,24 @@ DEFAULT_SPEC = os.environ.get("REFUSAL_LAB_MODEL", "default")
 MODEL_CFG = "model_cfg"
 
 
+def _use_app_navigation() -> None:
+    """Streamlit treats a folder named ``pages/`` next to the main script as a legacy multipage app
+    until ``st.navigation`` is first called in the process: a first visit straight to ``/drift`` would
+    run ``pages/drift.py`` alone, with an auto-generated sidebar listing every file here. Leave that
+    mode and rerun, so ``app.py``'s navigation (and page config) serves the URL."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+        from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+    except ImportError:  # another Streamlit layout: nothing to do
+        return
+    if PagesManager.uses_pages_directory and get_script_run_ctx() is not None:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_use_app_navigation()  # runs once per server process, in whichever page is opened first
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 import streamlit as st
 
+import pages._shared  # noqa: F401 — leaves Streamlit's legacy pages/ mode on a first visit
+
 st.title("Refusal Lab")
 st.container(key="home").markdown(
     "See what model compression does to a language model's **refusal direction** "

@@ -43,6 +43,23 @@ def server(tmp_path_factory):
     assert "Traceback" not in log or "Cancelled" in log, f"server log shows a traceback:\n{log[-3000:]}"
 
 
+def test_deep_link_on_a_fresh_server_uses_the_app_navigation(server):
+    """First request of the server straight to a page URL: served by app.py's navigation, not by
+    Streamlit's legacy pages/ mode (which would list every file of pages/ in the sidebar)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = ui.launch_browser(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server.url}/report")
+        page.wait_for_selector("h1:has-text('Report')", timeout=300_000)
+        ui.wait_idle(page)
+        nav = [a.inner_text().split("\n")[-1] for a in page.query_selector_all("[data-testid='stSidebarNav'] a")]
+        assert nav == [p.title for p in ui.existing_pages()], nav
+        assert ui.exception_boxes(page) == []
+        browser.close()
+
+
 def test_click_through_every_page(server):
     from playwright.sync_api import sync_playwright
 
