@@ -39,6 +39,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 RESULTS = ROOT / "bench" / "results" / "ui.json"
 TARGET_S = 1.0
+# Longest wait for one action (compress, drift study, AIRD) or page: generous for the real model on a CPU.
+ACTION_TIMEOUT_S = float(os.environ.get("REFUSAL_LAB_BROWSER_TIMEOUT", "900"))
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,10 @@ def launch_browser(pw):
 SCRIPT_STATE = "document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')"
 
 
-def wait_idle(page, timeout_s: float = 600, settle_s: float = 0.4) -> None:
+def wait_idle(page, timeout_s: float | None = None, settle_s: float = 0.4) -> None:
     """Wait until the Streamlit script is not running and stays so for ``settle_s`` (a page that calls
     ``st.rerun()`` stops and starts again within a few milliseconds)."""
+    timeout_s = timeout_s or ACTION_TIMEOUT_S
     deadline = time.time() + timeout_s
     since = None
     while time.time() < deadline:
@@ -191,11 +194,11 @@ def click_nav(page, title: str) -> None:
     page.locator("[data-testid='stSidebarNav'] a").filter(has_text=title).first.click()
 
 
-def click_button(page, label: str, timeout_s: float = 900) -> None:
+def click_button(page, label: str, timeout_s: float | None = None) -> None:
     """Click a button by its label and wait for the resulting script runs to finish."""
     page.get_by_role("button", name=label).first.click()
     time.sleep(0.3)
-    wait_idle(page, timeout_s)
+    wait_idle(page, timeout_s or ACTION_TIMEOUT_S)
 
 
 def run_action(page, title: str, action: str | None, log=print) -> None:

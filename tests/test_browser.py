@@ -73,7 +73,7 @@ def test_click_through_every_page(server):
         page.screenshot(path=ARTIFACTS / "00-home.png", full_page=True)
         for i, spec in enumerate(ui.existing_pages()[1:], start=1):
             ui.click_nav(page, spec.title)
-            page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
+            page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=ui.ACTION_TIMEOUT_S * 1000)
             ui.wait_idle(page)
             if spec.title == "Refusal drift":  # a long action can be cancelled from the page
                 page.get_by_role("button", name="Run the drift study").click()
@@ -83,7 +83,7 @@ def test_click_through_every_page(server):
                 ui.wait_idle(page)
                 assert ui.exception_boxes(page) == []
             ui.flow_step(page, spec.title, fast=True)
-            ui.wait_ready(page, spec, timeout_s=600)
+            ui.wait_ready(page, spec, timeout_s=ui.ACTION_TIMEOUT_S)
             assert ui.exception_boxes(page) == [], f"{spec.title}: {ui.exception_boxes(page)}"
             page.mouse.move(0, 0)  # no tooltip in the screenshot
             name = f"{i:02d}-{spec.path}.png"
