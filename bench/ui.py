@@ -271,8 +271,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh sessions per page")
     args = ap.parse_args()
     if (problem := chromium_problem()) is not None:
-        print(f"cannot run the UI benchmark: {problem}")
-        return 1
+        print(f"UI benchmark skipped: {problem}")
+        return 0  # `make bench` runs every bench script; a machine without a browser skips this one
     from playwright.sync_api import sync_playwright
 
     tmp = Path(tempfile.mkdtemp(prefix="refusal-lab-ui-"))
