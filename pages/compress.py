@@ -104,7 +104,7 @@ mib = 2 ** 20
 first = next(iter(entries.values()))["report"]
 rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first["original_bits_per_weight"],
          "stored MiB": first["original_memory_bytes"] / mib, "resident MiB": first["original_memory_bytes"] / mib,
-         "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan")}]
+         "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan"), "in memory": True}]
 for key, v in entries.items():
     r = v["report"]
     rows.append({"variant": key, "family": r["family"], "sparsity": r["sparsity"], "bits/weight": r["bits_per_weight"],
