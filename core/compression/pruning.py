@@ -223,10 +223,10 @@ def _stat_hook(kind: str, acc: dict, in_features: int, cache: dict):
     Linears fed the very same tensor (q/k/v, gate/up) share one computation through ``cache``."""
     def hook(module, inputs, output):
         raw = inputs[0]
-        key = (raw.data_ptr(), tuple(raw.shape), raw._version, kind)
-        if cache.get("key") != key:
+        # identity, not address: the cache holds the tensor, so its memory cannot be reused meanwhile
+        if cache.get("tensor") is not raw or cache.get("version") != raw._version:
             x = raw.detach().reshape(-1, in_features).float()
-            cache["key"] = key
+            cache["tensor"], cache["version"] = raw, raw._version
             cache["value"] = (x * x).sum(0) if kind == "wanda" else x.T @ x
             cache["rows"] = x.shape[0]
         name = "sumsq" if kind == "wanda" else "H"
