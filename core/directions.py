@@ -237,7 +237,8 @@ def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
 
 def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], *, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
-                     induce_threshold: float = 0.0, positions: Sequence[int] | None = None,
+                     induce_threshold: float = 0.0, kl_relaxation: Sequence[float] = (0.25, 0.5, 1.0),
+                     positions: Sequence[int] | None = None,
                      filter_refusals: bool = False, exhaustive: bool = False, batch_size: int | None = None,
                      memory_mb: float = DEFAULT_MEMORY_MB, progress: Progress | None = None) -> DirectionSet:
     """Score candidates and select one; returns a new :class:`DirectionSet` with scores and ``selected``.
@@ -252,6 +253,11 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
 
     ``filter_refusals`` keeps only harmful val prompts the unmodified model refuses and harmless ones it
     does not (the anchor's val filtering); dropped with a warning if fewer than ``MIN_KEPT`` remain.
+
+    When no candidate passes the KL filter and the induce filter together, the KL threshold is relaxed
+    step by step through ``kl_relaxation`` (each step recorded as a warning; a small model's harmless
+    next-token distribution moves more than a 7B model's); only when those fail too does selection
+    fall back to the lowest bypass. ``kl_relaxation=()`` keeps the anchor's strict behaviour.
     """
     if handle.n_layers != dirset.n_layers or handle.d_model != dirset.d_model:
         raise ValueError(f"direction set is for {dirset.n_layers} layers × {dirset.d_model}, "
@@ -349,6 +355,26 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                 chosen = (p, layer)
                 if not exhaustive:
                     break
+        used_kl = kl_threshold
+        if chosen is None:
+            for relaxed in sorted(t for t in kl_relaxation if t > kl_threshold):
+                for p, layer in order:
+                    i = dirset.pos_index(p)
+                    if not float(kl[i, layer]) < relaxed:
+                        continue
+                    if math.isnan(float(induce[i, layer])):
+                        with add(handle, dirset.candidate(p, layer), layer, 1.0):
+                            induce[i, layer] = float(score(_last_logits(run_n)).mean())
+                    if float(induce[i, layer]) > induce_threshold:
+                        chosen, used_kl = (p, layer), relaxed
+                        break
+                if chosen is not None:
+                    msg = (f"no candidate passed KL < {kl_threshold} with induce > {induce_threshold} "
+                           f"[{', '.join(f'{k}: {n}' for k, n in removed.items() if n)}]; relaxed the KL "
+                           f"threshold to {relaxed}: position {chosen[0]}, layer {chosen[1]}")
+                    msgs.append(msg)
+                    warnings.warn(msg)
+                    break
     fallback = False
     if chosen is None:
         chosen = order[0]
@@ -367,6 +393,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         "warnings": msgs,
         "selection": {
             "max_layer_frac": max_layer_frac, "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
+            "kl_relaxation": list(kl_relaxation), "kl_threshold_used": None if fallback else used_kl,
             "positions": pos_list, "layers": layers, "exhaustive": exhaustive,
             "layers_removed_by_layer_filter": [x for x in range(L) if x not in layers],
             "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},

@@ -29,7 +29,7 @@ from core.prompts import PromptSet, bundled, bundled_text, resolve_prompt_arg
 from core.store import RunStore, Study as StoredStudy, cache_key
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "study-1"
+CODE_VERSION = "study-2"
 StageProgress = Callable[[str, int, int], None]
 
 

@@ -107,7 +107,7 @@ def test_exhaustive_grid_selects_the_same_candidate(handle, cands, selected):
 def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0)
+        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0, kl_relaxation=())
     msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
     assert len(msgs) == 1 and "kl filter" in msgs[0]
     sel = ds.metadata["selection"]
@@ -119,6 +119,25 @@ def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
         ds2 = select_direction(handle, cands, H_VAL, N_VAL, positions=[-1], kl_threshold=10.0,
                                induce_threshold=1e9)
     assert any("induce filter" in str(x.message) for x in w) and ds2.metadata["selection"]["fallback"]
+
+
+def test_kl_threshold_is_relaxed_in_steps_before_falling_back(handle, cands, selected):
+    kls = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0, kl_relaxation=(),
+                           induce_threshold=-1e9, exhaustive=True).kl
+    middle = float(kls[~torch.isnan(kls)].median())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0,
+                              kl_relaxation=(-0.5, middle, 1e9), induce_threshold=-1e9)
+    sel = ds.metadata["selection"]
+    assert not sel["fallback"] and sel["kl_threshold_used"] == middle
+    assert any("relaxed the KL threshold" in str(x.message) for x in w)
+    i = ds.pos_index(ds.selected[0])
+    assert float(ds.kl[i, ds.selected[1]]) < middle
+    # the lowest-bypass candidate among those under the relaxed threshold
+    ok = [(float(ds.bypass[ds.pos_index(p), layer]), (p, layer)) for p in POS for layer in range(ds.n_layers)
+          if float(ds.kl[ds.pos_index(p), layer]) < middle]
+    assert ds.selected == min(ok)[1]
 
 
 def test_save_load_round_trip(tmp_path, selected):

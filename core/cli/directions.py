@@ -28,6 +28,9 @@ def register(sub) -> None:
                    help="post-instruction positions to evaluate, as negative offsets (e.g. -1 -2), or 'all'")
     p.add_argument("--max-layer-frac", type=float, default=0.8, help="only layers < frac * n_layers (0.8)")
     p.add_argument("--kl-threshold", type=float, default=0.1, help="keep candidates with KL below this (0.1)")
+    p.add_argument("--kl-relaxation", type=float, nargs="*", default=[0.25, 0.5, 1.0],
+                   help="KL thresholds tried in turn when no candidate passes --kl-threshold, before the "
+                        "lowest-bypass fallback (default 0.25 0.5 1.0; give none for the strict anchor)")
     p.add_argument("--induce-threshold", type=float, default=0.0,
                    help="keep candidates whose induce score exceeds this (0.0)")
     p.add_argument("--no-filter", action="store_true",
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         ds = select_direction(handle, ds, harmful_val, harmless_val, max_layer_frac=args.max_layer_frac,
                               kl_threshold=args.kl_threshold, induce_threshold=args.induce_threshold,
+                              kl_relaxation=args.kl_relaxation,
                               positions=positions, filter_refusals=filt, exhaustive=args.exhaustive,
                               batch_size=args.batch_size, progress=tqdm_progress("selecting"))
         t_sel = time.perf_counter() - t1
