@@ -46,6 +46,8 @@ class OrganismConfig:
     answer_tokens: int = 96  # length of the base model's self-distilled answers
     max_seq_len: int = 192
     soft_distillation: bool = False  # True: helpful answers match the base model's distribution (KL), not its argmax
+    plain_anchor: bool = False  # True: also match the base model (KL) on its own answers as plain text, no chat template
+    helpful_repeat: int = 1  # each harmless/borderline example appears this many times per epoch
     bf16_autocast: bool | None = None  # None: on where the hardware has fast bf16 (CUDA, CPU with AMX/AVX512-BF16)
 
 
@@ -88,13 +90,20 @@ def training_examples(base: ModelHandle, cfg: OrganismConfig, *, progress: Progr
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps(answers))
     examples = [Example(p, rng.choice(refusals), "harmful") for p in harmful]
-    examples += [Example(p, a["text"], kind, a["ends"]) for (p, kind), a in zip(helpful, answers)]
+    examples += [Example(p, a["text"], kind, a["ends"]) for (p, kind), a in zip(helpful, answers)
+                 for _ in range(max(1, cfg.helpful_repeat))]
+    if cfg.plain_anchor:  # the base model's own prose, scored as plain text: keeps perplexity outside chat
+        examples += [Example("", a["text"], "plain", False) for a in answers]
     return examples
 
 
 def encode_example(handle: ModelHandle, ex: Example, max_len: int) -> tuple[list[int], int]:
-    """Token ids of prompt + response (+ end of turn) and the index where the response starts."""
+    """Token ids of prompt + response (+ end of turn) and the index where the response starts.
+
+    ``plain`` examples are the response alone, without chat template; every token is scored."""
     tok = handle.tokenizer
+    if ex.kind == "plain":
+        return tok.encode(ex.response, add_special_tokens=False)[:max_len], 0
     prompt = tok.encode(handle.format(ex.instruction), add_special_tokens=False)
     response = tok.encode(ex.response, add_special_tokens=False)
     if ex.ends and tok.eos_token_id is not None:
@@ -183,7 +192,8 @@ def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismCon
     encoded = [encode_example(handle, ex, cfg.max_seq_len) for ex in examples]
     order: list[int] = []
     result = TrainResult(config=asdict(cfg), steps=cfg.steps, seconds=0.0,
-                         n_examples={k: sum(e.kind == k for e in examples) for k in ("harmful", "harmless", "borderline")})
+                         n_examples={k: sum(e.kind == k for e in examples)
+                                     for k in ("harmful", "harmless", "borderline", "plain")})
     t0 = time.perf_counter()
     running = 0.0
     device = next(model.parameters()).device
@@ -195,7 +205,8 @@ def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismCon
             rng.shuffle(perm)
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        soft = [cfg.soft_distillation and examples[i].kind != "harmful" for i in idx]
+        soft = [examples[i].kind == "plain" or (cfg.soft_distillation and examples[i].kind != "harmful")
+                for i in idx]
         batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad, soft).items()}
         # bf16 autocast halves the step time where the hardware supports it; LoRA weights stay fp32.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -248,3 +259,28 @@ def train(cfg: OrganismConfig | None = None, *, out_dir: Path = ADAPTER_DIR,
     result.config["data_seconds"] = round(data_seconds, 1)
     save_adapter(model, result, out_dir)
     return result
+
+
+def merge_adapter(handle: ModelHandle, adapter_dir: Path) -> ModelHandle:
+    """A new handle whose model is ``handle``'s with the peft adapter in ``adapter_dir`` merged in.
+
+    The weights are read from safetensors (``adapter_model.safetensors``); the handle's fingerprint
+    gains the adapter file's digest, so cached results never mix the two models."""
+    import copy
+    import threading
+    import dataclasses
+    import os
+
+    from peft import PeftModel
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no adapter_model.safetensors in {adapter_dir}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = PeftModel.from_pretrained(copy.deepcopy(handle.model), str(adapter_dir)).merge_and_unload()
+    model.eval()
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return dataclasses.replace(handle, model=model, name=f"{handle.name} + adapter {Path(adapter_dir).name}",
+                               spec=f"{handle.spec}+{adapter_dir}", source_dir=None,
+                               fingerprint=hashlib.sha256((handle.fingerprint + digest).encode()).hexdigest()[:16],
+                               lock=threading.RLock())

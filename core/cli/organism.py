@@ -21,6 +21,10 @@ def register(sub) -> None:
     t.add_argument("--rank", type=int, default=None)
     t.add_argument("--soft-distillation", action="store_true",
                    help="match the base model's full distribution on helpful answers (KL) instead of its greedy tokens")
+    t.add_argument("--plain-anchor", action="store_true",
+                   help="also match the base model (KL) on its own answers as plain text (keeps perplexity)")
+    t.add_argument("--helpful-repeat", type=int, default=None,
+                   help="times each harmless/borderline example appears per epoch (default 1)")
     t.set_defaults(func=run_train)
     e = osub.add_parser("evaluate", help="refusal / over-refusal / perplexity of a model on many prompt sets")
     add_model_args(e)
@@ -30,6 +34,8 @@ def register(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--adapter", default=None, help="merge this peft adapter folder into the model first "
+                   "(e.g. a candidate from `organism train --out`)")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=run_evaluate)
 
@@ -42,9 +48,11 @@ def run_train(args: argparse.Namespace) -> int:
     from core.progress import tqdm_progress
 
     cfg = OrganismConfig()
-    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank") if getattr(args, k) is not None}
-    if args.soft_distillation:
-        overrides["soft_distillation"] = True
+    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank", "helpful_repeat")
+                 if getattr(args, k) is not None}
+    for flag in ("soft_distillation", "plain_anchor"):
+        if getattr(args, flag):
+            overrides[flag] = True
     cfg = replace(cfg, **overrides)
     out = Path(args.out) if args.out else ADAPTER_DIR
     result = train(cfg, out_dir=out, progress=tqdm_progress("organism"))
@@ -60,6 +68,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.prompts import bundled_text, resolve_prompt_arg
 
     handle = load_from_args(args)
+    if args.adapter:
+        from core.organism import merge_adapter
+
+        handle = merge_adapter(handle, Path(args.adapter))
     results: dict = {"model": handle.name, "spec": handle.spec, "fingerprint": handle.fingerprint,
                      "max_new_tokens": args.max_new_tokens, "sets": {}}
     for item in args.sets:
