@@ -30,6 +30,7 @@ import torch
 
 from core.activations import (DEFAULT_MEMORY_MB, BatchRunner, mean_activations, post_instruction_tokens,
                               tokenize)
+from core.evaluation import kl_divergence
 from core.interventions import ablate, add
 from core.judges import refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
@@ -229,12 +230,6 @@ def _last_logits(runner: BatchRunner) -> torch.Tensor:
     return out
 
 
-def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over prompts of KL(base ‖ new) of next-token distributions."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return float((base_logp.exp() * (base_logp - logp)).sum(-1).mean())
-
-
 def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], *, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
                      induce_threshold: float = 0.0, kl_relaxation: Sequence[float] = (0.25, 0.5, 1.0),
@@ -322,7 +317,6 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                 run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
                 base_n = base_n[keep_n]
             s_h, s_n = s_h[keep_h], s_n[keep_n]
-        base_logp_n = torch.log_softmax(base_n.double(), dim=-1)
         tick()
 
         for p, layer in grid:
@@ -338,7 +332,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             i = dirset.pos_index(p)
             r = dirset.candidate(p, layer)
             with ablate(handle, r):
-                kl[i, layer] = _kl(base_logp_n, _last_logits(run_n))
+                kl[i, layer] = kl_divergence(base_n, _last_logits(run_n))
             tick()
             kl_ok = float(kl[i, layer]) < kl_threshold
             if kl_ok or exhaustive:

@@ -12,7 +12,7 @@ from core.generation import generate
 from core.interventions import ablate, add, orthogonalize
 from core.judges import is_refusal
 from core.store import cache_key
-from core.ui_support import prefix_refusal_scores
+from core.judges import prefix_refusal_scores
 from pages._shared import (ROLES, cancel_button, current_workspace, get_study, guarded, model_badge, progress_callback,
                            prompt_set, require_handle, settings_widgets, show_error, study_direction)
 

@@ -245,3 +245,17 @@ def test_orthogonalize_rejects_quantized_writers_and_leaves_weights_alone():
     assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
     assert h.lock.acquire(blocking=False)
     h.lock.release()
+
+
+def test_prefix_refusal_scores_match_the_prompt_score_and_follow_steering():
+    from core.judges import prefix_refusal_scores
+
+    h = _handle("llama")
+    tokens, scores = prefix_refusal_scores(h, PROMPTS[0], "Sure, here is how to do it.")
+    assert len(scores) == len(tokens) + 1 and len(tokens) > 3
+    assert scores[0] == pytest.approx(float(refusal_scores(h, PROMPTS[:1])[0]), abs=1e-4)
+    r = torch.randn(h.d_model)
+    with add(h, r, 1, 4.0):
+        _, steered = prefix_refusal_scores(h, PROMPTS[0], "Sure, here is how to do it.")
+        assert steered[0] == pytest.approx(float(refusal_scores(h, PROMPTS[:1])[0]), abs=1e-4)
+    assert steered != scores and count_hooks(h) == 0
