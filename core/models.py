@@ -383,6 +383,14 @@ def resolve_spec(spec: str) -> tuple[Path | str, str]:
     return spec, spec.split("/")[-1]
 
 
+def spec_fingerprint(spec: str) -> str | None:
+    """The fingerprint :func:`load_model` gives ``spec``, without loading the weights: the content
+    hash of the folder it resolves to (``default``, ``smollm2-base``, folders, GGUF files). None for
+    hub ids (their files are only known after loading)."""
+    source, _ = resolve_spec(spec)
+    return folder_fingerprint(source) if isinstance(source, Path) else None
+
+
 def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                trust_remote_code: bool = False, chat_template: str | None = None,
                system_prompt: str | None = None) -> ModelHandle:

@@ -101,6 +101,13 @@ class Study:
                 return self._memo[key]
             except Exception as e:  # corrupt entry: recompute
                 log.warning("stored %s unreadable (%s); recomputing", stage, e)
+        found = self._from_other_studies(kind, key)
+        if found is not None:  # keys name everything a result depends on, so another study's is ours too
+            value, other = found
+            self._put(kind, key, stage, value, 0.0)
+            log.info("%s: reused from study %s", stage, other)
+            self._memo[key] = value
+            return value
         t0 = time.perf_counter()
         value = compute()
         seconds = time.perf_counter() - t0
@@ -109,16 +116,31 @@ class Study:
         self._memo[key] = value
         return value
 
-    def _get(self, kind: str, key: str):
+    def _from_other_studies(self, kind: str, key: str):
+        """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
+        None. Unreadable studies and entries are skipped."""
+        for info in self.store.list_studies():
+            if info.id == self.record.id or info.problem:
+                continue
+            try:
+                other = StoredStudy(info.path)  # read-only: no gc of a study another process may be writing
+                if other.has(key):
+                    return self._get(kind, key, other), info.id
+            except Exception as e:  # a damaged peer never stops this study
+                log.debug("study %s: %s unreadable (%s)", info.id, key, e)
+        return None
+
+    def _get(self, kind: str, key: str, record: StoredStudy | None = None):
+        record = record or self.record
         if kind == "json":
-            return self.record.get_json(key)
+            return record.get_json(key)
         if kind == "directions":
             from core.directions import DirectionSet
-            return DirectionSet.load(self.record.get_path(key))
+            return DirectionSet.load(record.get_path(key))
         if kind == "repair":
             from core.aird import Repair
-            meta = self.record.get_meta(key)
-            return Repair(direction=self.record.get_tensors(key)["direction"], **meta)
+            meta = record.get_meta(key)
+            return Repair(direction=record.get_tensors(key)["direction"], **meta)
         raise ValueError(kind)
 
     def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
@@ -143,15 +165,26 @@ class Study:
         return self._original
 
     def original_fingerprint(self) -> str:
-        """The original model's fingerprint without loading it when a stored run already knows it."""
+        """The original model's fingerprint without loading it: the content hash of its folder (local
+        specs; a retrained adapter or edited folder gets a new one), else the one a stored run of
+        this store recorded (hub ids), else from loading the model."""
         if self._original is not None:
             return self._original.fingerprint
-        key = cache_key("fingerprint", self.spec.model)
-        if self.record.has(key):
-            return self.record.get_json(key)["fingerprint"]
-        fp = self.original.fingerprint
-        self.record.put_json(key, "load", {"fingerprint": fp, "name": self.original.name})
-        return fp
+        if "fingerprint" not in self._memo:
+            from core.models import spec_fingerprint
+
+            fp = spec_fingerprint(self.spec.model)
+            key = cache_key("fingerprint", self.spec.model)
+            if fp is None:
+                if self.record.has(key):
+                    fp = self.record.get_json(key)["fingerprint"]
+                else:
+                    found = self._from_other_studies("json", key)
+                    fp = found[0]["fingerprint"] if found else self.original.fingerprint
+            if not self.record.has(key) or self.record.get_json(key)["fingerprint"] != fp:
+                self.record.put_json(key, "load", {"fingerprint": fp})
+            self._memo["fingerprint"] = fp
+        return self._memo["fingerprint"]
 
     def eval_sets(self) -> dict[str, PromptSet]:
         """The evaluation prompt sets (first ``limit`` of each)."""
@@ -202,24 +235,39 @@ class Study:
         return self._cached(f"directions {which}", (self.original_fingerprint(), which,
                                                     self.spec.selection_positions), compute, "directions")
 
-    def drift(self, scheme: str) -> dict:
-        """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
-        variant's source and quality, and harmful/harmless projections on O's direction in both."""
-        from core.activations import projections, projection_stats
+    def diagnostic(self, scheme: str) -> dict:
+        """Harmful/harmless projections on O's refusal direction (val splits, O's selected position) in
+        O and in the variant, and the recoverability verdict of :func:`core.aird.recoverability`.
+        Needs only O's direction, not the variant's (cheaper than :meth:`drift`)."""
+        from core.activations import projection_stats, projections
         from core.aird import recoverability
-        from core.directions import layer_cosines, quality, source
 
         def compute():
-            d_o, d_c = self.directions("original"), self.directions(scheme)
-            r = d_o.direction
-            pos = d_o.selected[0]
+            d_o = self.directions("original")
+            r, pos = d_o.direction, d_o.selected[0]
             harmful, harmless = bundled("harmful", "val").prompts, bundled("harmless", "val").prompts
             proj = {}
             for which in ("original", scheme):
                 h = self.model_for(which)
                 proj[which] = {"harmful": projections(h, harmful, r, position=pos,
-                                                      progress=self._progress(f"drift {scheme}: projections")),
+                                                      progress=self._progress(f"diagnostic {scheme}: projections")),
                                "harmless": projections(h, harmless, r, position=pos)}
+            return {
+                "projections": {w: {k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()}
+                                for w, p in (("original", proj["original"]), ("variant", proj[scheme]))},
+                "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
+            }
+
+        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme), compute)
+
+    def drift(self, scheme: str) -> dict:
+        """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
+        variant's source and quality, and (from :meth:`diagnostic`) harmful/harmless projections on
+        O's direction in both with the recoverability verdict."""
+        from core.directions import layer_cosines, quality, source
+
+        def compute():
+            d_o, d_c = self.directions("original"), self.directions(scheme)
             cos_sel = layer_cosines(d_o, d_c)
             return {
                 "scheme": scheme,
@@ -228,9 +276,7 @@ class Study:
                     d_o.direction.double(), d_c.direction.double(), dim=0)),
                 "original": {"source": source(d_o), "quality": quality(d_o)},
                 "variant": {"source": source(d_c), "quality": quality(d_c)},
-                "projections": {w: {k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()}
-                                for w, p in (("original", proj["original"]), ("variant", proj[scheme]))},
-                "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
+                **self.diagnostic(scheme),
             }
 
         return self._cached(f"drift {scheme}", (self.original_fingerprint(), scheme), compute)

@@ -56,3 +56,24 @@ def test_cancel_keeps_completed_stages(tiny_folder, tmp_path):
     resumed.run()
     assert not any(s.startswith("directions original") for s in stages)  # already stored
     assert any(s.startswith("evaluate original") for s in stages)
+
+
+
+def test_a_second_study_reuses_stages_another_study_computed(tiny_folder, tmp_path):
+    """Stage keys name everything a result depends on, so a different study in the same store (other
+    evaluation limit) copies the original's directions and drift instead of recomputing them, and
+    keeps its own copy (its folder stays complete for export)."""
+    first = Study(_spec(tiny_folder), tmp_path / "runs")
+    d1 = first.directions("original")
+    drift1 = first.drift("magnitude:0.5")
+    stages = []
+    second = Study(_spec(tiny_folder, limit=3), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
+    assert second.record.id != first.record.id
+    d2 = second.directions("original")
+    assert second.drift("magnitude:0.5") == drift1
+    assert d2.selected == d1.selected and (d2.candidates == d1.candidates).all()
+    assert stages == [] and second._original is None
+    third = Study(_spec(tiny_folder, limit=2), tmp_path / "runs")
+    first.store.delete(first.record.id)
+    second.store.delete(second.record.id)  # the copies made by the second study are gone too
+    assert third.directions("original").selected == d1.selected  # recomputed, no crash
