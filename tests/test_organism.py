@@ -17,7 +17,7 @@ def test_training_loop_reduces_loss_on_tiny_model():
     model, result = train_adapter(h, examples, cfg, log_every=100)
     assert len(result.losses) == 12
     assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3  # it learns
-    assert result.n_examples == {"harmful": 4, "harmless": 4, "borderline": 0}
+    assert result.n_examples == {"harmful": 4, "harmless": 4, "borderline": 0, "plain": 0}
     # base weights untouched: only LoRA parameters were trained
     merged = model.merge_and_unload()
     changed = [k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])]
