@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.compression import SCHEMES  # noqa: E402  (the registry's representative parameters)
+from core.cli import text_table  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "aird.json"
 SHARED = ROOT.parent / "shared" / "benchmarks"
@@ -80,10 +81,7 @@ def fmt(rows: list[dict]) -> str:
                       f"{pct(r.get('borderline_C'))}→{pct(r.get('borderline_R'))}",
                       f"{r['perplexity_C']:.2f}→{r['perplexity_R']:.2f}", ",".join(map(str, r["layers"])),
                       f"{r['alpha']:g}", f"{r['density_before']:.2f}→{r['density_after']:.2f}", r["diagnostic"]])
-    widths = [max(len(h), *(len(str(c[i])) for c in lines)) for i, h in enumerate(heads)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in lines]
-    return "\n".join(out)
+    return text_table(heads, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.cli import text_table  # noqa: E402
+
 SCHEMES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "rtn:8", "rtn:4:64", "rtn:3:64", "hqq:4:64", "magnitude:0.5",
            "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8"]
 OUT = ROOT / "bench" / "results" / "compression.json"
@@ -67,10 +69,7 @@ def fmt_table(rows: list[dict], refusal: bool) -> str:
         if refusal:
             cells.append(f"{r['refusal_rate']:.2f}" if "refusal_rate" in r else "—")
         lines.append(cells)
-    widths = [max(len(h), *(len(str(c[i])) for c in lines)) for i, h in enumerate(heads)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in lines]
-    return "\n".join(out)
+    return text_table(heads, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

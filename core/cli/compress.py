@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from core.cli import add_model_args, load_from_args
+from core.cli import add_model_args, load_from_args, text_table
 
 
 def register(sub) -> None:
@@ -44,10 +44,7 @@ def print_schemes() -> None:
         rows.append((info.form, info.family, ", ".join(info.examples), "yes" if info.saveable else "no",
                      "yes" if reason is None else f"no ({reason})", info.description))
     heads = ("form", "family", "examples", "saveable", "available", "description")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads[:-1])]
-    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)) + "  " + heads[-1])
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print(text_table(heads, rows))
     print(f"\nvalid specs: {VALID_FORMS}")
 
 

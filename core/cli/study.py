@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from core.cli import add_model_args
+from core.cli import add_model_args, text_table
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,10 +71,7 @@ def _print_rows(rows: list[dict], cols: list[str]) -> None:
             return f"{v:.3f}"
         return str(v)
 
-    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(cell(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    print(text_table(cols, [[cell(r.get(c)) for c in cols] for r in rows]))
 
 
 def run_study(args: argparse.Namespace) -> int:
