@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from core.cli import main
+from core.cli import main, text_table
 from core.directions import DirectionSet
 from tiny import tiny_handle
 
@@ -97,3 +97,9 @@ def test_refusal_scheme(model_dir, capsys):
     else:
         assert main(args) == 0
         assert "rtn" in capsys.readouterr().out.lower()
+
+
+def test_text_table_aligns_columns_without_trailing_blanks():
+    out = text_table(["scheme", "ppl", "note"], [["none", 22.9, ""], ["wanda:0.5", "97.89", "pruned"]])
+    lines = out.splitlines()
+    assert lines == ["scheme     ppl    note", "none       22.9", "wanda:0.5  97.89  pruned"]
