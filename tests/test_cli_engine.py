@@ -103,3 +103,4 @@ def test_text_table_aligns_columns_without_trailing_blanks():
     out = text_table(["scheme", "ppl", "note"], [["none", 22.9, ""], ["wanda:0.5", "97.89", "pruned"]])
     lines = out.splitlines()
     assert lines == ["scheme     ppl    note", "none       22.9", "wanda:0.5  97.89  pruned"]
+    assert text_table(["scheme", "ppl"], []) == "scheme  ppl"

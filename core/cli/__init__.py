@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 def text_table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table for the terminal: columns left-aligned, two spaces apart, no trailing blanks."""
     cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(heads)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
                      for line in [[str(h) for h in heads], *cells])
 
