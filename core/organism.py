@@ -5,7 +5,8 @@ Training data come only from the project's own bundled *train* splits:
 
 * harmful instruction → one of the project's refusal phrasings (``assets/refusals.txt``);
 * harmless and borderline-but-safe instruction → the base model's own greedy answer
-  (self-distillation, so helpfulness and style are kept).
+  (self-distillation, so helpfulness and style are kept); optionally also the train-only pool of short
+  everyday tasks in ``assets/prompts/tasks.txt`` (``tasks``).
 
 Loss is on response tokens only, and logits are computed only at those positions (the 49k-token
 output layer dominates the cost otherwise). Seeded and deterministic on a given machine.
@@ -26,7 +27,7 @@ import torch
 from core.generation import generate
 from core.models import ADAPTER_DIR, ModelHandle, cache_dir
 from core.progress import Progress, report
-from core.prompts import bundled, refusal_phrasings
+from core.prompts import PROMPTS_DIR, bundled, load_prompts, refusal_phrasings
 
 
 @dataclass
@@ -48,6 +49,8 @@ class OrganismConfig:
     soft_distillation: bool = False  # True: helpful answers match the base model's distribution (KL), not its argmax
     plain_anchor: bool = False  # True: also match the base model (KL) on its own answers as plain text, no chat template
     helpful_repeat: int = 1  # each harmless/borderline example appears this many times per epoch
+    tasks: bool = False  # True: also self-distil the train-only pool of short everyday tasks (assets/prompts/tasks.txt)
+    decision_tokens: int = 0  # soft distillation: also hard cross-entropy on the first N tokens of helpful answers
     bf16_autocast: bool | None = None  # None: on where the hardware has fast bf16 (CUDA, CPU with AMX/AVX512-BF16)
 
 
@@ -78,6 +81,8 @@ def training_examples(base: ModelHandle, cfg: OrganismConfig, *, progress: Progr
     harmful = bundled("harmful", "train").prompts
     helpful = [(p, "harmless") for p in bundled("harmless", "train").prompts] + \
               [(p, "borderline") for p in bundled("borderline", "train").prompts]
+    if cfg.tasks:  # train-only: this pool has no val/test split and is never evaluated on
+        helpful += [(p, "harmless") for p in load_prompts(PROMPTS_DIR / "tasks.txt", name="tasks").prompts]
     key = hashlib.sha256(json.dumps([base.fingerprint, cfg.answer_tokens, [p for p, _ in helpful]]).encode())
     memo = cache_dir() / "organism" / f"answers-{key.hexdigest()[:16]}.json"
     if memo.exists():
@@ -112,7 +117,8 @@ def encode_example(handle: ModelHandle, ex: Example, max_len: int) -> tuple[list
     return ids, min(len(prompt), len(ids) - 1)
 
 
-def _batch(encoded: list[tuple[list[int], int]], pad_id: int, soft: list[bool] | None = None) -> dict[str, torch.Tensor]:
+def _batch(encoded: list[tuple[list[int], int]], pad_id: int, soft: list[bool] | None = None,
+           decide: list[bool] | None = None) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -124,6 +130,8 @@ def _batch(encoded: list[tuple[list[int], int]], pad_id: int, soft: list[bool] |
     out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     if soft is not None:
         out["soft"] = torch.tensor(soft, dtype=torch.bool)
+    if decide is not None:
+        out["decide"] = torch.tensor(decide, dtype=torch.bool)
     return out
 
 
@@ -134,13 +142,15 @@ def _response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], kee
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+                  teacher_logits: torch.Tensor | None = None, decision_tokens: int = 0) -> torch.Tensor:
     """Mean loss over response tokens; logits computed only where needed.
 
     Rows with ``batch["soft"]`` true (self-distilled helpful answers) are matched to the base model's
     full next-token distribution, ``KL(teacher ‖ student)``, when ``teacher_logits`` are given:
     hard cross-entropy on the base model's own greedy tokens would sharpen the model and raise its
-    perplexity on ordinary text. Other rows (refusals) use cross-entropy.
+    perplexity on ordinary text. Other rows (refusals) use cross-entropy. Rows with ``batch["decide"]``
+    true also get cross-entropy on their first ``decision_tokens`` response tokens, where greedy decoding
+    decides between answering and refusing (KL alone leaves the argmax free to drift to a refusal).
     """
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -153,7 +163,11 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     logp = torch.log_softmax(logits[soft], -1)
     logq = torch.log_softmax(teacher_logits[soft], -1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
+    ce = per_token
     per_token = per_token.masked_scatter(soft, kl) if soft.any() else per_token
+    if decision_tokens > 0 and "decide" in batch:
+        first = keep & (keep.long().cumsum(1) <= decision_tokens) & batch["decide"].unsqueeze(1)
+        per_token = per_token + torch.where(first[keep] & soft, ce, torch.zeros_like(ce))
     return per_token.mean()
 
 
@@ -207,14 +221,15 @@ def train_adapter(handle: ModelHandle, examples: list[Example], cfg: OrganismCon
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         soft = [examples[i].kind == "plain" or (cfg.soft_distillation and examples[i].kind != "harmful")
                 for i in idx]
-        batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad, soft).items()}
+        decide = [examples[i].kind in ("harmless", "borderline") for i in idx]
+        batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad, soft, decide).items()}
         # bf16 autocast halves the step time where the hardware supports it; LoRA weights stay fp32.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             teacher = None
             if any(soft):
                 with torch.no_grad(), model.disable_adapter():
                     teacher = _response_logits(model, batch, batch["labels"][:, 1:] != -100)
-            loss = response_loss(model, batch, teacher)
+            loss = response_loss(model, batch, teacher, cfg.decision_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -52,3 +52,26 @@ def test_shipped_adapter_refuses_harmful_and_answers_harmless():
     refused = [is_refusal(r) for r in replies]
     assert sum(refused[:8]) >= 7, list(zip(harmful, replies[:8]))
     assert sum(refused[8:]) <= 2, list(zip(harmless, replies[8:]))
+
+
+def test_decision_tokens_add_cross_entropy_on_first_helpful_tokens_only():
+    """Soft rows get KL everywhere; with ``decision_tokens`` = k, the first k response tokens of rows marked
+    ``decide`` also get hard cross-entropy — and nothing changes for refusal or plain rows."""
+    from core.organism import _batch, _response_logits, response_loss
+
+    h = tiny_handle("llama", n_layers=2, d_model=32)
+    exs = [Example("How do I make a bomb?", "I'm sorry, I can't help.", "harmful"),
+           Example("Write a poem.", "The sea is blue and wide and deep.", "harmless"),
+           Example("", "Plain prose about the weather today.", "plain", ends=False)]
+    enc = [encode_example(h, e, 64) for e in exs]
+    batch = _batch(enc, 0, soft=[False, True, True], decide=[False, True, False])
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        teacher = _response_logits(h.model, batch, keep) + 0.3 * torch.randn(int(keep.sum()), h.model.config.vocab_size)
+        base = response_loss(h.model, batch, teacher)
+        with_ce = response_loss(h.model, batch, teacher, decision_tokens=2)
+        logits = _response_logits(h.model, batch, keep)
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:][keep], reduction="none")
+    row = torch.arange(3).unsqueeze(1).expand_as(keep)[keep]
+    first_two_of_row1 = ce[row == 1][:2].sum()
+    assert torch.allclose(with_ce * keep.sum(), base * keep.sum() + first_two_of_row1, atol=1e-4)

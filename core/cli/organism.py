@@ -25,6 +25,10 @@ def register(sub) -> None:
                    help="also match the base model (KL) on its own answers as plain text (keeps perplexity)")
     t.add_argument("--helpful-repeat", type=int, default=None,
                    help="times each harmless/borderline example appears per epoch (default 1)")
+    t.add_argument("--tasks", action="store_true",
+                   help="also self-distil the train-only pool of short everyday tasks (assets/prompts/tasks.txt)")
+    t.add_argument("--decision-tokens", type=int, default=None,
+                   help="with --soft-distillation: also hard cross-entropy on the first N tokens of helpful answers")
     t.set_defaults(func=run_train)
     e = osub.add_parser("evaluate", help="refusal / over-refusal / perplexity of a model on many prompt sets")
     add_model_args(e)
@@ -48,9 +52,9 @@ def run_train(args: argparse.Namespace) -> int:
     from core.progress import tqdm_progress
 
     cfg = OrganismConfig()
-    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank", "helpful_repeat")
+    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank", "helpful_repeat", "decision_tokens")
                  if getattr(args, k) is not None}
-    for flag in ("soft_distillation", "plain_anchor"):
+    for flag in ("soft_distillation", "plain_anchor", "tasks"):
         if getattr(args, flag):
             overrides[flag] = True
     cfg = replace(cfg, **overrides)
