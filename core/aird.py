@@ -169,6 +169,14 @@ def _check_dense(handle: ModelHandle, layers: Sequence[int], what: str) -> None:
                             "on any layer type.")
 
 
+def mode_for(handle: ModelHandle, layers: Sequence[int], mode: str) -> str:
+    """The mode to use on ``handle``: ``mode``, except ``merged`` becomes ``adapter`` when a writer of
+    ``layers`` is quantized storage (bitsandbytes/HQQ), where the adapter computes the same function."""
+    if mode == "merged" and not all(_is_dense(mod) for _, _, mod in _writers(handle, layers)):
+        return "adapter"
+    return mode
+
+
 def _set_weight(mod: torch.nn.Module, new_out_in: torch.Tensor) -> None:
     with torch.no_grad():
         weight_as_out_in(mod).copy_(new_out_in)

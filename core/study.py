@@ -317,9 +317,13 @@ class Study:
         s = self.spec
 
         def compute():
+            from core.aird import mode_for
+
             d_o = self.directions("original")
             layer = d_o.selected[1]
             c = self.variant(scheme)
+            # merged on quantized writers is impossible: the adapter computes the same function there
+            mode = mode_for(c, range(c.n_layers), s.aird_mode)
             layer_sets = None
             if s.aird and s.aird.startswith("top:"):
                 k = int(s.aird.split(":")[1])
@@ -327,11 +331,11 @@ class Study:
             if s.aird_layers:
                 layer_sets = [list(s.aird_layers)]
             if s.aird_alpha is not None and layer_sets and len(layer_sets) == 1:
-                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, s.aird_mode, layer)
+                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, mode, layer)
             alphas = (s.aird_alpha,) if s.aird_alpha is not None else None
             kwargs = {"alphas": alphas} if alphas else {}
             return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
-                             mode=s.aird_mode, progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
+                             mode=mode, progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
                                                s.aird_alpha, s.aird_layers), compute, "repair")

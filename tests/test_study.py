@@ -77,3 +77,16 @@ def test_a_second_study_reuses_stages_another_study_computed(tiny_folder, tmp_pa
     first.store.delete(first.record.id)
     second.store.delete(second.record.id)  # the copies made by the second study are gone too
     assert third.directions("original").selected == d1.selected  # recomputed, no crash
+
+
+def test_merged_aird_on_a_quantized_variant_runs_as_adapter(tiny_folder, tmp_path):
+    """`--aird-mode merged` (the default) with a bitsandbytes scheme: merging into 4-bit storage is
+    impossible, so that variant is repaired in adapter mode (same function) instead of failing."""
+    spec = _spec(tiny_folder, schemes=["magnitude:0.5", "bnb-nf4"], aird_mode="merged")
+    try:
+        res = Study(spec, tmp_path / "runs").run()
+    except RuntimeError as e:  # bitsandbytes cannot run on this device: the scheme says so clearly
+        pytest.skip(str(e))
+    assert res["variants"]["magnitude:0.5"]["repaired"]["repair"]["mode"] == "merged"
+    nf4 = res["variants"]["bnb-nf4"]["repaired"]
+    assert nf4["repair"]["mode"] == "adapter" and nf4["densified_weights"] == 0
