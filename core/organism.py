@@ -83,17 +83,20 @@ def training_examples(base: ModelHandle, cfg: OrganismConfig, *, progress: Progr
               [(p, "borderline") for p in bundled("borderline", "train").prompts]
     if cfg.tasks:  # train-only: this pool has no val/test split and is never evaluated on
         helpful += [(p, "harmless") for p in load_prompts(PROMPTS_DIR / "tasks.txt", name="tasks").prompts]
-    key = hashlib.sha256(json.dumps([base.fingerprint, cfg.answer_tokens, [p for p, _ in helpful]]).encode())
-    memo = cache_dir() / "organism" / f"answers-{key.hexdigest()[:16]}.json"
-    if memo.exists():
-        answers = json.loads(memo.read_text())
-    else:
-        texts = generate(base, [p for p, _ in helpful], max_new_tokens=cfg.answer_tokens, batch_size=16,
-                         progress=progress)
+    # one memo per base model and answer length, keyed by prompt: adding prompts generates only theirs
+    key = hashlib.sha256(json.dumps([base.fingerprint, cfg.answer_tokens]).encode()).hexdigest()[:16]
+    memo = cache_dir() / "organism" / f"answers-by-prompt-{key}.json"
+    known = json.loads(memo.read_text()) if memo.exists() else {}
+    missing = list(dict.fromkeys(p for p, _ in helpful if p not in known))
+    if missing:
+        texts = generate(base, missing, max_new_tokens=cfg.answer_tokens, batch_size=16, progress=progress)
         n_tokens = [len(base.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
-        answers = [{"text": t, "ends": n < cfg.answer_tokens - 2} for t, n in zip(texts, n_tokens)]
+        known.update({p: {"text": t, "ends": n < cfg.answer_tokens - 2} for p, t, n in zip(missing, texts, n_tokens)})
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(answers))
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(memo)
+    answers = [known[p] for p, _ in helpful]
     examples = [Example(p, rng.choice(refusals), "harmful") for p in harmful]
     examples += [Example(p, a["text"], kind, a["ends"]) for (p, kind), a in zip(helpful, answers)
                  for _ in range(max(1, cfg.helpful_repeat))]
