@@ -1,66 +1,112 @@
-"""Wall time of the end-to-end study (per stage and total) and of its cached rerun.
+"""Wall time of the end-to-end study (per stage and total), of its cached rerun, and a SIGKILL/resume check.
 
-    .venv/bin/python bench/study.py [--limit 100] [--runs DIR] [--scheme wanda:0.5 --scheme bnb-nf4]
+    .venv/bin/python bench/study.py [--model default] [--limit 100] [--runs DIR] [--scheme wanda:0.5 --scheme bnb-nf4]
+                                    [--kill-after SECONDS] [--reference RESULTS.json]
 
-Runs the acceptance command of the study pipeline twice in fresh processes against the same run
-store; prints a table and writes bench/results/study.json.
+Runs the acceptance command of the study pipeline in fresh processes against one run store: the first
+run (with ``--kill-after``: SIGKILLed after that many seconds, then run again to completion), then the
+same command again (the cached rerun). Per-stage times come from the run store's manifest, so they
+include stages computed by a killed process and show 0 for stages copied from another study of the
+store. ``--reference`` compares the final results with those of an uninterrupted run (JSON written by
+``--json``). Prints a table and writes bench/results/study.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 BENCH = ROOT.parent / "shared" / "benchmarks"
+
+from core.cli import text_table  # noqa: E402
+
+
+def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, int]:
+    """Run ``cmd``; with ``kill_after`` send SIGKILL after that many seconds. ``(seconds, stdout, rc)``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        print(err[-3000:], file=sys.stderr)
+    return time.perf_counter() - t0, out, proc.returncode
+
+
+def _comparable(results: dict) -> dict:
+    """Results without the fields that name the store's study folder."""
+    return {k: v for k, v in results.items() if k != "study_id"}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--runs", default=str(ROOT / "runs"))
     p.add_argument("--scheme", action="append", default=None)
     p.add_argument("--harmful", default=str(BENCH / "advbench.json"))
     p.add_argument("--harmless", default=str(BENCH / "alpaca_harmless_test.json"))
+    p.add_argument("--kill-after", type=float, default=None, help="SIGKILL the first run after this many seconds")
+    p.add_argument("--reference", default=None, help="results JSON of an uninterrupted run to compare with")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
     args = p.parse_args()
     schemes = args.scheme or ["wanda:0.5", "bnb-nf4"]
-    cmd = [sys.executable, "-m", "core", "study", "--model", "default", "--aird", "auto", "--limit", str(args.limit),
+    results_json = ROOT / "bench" / "results" / "study_results.json"
+    cmd = [sys.executable, "-m", "core", "study", "--model", args.model, "--aird", "auto", "--limit", str(args.limit),
            "--harmful", args.harmful, "--harmless", args.harmless, "--runs", args.runs,
-           "--json", str(ROOT / "bench" / "results" / "study_results.json"),
-           "--out", str(ROOT / "bench" / "results" / "study_report.html")]
+           "--json", str(results_json), "--out", str(ROOT / "bench" / "results" / "study_report.html")]
     for s in schemes:
         cmd += ["--scheme", s]
-    runs = []
-    for label in ("first", "cached rerun"):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        last = [line for line in proc.stdout.splitlines() if line.startswith("study ")][-1]
-        stages = {}
-        if "computed stages: " in last:
-            stages = ast.literal_eval(last.split("computed stages: ", 1)[1])
-        runs.append({"run": label, "seconds": round(seconds, 1), "stages": stages})
-        print(proc.stdout)
-    print(f"{'run':14s} {'seconds':>9s}")
-    for r in runs:
-        print(f"{r['run']:14s} {r['seconds']:9.1f}")
-    print("\nstage seconds (first run):")
-    for k, v in runs[0]["stages"].items():
-        print(f"  {k:45s} {v:8.1f}")
-    out = {"command": " ".join(cmd[1:]), "runs": runs,
-           "machine": {"platform": platform.platform(), "python": platform.python_version()}}
+    plan = ([("first (SIGKILLed)", args.kill_after), ("rerun after the kill", None)] if args.kill_after
+            else [("first", None)]) + [("cached rerun", None)]
+    runs, study_id, results = [], None, []
+    for label, kill in plan:
+        seconds, out, rc = _run(cmd, kill)
+        killed = rc == -signal.SIGKILL
+        if rc != 0 and not killed:
+            return rc
+        last = [line for line in out.splitlines() if line.startswith("study ")]
+        if last:
+            study_id = last[-1].split()[1].rstrip(":")
+            results.append(json.loads(results_json.read_text()))
+        runs.append({"run": label, "seconds": round(seconds, 1), "killed": killed})
+        print(f"{label}: {seconds:.1f} s{' (killed)' if killed else ''}", flush=True)
+        if not killed:
+            print(out)
+    from core.store import Study as StoredStudy
+
+    record = StoredStudy(Path(args.runs) / study_id)
+    stages: dict[str, float] = {}
+    for key in record.keys():
+        e = record.entry(key) or {}
+        stages[e.get("stage", key)] = stages.get(e.get("stage", key), 0.0) + float(e.get("seconds") or 0.0)
+    print(text_table(["run", "seconds", "killed"], [[r["run"], f"{r['seconds']:.1f}", str(r["killed"])] for r in runs]))
+    print("\nstage seconds (from the run store; 0 = copied from another study of the store):")
+    print(text_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]))
+    checks = {"cached_rerun_identical": _comparable(results[-1]) == _comparable(results[-2])}
+    if args.reference:
+        checks["identical_to_reference"] = _comparable(results[-2]) == _comparable(json.loads(Path(args.reference)
+                                                                                           .read_text()))
+    print("checks:", checks)
+    out = {"command": " ".join(cmd[1:]), "study_id": study_id, "runs": runs, "stage_seconds": stages,
+           "checks": checks, "reference": args.reference,
+           "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                       "load_avg_1m": os.getloadavg()[0]},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 
