@@ -58,6 +58,8 @@ def main() -> int:
     p.add_argument("--harmful", default=str(BENCH / "advbench.json"))
     p.add_argument("--harmless", default=str(BENCH / "alpaca_harmless_test.json"))
     p.add_argument("--kill-after", type=float, default=None, help="SIGKILL the first run after this many seconds")
+    p.add_argument("--first-label", default="first",
+                   help="label of the first run, e.g. 'rerun after a manual SIGKILL' when resuming a killed run")
     p.add_argument("--reference", default=None, help="results JSON of an uninterrupted run to compare with")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
     args = p.parse_args()
@@ -69,7 +71,7 @@ def main() -> int:
     for s in schemes:
         cmd += ["--scheme", s]
     plan = ([("first (SIGKILLed)", args.kill_after), ("rerun after the kill", None)] if args.kill_after
-            else [("first", None)]) + [("cached rerun", None)]
+            else [(args.first_label, None)]) + [("cached rerun", None)]
     runs, study_id, results = [], None, []
     for label, kill in plan:
         seconds, out, rc = _run(cmd, kill)
