@@ -39,8 +39,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 RESULTS = ROOT / "bench" / "results" / "ui.json"
 TARGET_S = 1.0
-# Longest wait for one action (compress, drift study, AIRD) or page: generous for the real model on a CPU.
-ACTION_TIMEOUT_S = float(os.environ.get("REFUSAL_LAB_BROWSER_TIMEOUT", "900"))
+# Longest wait for one action (compress, drift study, AIRD) or page. On a cold cache the real model's drift
+# study (direction selection for the original and the variant) took longer than 15 min on 2 busy cores.
+ACTION_TIMEOUT_S = float(os.environ.get("REFUSAL_LAB_BROWSER_TIMEOUT", "3600"))
 
 
 @dataclass(frozen=True)
