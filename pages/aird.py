@@ -97,7 +97,8 @@ if clicked or auto:
         mark_completed(study, done_key, "aird", {"scheme": scheme, "settings": aird, "budget": BUDGET_LAYERS})
         if scheme not in ws.variants and scheme in getattr(study, "_variants", {}):
             ws.variants[scheme] = Variant(scheme, study._variants[scheme], study.compression_report(scheme))
-        st.rerun()  # redraw with the button disabled
+        if clicked:
+            st.rerun()  # redraw with the button disabled (a stored result was loaded with it disabled already)
 if st.session_state.get(CANCEL):
     st.info("AIRD cancelled; every stage finished before the cancel is stored.")
     st.session_state[CANCEL] = False

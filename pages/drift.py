@@ -78,7 +78,8 @@ if clicked or auto:
         for s in schemes:
             if s not in ws.variants and s in getattr(study, "_variants", {}):
                 ws.variants[s] = Variant(s, study._variants[s], study.compression_report(s))
-        st.rerun()  # redraw with the button disabled
+        if clicked:
+            st.rerun()  # redraw with the button disabled (a stored study was loaded with it disabled already)
 if st.session_state.get(CANCEL):
     st.info("Drift study cancelled; every stage finished before the cancel is stored.")
     st.session_state[CANCEL] = False
