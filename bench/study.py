@@ -31,16 +31,15 @@ from core.cli import text_table  # noqa: E402
 
 
 def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, int]:
-    """Run ``cmd``; with ``kill_after`` send SIGKILL after that many seconds. ``(seconds, stdout, rc)``."""
+    """Run ``cmd`` (its progress bars and errors go to this terminal); with ``kill_after`` send SIGKILL after
+    that many seconds. ``(seconds, stdout, returncode)``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=kill_after)
+        out, _ = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate()
-    if proc.returncode not in (0, -signal.SIGKILL):
-        print(err[-3000:], file=sys.stderr)
+        out, _ = proc.communicate()
     return time.perf_counter() - t0, out, proc.returncode
 
 

@@ -161,20 +161,23 @@ def _copy(handle: ModelHandle, suffix: str) -> ModelHandle:
                        meta={**handle.meta, "parent_fingerprint": handle.fingerprint, "edit": suffix})
 
 
+def _quantized_writer(handle: ModelHandle, layers: Sequence[int]) -> tuple[int, str, torch.nn.Module] | None:
+    """The first writer of ``layers`` stored quantized (bitsandbytes/HQQ), or None when all are dense."""
+    return next(((layer, role, mod) for layer, role, mod in _writers(handle, layers) if not _is_dense(mod)), None)
+
+
 def _check_dense(handle: ModelHandle, layers: Sequence[int], what: str) -> None:
-    for layer, role, mod in _writers(handle, layers):
-        if not _is_dense(mod):
-            raise AIRDError(f"{what} edits weights, but layer {layer}'s {role} projection is "
-                            f"{type(mod).__name__} (quantized storage). Use mode 'adapter', which works "
-                            "on any layer type.")
+    if (found := _quantized_writer(handle, layers)) is not None:
+        layer, role, mod = found
+        raise AIRDError(f"{what} edits weights, but layer {layer}'s {role} projection is "
+                        f"{type(mod).__name__} (quantized storage). Use mode 'adapter', which works "
+                        "on any layer type.")
 
 
 def mode_for(handle: ModelHandle, layers: Sequence[int], mode: str) -> str:
     """The mode to use on ``handle``: ``mode``, except ``merged`` becomes ``adapter`` when a writer of
     ``layers`` is quantized storage (bitsandbytes/HQQ), where the adapter computes the same function."""
-    if mode == "merged" and not all(_is_dense(mod) for _, _, mod in _writers(handle, layers)):
-        return "adapter"
-    return mode
+    return "adapter" if mode == "merged" and _quantized_writer(handle, layers) is not None else mode
 
 
 def _set_weight(mod: torch.nn.Module, new_out_in: torch.Tensor) -> None:
