@@ -12,6 +12,12 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def private_run_store(tmp_path, monkeypatch):
+    """The pages open a study in the run store: keep it out of the repository's ``runs/``."""
+    monkeypatch.setenv("REFUSAL_LAB_RUNS", str(tmp_path / "runs"))
+
+
 def open_default(page: str, **state) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=600)
     for k, v in state.items():
