@@ -41,16 +41,17 @@ class OrganismConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 16
-    steps: int = 150
+    steps: int = 100
     warmup_steps: int = 10
     seed: int = 0
     answer_tokens: int = 96  # length of the base model's self-distilled answers
+    answer_batch_size: int = 64  # prompts per generation batch of those answers (CPU decoding is memory-bound)
     max_seq_len: int = 192
-    soft_distillation: bool = False  # True: helpful answers match the base model's distribution (KL), not its argmax
-    plain_anchor: bool = False  # True: also match the base model (KL) on its own answers as plain text, no chat template
+    soft_distillation: bool = True  # True: helpful answers match the base model's distribution (KL), not its argmax
+    plain_anchor: bool = True  # True: also match the base model (KL) on its own answers as plain text, no chat template
     helpful_repeat: int = 1  # each harmless/borderline example appears this many times per epoch
-    tasks: bool = False  # True: also self-distil the train-only pool of short everyday tasks (assets/prompts/tasks.txt)
-    decision_tokens: int = 0  # soft distillation: also hard cross-entropy on the first N tokens of helpful answers
+    tasks: bool = True  # True: also self-distil the train-only pool of short everyday tasks (assets/prompts/tasks.txt)
+    decision_tokens: int = 3  # soft distillation: also hard cross-entropy on the first N tokens of helpful answers
     bf16_autocast: bool | None = None  # None: on where the hardware has fast bf16 (CUDA, CPU with AMX/AVX512-BF16)
 
 
@@ -84,12 +85,14 @@ def training_examples(base: ModelHandle, cfg: OrganismConfig, *, progress: Progr
     if cfg.tasks:  # train-only: this pool has no val/test split and is never evaluated on
         helpful += [(p, "harmless") for p in load_prompts(PROMPTS_DIR / "tasks.txt", name="tasks").prompts]
     # one memo per base model and answer length, keyed by prompt: adding prompts generates only theirs
-    key = hashlib.sha256(json.dumps([base.fingerprint, cfg.answer_tokens]).encode()).hexdigest()[:16]
+    key_parts = [base.fingerprint, cfg.answer_tokens, cfg.answer_batch_size]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     memo = cache_dir() / "organism" / f"answers-by-prompt-{key}.json"
     known = json.loads(memo.read_text()) if memo.exists() else {}
     missing = list(dict.fromkeys(p for p, _ in helpful if p not in known))
     if missing:
-        texts = generate(base, missing, max_new_tokens=cfg.answer_tokens, batch_size=16, progress=progress)
+        texts = generate(base, missing, max_new_tokens=cfg.answer_tokens,
+                         batch_size=cfg.answer_batch_size, progress=progress)
         n_tokens = [len(base.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
         known.update({p: {"text": t, "ends": n < cfg.answer_tokens - 2} for p, t, n in zip(missing, texts, n_tokens)})
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -15,20 +15,26 @@ def register(sub) -> None:
     osub = p.add_subparsers(dest="organism_command", required=True)
     t = osub.add_parser("train", help="train the LoRA refusal adapter on the bundled train splits")
     t.add_argument("--out", default=None, help="adapter folder (default: assets/organism)")
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--rank", type=int, default=None)
-    t.add_argument("--soft-distillation", action="store_true",
-                   help="match the base model's full distribution on helpful answers (KL) instead of its greedy tokens")
-    t.add_argument("--plain-anchor", action="store_true",
-                   help="also match the base model (KL) on its own answers as plain text (keeps perplexity)")
+    t.add_argument("--soft-distillation", action=argparse.BooleanOptionalAction, default=None,
+                   help="match the base model's full distribution on helpful answers (KL) instead of its "
+                   "greedy tokens (default: on)")
+    t.add_argument("--plain-anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="also match the base model (KL) on its own answers as plain text "
+                   "(keeps perplexity; default: on)")
+    t.add_argument("--answer-batch-size", type=int, default=None,
+                   help="prompts per batch when generating the base model's answers (default 64)")
     t.add_argument("--helpful-repeat", type=int, default=None,
                    help="times each harmless/borderline example appears per epoch (default 1)")
-    t.add_argument("--tasks", action="store_true",
-                   help="also self-distil the train-only pool of short everyday tasks (assets/prompts/tasks.txt)")
+    t.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
+                   help="also self-distil the train-only pool of short everyday tasks "
+                   "(assets/prompts/tasks.txt; default: on)")
     t.add_argument("--decision-tokens", type=int, default=None,
-                   help="with --soft-distillation: also hard cross-entropy on the first N tokens of helpful answers")
+                   help="with --soft-distillation: also hard cross-entropy on the first N tokens of helpful "
+                   "answers (default 3)")
     t.set_defaults(func=run_train)
     e = osub.add_parser("evaluate", help="refusal / over-refusal / perplexity of a model on many prompt sets")
     add_model_args(e)
@@ -52,11 +58,9 @@ def run_train(args: argparse.Namespace) -> int:
     from core.progress import tqdm_progress
 
     cfg = OrganismConfig()
-    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank", "helpful_repeat", "decision_tokens")
+    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr", "rank", "helpful_repeat", "decision_tokens",
+                                                 "answer_batch_size", "soft_distillation", "plain_anchor", "tasks")
                  if getattr(args, k) is not None}
-    for flag in ("soft_distillation", "plain_anchor", "tasks"):
-        if getattr(args, flag):
-            overrides[flag] = True
     cfg = replace(cfg, **overrides)
     out = Path(args.out) if args.out else ADAPTER_DIR
     result = train(cfg, out_dir=out, progress=tqdm_progress("organism"))
