@@ -53,6 +53,7 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
                  "layers": rep.layers, "alpha": rep.alpha, "mode": rep.mode,
                  "diagnostic": diag["recoverability"]["level"], "verdict": diag["recoverability"]["verdict"],
                  "cohens_d_ratio": diag["recoverability"]["ratio"],
+                 "harmless_shift": diag["recoverability"].get("harmless_shift"),
                  "density_before": ev["R"]["density_before"]["density"],
                  "density_after": ev["R"]["density_after"]["density"], "seconds": 0.0}
     for k, e in ev.items():

@@ -150,3 +150,8 @@ def test_recoverability_verdicts():
     assert aird.recoverability(o, kept, 3)["level"] == "recoverable"
     v = aird.recoverability(o, gone, 3)
     assert v["level"] == "unrecoverable" and "Not recoverable" in v["verdict"]
+    # still separated, but harmless prompts moved most of the way toward the harmful ones (over-refusal)
+    shifted = {"harmful": torch.randn(50, 5) + 6.0, "harmless": torch.randn(50, 5) + 2.0}
+    v = aird.recoverability(o, shifted, 3)
+    assert v["level"] == "partial" and abs(v["harmless_shift"] - 0.5) < 0.15 and "over-refuses" in v["verdict"]
+    assert aird.recoverability(o, kept, 3)["harmless_shift"] < 0.25
