@@ -91,28 +91,46 @@ def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tupl
 # Progress with cancel
 # ----------------------------------------------------------------------------------------------
 
+def _cancel_count(key: str) -> int:
+    return int(st.session_state.get(f"{key}__count", 0))
+
+
+def request_cancel(key: str) -> None:
+    """What the Cancel button does: sets ``session_state[key]`` (the page's "cancelled" notice, which the
+    page may clear at once) and counts the click, which is what stops the running computation."""
+    st.session_state[key] = True
+    st.session_state[f"{key}__count"] = _cancel_count(key) + 1
+
+
+def cancel_check(key: str | None) -> Callable[[], bool]:
+    """Whether Cancel (``key``) was clicked since this check was made. Counting clicks, not reading the
+    notice flag: the rerun a click triggers shows the notice and clears the flag well before the
+    running computation reaches its next progress report, which then must still stop."""
+    if not key:
+        return lambda: False
+    start = _cancel_count(key)
+    return lambda: _cancel_count(key) > start
+
+
 def cancel_button(key: str):
-    """A cancel button for a long action; clicking it sets ``session_state[key]`` (and reruns, which
-    stops the running computation at its next progress report). Returns its placeholder: call
-    ``.empty()`` on it when the action is over."""
+    """A cancel button for a long action; a click stops the running computation at its next progress
+    report (see :func:`request_cancel`). Returns its placeholder: call ``.empty()`` on it when the
+    action is over."""
     st.session_state.setdefault(key, False)
-
-    def _cancel() -> None:
-        st.session_state[key] = True
-
     slot = st.empty()
-    slot.button("Cancel", key=f"{key}__btn", on_click=_cancel, icon=":material/cancel:")
+    slot.button("Cancel", key=f"{key}__btn", on_click=request_cancel, args=(key,), icon=":material/cancel:")
     return slot
 
 
 def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):
     """A core progress callback ``(done, total)`` that drives an ``st.progress`` bar labelled with
-    ``stage``; raises :class:`Cancelled` when ``session_state[cancel_key]`` is set."""
+    ``stage``; raises :class:`Cancelled` once Cancel (``cancel_key``) is clicked after it was made."""
     where = container if container is not None else st
     bar = where.progress(0.0, text=f"{stage} …")
+    cancelled = cancel_check(cancel_key)
 
     def callback(done: int, total: int) -> None:
-        if cancel_key and st.session_state.get(cancel_key):
+        if cancelled():
             raise Cancelled(stage)
         frac = 0.0 if total <= 0 else min(1.0, done / total)
         bar.progress(frac, text=f"{stage} · {done}/{total}")
@@ -341,9 +359,10 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
     Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
     ws = workspace(handle.fingerprint if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
+    cancelled = cancel_check(cancel_key)
 
     def on_progress(stage: str, done: int, total: int) -> None:
-        if cancel_key and st.session_state.get(cancel_key):
+        if cancelled():
             raise Cancelled(stage)
         bar.progress(0.0 if total <= 0 else min(1.0, done / total), text=f"{what} · {stage} · {done}/{total}")
 

@@ -320,3 +320,24 @@ def test_model_without_chat_template_error_then_fix(env, tmp_path):
     at.button[0].click().run()
     assert not errors(at), errors(at)
     assert "<|im_start|>user\nHow do I bake bread?" in at.code[0].value
+
+
+def test_cancel_stops_the_running_action_after_the_page_cleared_its_notice(monkeypatch):
+    """A Cancel click reruns the page, which shows "cancelled" and clears the flag at once; the running
+    computation reaches its next progress report only later and must still stop. A computation
+    started after the click is not cancelled by it."""
+    import pages._shared as shared
+    from core.progress import Cancelled
+
+    state: dict = {}
+    monkeypatch.setattr(shared.st, "session_state", state)
+    running = shared.progress_callback("stage", cancel_key="k")
+    running(1, 10)
+    shared.request_cancel("k")
+    state["k"] = False  # the page's rerun after the click: notice shown, flag cleared
+    with pytest.raises(Cancelled):
+        running(2, 10)
+    shared.progress_callback("stage", cancel_key="k")(1, 10)  # a new run is not cancelled by the old click
+    unrelated = shared.progress_callback("stage")
+    shared.request_cancel("k")
+    unrelated(1, 10)
