@@ -41,20 +41,24 @@ SCALINGS = [([], 0.0), ([15, 16, 17], 0.5), ([15, 16, 17], 1.0)]  # (layers, α)
 
 
 @torch.inference_mode()
-def collect(handle, prompts, r, layer: int, writer: torch.nn.Module, n_pos: int):
-    """Projection on ``r`` of the residual entering block ``layer`` ``(N*n_pos,)`` and the inputs of
-    ``writer`` ``(N*n_pos, d_in)`` at the last ``n_pos`` positions of each prompt."""
+def collect(handle, prompts, r, layer: int, n_pos: int, writer: torch.nn.Module | None = None):
+    """Projection on ``r`` of the residual entering block ``layer`` ``(N*n_pos,)`` and, with ``writer``,
+    its inputs ``(N*n_pos, d_in)`` (else None), at the last ``n_pos`` positions of each prompt.
+    (:func:`core.activations.projections` reads one position per call and no writer inputs.)"""
     seen: dict = {}
-    hook = writer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][0, -n_pos:].float()))
+    hook = None if writer is None else writer.register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("x", a[0][0, -n_pos:].float()))
     projs, xs = [], []
     try:
         for ids in tokenize(handle, prompts):
             out = handle.model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
             projs.append(out.hidden_states[layer][0, -n_pos:].float() @ r)
-            xs.append(seen["x"])
+            if hook is not None:
+                xs.append(seen["x"])
     finally:
-        hook.remove()
-    return torch.cat(projs), torch.cat(xs)
+        if hook is not None:
+            hook.remove()
+    return torch.cat(projs), (torch.cat(xs) if xs else None)
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
@@ -92,8 +96,8 @@ def main() -> None:
     o, c = study.original, study.variant(args.scheme)
     writer = c.writers(src - 1)["mlp"]
     train = [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "train").prompts]
-    p_o, _ = collect(o, train, r, src, o.writers(src - 1)["mlp"], args.positions)
-    p_c, x_c = collect(c, train, r, src, writer, args.positions)
+    p_o, _ = collect(o, train, r, src, args.positions)
+    p_c, x_c = collect(c, train, r, src, args.positions, writer)
     u = ridge(x_c, p_o - p_c, args.ridge)
     val = CalibrationSets.bundled()
     rows = []
@@ -105,12 +109,12 @@ def main() -> None:
                     n, _ = refusal_rate(c, val.harmless, max_new_tokens=24)
             rows.append({"fit": fit, "layers": layers, "alpha": alpha, "val_harmful": h, "val_harmless": n})
             print(rows[-1], flush=True)
-    best = {"layers": SCALINGS[-1][0], "alpha": SCALINGS[-1][1]}
+    best_layers, best_alpha = SCALINGS[-1]
     test = {}
     for which in ("original", args.scheme):  # the study's own evaluations (stored: usually no compute)
         ev = study.evaluate(which)
         test[which] = {k: v["refusal_rate"] for k, v in ev["sets"].items()} | {"perplexity": ev["perplexity"]}
-    with rank1_added(writer, r, u), scale_writers(c, r, best["layers"], alpha=best["alpha"]):
+    with rank1_added(writer, r, u), scale_writers(c, r, best_layers, alpha=best_alpha):
         test[f"{args.scheme} + fit + scale"] = {
             kind: refusal_rate(c, bundled(kind, "test").prompts, max_new_tokens=64)[0]
             for kind in ("harmful", "harmless", "borderline")} | {"perplexity": perplexity(c, bundled_text())}
