@@ -360,3 +360,40 @@ def naive_mean_activations(handle: ModelHandle, instructions: Sequence[str], *, 
         finally:
             hook.remove()
     return torch.stack(per_prompt).mean(0)
+
+
+@torch.inference_mode()
+def writer_inputs(handle: ModelHandle, instructions: Sequence[str], module: torch.nn.Module, direction: torch.Tensor,
+                  layer: int, *, n_positions: int = 5, progress: Progress | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of ``module`` (a residual writer, e.g. an MLP output projection) and the projection of
+    the residual stream entering block ``layer`` onto the unit ``direction`` ``(d_model,)``, at the last
+    ``n_positions`` positions of every prompt → ``(x (N·n_positions, d_in), proj (N·n_positions,))``,
+    float64, rows in prompt order. The data a fitted re-alignment (:func:`core.aird.fit_realignment`)
+    regresses on."""
+    r = _unit_per_layer(direction, 1)[0]
+    runner = BatchRunner(handle, tokenize(handle, instructions), min_rest=n_positions)
+    seen: dict[str, torch.Tensor] = {}
+    xs: list[torch.Tensor | None] = [None] * len(instructions)
+    ps: list[torch.Tensor | None] = [None] * len(instructions)
+
+    def grab(name: str):
+        def hook(mod, args, kwargs):
+            seen[name] = _hidden(args, kwargs)[:, -n_positions:, :].double().cpu()
+        return hook
+
+    read = read_points(handle)[layer]
+    done = 0
+    with handle.lock:
+        hooks = [module.register_forward_pre_hook(grab("x"), with_kwargs=True),
+                 read.register_forward_pre_hook(grab("h"), with_kwargs=True)]
+        try:
+            for idx, _ in runner.run():
+                for j, i in enumerate(idx):
+                    xs[i], ps[i] = seen["x"][j], seen["h"][j] @ r
+                done += len(idx)
+                report(progress, done, len(runner))
+        finally:
+            for h in hooks:
+                h.remove()
+    return torch.cat(xs), torch.cat(ps)  # type: ignore[arg-type]

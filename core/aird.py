@@ -16,6 +16,15 @@ no formula. **This module is our reconstruction**, with those properties:
   the layer output y becomes y + α r̂ (r̂ᵀ y) at run time — the same function, zero weights changed,
   ``d_model`` extra numbers.
 * α and S are calibrated on the bundled *validation* split only (:func:`calibrate`).
+* **Fitted re-alignment** (our addition, also training-free): pruning can also *shift* harmless
+  prompts along r̂ (they then over-refuse), which a scaling edit cannot undo — it amplifies their
+  writes too. The MLP output projection of block l*−1, whose output enters the residual stream that
+  l* reads, gets a second rank-1 edit **W′ = W_C + r̂ uᵀ**, u fitted in closed form by ridge regression
+  on the bundled *train* prompts so that C's projection on r̂ entering l* matches O's, prompt by
+  prompt, at the post-instruction positions (:func:`fit_realignment`). It acts on the writer's input,
+  so it can move harmless and harmful prompts differently. The scaling edit then applies to the
+  re-aligned writers: W′ = (I + α r̂r̂ᵀ)(W_C + r̂uᵀ) where both touch one matrix. Calibration decides
+  whether it is used. In adapter mode it is a hook adding r̂ (uᵀx), ``d_ff`` extra numbers.
 
 Also here: the alternatives AIRD is compared against, the recoverability diagnostic and the
 budget curve.
@@ -27,8 +36,8 @@ import copy
 import json
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +45,7 @@ import torch
 from core.evaluation import kl_divergence
 from core.generation import generate
 from core.interventions import add as add_direction
-from core.interventions import scale_writers
+from core.interventions import add_rank1, scale_writers
 from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle, weight_as_out_in
 from core.progress import Progress, report
@@ -48,6 +57,9 @@ METHOD_LABELS = {
     "projection-restore": "Projection restore r̂r̂ᵀ(W_O − W_C)", "dense-copy": "Dense copy of O's layer(s)",
     "activation-addition": "Activation addition of O's direction"}
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+REALIGN_ROLE = "mlp"  # the writer the fitted re-alignment edits, in block l*−1
+DEFAULT_RIDGE = 0.1  # ridge strength, relative to the mean input power tr(XᵀX)/d
+DEFAULT_REALIGN_POSITIONS = 5  # last prompt positions per prompt used by the fit
 
 
 class AIRDError(ValueError):
@@ -82,6 +94,16 @@ def projection_restore(w_c: torch.Tensor, w_o: torch.Tensor, r_hat: torch.Tensor
     return (w_c.detach().double() + torch.outer(r, r @ diff)).to(w_c.dtype)
 
 
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """``argmin_u ‖x u − y‖² + λ·(tr(xᵀx)/d)·‖u‖²`` for ``x`` ``(n, d)``, ``y`` ``(n,)`` → ``(d,)`` float64;
+    ``lam`` is relative to the mean feature power, so it does not depend on the activations' scale."""
+    x, y = x.double(), y.double()
+    gram = x.T @ x
+    d = gram.shape[0]
+    reg = lam * gram.trace() / d if d else 0.0
+    return torch.linalg.solve(gram + reg * torch.eye(d, dtype=torch.float64), x.T @ y)
+
+
 def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cohen's d per column of ``a`` ``(n_a, k)`` vs ``b`` ``(n_b, k)`` → ``(k,)``."""
     a, b = a.double(), b.double()
@@ -95,7 +117,9 @@ def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Repair:
-    """An AIRD repair: unit ``direction`` ``(d_model,)`` (O's), repair ``layers``, strength ``alpha``."""
+    """An AIRD repair: unit ``direction`` ``(d_model,)`` (O's), repair ``layers``, strength ``alpha``;
+    optionally the fitted re-alignment ``realign`` ``(d_in,)`` (u of W′ = W + r̂ uᵀ) of the MLP output
+    projection of block ``realign_layer``."""
 
     direction: torch.Tensor
     layers: list[int]
@@ -104,28 +128,56 @@ class Repair:
     source_layer: int | None = None
     calibration: list[dict] = field(default_factory=list)
     auto: bool = False
+    realign: torch.Tensor | None = None
+    realign_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise AIRDError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.direction = unit(self.direction).float()
         self.layers = sorted({int(x) for x in self.layers})
+        if (self.realign is None) != (self.realign_layer is None):
+            raise AIRDError("a re-alignment needs both its vector and its layer")
+        if self.realign is not None:
+            self.realign = torch.as_tensor(self.realign).detach().float().cpu()
+
+    def key(self) -> tuple:
+        """What the repaired model's function depends on (for cache keys): layers, α, mode and a digest
+        of the re-alignment."""
+        import hashlib
+
+        digest = None if self.realign is None else hashlib.sha256(
+            self.realign.numpy().tobytes()).hexdigest()[:16]
+        return (self.layers, self.alpha, self.mode, self.realign_layer, digest)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The repair's tensors for safetensors: ``direction`` and, when fitted, ``realign``."""
+        out = {"direction": self.direction.contiguous()}
+        if self.realign is not None:
+            out["realign"] = self.realign.contiguous()
+        return out
 
     def describe(self) -> dict:
         """Plain-data summary (no tensors)."""
         d = asdict(self)
         d.pop("direction")
+        d.pop("realign")
         return d
 
     def save(self, folder: str | Path) -> Path:
-        """The adapter as ``aird_adapter.safetensors`` (r̂) + ``aird_adapter.json`` (layers, α, …)."""
+        """The adapter as ``aird_adapter.safetensors`` (r̂, u) + ``aird_adapter.json`` (layers, α, …)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.direction.contiguous()}, str(folder / "aird_adapter.safetensors"))
+        save_file(self.tensors(), str(folder / "aird_adapter.safetensors"))
         (folder / "aird_adapter.json").write_text(json.dumps(self.describe(), indent=1))
         return folder
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Repair":
+        """Inverse of :meth:`tensors` + :meth:`describe`."""
+        return cls(direction=tensors["direction"], realign=tensors.get("realign"), **meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Repair":
@@ -133,7 +185,7 @@ class Repair:
 
         folder = Path(folder)
         meta = json.loads((folder / "aird_adapter.json").read_text())
-        return cls(direction=load_file(str(folder / "aird_adapter.safetensors"))["direction"], **meta)
+        return cls.from_tensors(load_file(str(folder / "aird_adapter.safetensors")), meta)
 
 
 def _writers(handle: ModelHandle, layers: Sequence[int]) -> list[tuple[int, str, torch.nn.Module]]:
@@ -185,12 +237,28 @@ def _set_weight(mod: torch.nn.Module, new_out_in: torch.Tensor) -> None:
         weight_as_out_in(mod).copy_(new_out_in)
 
 
+def edited_writers(handle: ModelHandle, repair: Repair) -> list[tuple[int, str, torch.nn.Module]]:
+    """The writers ``repair`` changes: every writer of its layers when α ≠ 0, and the re-aligned one."""
+    out = _writers(handle, repair.layers) if repair.alpha else []
+    if repair.realign_layer is not None:
+        mod = _writers(handle, [repair.realign_layer])
+        out += [w for w in mod if w[1] == REALIGN_ROLE and all(w[2] is not m for _, _, m in out)]
+    return out
+
+
 def merge(compressed: ModelHandle, repair: Repair) -> ModelHandle:
-    """A new handle: a copy of ``compressed`` with ``W′ = W + α r̂ r̂ᵀ W`` merged in the repair layers.
+    """A new handle: a copy of ``compressed`` with the repair merged into its weights — first the
+    re-alignment ``W + r̂ uᵀ`` (when fitted), then ``W′ = W + α r̂ r̂ᵀ W`` in the repair layers.
     ``compressed`` is not modified. Quantized (bitsandbytes/HQQ) writers need mode 'adapter'."""
-    _check_dense(compressed, repair.layers, "Merged AIRD")
-    new = _copy(compressed, f"aird(α={repair.alpha:g},L={','.join(map(str, repair.layers))})")
+    touched = sorted({layer for layer, _, _ in edited_writers(compressed, repair)})
+    _check_dense(compressed, touched, "Merged AIRD")
+    fit = "" if repair.realign is None else f",fit={repair.key()[-1]}"
+    new = _copy(compressed, f"aird(α={repair.alpha:g},L={','.join(map(str, repair.layers))}{fit})")
     r = repair.direction
+    if repair.realign is not None:
+        mod = new.writers(repair.realign_layer)[REALIGN_ROLE]
+        w = weight_as_out_in(mod)
+        _set_weight(mod, (w.double() + torch.outer(r.double(), repair.realign.double())).to(w.dtype))
     for _, _, mod in _writers(new, repair.layers):
         _set_weight(mod, rank1_edit(weight_as_out_in(mod), r, repair.alpha))
         if getattr(mod, "bias", None) is not None:
@@ -204,17 +272,30 @@ def applied(compressed: ModelHandle, repair: Repair) -> Iterator[ModelHandle]:
     """The repaired model for the duration of the block: in ``adapter`` mode ``compressed`` itself
     under output hooks (removed on exit), in ``merged`` mode a merged copy."""
     if repair.mode == "adapter":
-        with scale_writers(compressed, repair.direction, repair.layers, alpha=repair.alpha):
+        with realigned(compressed, repair), scale_writers(compressed, repair.direction, repair.layers,
+                                                          alpha=repair.alpha):
             yield compressed
     else:
         yield merge(compressed, repair)
 
 
-def writer_density(handle: ModelHandle, layers: Sequence[int]) -> dict:
-    """Non-zero weights / total of the writers in ``layers`` (dense float weights only; quantized
-    layers count as dense)."""
+@contextmanager
+def realigned(handle: ModelHandle, repair: Repair) -> Iterator[None]:
+    """The repair's fitted re-alignment as a hook (``y ← y + r̂ (uᵀx)``), nothing without one. Enter it
+    before :func:`~core.interventions.scale_writers` so the scaling acts on the re-aligned output."""
+    if repair.realign is None:
+        yield
+    else:
+        with add_rank1(handle, repair.direction, repair.realign, repair.realign_layer, REALIGN_ROLE):
+            yield
+
+
+def writer_density(handle: ModelHandle, layers: Sequence[int] | Repair) -> dict:
+    """Non-zero weights / total of the writers in ``layers``, or of those a :class:`Repair` edits (dense
+    float weights only; quantized layers count as dense)."""
     nnz = total = 0
-    for _, _, mod in _writers(handle, layers):
+    mods = edited_writers(handle, layers) if isinstance(layers, Repair) else _writers(handle, layers)
+    for _, _, mod in mods:
         if _is_dense(mod):
             w = mod.weight
             nnz += int((w != 0).sum())
@@ -226,8 +307,9 @@ def writer_density(handle: ModelHandle, layers: Sequence[int]) -> dict:
     return {"nonzero": nnz, "total": total, "density": nnz / total if total else math.nan}
 
 
-def densified_weights(compressed: ModelHandle, layers: Sequence[int]) -> int:
-    """How many zero weights a merged repair of ``layers`` turns non-zero (its sparsity cost)."""
+def densified_weights(compressed: ModelHandle, layers: Sequence[int] | Repair) -> int:
+    """How many zero weights a merged repair of ``layers`` (or a :class:`Repair`) turns non-zero (its
+    sparsity cost)."""
     d = writer_density(compressed, layers)
     return d["total"] - d["nonzero"]
 
@@ -248,9 +330,7 @@ def method_applied(method: str, original: ModelHandle, compressed: ModelHandle, 
     if method == "none":
         yield compressed
     elif method in ("aird-merged", "aird-adapter"):
-        mode = method.split("-")[1]
-        with applied(compressed, Repair(repair.direction, repair.layers, repair.alpha, mode,
-                                        repair.source_layer)) as h:
+        with applied(compressed, replace(repair, mode=method.split("-")[1])) as h:
             yield h
     elif method == "projection-restore":
         _check_dense(compressed, repair.layers, "Projection restore")
@@ -279,14 +359,15 @@ def changed_parameters(method: str, compressed: ModelHandle, repair: Repair) -> 
     """Number of stored numbers a method changes or adds relative to ``compressed``."""
     if method == "none":
         return 0
+    fit = 0 if repair.realign is None else repair.realign.numel()
     if method == "aird-adapter":
-        return compressed.d_model + 1  # r̂ and α
+        return compressed.d_model + 1 + fit  # r̂, α and u
     if method == "activation-addition":
         return compressed.d_model
-    mods = [m for _, _, m in _writers(compressed, repair.layers)]
     if method == "dense-copy":
         return sum(p.numel() for layer in repair.layers for p in compressed.blocks[layer].parameters())
-    return sum(weight_as_out_in(m).numel() for m in mods)  # merged / projection restore: whole matrices
+    mods = edited_writers(compressed, repair) if method == "aird-merged" else _writers(compressed, repair.layers)
+    return sum(weight_as_out_in(m).numel() for _, _, m in mods)  # merged / projection restore: whole matrices
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,24 +407,63 @@ def candidate_layer_sets(source_layer: int, n_layers: int, max_layers: int = 4) 
     return [s for s in ([[x for x in s if 0 <= x < n_layers] for s in sets]) if s]
 
 
+def fit_realignment(original: ModelHandle, compressed: ModelHandle, direction: torch.Tensor, source_layer: int,
+                    prompts: Sequence[str], *, n_positions: int = DEFAULT_REALIGN_POSITIONS,
+                    lam: float = DEFAULT_RIDGE, progress: Progress | None = None) -> tuple[int, torch.Tensor]:
+    """``(l*−1, u)``: the re-alignment ``W′ = W_C + r̂ uᵀ`` of C's MLP output projection in block l*−1,
+    with ``u`` ``(d_ff,)`` the ridge solution (:func:`ridge`, strength ``lam``) of
+    ``x_C u ≈ r̂ᵀh_O − r̂ᵀh_C``: C's writer inputs against the gap between O's and C's projections on
+    r̂ of the residual entering ``source_layer``, at the last ``n_positions`` of every prompt. Closed
+    form, no gradient steps. Use training prompts (the bundled train splits), never evaluation ones."""
+    from core.activations import writer_inputs
+
+    if source_layer < 1:
+        raise AIRDError("a re-alignment edits block l*−1, and the source layer is 0")
+    layer = source_layer - 1
+    _, p_o = writer_inputs(original, prompts, original.writers(layer)[REALIGN_ROLE], direction, source_layer,
+                           n_positions=n_positions,
+                           progress=None if progress is None else (lambda d, t, *a: progress(d, 2 * t, *a)))
+    x_c, p_c = writer_inputs(compressed, prompts, compressed.writers(layer)[REALIGN_ROLE], direction, source_layer,
+                             n_positions=n_positions,
+                             progress=None if progress is None else (lambda d, t, *a: progress(t + d, 2 * t, *a)))
+    return layer, ridge(x_c, p_o - p_c, lam).float()
+
+
+def bundled_fit_prompts() -> list[str]:
+    """The prompts a re-alignment is fitted on: the bundled *train* splits (harmful, harmless, borderline)."""
+    from core.prompts import bundled
+
+    return [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "train").prompts]
+
+
 def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
               sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
               alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
               kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
-              progress: Progress | None = None) -> Repair:
+              realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
+              original: ModelHandle | None = None, progress: Progress | None = None) -> Repair:
     """Choose S and α on validation prompts: the largest harmful refusal rate (ties: larger mean
     refusal score, then fewer layers, then smaller α) subject to harmless+borderline over-refusal
-    rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold``.
+    rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold`` — or, given
+    the ``original`` O, KL to O at most ``kl_threshold`` above C's own KL to O: a repair that moves
+    harmless behaviour back toward the original is not damage, though it moves away from C.
 
-    Runs in adapter form (hooks; identical function to merged), so it also works on quantized
-    layers; α grows per layer set until a constraint fails. Returns the chosen :class:`Repair` with
-    the whole grid in ``calibration``; α = 0 (no repair) when nothing beats the unrepaired model.
+    With ``realignment`` (``(layer, u)`` from :func:`fit_realignment`) the grid is searched twice,
+    without and with it, against the same unrepaired baseline, and the re-alignment is kept only if
+    it is chosen (``require_realignment``: only the grid with it). Runs in adapter form (hooks; identical function to merged), so it also works on
+    quantized layers; α grows per layer set until a constraint fails or harmful refusal stops rising
+    (a larger α then only costs over-refusal). Returns the chosen
+    :class:`Repair` with the whole grid in ``calibration``; α = 0 (no repair) when nothing beats the
+    unrepaired model.
     """
     sets = sets or CalibrationSets.bundled()
     layer_sets = [list(s) for s in (layer_sets or candidate_layer_sets(source_layer, compressed.n_layers))]
     r = unit(direction).float()
     ids = refusal_token_ids(compressed.tokenizer)
-    total = 1 + len(layer_sets) * len(alphas)
+    if require_realignment and realignment is None:
+        raise AIRDError("require_realignment needs a realignment")
+    fits = [None] if realignment is None else [realignment] if require_realignment else [None, realignment]
+    total = len(fits) * (1 + len(layer_sets) * len(alphas))
     done = 0
 
     def measure() -> dict:
@@ -357,31 +477,55 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
 
     base = measure()
     base_logits = base.pop("harmless_logits")
-    grid = [{"layers": [], "alpha": 0.0, **base, "kl": 0.0, "feasible": True}]
-    done += 1
-    report(progress, done, total)
-    for layers in layer_sets:
-        for alpha in sorted(alphas):
-            with scale_writers(compressed, r, layers, alpha=alpha):
-                m = measure()
-            m["kl"] = kl_divergence(base_logits, m.pop("harmless_logits"))
-            m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
-                             and m["kl"] <= kl_threshold)
-            grid.append({"layers": layers, "alpha": alpha, **m})
-            done += 1
-            report(progress, done, total)
-            if not m["feasible"]:
-                done += len(alphas) - sorted(alphas).index(alpha) - 1
-                report(progress, done, total)
-                break  # larger α only moves further
+    o_logits = None if original is None else last_logits(original, sets.harmless)
+    base_kl_o = None if o_logits is None else kl_divergence(o_logits, base_logits)
+    grid: list[dict] = []
+
+    def add_point(fit, layers: list[int], alpha: float, m: dict) -> bool:
+        nonlocal done
+        logits = m.pop("harmless_logits")
+        m["kl"] = kl_divergence(base_logits, logits)
+        kl_ok = m["kl"] <= kl_threshold
+        if o_logits is not None:
+            m["kl_original"] = kl_divergence(o_logits, logits)
+            kl_ok = kl_ok or m["kl_original"] <= base_kl_o + kl_threshold
+        m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
+                         and kl_ok)
+        grid.append({"realign": fit is not None, "layers": layers, "alpha": alpha, **m})
+        done += 1
+        report(progress, done, total)
+        return m["feasible"]
+
+    for fit in fits:
+        trial = None if fit is None else Repair(r, [], 0.0, "adapter", source_layer, realign=fit[1],
+                                                realign_layer=fit[0])
+        if fit is None:
+            add_point(None, [], 0.0, {**base, "harmless_logits": base_logits})
+        else:
+            with realigned(compressed, trial):
+                add_point(fit, [], 0.0, measure())
+        for layers in layer_sets:
+            previous = -1.0
+            for alpha in sorted(alphas):
+                with realigned(compressed, trial) if trial is not None else nullcontext(), \
+                        scale_writers(compressed, r, layers, alpha=alpha):
+                    ok = add_point(fit, layers, alpha, measure())
+                gained = grid[-1]["harmful_refusal"] > previous + 1e-9
+                previous = grid[-1]["harmful_refusal"]
+                if not ok or not gained:
+                    done += len(alphas) - sorted(alphas).index(alpha) - 1
+                    report(progress, done, total)
+                    break  # larger α only moves further: past a constraint, or past the refusal plateau
     feasible = [g for g in grid if g["feasible"]]
-    best = max(feasible, key=lambda g: (round(g["harmful_refusal"], 6), g["harmful_score"], -len(g["layers"]),
-                                        -g["alpha"]))
+    best = max(feasible, key=lambda g: (round(g["harmful_refusal"], 6), g["harmful_score"], -g["realign"],
+                                        -len(g["layers"]), -g["alpha"]))
     layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
     for g in grid:
         g["chosen"] = g is best
+    fit = realignment if best["realign"] else None
     return Repair(direction=r, layers=layers, alpha=best["alpha"], mode=mode, source_layer=source_layer,
-                  calibration=grid, auto=True)
+                  calibration=grid, auto=True, realign=None if fit is None else fit[1],
+                  realign_layer=None if fit is None else fit[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,12 +577,12 @@ def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict
 def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str], *, max_layers: int = 8,
                  gen_tokens: int = 24, progress: Progress | None = None) -> list[dict]:
     """Refusal on ``prompts`` when repairing the k layers ending at the source layer, k = 1…``max_layers``
-    (adapter form, same α), with the weights a merged repair would densify."""
+    (adapter form, same α and re-alignment), with the weights a merged repair would densify."""
     src = repair.source_layer if repair.source_layer is not None else max(repair.layers)
     rows = []
     for k in range(1, max_layers + 1):
         layers = [x for x in range(src - k + 1, src + 1) if x >= 0]
-        with scale_writers(compressed, repair.direction, layers, alpha=repair.alpha):
+        with realigned(compressed, repair), scale_writers(compressed, repair.direction, layers, alpha=repair.alpha):
             rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens)
         rows.append({"n_layers": len(layers), "layers": layers, "refusal": rate,
                      "densified_weights": densified_weights(compressed, layers)})

@@ -7,6 +7,8 @@
   attention/MLP output projection (weights and biases) are projected so nothing writes along r̂.
 * :func:`scale_writers` — ``y ← y + α r̂ r̂ᵀ y`` on the attention/MLP outputs of given layers
   (``α = −1`` removes the component, ``α > 0`` amplifies it).
+* :func:`add_rank1` — ``y ← y + r̂ (uᵀ x)`` on one writer with input ``x``: the runtime form of the weight
+  edit ``W′ = W + r̂ uᵀ``.
 
 Each one holds ``handle.lock`` (a re-entrant lock) for its whole duration, so a model shared by
 several callers never runs one caller's forward under another caller's intervention, while the
@@ -148,6 +150,26 @@ def scale_writers(handle: ModelHandle, direction: torch.Tensor, layers: Iterable
     installs = [(w.register_forward_hook, _out_hook(fn))
                 for layer in _layers(handle, layers) for w in handle.writers(layer).values()]
     with _hooked(handle, installs):
+        yield
+
+
+@contextmanager
+def add_rank1(handle: ModelHandle, direction: torch.Tensor, u: torch.Tensor, layer: int, role: str = "mlp",
+              ) -> Iterator[None]:
+    """``y ← y + r̂ (uᵀ x)`` on the ``role`` writer of block ``layer``, whose input is ``x`` ``(…, d_in)``
+    and output ``y`` ``(…, d_model)``; ``u`` is ``(d_in,)``. The same function as the weight edit
+    ``W′ = W + r̂ uᵀ``, with the writer's weights untouched (so it works on quantized storage too)."""
+    r = _as_vector(handle, direction, unit=True)
+    module = handle.writers(_layers(handle, [layer])[0])[role]
+    u64 = torch.as_tensor(u).detach().to(device=handle.device, dtype=torch.float64)
+
+    def hook(mod, args, output):
+        x = args[0] if args else None
+        y = output[0] if isinstance(output, tuple) else output
+        z = y + (x.to(y.dtype) @ u64.to(y.dtype)).unsqueeze(-1) * r.to(y.dtype)
+        return (z, *output[1:]) if isinstance(output, tuple) else z
+
+    with _hooked(handle, [(module.register_forward_hook, hook)]):
         yield
 
 

@@ -37,7 +37,9 @@ StageProgress = Callable[[str, int, int], None]
 class StudySpec:
     """What to compute. ``harmful``/``harmless``/``borderline``: ``bundled:KIND:SPLIT`` or a file.
     ``aird``: ``None`` (no repair), ``auto`` (calibrate layers and α), or ``top:K`` (the K layers
-    ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration."""
+    ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration.
+    ``aird_realign``: the fitted re-alignment of :mod:`core.aird` — ``auto`` (calibration decides;
+    not used with a manual α and layers), ``on`` (always) or ``off``."""
 
     model: str = "default"
     schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
@@ -50,6 +52,7 @@ class StudySpec:
     aird_mode: str = "merged"
     aird_alpha: float | None = None
     aird_layers: list[int] | None = None
+    aird_realign: str = "auto"
     selection_positions: list[int] | None = None  # None: every post-instruction position
     seed: int = 0
     device: str = "auto"
@@ -139,8 +142,7 @@ class Study:
             return DirectionSet.load(record.get_path(key))
         if kind == "repair":
             from core.aird import Repair
-            meta = record.get_meta(key)
-            return Repair(direction=record.get_tensors(key)["direction"], **meta)
+            return Repair.from_tensors(record.get_tensors(key), record.get_meta(key))
         raise ValueError(kind)
 
     def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
@@ -151,8 +153,7 @@ class Study:
                 value.save(Path(tmp) / "d")
                 self.record.put_folder(key, stage, Path(tmp) / "d", seconds=seconds)
         elif kind == "repair":
-            self.record.put_tensors(key, stage, {"direction": value.direction.contiguous()},
-                                    meta=value.describe(), seconds=seconds)
+            self.record.put_tensors(key, stage, value.tensors(), meta=value.describe(), seconds=seconds)
 
     # -- inputs ---------------------------------------------------------------------------
     @property
@@ -312,9 +313,11 @@ class Study:
 
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
-        from core.aird import Repair, calibrate, candidate_layer_sets
+        from core.aird import AIRDError, Repair, bundled_fit_prompts, calibrate, candidate_layer_sets, fit_realignment
 
         s = self.spec
+        if s.aird_realign not in ("auto", "on", "off"):
+            raise AIRDError(f"aird_realign must be auto, on or off, got {s.aird_realign!r}")
 
         def compute():
             from core.aird import mode_for
@@ -330,15 +333,24 @@ class Study:
                 layer_sets = [list(range(max(0, layer - k + 1), layer + 1))]
             if s.aird_layers:
                 layer_sets = [list(s.aird_layers)]
-            if s.aird_alpha is not None and layer_sets and len(layer_sets) == 1:
-                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, mode, layer)
+            manual = s.aird_alpha is not None and layer_sets and len(layer_sets) == 1
+            fit = None
+            if layer >= 1 and (s.aird_realign == "on" or s.aird_realign == "auto" and not manual):
+                fit = fit_realignment(self.original, c, d_o.direction, layer, bundled_fit_prompts(),
+                                      progress=self._progress(f"AIRD {scheme}: re-alignment fit"))
+            if manual:
+                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, mode, layer,
+                              realign=None if fit is None else fit[1], realign_layer=None if fit is None else fit[0])
             alphas = (s.aird_alpha,) if s.aird_alpha is not None else None
             kwargs = {"alphas": alphas} if alphas else {}
             return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
-                             mode=mode, progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
+                             mode=mode, realignment=fit, require_realignment=s.aird_realign == "on",
+                             original=self.original,
+                             progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
-                                               s.aird_alpha, s.aird_layers), compute, "repair")
+                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-1"),
+                            compute, "repair")
 
     def evaluate_repaired(self, scheme: str) -> dict:
         """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""
@@ -349,17 +361,16 @@ class Study:
         def compute():
             c = self.variant(scheme)
             ref = self._harmless_logits(self.original)
-            before = writer_density(c, rep.layers)
+            before = writer_density(c, rep)
             with applied(c, rep) as h:
                 out = self._evaluate_handle(h, f"{scheme}+AIRD", ref)
-                after = writer_density(h, rep.layers)
+                after = writer_density(h, rep)
             out["repair"] = rep.describe()
             out["density_before"], out["density_after"] = before, after
-            out["densified_weights"] = densified_weights(c, rep.layers) if rep.mode == "merged" else 0
+            out["densified_weights"] = densified_weights(c, rep) if rep.mode == "merged" else 0
             return out
 
-        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + (
-            rep.layers, rep.alpha, rep.mode), compute)
+        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + rep.key(), compute)
 
     def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict:
         """Every repair method of :data:`core.aird.METHODS` on ``scheme`` (those that cannot apply to
@@ -373,18 +384,19 @@ class Study:
             def compute(method=method):
                 c = self.variant(scheme)
                 ref = self._harmless_logits(self.original)
-                before = writer_density(c, rep.layers)
+                edited = rep if method.startswith("aird") else rep.layers
+                before = writer_density(c, edited)
                 try:
                     with method_applied(method, self.original, c, rep, self.directions("original").direction) as h:
                         ev = self._evaluate_handle(h, f"{scheme}: {method}", ref)
-                        after = writer_density(h, rep.layers)
+                        after = writer_density(h, edited)
                 except AIRDError as e:
                     return {"method": method, "error": str(e)}
                 ev.update(method=method, density_before=before, density_after=after,
                           parameters_changed=changed_parameters(method, c, rep))
                 return ev
 
-            key = self._eval_key(f"{scheme}:{method}") + (rep.layers, rep.alpha)
+            key = self._eval_key(f"{scheme}:{method}") + rep.key()
             out[method] = self._cached(f"method {scheme}: {method}", key, compute)
         return out
 
@@ -398,7 +410,7 @@ class Study:
             return budget_curve(self.variant(scheme), rep, self.eval_sets()["harmful"].prompts, max_layers=max_layers,
                                 progress=self._progress(f"AIRD {scheme}: budget curve"))
 
-        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + (rep.alpha, max_layers), compute)
+        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers,), compute)
 
     def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
         """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
@@ -414,8 +426,8 @@ class Study:
                                          progress=self._progress(f"AIRD {scheme}: repaired directions"))
             return [None if x != x else float(x) for x in layer_cosines(d_o, ds).tolist()]
 
-        return self._cached(f"repaired directions {scheme}", (self.original_fingerprint(), scheme, rep.layers,
-                                                               rep.alpha), compute)
+        return self._cached(f"repaired directions {scheme}", (self.original_fingerprint(), scheme) + rep.key(),
+                            compute)
 
     # -- the whole pipeline ---------------------------------------------------------------
     def run(self) -> dict:
@@ -472,5 +484,6 @@ def summary_rows(results: dict) -> list[dict]:
             rep = v["repaired"]["repair"]
             rows.append(row(f"{scheme} + AIRD", v["repaired"],
                             {"aird_layers": rep["layers"], "aird_alpha": rep["alpha"],
+                             "aird_realign_layer": rep.get("realign_layer"),
                              "densified_weights": v["repaired"]["densified_weights"]}))
     return rows

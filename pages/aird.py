@@ -24,7 +24,10 @@ model_badge(handle)
 st.markdown("**AIRD** re-induces the *original* model's refusal direction r̂ in a compressed model by editing "
             "the residual writers of a few layers: W′ = W + α r̂ r̂ᵀ W (our reconstruction of Chhabra & Khalili "
             "2025, see `core/aird.py`). *merged* edits the weights (the edited matrices become dense); *adapter* "
-            "leaves them untouched and applies the same edit at run time.")
+            "leaves them untouched and applies the same edit at run time. Our addition, the *fitted "
+            "re-alignment*, is a second rank-1 edit W + r̂ uᵀ of the MLP output before the source layer, with u "
+            "solved in closed form on the bundled train prompts so that the compressed model's projections on r̂ "
+            "match the original's — it can pull harmless prompts back that compression pushed toward refusal.")
 
 with st.expander("Evaluation settings", expanded=False):
     settings_widgets()
@@ -39,13 +42,16 @@ if not ok:
     st.stop()
 source_layer = original_source_layer(study)
 
-c1, c2, c3 = st.columns([2, 2, 1])
+c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
 scheme = c1.selectbox("Variant", options)
 how = c2.radio("Repair layers and α", ["auto-calibrated", "manual"], horizontal=True,
                help="auto: the layer set and α with the most refusal on harmful val prompts, keeping over-refusal "
                     "and KL on harmless val prompts in check")
 mode = c3.radio("Mode", ["merged", "adapter"], horizontal=False)
-aird = {"aird": "auto", "aird_mode": mode, "aird_alpha": None, "aird_layers": None}
+realign = c4.radio("Re-alignment", ["auto", "on", "off"], horizontal=False,
+                   help="the fitted rank-1 edit of the MLP output before the source layer: auto = calibration "
+                        "decides (manual layers and α: off), on = always, off = never")
+aird = {"aird": "auto", "aird_mode": mode, "aird_alpha": None, "aird_layers": None, "aird_realign": realign}
 if how == "manual":
     a, b = st.columns([3, 1])
     default = [x for x in ([source_layer - 1, source_layer] if source_layer is not None else [0]) if x >= 0]
@@ -118,13 +124,15 @@ with box:
                                                "repaired": results["repaired"]}}})
     table = pd.DataFrame(rows)
     keep = [c for c in ("model", "refusal_harmful", "asr", "over_refusal_harmless", "over_refusal_borderline",
-                        "perplexity", "kl_to_original", "aird_layers", "aird_alpha", "densified_weights")
+                        "perplexity", "kl_to_original", "aird_layers", "aird_alpha", "aird_realign_layer",
+                        "densified_weights")
             if c in table.columns]
     table = table[keep].rename(columns={"refusal_harmful": "refusal (harmful)", "asr": "ASR",
                                         "over_refusal_harmless": "over-refusal (harmless)",
                                         "over_refusal_borderline": "over-refusal (borderline)",
                                         "kl_to_original": "KL to original", "aird_layers": "layers",
-                                        "aird_alpha": "α", "densified_weights": "densified weights"})
+                                        "aird_alpha": "α", "aird_realign_layer": "re-aligned layer",
+                                        "densified_weights": "densified weights"})
     for c in ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)", "perplexity",
               "KL to original", "α", "densified weights"):
         if c in table.columns:
@@ -135,10 +143,11 @@ with box:
                                 ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)",
                                  "perplexity", "KL to original")})
     how_chosen = "auto-calibrated on val prompts" if rep.auto else "manual"
-    st.caption(f"Repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode} ({how_chosen}); evaluated on "
+    fit = "" if rep.realign is None else f", re-alignment of layer {rep.realign_layer}'s MLP output"
+    st.caption(f"Repair: layers {rep.layers}, α = {rep.alpha:g}{fit}, mode {rep.mode} ({how_chosen}); evaluated on "
                f"{results['original']['sets']['harmful']['n']} test prompts per set.")
-    if rep.auto and rep.alpha == 0:
-        st.warning("Calibration found no α that raises refusal within the over-refusal and KL limits: "
+    if rep.auto and rep.alpha == 0 and rep.realign is None:
+        st.warning("Calibration found no repair that raises refusal within the over-refusal and KL limits: "
                    "the variant is left unrepaired (see the recoverability diagnostic).")
 
     sets = ["harmful", "harmless", "borderline"]

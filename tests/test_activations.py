@@ -127,3 +127,27 @@ def test_runner_without_a_reusable_cache_runs_full_prompts(llama, monkeypatch):
     monkeypatch.setattr(BatchRunner, "_prefix_cache", lambda self: None)  # e.g. a legacy tuple cache
     assert len(BatchRunner(h, tokenize(h, PROMPTS), min_rest=2).prefix) >= 4
     torch.testing.assert_close(mean_activations(h, PROMPTS).mean, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_writer_inputs_match_one_prompt_at_a_time(llama):
+    from core.activations import read_points, writer_inputs
+
+    torch.manual_seed(1)
+    r = torch.randn(llama.d_model)
+    mod = llama.writers(1)["mlp"]
+    x, p = writer_inputs(llama, PROMPTS, mod, r, 2, n_positions=3)
+    assert x.shape == (3 * len(PROMPTS), mod.in_features) and p.shape == (3 * len(PROMPTS),)
+    seen = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             read_points(llama)[2].register_forward_pre_hook(
+                 lambda m, a, k: seen.__setitem__("h", a[0] if a else k["hidden_states"]), with_kwargs=True)]
+    try:
+        for i, ids in enumerate(tokenize(llama, PROMPTS)):
+            with torch.no_grad():
+                llama.model(input_ids=torch.tensor([ids]))
+            torch.testing.assert_close(x[3 * i:3 * i + 3], seen["x"][0, -3:].double(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(p[3 * i:3 * i + 3], seen["h"][0, -3:].double() @ (r.double() / r.norm()),
+                                       atol=1e-5, rtol=1e-4)
+    finally:
+        for h in hooks:
+            h.remove()

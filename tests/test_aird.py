@@ -61,6 +61,73 @@ def test_merged_and_adapter_give_same_logits_on_pruned_model(arch):
     assert aird.densified_weights(c, [1, 2]) > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_realignment_merged_and_adapter_give_same_logits(arch):
+    o = tiny_handle(arch, n_layers=4, d_model=64)
+    c, _ = compress(o, "magnitude:0.5")
+    o_state, c_state = _state(o), _state(c)
+    torch.manual_seed(3)
+    r = torch.randn(64)
+    d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
+    u = 0.3 * torch.randn(d_in)
+    out = {}
+    for mode in ("merged", "adapter"):
+        # the re-aligned writer (layer 1's MLP) is also scaled: W′ = (I + α r̂r̂ᵀ)(W + r̂uᵀ)
+        with applied(c, Repair(r, layers=[1, 2], alpha=2.0, mode=mode, realign=u, realign_layer=1)) as h:
+            out[mode] = _logits(h)
+    assert torch.allclose(out["merged"], out["adapter"], atol=1e-4), (out["merged"] - out["adapter"]).abs().max()
+    with applied(c, Repair(r, layers=[1, 2], alpha=2.0, mode="adapter")) as h:
+        assert not torch.allclose(_logits(h), out["adapter"], atol=1e-4)  # the re-alignment does something
+    for mode in ("merged", "adapter"):  # u = 0 and α = 0: the identity
+        with applied(c, Repair(r, layers=[1], alpha=0.0, mode=mode, realign=torch.zeros(d_in), realign_layer=1)) as h:
+            assert torch.allclose(_logits(h), _logits(c), atol=1e-6)
+    assert _same_state(o, o_state) and _same_state(c, c_state)
+    rep = Repair(r, layers=[2], alpha=1.0, realign=u, realign_layer=1)
+    assert {(layer, role) for layer, role, _ in aird.edited_writers(c, rep)} == {(1, "mlp"), (2, "mlp"), (2, "attn")}
+    assert aird.densified_weights(c, rep) > aird.densified_weights(c, [2])  # the fitted writer densifies too
+    assert aird.changed_parameters("aird-adapter", c, rep) == 64 + 1 + d_in
+
+
+def test_ridge_is_least_squares_with_shrinkage():
+    torch.manual_seed(0)
+    x = torch.randn(200, 12, dtype=torch.float64)
+    u_true = torch.randn(12, dtype=torch.float64)
+    y = x @ u_true
+    assert torch.allclose(aird.ridge(x, y, 0.0), u_true, atol=1e-8)
+    assert aird.ridge(x, y, 1.0).norm() < aird.ridge(x, y, 0.01).norm() < u_true.norm() + 1e-9
+    assert torch.allclose(aird.ridge(10 * x, 10 * y, 0.1), aird.ridge(x, y, 0.1), atol=1e-8)  # scale-free λ
+
+
+def test_fit_realignment_moves_c_projections_toward_o():
+    from core.activations import writer_inputs
+    from core.prompts import bundled
+
+    o = tiny_handle("llama", n_layers=4, d_model=64)
+    c, _ = compress(o, "magnitude:0.5")
+    o_state, c_state = _state(o), _state(c)
+    torch.manual_seed(0)
+    r = torch.randn(64)
+    prompts = bundled("harmful", "train").prompts[:12] + bundled("harmless", "train").prompts[:12]
+    layer, u = aird.fit_realignment(o, c, r, 2, prompts, lam=1e-3)
+    assert layer == 1 and u.shape == (weight_as_out_in(c.writers(1)["mlp"]).shape[1],)
+    assert _same_state(o, o_state) and _same_state(c, c_state)
+
+    def gap(handle, rep=None):
+        _, p_o = writer_inputs(o, prompts, o.writers(1)["mlp"], r, 2)
+        with aird.realigned(handle, rep) if rep else applied(handle, Repair(r, [1], 0.0, "adapter")):
+            _, p_c = writer_inputs(handle, prompts, handle.writers(1)["mlp"], r, 2)
+        return float(((p_o - p_c) ** 2).mean())
+
+    before, after = gap(c), gap(c, Repair(r, [], 0.0, "adapter", realign=u, realign_layer=1))
+    assert after < 0.5 * before, (before, after)
+    with pytest.raises(aird.AIRDError, match="source layer is 0"):
+        aird.fit_realignment(o, c, r, 0, prompts)
+    # the fit's data are the train splits: never a validation or test prompt
+    fit = set(aird.bundled_fit_prompts())
+    held_out = {p for k in ("harmful", "harmless", "borderline") for s in ("val", "test") for p in bundled(k, s).prompts}
+    assert fit and not fit & held_out
+
+
 def test_alpha_zero_is_identity():
     o = tiny_handle("llama")
     c, _ = compress(o, "rtn:4:16")
@@ -87,6 +154,10 @@ def test_adapter_works_on_bitsandbytes_nf4(tmp_path):
     with applied(c, Repair(torch.randn(64), layers=[0, 1], alpha=2.0, mode="adapter")) as h:
         changed = _logits(h)
     assert not torch.allclose(changed, before, atol=1e-4)
+    d_in = c.writers(0)["mlp"].in_features
+    with applied(c, Repair(torch.randn(64), layers=[1], alpha=0.0, mode="adapter", realign=torch.randn(d_in),
+                           realign_layer=0)) as h:  # the fitted re-alignment as a hook on a 4-bit writer
+        assert not torch.allclose(_logits(h), before, atol=1e-4)
     assert torch.allclose(_logits(c), before)  # hooks gone
 
 
@@ -127,11 +198,18 @@ def test_calibration_reads_only_validation_prompts(monkeypatch):
     sets = aird.CalibrationSets.bundled()
     sets = aird.CalibrationSets(sets.harmful[:6], sets.harmless[:6])
     c = tiny_handle("llama", n_layers=4)
-    rep = aird.calibrate(c, torch.randn(64), 2, sets=sets, alphas=(1.0, 4.0), gen_tokens=3)
+    o = tiny_handle("llama", n_layers=4, seed=1)
+    d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
+    rep = aird.calibrate(c, torch.randn(64), 2, sets=sets, alphas=(1.0, 4.0), gen_tokens=3,
+                         realignment=(1, 0.1 * torch.randn(d_in)), original=o)
     assert seen and not (set(seen) & test_prompts)
     assert set(seen) <= set(aird.CalibrationSets.bundled().harmful) | set(aird.CalibrationSets.bundled().harmless)
     assert rep.auto and rep.calibration[0]["alpha"] == 0.0 and sum(g["chosen"] for g in rep.calibration) == 1
     assert rep.alpha in (0.0, 1.0, 4.0)
+    # both branches were searched: without and with the re-alignment, against the same baseline
+    assert {g["realign"] for g in rep.calibration} == {False, True}
+    assert all("kl_original" in g for g in rep.calibration)
+    assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
 
 
 def test_repair_save_load_roundtrip(tmp_path):
@@ -140,6 +218,12 @@ def test_repair_save_load_roundtrip(tmp_path):
     assert back.layers == [2, 3] and back.alpha == 2.5 and back.mode == "adapter"
     assert torch.allclose(back.direction, rep.direction)
     assert abs(float(back.direction.norm()) - 1) < 1e-6
+    fitted = Repair(torch.randn(64), layers=[2], alpha=1.0, source_layer=3, realign=torch.randn(96), realign_layer=2)
+    back = Repair.load(fitted.save(tmp_path / "b"))
+    assert torch.equal(back.realign, fitted.realign) and back.realign_layer == 2 and back.key() == fitted.key()
+    assert back.key() != Repair(torch.randn(64), layers=[2], alpha=1.0).key()
+    with pytest.raises(aird.AIRDError, match="both"):
+        Repair(torch.randn(64), layers=[2], alpha=1.0, realign=torch.randn(96))
 
 
 def test_recoverability_verdicts():

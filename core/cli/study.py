@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
     p.add_argument("--aird", default=None, help="auto | top:K (repair K layers ending at the source layer)")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
+    p.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
+                   help="AIRD's fitted re-alignment of layer l*−1: auto (calibration decides), on, off")
     p.add_argument("--out", default=None, help="write the HTML report here")
     p.set_defaults(func=run_study)
 
@@ -36,6 +38,9 @@ def register(sub) -> None:
     a.add_argument("--layers", default="auto", help="auto | comma-separated layer indices")
     a.add_argument("--alpha", default="auto", help="auto | a number")
     a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
+    a.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
+                   help="fitted re-alignment of layer l*−1: auto (calibration decides; off with a given α and "
+                        "layers), on, off")
     a.add_argument("--methods", default="all", help="all | comma-separated subset of the comparison methods")
     a.add_argument("--no-budget", action="store_true", help="skip the budget curve")
     a.add_argument("--save", default=None, help="save the repair (adapter: r̂ + α + layers) to this folder")
@@ -79,7 +84,8 @@ def run_study(args: argparse.Namespace) -> int:
     from core.study import Study, summary_rows
 
     t0 = time.perf_counter()
-    study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode), args.runs,
+    study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode,
+                        aird_realign=args.realign), args.runs,
                   on_progress=_progress_bars())
     results = study.run()
     budget = {s: study.budget(s) for s in args.scheme} if args.aird else None
@@ -87,7 +93,8 @@ def run_study(args: argparse.Namespace) -> int:
         results["budget"] = budget
     rows = summary_rows(results)
     _print_rows(rows, ["model", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
-                       "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha"])
+                       "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
+                       "aird_realign_layer"])
     for s, v in results["variants"].items():
         print(f"{s}: {v['drift']['recoverability']['verdict']}")
     if args.out:
@@ -110,7 +117,8 @@ def run_aird(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
-    study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers),
+    study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
+                        aird_realign=args.realign),
                   args.runs, on_progress=_progress_bars())
     d_o = study.directions("original")
     drift = study.drift(args.scheme)
@@ -123,7 +131,9 @@ def run_aird(args: argparse.Namespace) -> int:
     print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
           f"{args.scheme} source: layer {drift['variant']['source']['layer']}; "
           f"cosine of selected directions {drift['cosine_selected']:.3f}")
-    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode} "
+    fit = ("" if rep.realign is None else
+           f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
+    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
           f"({'calibrated on val splits' if rep.auto else 'as given'})")
     _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
                        "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
