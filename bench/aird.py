@@ -1,7 +1,7 @@
 """AIRD on every compression scheme of the registry, on the embedded default model.
 
 For each scheme: refusal of the original (O), the compressed model (C) and C repaired by AIRD (auto:
-layers and α calibrated on the bundled *val* splits), the share of the refusal lost to compression
+layers, α and whether to use the fitted re-alignment calibrated on the bundled *val* splits), the share of the refusal lost to compression
 that AIRD recovers, over-refusal (harmless, borderline), perplexity, the repaired layers' density,
 and the recoverability diagnostic's verdict. Evaluation on the bundled *test* splits; with
 ``--full SCHEME`` also on public benchmark files (AdvBench, JailbreakBench, Alpaca first 200).
@@ -50,7 +50,7 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
     ev = {"O": study.evaluate("original"), "C": study.evaluate(scheme), "R": study.evaluate_repaired(scheme)}
     diag = study.diagnostic(scheme)
     row: dict = {"scheme": scheme, "harmful": harmful, "harmless": harmless, "borderline": borderline, "limit": limit,
-                 "layers": rep.layers, "alpha": rep.alpha, "mode": rep.mode,
+                 "layers": rep.layers, "alpha": rep.alpha, "mode": rep.mode, "realign_layer": rep.realign_layer,
                  "diagnostic": diag["recoverability"]["level"], "verdict": diag["recoverability"]["verdict"],
                  "cohens_d_ratio": diag["recoverability"]["ratio"],
                  "harmless_shift": diag["recoverability"].get("harmless_shift"),
@@ -68,12 +68,12 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
 
 def fmt(rows: list[dict]) -> str:
     heads = ["scheme", "harmful set", "O", "C", "C+AIRD", "recovered", "harmless C→R", "borderline C→R",
-             "ppl C→R", "layers", "α", "density", "diagnostic"]
+             "ppl C→R", "layers", "α", "re-aligned", "density", "diagnostic"]
     pct = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r["scheme"], r.get("harmful", ""), "error: " + r["error"][:70]] + [""] * 10)
+            lines.append([r["scheme"], r.get("harmful", ""), "error: " + r["error"][:70]] + [""] * 11)
             continue
         lines.append([r["scheme"], Path(r["harmful"]).stem.replace("bundled:", ""), pct(r["harmful_O"]),
                       pct(r["harmful_C"]), pct(r["harmful_R"]),
@@ -81,7 +81,8 @@ def fmt(rows: list[dict]) -> str:
                       f"{pct(r['harmless_C'])}→{pct(r['harmless_R'])}",
                       f"{pct(r.get('borderline_C'))}→{pct(r.get('borderline_R'))}",
                       f"{r['perplexity_C']:.2f}→{r['perplexity_R']:.2f}", ",".join(map(str, r["layers"])),
-                      f"{r['alpha']:g}", f"{r['density_before']:.2f}→{r['density_after']:.2f}", r["diagnostic"]])
+                      f"{r['alpha']:g}", "—" if r.get("realign_layer") is None else f"layer {r['realign_layer']}",
+                      f"{r['density_before']:.2f}→{r['density_after']:.2f}", r["diagnostic"]])
     return text_table(heads, lines)
 
 

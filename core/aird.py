@@ -436,15 +436,29 @@ def bundled_fit_prompts() -> list[str]:
     return [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "train").prompts]
 
 
+def choose(grid: Sequence[dict]) -> dict:
+    """The calibration point to keep: among feasible points, the largest harmful refusal minus
+    harmless over-refusal (ties: larger refusal score, no re-alignment, fewer layers, smaller α).
+
+    Refusal minus over-refusal, not refusal alone: under a loose over-refusal limit the largest refusal
+    sits at the largest feasible α, at the edge where refusal collapses (measured: BENCHMARKS.md)."""
+    feasible = [g for g in grid if g["feasible"]]
+    if not feasible:
+        raise AIRDError("no feasible calibration point (the unrepaired model is always one)")
+    return max(feasible, key=lambda g: (round(g["harmful_refusal"] - g["harmless_refusal"], 6), g["harmful_score"],
+                                        -g.get("realign", False), -len(g["layers"]), -g["alpha"]))
+
+
 def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
               sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
               alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
               kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
               realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
               original: ModelHandle | None = None, progress: Progress | None = None) -> Repair:
-    """Choose S and α on validation prompts: the largest harmful refusal rate (ties: larger mean
-    refusal score, then fewer layers, then smaller α) subject to harmless+borderline over-refusal
-    rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold`` — or, given
+    """Choose S and α on validation prompts: the largest harmful refusal rate *minus* harmless+borderline
+    over-refusal (ties: larger mean refusal score, then fewer layers, then smaller α) subject to that
+    over-refusal rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold`` —
+    or, given
     the ``original`` O, KL to O at most ``kl_threshold`` above C's own KL to O: a repair that moves
     harmless behaviour back toward the original is not damage, though it moves away from C.
 
@@ -516,9 +530,7 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
                     done += len(alphas) - sorted(alphas).index(alpha) - 1
                     report(progress, done, total)
                     break  # larger α only moves further: past a constraint, or past the refusal plateau
-    feasible = [g for g in grid if g["feasible"]]
-    best = max(feasible, key=lambda g: (round(g["harmful_refusal"], 6), g["harmful_score"], -g["realign"],
-                                        -len(g["layers"]), -g["alpha"]))
+    best = choose(grid)
     layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
     for g in grid:
         g["chosen"] = g is best

@@ -45,8 +45,9 @@ source_layer = original_source_layer(study)
 c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
 scheme = c1.selectbox("Variant", options)
 how = c2.radio("Repair layers and α", ["auto-calibrated", "manual"], horizontal=True,
-               help="auto: the layer set and α with the most refusal on harmful val prompts, keeping over-refusal "
-                    "and KL on harmless val prompts in check")
+               help="auto: the layer set, α and re-alignment with the most refusal on harmful val prompts minus "
+                    "over-refusal on harmless ones, keeping over-refusal (+2 points) and KL on harmless val "
+                    "prompts in check")
 mode = c3.radio("Mode", ["merged", "adapter"], horizontal=False)
 realign = c4.radio("Re-alignment", ["auto", "on", "off"], horizontal=False,
                    help="the fitted rank-1 edit of the MLP output before the source layer: auto = calibration "

@@ -212,6 +212,21 @@ def test_calibration_reads_only_validation_prompts(monkeypatch):
     assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
 
 
+def test_choose_trades_refusal_against_over_refusal():
+    def point(h, n, feasible=True, **kw):
+        return {"harmful_refusal": h, "harmless_refusal": n, "harmful_score": 0.0, "feasible": feasible,
+                "layers": kw.get("layers", [1]), "alpha": kw.get("alpha", 1.0), "realign": kw.get("realign", False)}
+
+    base = point(0.6, 0.37, layers=[], alpha=0.0)
+    edge = point(0.91, 0.32, alpha=3.0)  # most refusal, at the edge of the over-refusal limit
+    balanced = point(0.88, 0.20, alpha=1.0, realign=True)
+    assert aird.choose([base, edge, balanced]) is balanced
+    assert aird.choose([base, point(0.99, 0.0, feasible=False)]) is base
+    assert aird.choose([base, point(0.7, 0.47)]) is base  # +10 points refusal for +10 over-refusal: no gain
+    with pytest.raises(aird.AIRDError):
+        aird.choose([point(0.9, 0.1, feasible=False)])
+
+
 def test_repair_save_load_roundtrip(tmp_path):
     rep = Repair(torch.randn(64), layers=[3, 2], alpha=2.5, mode="adapter", source_layer=3)
     back = Repair.load(rep.save(tmp_path / "a"))
