@@ -554,7 +554,8 @@ def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict
     the source layer: a weight edit along r̂ can only amplify a separation that is still there.
     ``harmless_shift`` is how far C's harmless mean moved toward O's harmful one, as a fraction of O's
     gap; above ``max_harmless_shift`` C already over-refuses along r̂ and a scaling edit, which
-    amplifies harmless writes too, can be at best partial.
+    amplifies harmless writes too, can be at best partial on its own (the fitted re-alignment exists for
+    this case).
     """
     d_o = cohens_d(original_proj["harmful"], original_proj["harmless"])
     d_c = cohens_d(compressed_proj["harmful"], compressed_proj["harmless"])
@@ -564,11 +565,12 @@ def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict
     moved = float(compressed_proj["harmless"][:, at].double().mean() - original_proj["harmless"][:, at].double().mean())
     shift = moved / gap if abs(gap) > 1e-6 else math.nan
     if ratio >= good_ratio and float(d_c[at]) >= min_d and shift > max_harmless_shift:
-        verdict, level = (f"Partly recoverable: harmful and harmless prompts still separate along the original "
-                          f"refusal direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f} "
-                          f"in the original), but harmless prompts moved {100 * shift:.0f}% of the way toward the "
-                          "harmful ones, so the compressed model already over-refuses; amplifying r̂ raises their "
-                          "refusal too, and the over-refusal limit caps the repair."), "partial"
+        verdict, level = (f"Partly recoverable by scaling alone: harmful and harmless prompts still separate along "
+                          f"the original refusal direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs "
+                          f"{float(d_o[at]):.2f} in the original), but harmless prompts moved {100 * shift:.0f}% of "
+                          "the way toward the harmful ones, so the compressed model already over-refuses, and "
+                          "amplifying r̂ raises their refusal too. AIRD's fitted re-alignment, which moves each "
+                          "prompt by what it contains, can pull them back; calibration uses it when it helps."), "partial"
     elif ratio >= good_ratio and float(d_c[at]) >= min_d:
         verdict, level = (f"Recoverable: harmful and harmless prompts still separate along the original refusal "
                           f"direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f} in the "

@@ -259,7 +259,7 @@ class Study:
                 "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
             }
 
-        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, "verdict-2"), compute)
+        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, "verdict-3"), compute)
 
     def drift(self, scheme: str) -> dict:
         """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
@@ -280,7 +280,7 @@ class Study:
                 **self.diagnostic(scheme),
             }
 
-        return self._cached(f"drift {scheme}", (self.original_fingerprint(), scheme, "verdict-2"), compute)
+        return self._cached(f"drift {scheme}", (self.original_fingerprint(), scheme, "verdict-3"), compute)
 
     def _harmless_logits(self, handle: ModelHandle) -> torch.Tensor:
         from core.judges import last_logits
