@@ -1,8 +1,8 @@
 """AIRD on every compression scheme of the registry, on the embedded default model.
 
 For each scheme: refusal of the original (O), the compressed model (C) and C repaired by AIRD (auto:
-layers, α and whether to use the fitted re-alignment calibrated on the bundled *val* splits), the share of the refusal lost to compression
-that AIRD recovers, over-refusal (harmless, borderline), perplexity, the repaired layers' density,
+layers, α and whether to use the fitted re-alignment calibrated on the bundled *val* splits), the
+share of the refusal lost to compression that AIRD recovers, over-refusal (harmless, borderline), perplexity, the repaired layers' density,
 and the recoverability diagnostic's verdict. Evaluation on the bundled *test* splits; with
 ``--full SCHEME`` also on public benchmark files (AdvBench, JailbreakBench, Alpaca first 200).
 

@@ -36,7 +36,7 @@ import copy
 import json
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -455,20 +455,19 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
               kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
               realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
               original: ModelHandle | None = None, progress: Progress | None = None) -> Repair:
-    """Choose S and α on validation prompts: the largest harmful refusal rate *minus* harmless+borderline
-    over-refusal (ties: larger mean refusal score, then fewer layers, then smaller α) subject to that
-    over-refusal rising ≤ ``max_overrefusal_rise`` and KL to C on harmless prompts ≤ ``kl_threshold`` —
-    or, given
-    the ``original`` O, KL to O at most ``kl_threshold`` above C's own KL to O: a repair that moves
-    harmless behaviour back toward the original is not damage, though it moves away from C.
+    """Choose S and α on validation prompts (:func:`choose`: the largest harmful refusal rate minus
+    harmless+borderline over-refusal) subject to that over-refusal rising ≤ ``max_overrefusal_rise`` and
+    KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O at most
+    ``kl_threshold`` above C's own KL to O: a repair that moves harmless behaviour back toward the
+    original is not damage, though it moves away from C.
 
     With ``realignment`` (``(layer, u)`` from :func:`fit_realignment`) the grid is searched twice,
-    without and with it, against the same unrepaired baseline, and the re-alignment is kept only if
-    it is chosen (``require_realignment``: only the grid with it). Runs in adapter form (hooks; identical function to merged), so it also works on
-    quantized layers; α grows per layer set until a constraint fails or harmful refusal stops rising
-    (a larger α then only costs over-refusal). Returns the chosen
-    :class:`Repair` with the whole grid in ``calibration``; α = 0 (no repair) when nothing beats the
-    unrepaired model.
+    without and with it, against the same unrepaired baseline, and the re-alignment is kept only if it
+    is chosen (``require_realignment``: only the grid with it). Runs in adapter form (hooks; identical
+    function to merged), so it also works on quantized layers; α grows per layer set until a
+    constraint fails or harmful refusal stops rising (a larger α then only costs over-refusal).
+    Returns the chosen :class:`Repair` with the whole grid in ``calibration``; α = 0 (no repair) when
+    nothing beats the unrepaired model.
     """
     sets = sets or CalibrationSets.bundled()
     layer_sets = [list(s) for s in (layer_sets or candidate_layer_sets(source_layer, compressed.n_layers))]
@@ -510,19 +509,20 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         report(progress, done, total)
         return m["feasible"]
 
+    def trial(fit, layers: list[int], alpha: float) -> Repair:
+        return Repair(r, layers, alpha, "adapter", source_layer, realign=None if fit is None else fit[1],
+                      realign_layer=None if fit is None else fit[0])
+
     for fit in fits:
-        trial = None if fit is None else Repair(r, [], 0.0, "adapter", source_layer, realign=fit[1],
-                                                realign_layer=fit[0])
-        if fit is None:
+        if fit is None:  # the unrepaired model: measured above
             add_point(None, [], 0.0, {**base, "harmless_logits": base_logits})
         else:
-            with realigned(compressed, trial):
+            with applied(compressed, trial(fit, [], 0.0)):
                 add_point(fit, [], 0.0, measure())
         for layers in layer_sets:
             previous = -1.0
             for alpha in sorted(alphas):
-                with realigned(compressed, trial) if trial is not None else nullcontext(), \
-                        scale_writers(compressed, r, layers, alpha=alpha):
+                with applied(compressed, trial(fit, layers, alpha)):
                     ok = add_point(fit, layers, alpha, measure())
                 gained = grid[-1]["harmful_refusal"] > previous + 1e-9
                 previous = grid[-1]["harmful_refusal"]
@@ -596,7 +596,7 @@ def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str]
     rows = []
     for k in range(1, max_layers + 1):
         layers = [x for x in range(src - k + 1, src + 1) if x >= 0]
-        with realigned(compressed, repair), scale_writers(compressed, repair.direction, layers, alpha=repair.alpha):
+        with applied(compressed, replace(repair, layers=layers, mode="adapter")):
             rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens)
         rows.append({"n_layers": len(layers), "layers": layers, "refusal": rate,
                      "densified_weights": densified_weights(compressed, layers)})

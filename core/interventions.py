@@ -164,7 +164,7 @@ def add_rank1(handle: ModelHandle, direction: torch.Tensor, u: torch.Tensor, lay
     u64 = torch.as_tensor(u).detach().to(device=handle.device, dtype=torch.float64)
 
     def hook(mod, args, output):
-        x = args[0] if args else None
+        x = args[0]  # writers are called with their input as the first positional argument
         y = output[0] if isinstance(output, tuple) else output
         z = y + (x.to(y.dtype) @ u64.to(y.dtype)).unsqueeze(-1) * r.to(y.dtype)
         return (z, *output[1:]) if isinstance(output, tuple) else z
