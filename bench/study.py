@@ -61,12 +61,14 @@ def main() -> int:
                    help="label of the first run, e.g. 'rerun after a manual SIGKILL' when resuming a killed run")
     p.add_argument("--reference", default=None, help="results JSON of an uninterrupted run to compare with")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "study_results.json"),
+                   help="where the study writes its results JSON (the HTML report goes next to it)")
     args = p.parse_args()
     schemes = args.scheme or ["wanda:0.5", "bnb-nf4"]
-    results_json = ROOT / "bench" / "results" / "study_results.json"
+    results_json = Path(args.results)
     cmd = [sys.executable, "-m", "core", "study", "--model", args.model, "--aird", "auto", "--limit", str(args.limit),
            "--harmful", args.harmful, "--harmless", args.harmless, "--runs", args.runs,
-           "--json", str(results_json), "--out", str(ROOT / "bench" / "results" / "study_report.html")]
+           "--json", str(results_json), "--out", str(results_json.with_suffix(".html"))]
     for s in schemes:
         cmd += ["--scheme", s]
     plan = ([("first (SIGKILLed)", args.kill_after), ("rerun after the kill", None)] if args.kill_after
