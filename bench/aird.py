@@ -2,8 +2,9 @@
 
 For each scheme: refusal of the original (O), the compressed model (C) and C repaired by AIRD (auto:
 layers, α and whether to use the fitted re-alignment calibrated on the bundled *val* splits), the
-share of the refusal lost to compression that AIRD recovers, over-refusal (harmless, borderline), perplexity, the repaired layers' density,
-and the recoverability diagnostic's verdict. Evaluation on the bundled *test* splits; with
+share of the refusal lost to compression that AIRD recovers, over-refusal (harmless, borderline),
+perplexity, the repaired layers' density, and the recoverability diagnostic: its prediction from
+projections and its verdict on the measured recovery (:func:`core.aird.repair_verdict`). Evaluation on the bundled *test* splits; with
 ``--full SCHEME`` also on public benchmark files (AdvBench, JailbreakBench, Alpaca first 200).
 
 Every stage runs through :class:`core.study.Study` on a run store (default ``runs/``), so a rerun or
@@ -33,13 +34,9 @@ OUT = ROOT / "bench" / "results" / "aird.json"
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
 
-def recovered(o: float, c: float, r: float) -> float | None:
-    """Share of the refusal lost to compression that the repair brings back (None if none was lost)."""
-    return (r - c) / (o - c) if o - c > 1e-9 else None
-
-
 def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, borderline: str | None,
                     limit: int | None, on_progress) -> dict:
+    from core.aird import repair_verdict
     from core.study import Study, StudySpec
 
     spec = StudySpec(model="default", schemes=[scheme], harmful=harmful, harmless=harmless, borderline=borderline,
@@ -60,7 +57,9 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
         for name, s in e["sets"].items():
             row[f"{name}_{k}"] = s["refusal_rate"]
         row[f"perplexity_{k}"] = e["perplexity"]
-    row["recovered"] = recovered(row["harmful_O"], row["harmful_C"], row["harmful_R"])
+    measured = repair_verdict(diag["recoverability"], row["harmful_O"], row["harmful_C"], row["harmful_R"],
+                              set_name=study.eval_sets()["harmful"].name)
+    row.update(recovered=measured["recovered"], measured=measured["level"], measured_verdict=measured["verdict"])
     row["perplexity_rise"] = row["perplexity_R"] / row["perplexity_C"] - 1
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
@@ -68,12 +67,12 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
 
 def fmt(rows: list[dict]) -> str:
     heads = ["scheme", "harmful set", "O", "C", "C+AIRD", "recovered", "harmless C→R", "borderline C→R",
-             "ppl C→R", "layers", "α", "re-aligned", "density", "diagnostic"]
+             "ppl C→R", "layers", "α", "re-aligned", "density", "predicted", "measured"]
     pct = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r["scheme"], r.get("harmful", ""), "error: " + r["error"][:70]] + [""] * 11)
+            lines.append([r["scheme"], r.get("harmful", ""), "error: " + r["error"][:70]] + [""] * 12)
             continue
         lines.append([r["scheme"], Path(r["harmful"]).stem.replace("bundled:", ""), pct(r["harmful_O"]),
                       pct(r["harmful_C"]), pct(r["harmful_R"]),
@@ -82,7 +81,7 @@ def fmt(rows: list[dict]) -> str:
                       f"{pct(r.get('borderline_C'))}→{pct(r.get('borderline_R'))}",
                       f"{r['perplexity_C']:.2f}→{r['perplexity_R']:.2f}", ",".join(map(str, r["layers"])),
                       f"{r['alpha']:g}", "—" if r.get("realign_layer") is None else f"layer {r['realign_layer']}",
-                      f"{r['density_before']:.2f}→{r['density_after']:.2f}", r["diagnostic"]])
+                      f"{r['density_before']:.2f}→{r['density_after']:.2f}", r["diagnostic"], r.get("measured", "")])
     return text_table(heads, lines)
 
 

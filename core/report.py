@@ -99,7 +99,8 @@ def html_report(results: dict, *, budget: dict[str, list[dict]] | None = None) -
     for i, fig in enumerate(figs):
         parts.append(pio.to_html(fig, full_html=False, include_plotlyjs="inline" if i == 0 else False))
     verdicts = "".join(
-        f"<li><b>{html.escape(s)}</b>: {html.escape(v['drift']['recoverability']['verdict'])}</li>"
+        f"<li><b>{html.escape(s)}</b>: predicted from projections: {html.escape(v['drift']['recoverability']['verdict'])}"
+        + (f"<br>measured: {html.escape(v['aird_verdict']['verdict'])}" if "aird_verdict" in v else "") + "</li>"
         for s, v in results["variants"].items())
     spec = html.escape(json.dumps(results["spec"], indent=1))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Refusal Lab report</title>

@@ -410,7 +410,8 @@ class Study:
             return budget_curve(self.variant(scheme), rep, self.eval_sets()["harmful"].prompts, max_layers=max_layers,
                                 progress=self._progress(f"AIRD {scheme}: budget curve"))
 
-        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers,), compute)
+        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, "budget-2"),
+                            compute)
 
     def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
         """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
@@ -454,8 +455,21 @@ class Study:
                  "evaluation": self.evaluate(scheme)}
             if self.spec.aird:
                 v["repaired"] = self.evaluate_repaired(scheme)
+                v["aird_verdict"] = measured_verdict(out["original"]["evaluation"], v["evaluation"], v["repaired"],
+                                                     v["drift"], self.eval_sets()["harmful"].name)
             out["variants"][scheme] = v
         return out
+
+
+def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dict, drift: dict,
+                     set_name: str) -> dict:
+    """:func:`core.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
+    (evaluations as :meth:`Study.evaluate` returns them; ``drift`` from :meth:`Study.drift`)."""
+    from core.aird import repair_verdict
+
+    rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
+    return repair_verdict(drift["recoverability"], rate(original_eval), rate(variant_eval), rate(repaired_eval),
+                          set_name=set_name)
 
 
 def _src(dirset) -> dict:
@@ -485,5 +499,6 @@ def summary_rows(results: dict) -> list[dict]:
             rows.append(row(f"{scheme} + AIRD", v["repaired"],
                             {"aird_layers": rep["layers"], "aird_alpha": rep["alpha"],
                              "aird_realign_layer": rep.get("realign_layer"),
+                             "aird_verdict": v.get("aird_verdict", {}).get("level"),
                              "densified_weights": v["repaired"]["densified_weights"]}))
     return rows

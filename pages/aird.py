@@ -114,7 +114,7 @@ if results is None:
     st.stop()
 
 # ------------------------------------------------------------------------------------------------
-from core.study import summary_rows  # noqa: E402 — only needed once results exist
+from core.study import measured_verdict, summary_rows  # noqa: E402 — only needed once results exist
 
 rep = results["repair"]
 box = st.container(key="aird_results")
@@ -165,7 +165,11 @@ with box:
     with left:
         rec = results["drift"]["recoverability"]
         st.markdown("**Recoverability diagnostic**")
-        (st.success if rec["level"] == "recoverable" else st.warning)(rec["verdict"])
+        measured = measured_verdict(results["original"], results["variant"], results["repaired"], results["drift"],
+                                    study.eval_sets()["harmful"].name)
+        (st.success if measured["level"] in ("recovered", "nothing lost") else
+         st.error if measured["level"] == "not recovered" else st.warning)(f"Measured: {measured['verdict']}")
+        st.caption(f"Predicted from projections, before any repair: {rec['verdict']}")
         dfig = go.Figure()
         dfig.add_scatter(y=rec["cohens_d_original"], mode="lines", name="original", line=dict(color="#7f7f7f"))
         dfig.add_scatter(y=rec["cohens_d_compressed"], mode="lines", name=scheme, line=dict(color="#ef553b"))

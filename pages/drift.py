@@ -184,6 +184,6 @@ with box:
         st.plotly_chart(band, width="stretch", key="bands")
     rec = variants[pick]["drift"]["recoverability"]
     (st.success if rec["level"] == "recoverable" else st.warning)(
-        f"**{pick}** — {rec['verdict']}")
+        f"**{pick}** — predicted from projections (the AIRD page measures it): {rec['verdict']}")
     for w in d_o.warnings:
         st.caption(f"original direction: {w}")

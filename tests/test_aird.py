@@ -88,6 +88,20 @@ def test_realignment_merged_and_adapter_give_same_logits(arch):
     assert aird.changed_parameters("aird-adapter", c, rep) == 64 + 1 + d_in
 
 
+def test_budget_curve_counts_the_realigned_writer(monkeypatch):
+    o = tiny_handle("llama", n_layers=4, d_model=64)
+    c, _ = compress(o, "magnitude:0.5")
+    d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
+    rep = Repair(torch.randn(64), layers=[2, 3], alpha=1.0, source_layer=3, realign=torch.randn(d_in), realign_layer=1)
+    monkeypatch.setattr(aird, "refusal_rate", lambda h, prompts, max_new_tokens: (0.5, []))
+    rows = aird.budget_curve(c, rep, ["a"], max_layers=2)
+    assert [r["layers"] for r in rows] == [[3], [2, 3]]
+    # k = 1 repairs block 3 only, but a merged repair still densifies the re-aligned MLP writer of block 1
+    assert rows[0]["densified_weights"] == aird.densified_weights(c, Repair(rep.direction, [3], 1.0, realign=rep.realign,
+                                                                            realign_layer=1))
+    assert rows[0]["densified_weights"] > aird.densified_weights(c, [3])
+
+
 def test_ridge_is_least_squares_with_shrinkage():
     torch.manual_seed(0)
     x = torch.randn(200, 12, dtype=torch.float64)
@@ -254,3 +268,18 @@ def test_recoverability_verdicts():
     v = aird.recoverability(o, shifted, 3)
     assert v["level"] == "partial" and abs(v["harmless_shift"] - 0.5) < 0.15 and "over-refuses" in v["verdict"]
     assert aird.recoverability(o, kept, 3)["harmless_shift"] < 0.25
+
+
+def test_repair_verdict_weighs_the_measured_recovery():
+    diag = {"layer": 2, "level": "partial", "cohens_d_original": [0, 1, 3.13], "cohens_d_compressed": [0, 1, 2.17]}
+    # the projections say "partly recoverable", the repair brings back 7% of the lost refusal (rtn:3:64 on v2)
+    v = aird.repair_verdict(diag, 0.910, 0.090, 0.149)
+    assert v["level"] == "not recovered" and v["predicted"] == "partial"
+    assert v["recovered"] == pytest.approx(0.059 / 0.82)
+    assert "after the direction is written" in v["verdict"] and "2.17 vs 3.13" in v["verdict"]
+    assert aird.repair_verdict({**diag, "level": "recoverable"}, 0.910, 0.731, 0.925)["level"] == "recovered"
+    v = aird.repair_verdict(diag, 0.948, 0.692, 0.844)
+    assert v["level"] == "partial" and "after the direction" not in v["verdict"]
+    v = aird.repair_verdict(diag, 0.91, 0.89, 0.95)  # compression lost 2 points: nothing to recover
+    assert v["level"] == "nothing lost" and v["recovered"] is None
+    assert aird.recovered_share(0.9, 0.5, 0.3) == pytest.approx(-0.5)  # a repair can make it worse

@@ -33,6 +33,8 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
     assert v["repaired"]["repair"]["alpha"] == 2.0 and v["repaired"]["repair"]["layers"] == [1, 2]
     assert v["repaired"]["density_after"]["density"] > v["repaired"]["density_before"]["density"]
     assert 0 <= res["original"]["evaluation"]["sets"]["harmful"]["refusal_rate"] <= 1
+    assert v["aird_verdict"]["level"] in ("recovered", "partial", "not recovered", "nothing lost")
+    assert v["aird_verdict"]["predicted"] == v["drift"]["recoverability"]["level"]
     rows = summary_rows(res)
     assert [r["model"] for r in rows] == ["original", "magnitude:0.5", "magnitude:0.5 + AIRD"]
 

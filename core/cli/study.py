@@ -96,7 +96,9 @@ def run_study(args: argparse.Namespace) -> int:
                        "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
                        "aird_realign_layer"])
     for s, v in results["variants"].items():
-        print(f"{s}: {v['drift']['recoverability']['verdict']}")
+        print(f"{s}: predicted from projections: {v['drift']['recoverability']['verdict']}")
+        if "aird_verdict" in v:
+            print(f"{s}: measured: {v['aird_verdict']['verdict']}")
     if args.out:
         print(f"report: {write_report(results, args.out, budget=budget)}")
     if args.json:
@@ -107,8 +109,12 @@ def run_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harmful_rate(ev: dict) -> float:
+    return ev["sets"]["harmful"]["refusal_rate"]
+
+
 def run_aird(args: argparse.Namespace) -> int:
-    from core.aird import METHOD_LABELS, METHODS
+    from core.aird import METHOD_LABELS, METHODS, repair_verdict
     from core.study import Study
 
     layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
@@ -137,9 +143,15 @@ def run_aird(args: argparse.Namespace) -> int:
           f"({'calibrated on val splits' if rep.auto else 'as given'})")
     _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
                        "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
-    print(f"diagnostic: {drift['recoverability']['verdict']}")
+    print(f"diagnostic (predicted from projections): {drift['recoverability']['verdict']}")
     result = {"scheme": args.scheme, "repair": rep.describe(), "drift": drift, "original": original,
               "methods": comparison}
+    repaired = comparison.get(f"aird-{rep.mode}")
+    if repaired and "error" not in repaired and "none" in comparison:
+        result["aird_verdict"] = repair_verdict(drift["recoverability"], _harmful_rate(original),
+                                                _harmful_rate(comparison["none"]), _harmful_rate(repaired),
+                                                set_name=study.eval_sets()["harmful"].name)
+        print(f"diagnostic (measured): {result['aird_verdict']['verdict']}")
     if not args.no_budget:
         result["budget"] = study.budget(args.scheme)
         print("budget curve: " + ", ".join(f"{r['n_layers']} layer(s) → {100 * r['refusal']:.0f}% "
