@@ -96,12 +96,15 @@ def projection_restore(w_c: torch.Tensor, w_o: torch.Tensor, r_hat: torch.Tensor
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     """``argmin_u ‖x u − y‖² + λ·(tr(xᵀx)/d)·‖u‖²`` for ``x`` ``(n, d)``, ``y`` ``(n,)`` → ``(d,)`` float64;
-    ``lam`` is relative to the mean feature power, so it does not depend on the activations' scale."""
+    ``lam`` is relative to the mean feature power, so it does not depend on the activations' scale.
+    With fewer rows than features and λ > 0 it solves the equivalent dual ``xᵀ(x xᵀ + c I)⁻¹ y``: an
+    ``n × n`` system instead of ``d × d`` (1,000 rows vs d_ff 14,336 on a 7B model: 8 MB, not 1.6 GB)."""
     x, y = x.double(), y.double()
-    gram = x.T @ x
-    d = gram.shape[0]
-    reg = lam * gram.trace() / d if d else 0.0
-    return torch.linalg.solve(gram + reg * torch.eye(d, dtype=torch.float64), x.T @ y)
+    n, d = x.shape
+    reg = lam * float((x * x).sum()) / d if d else 0.0
+    if n < d and reg > 0:
+        return x.T @ torch.linalg.solve(x @ x.T + reg * torch.eye(n, dtype=torch.float64), y)
+    return torch.linalg.solve(x.T @ x + reg * torch.eye(d, dtype=torch.float64), x.T @ y)
 
 
 def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

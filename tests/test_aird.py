@@ -110,6 +110,11 @@ def test_ridge_is_least_squares_with_shrinkage():
     assert torch.allclose(aird.ridge(x, y, 0.0), u_true, atol=1e-8)
     assert aird.ridge(x, y, 1.0).norm() < aird.ridge(x, y, 0.01).norm() < u_true.norm() + 1e-9
     assert torch.allclose(aird.ridge(10 * x, 10 * y, 0.1), aird.ridge(x, y, 0.1), atol=1e-8)  # scale-free λ
+    # fewer rows than features: the dual form gives the primal solution
+    wide, yw = torch.randn(30, 80, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    c = 0.1 * float((wide * wide).sum()) / 80
+    primal = torch.linalg.solve(wide.T @ wide + c * torch.eye(80, dtype=torch.float64), wide.T @ yw)
+    assert torch.allclose(aird.ridge(wide, yw, 0.1), primal, atol=1e-9)
 
 
 def test_fit_realignment_moves_c_projections_toward_o():
