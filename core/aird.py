@@ -460,9 +460,9 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
               original: ModelHandle | None = None, progress: Progress | None = None) -> Repair:
     """Choose S and α on validation prompts (:func:`choose`: the largest harmful refusal rate minus
     harmless+borderline over-refusal) subject to that over-refusal rising ≤ ``max_overrefusal_rise`` and
-    KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O at most
-    ``kl_threshold`` above C's own KL to O: a repair that moves harmless behaviour back toward the
-    original is not damage, though it moves away from C.
+    KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O no larger
+    than C's own KL to O: a repair that moves harmless behaviour back toward the original is not
+    damage, though it moves away from C (one that moves away from both is).
 
     With ``realignment`` (``(layer, u)`` from :func:`fit_realignment`) the grid is searched twice,
     without and with it, against the same unrepaired baseline, and the re-alignment is kept only if it
@@ -504,7 +504,7 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         kl_ok = m["kl"] <= kl_threshold
         if o_logits is not None:
             m["kl_original"] = kl_divergence(o_logits, logits)
-            kl_ok = kl_ok or m["kl_original"] <= base_kl_o + kl_threshold
+            kl_ok = kl_ok or m["kl_original"] <= base_kl_o + 1e-9
         m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
                          and kl_ok)
         grid.append({"realign": fit is not None, "layers": layers, "alpha": alpha, **m})

@@ -349,7 +349,7 @@ class Study:
                              progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
-                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-2"),
+                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-3"),
                             compute, "repair")
 
     def evaluate_repaired(self, scheme: str) -> dict:

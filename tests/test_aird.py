@@ -228,6 +228,9 @@ def test_calibration_reads_only_validation_prompts(monkeypatch):
     # both branches were searched: without and with the re-alignment, against the same baseline
     assert {g["realign"] for g in rep.calibration} == {False, True}
     assert all("kl_original" in g for g in rep.calibration)
+    # a point far from C (KL > 0.1) is feasible only if it is no farther from O than C itself
+    base_kl_o = rep.calibration[0]["kl_original"]
+    assert all(g["kl_original"] <= base_kl_o + 1e-9 for g in rep.calibration if g["feasible"] and g["kl"] > 0.1)
     assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
 
 
