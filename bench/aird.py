@@ -36,8 +36,7 @@ SHARED = ROOT.parent / "shared" / "benchmarks"
 
 def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, borderline: str | None,
                     limit: int | None, on_progress) -> dict:
-    from core.aird import repair_verdict
-    from core.study import Study, StudySpec
+    from core.study import Study, StudySpec, measured_verdict
 
     spec = StudySpec(model="default", schemes=[scheme], harmful=harmful, harmless=harmless, borderline=borderline,
                      limit=limit, aird="auto", name=f"bench aird {scheme} {Path(harmful).stem}")
@@ -57,8 +56,7 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
         for name, s in e["sets"].items():
             row[f"{name}_{k}"] = s["refusal_rate"]
         row[f"perplexity_{k}"] = e["perplexity"]
-    measured = repair_verdict(diag["recoverability"], row["harmful_O"], row["harmful_C"], row["harmful_R"],
-                              set_name=study.eval_sets()["harmful"].name)
+    measured = measured_verdict(ev["O"], ev["C"], ev["R"], diag, study.eval_sets()["harmful"].name)
     row.update(recovered=measured["recovered"], measured=measured["level"], measured_verdict=measured["verdict"])
     row["perplexity_rise"] = row["perplexity_R"] / row["perplexity_C"] - 1
     row["seconds"] = round(time.perf_counter() - t0, 1)

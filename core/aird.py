@@ -616,9 +616,8 @@ def repair_verdict(diagnosis: dict, original: float, compressed: float, repaired
     level = "recovered" if share >= good else "partial" if share >= poor else "not recovered"
     text = f"AIRD brought back {100 * share:.0f}% of the refusal lost to compression ({rates})."
     if level == "not recovered" and pred in ("recoverable", "partial"):
-        d_c = diagnosis.get("cohens_d_compressed", [None] * (at + 1))[at] if at is not None else None
-        d_o = diagnosis.get("cohens_d_original", [None] * (at + 1))[at] if at is not None else None
-        sep = f" (Cohen's d {d_c:.2f} vs {d_o:.2f})" if d_c is not None and d_o is not None else ""
+        sep = (f" (Cohen's d {diagnosis['cohens_d_compressed'][at]:.2f} vs {diagnosis['cohens_d_original'][at]:.2f})"
+               if at is not None and "cohens_d_compressed" in diagnosis else "")
         text += (f" The projections predicted more: harmful and harmless prompts still separate along the "
                  f"original direction at layer {at}{sep}, yet amplifying that component barely restores refusal: "
                  "most of the damage lies after the direction is written, in the layers that turn it into a "

@@ -464,7 +464,8 @@ class Study:
 def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dict, drift: dict,
                      set_name: str) -> dict:
     """:func:`core.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
-    (evaluations as :meth:`Study.evaluate` returns them; ``drift`` from :meth:`Study.drift`)."""
+    (evaluations as :meth:`Study.evaluate` returns them; ``drift`` from :meth:`Study.drift` or
+    :meth:`Study.diagnostic`: anything holding its ``recoverability``)."""
     from core.aird import repair_verdict
 
     rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731

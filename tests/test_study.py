@@ -92,3 +92,23 @@ def test_merged_aird_on_a_quantized_variant_runs_as_adapter(tiny_folder, tmp_pat
     assert res["variants"]["magnitude:0.5"]["repaired"]["repair"]["mode"] == "merged"
     nf4 = res["variants"]["bnb-nf4"]["repaired"]
     assert nf4["repair"]["mode"] == "adapter" and nf4["densified_weights"] == 0
+
+
+def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
+    import json
+
+    from core.aird import repair_verdict
+    from core.cli import main
+
+    out = tmp_path / "aird.json"
+    assert main(["aird", "--model", tiny_folder, "--scheme", "magnitude:0.5", "--layers", "1,2", "--alpha", "2",
+                 "--limit", "4", "--max-new-tokens", "4", "--methods", "none,aird-merged", "--no-budget",
+                 "--device", "cpu", "--runs", str(tmp_path / "runs"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
+    # O = the uncompressed model, C = no repair, R = the AIRD repair in the chosen mode
+    want = repair_verdict(res["drift"]["recoverability"], rate(res["original"]), rate(res["methods"]["none"]),
+                          rate(res["methods"]["aird-merged"]))
+    assert {k: res["aird_verdict"][k] for k in ("level", "recovered", "predicted")} == \
+        {k: want[k] for k in ("level", "recovered", "predicted")}
+    assert "diagnostic (measured):" in capsys.readouterr().out

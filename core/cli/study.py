@@ -109,13 +109,9 @@ def run_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _harmful_rate(ev: dict) -> float:
-    return ev["sets"]["harmful"]["refusal_rate"]
-
-
 def run_aird(args: argparse.Namespace) -> int:
-    from core.aird import METHOD_LABELS, METHODS, repair_verdict
-    from core.study import Study
+    from core.aird import METHOD_LABELS, METHODS
+    from core.study import Study, measured_verdict
 
     layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
     alpha = None if args.alpha == "auto" else float(args.alpha)
@@ -148,9 +144,8 @@ def run_aird(args: argparse.Namespace) -> int:
               "methods": comparison}
     repaired = comparison.get(f"aird-{rep.mode}")
     if repaired and "error" not in repaired and "none" in comparison:
-        result["aird_verdict"] = repair_verdict(drift["recoverability"], _harmful_rate(original),
-                                                _harmful_rate(comparison["none"]), _harmful_rate(repaired),
-                                                set_name=study.eval_sets()["harmful"].name)
+        result["aird_verdict"] = measured_verdict(original, comparison["none"], repaired, drift,
+                                                  study.eval_sets()["harmful"].name)
         print(f"diagnostic (measured): {result['aird_verdict']['verdict']}")
     if not args.no_budget:
         result["budget"] = study.budget(args.scheme)
