@@ -439,6 +439,13 @@ def bundled_fit_prompts() -> list[str]:
     return [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "train").prompts]
 
 
+def kl_acceptable(kl_to_c: float, kl_to_o: float | None, base_kl_to_o: float | None, threshold: float) -> bool:
+    """The calibration's KL rule on harmless prompts: KL to C ≤ ``threshold``, or (when O's logits are
+    known) KL to O no larger than C's own ``base_kl_to_o`` — a move back toward the original."""
+    return kl_to_c <= threshold or (kl_to_o is not None and base_kl_to_o is not None
+                                    and kl_to_o <= base_kl_to_o + 1e-9)
+
+
 def choose(grid: Sequence[dict]) -> dict:
     """The calibration point to keep: among feasible points, the largest harmful refusal minus
     harmless over-refusal (ties: larger refusal score, no re-alignment, fewer layers, smaller α).
@@ -501,12 +508,10 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         nonlocal done
         logits = m.pop("harmless_logits")
         m["kl"] = kl_divergence(base_logits, logits)
-        kl_ok = m["kl"] <= kl_threshold
         if o_logits is not None:
             m["kl_original"] = kl_divergence(o_logits, logits)
-            kl_ok = kl_ok or m["kl_original"] <= base_kl_o + 1e-9
         m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
-                         and kl_ok)
+                         and kl_acceptable(m["kl"], m.get("kl_original"), base_kl_o, kl_threshold))
         grid.append({"realign": fit is not None, "layers": layers, "alpha": alpha, **m})
         done += 1
         report(progress, done, total)

@@ -228,10 +228,20 @@ def test_calibration_reads_only_validation_prompts(monkeypatch):
     # both branches were searched: without and with the re-alignment, against the same baseline
     assert {g["realign"] for g in rep.calibration} == {False, True}
     assert all("kl_original" in g for g in rep.calibration)
-    # a point far from C (KL > 0.1) is feasible only if it is no farther from O than C itself
-    base_kl_o = rep.calibration[0]["kl_original"]
-    assert all(g["kl_original"] <= base_kl_o + 1e-9 for g in rep.calibration if g["feasible"] and g["kl"] > 0.1)
+    # every point's feasibility is the over-refusal limit and the KL rule, against the unrepaired baseline
+    base = rep.calibration[0]
+    assert all(g["feasible"] == (g["harmless_refusal"] - base["harmless_refusal"] <= 0.02 + 1e-9
+                                 and aird.kl_acceptable(g["kl"], g["kl_original"], base["kl_original"], 0.1))
+               for g in rep.calibration)
     assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
+
+
+def test_kl_rule_accepts_moves_toward_the_original_only():
+    assert aird.kl_acceptable(0.05, None, None, 0.1)  # close to C
+    assert not aird.kl_acceptable(0.2, None, None, 0.1)  # far from C, O unknown
+    assert aird.kl_acceptable(0.29, 1.78, 2.45, 0.1)  # far from C, back toward O (wanda:0.5's pick)
+    # far from C and farther from O than C itself (bnb-nf4's earlier pick): rejected
+    assert not aird.kl_acceptable(0.185, 0.577, 0.528, 0.1)
 
 
 def test_choose_trades_refusal_against_over_refusal():
