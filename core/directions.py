@@ -289,13 +289,21 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     bypass = torch.full_like(dirset.bypass, math.nan)
     induce = torch.full_like(dirset.induce, math.nan)
     kl = torch.full_like(dirset.kl, math.nan)
-    total = 1 + len(grid) * 3
+    # Progress steps: baseline, bypass on every candidate, then KL (+ induce) in bypass order. Unless
+    # exhaustive, the checks stop at the first candidate that passes, so the bar plans one candidate's
+    # two checks and grows by two when one fails (a 3×candidates total would overstate the ETA).
+    full = 1 + len(grid) * 3
+    total = full if exhaustive else min(full, 1 + len(grid) + 2)
     done = 0
 
     def tick(k: int = 1) -> None:
         nonlocal done
         done += k
         report(progress, min(done, total), total)
+
+    def plan_next_check() -> None:
+        nonlocal total
+        total = min(full, max(total, done + 2))
 
     with handle.lock:
         run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
@@ -329,6 +337,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         removed = {"kl": 0, "induce": 0}
         n_checked = 0
         for p, layer in order:
+            plan_next_check()
             i = dirset.pos_index(p)
             r = dirset.candidate(p, layer)
             with ablate(handle, r):
@@ -380,7 +389,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                f"[{detail}]; falling back to the lowest bypass score at position {chosen[0]}, layer {chosen[1]}")
         msgs.append(msg)
         warnings.warn(msg)
-    report(progress, total, total)
+    report(progress, done, done)  # finished: the bar ends full at the steps actually taken
     i = dirset.pos_index(chosen[0])
     meta = dict(dirset.metadata)
     meta.update({

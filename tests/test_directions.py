@@ -104,6 +104,24 @@ def test_exhaustive_grid_selects_the_same_candidate(handle, cands, selected):
     assert torch.equal(finite, ~torch.isnan(full.kl[rows])) and torch.equal(finite, ~torch.isnan(full.induce[rows]))
 
 
+@pytest.mark.parametrize("kw", [dict(kl_threshold=10.0, induce_threshold=-1e9),  # the first candidate passes
+                                dict(kl_threshold=-1.0, kl_relaxation=()),  # every KL check fails
+                                dict(kl_threshold=10.0, induce_threshold=-1e9, exhaustive=True)])
+def test_selection_progress_counts_the_steps_it_takes(handle, cands, kw):
+    calls: list[tuple[int, int]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, progress=lambda d, t: calls.append((d, t)),
+                              **kw)
+    rows = [cands.pos_index(p) for p in POS]
+    n = int((~torch.isnan(ds.bypass[rows])).sum())
+    steps = 1 + n + int((~torch.isnan(ds.kl[rows])).sum()) + int((~torch.isnan(ds.induce[rows])).sum())
+    assert all(0 < d <= t <= 1 + 3 * n for d, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (steps, steps)  # ends full, at the steps actually taken
+    assert calls[0][1] == (1 + 3 * n if kw.get("exhaustive") else min(1 + 3 * n, 1 + n + 2))
+
+
 def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
