@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from core.activations import projection_stats, writer_inputs
 from core.evaluation import kl_divergence
 from core.generation import generate
 from core.interventions import add as add_direction
@@ -105,13 +106,6 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     if n < d and reg > 0:
         return x.T @ torch.linalg.solve(x @ x.T + reg * torch.eye(n, dtype=torch.float64), y)
     return torch.linalg.solve(x.T @ x + reg * torch.eye(d, dtype=torch.float64), x.T @ y)
-
-
-def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cohen's d per column of ``a`` ``(n_a, k)`` vs ``b`` ``(n_b, k)`` → ``(k,)``."""
-    a, b = a.double(), b.double()
-    pooled = (((len(a) - 1) * a.var(0) + (len(b) - 1) * b.var(0)) / max(len(a) + len(b) - 2, 1)).sqrt()
-    return ((a.mean(0) - b.mean(0)) / pooled.clamp_min(1e-12)).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +412,6 @@ def fit_realignment(original: ModelHandle, compressed: ModelHandle, direction: t
     ``x_C u ≈ r̂ᵀh_O − r̂ᵀh_C``: C's writer inputs against the gap between O's and C's projections on
     r̂ of the residual entering ``source_layer``, at the last ``n_positions`` of every prompt. Closed
     form, no gradient steps. Use training prompts (the bundled train splits), never evaluation ones."""
-    from core.activations import writer_inputs
-
     if source_layer < 1:
         raise AIRDError("a re-alignment edits block l*−1, and the source layer is 0")
     layer = source_layer - 1
@@ -565,8 +557,8 @@ def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict
     amplifies harmless writes too, can be at best partial on its own (the fitted re-alignment exists for
     this case).
     """
-    d_o = cohens_d(original_proj["harmful"], original_proj["harmless"])
-    d_c = cohens_d(compressed_proj["harmful"], compressed_proj["harmless"])
+    d_o = projection_stats(original_proj["harmful"], original_proj["harmless"])["cohens_d"]
+    d_c = projection_stats(compressed_proj["harmful"], compressed_proj["harmless"])["cohens_d"]
     at = source_layer
     ratio = float(d_c[at] / d_o[at]) if d_o[at].abs() > 1e-6 else math.nan
     gap = float(original_proj["harmful"][:, at].double().mean() - original_proj["harmless"][:, at].double().mean())
