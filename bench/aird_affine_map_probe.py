@@ -1,21 +1,19 @@
-"""Probe: repair the compressed model with an affine map of its own projection on the original's
-refusal direction, instead of a per-feature fit.
+"""Probe: can an affine map of the compressed model's own projection on the original's refusal
+direction stand in for AIRD's per-feature re-alignment fit?
 
 The fitted re-alignment (a ridge fit over d_ff features, ``core.aird.fit_realignment``) closes most
 of the O–C projection gap on prompts like its training prompts but little on unseen kinds
 (``bench/aird_fit_probe.py``). This probe fits two numbers instead: ``p_O ≈ a·p_C + b`` — the
 original's projection on r̂ entering the source layer l* as an affine function of C's — by least
-squares on the bundled *train* prompts (last five positions), and applies, at the input of block l*,
-every position, ``h ← h + ((a_t − 1)·r̂ᵀh + b_t)·r̂`` with ``a_t = 1 + t(a − 1)``, ``b_t = t·b``
-(``t`` = 1: the fitted map; ``t`` < 1: part of it). A hook, i.e. AIRD's adapter form: the map depends
-on the whole residual, so no single writer's weights can hold it. Reports the gap closed (val;
-val harmful with its category left out of the fit) and refusal on the bundled val splits (24 new
-tokens, the calibration's setting); with ``--public N`` also, for evaluation only, on the first N
-prompts of AdvBench and of Alpaca (``../shared/benchmarks``).
+squares on the bundled *train* prompts (last five positions), and reports the share of the squared
+O–C gap it closes on the bundled val splits and on val harmful prompts whose category was left out
+of the fit. Applying it would take a hook ``h ← h + ((a − 1)·r̂ᵀh + b)·r̂`` at block l*'s input (the
+map reads the whole residual, so no writer's weights can hold it); the fit alone already showed it
+does not carry (BENCHMARKS.md), so the script stops there.
 
-    python bench/aird_affine_map_probe.py [--scheme wanda:0.5] [--t 0.5,1] [--public 0]
+    python bench/aird_affine_map_probe.py --fit-only [--scheme wanda:0.5]
 
-Prints a table and writes ``bench/results/aird_affine_map_probe.json``.
+Writes ``bench/results/aird_affine_map_probe.json``.
 """
 
 from __future__ import annotations
@@ -26,16 +24,13 @@ import os
 import platform
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "benchmarks"
 
-from core.cli import text_table  # noqa: E402
 
 
 def fit_affine(p_c: torch.Tensor, p_o: torch.Tensor) -> tuple[float, float]:
@@ -45,36 +40,16 @@ def fit_affine(p_c: torch.Tensor, p_o: torch.Tensor) -> tuple[float, float]:
     return a, b
 
 
-@contextmanager
-def affine_along(handle, direction: torch.Tensor, layer: int, a: float, b: float):
-    """``h ← h + ((a − 1)·r̂ᵀh + b)·r̂`` at the input of block ``layer``, every position (removed on exit)."""
-    from core.interventions import _hooked, _pre_hook  # the package's hook plumbing (lock, removal on error)
-
-    r = (direction / direction.norm()).float()
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        rr = r.to(x.dtype)
-        return x + ((a - 1) * (x @ rr) + b).unsqueeze(-1) * rr
-
-    block = handle.blocks[layer]
-    with _hooked(handle, [(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), _pre_hook(fn))]):
-        yield
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scheme", default="wanda:0.5")
     p.add_argument("--runs", default=str(ROOT / "runs"))
-    p.add_argument("--t", default="0.5,1")
-    p.add_argument("--fit-only", action="store_true", help="stop after the fit (no generation)")
-    p.add_argument("--public", type=int, default=0, help="also the first N prompts of AdvBench and Alpaca (evaluation)")
+    p.add_argument("--fit-only", action="store_true", help="the only mode kept (see the module docstring)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_affine_map_probe.json"))
     args = p.parse_args(argv)
     from core.activations import writer_inputs
-    from core.aird import REALIGN_ROLE, CalibrationSets, refusal_rate
-    from core.evaluation import kl_divergence
-    from core.judges import last_logits
-    from core.prompts import bundled, resolve_prompt_arg
+    from core.aird import REALIGN_ROLE
+    from core.prompts import bundled
     from core.study import Study, StudySpec
 
     t0 = time.perf_counter()
@@ -116,29 +91,6 @@ def main(argv: list[str] | None = None) -> int:
           f"val harmful with its category left out {fit['gap_closed_val_harmful_category_left_out']:.3f}", flush=True)
 
     rows: list[dict] = []
-    if args.fit_only:
-        return _write(args, fit, rows, layer, t0)
-    sets = CalibrationSets.bundled()
-    evals = {"val harmful": sets.harmful, "val harmless+borderline": sets.harmless}
-    if args.public and SHARED.is_dir():
-        evals["AdvBench (evaluation)"] = resolve_prompt_arg(str(SHARED / "advbench.json"), "harmful").head(args.public).prompts
-        evals["Alpaca test (evaluation)"] = resolve_prompt_arg(str(SHARED / "alpaca_harmless_test.json"),
-                                                               "harmless").head(args.public).prompts
-    base_logits = last_logits(c, sets.harmless)
-    configs = [("C (no repair)", None)] + [(f"affine map, t {float(t):g}", float(t)) for t in args.t.split(",") if t]
-    for label, t in configs:
-        row: dict = {"config": label, "t": t}
-        ctx = affine_along(c, d_o.direction, layer, 1 + t * (a - 1), t * b) if t is not None else None
-        with ctx if ctx is not None else nullcontext():
-            for name, prompts in evals.items():
-                row[name], _ = refusal_rate(c, list(prompts), max_new_tokens=24)
-            row["kl to C, val harmless+borderline"] = (kl_divergence(base_logits, last_logits(c, sets.harmless))
-                                                       if t is not None else 0.0)
-        rows.append(row)
-        print(label, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}, flush=True)
-    print(text_table(["config", *evals, "KL to C"],
-                     [[r["config"], *(f"{100 * r[n]:.1f}%" for n in evals),
-                       f"{r['kl to C, val harmless+borderline']:.3f}"] for r in rows]))
     return _write(args, fit, rows, layer, t0)
 
 
