@@ -43,9 +43,24 @@ def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, i
     return time.perf_counter() - t0, out, proc.returncode
 
 
-def _comparable(results: dict) -> dict:
-    """Results without the fields that name the store's study folder."""
-    return {k: v for k, v in results.items() if k != "study_id"}
+def _comparable(results):
+    """Results without what differs between any two runs: the study folder's id and wall times
+    (``seconds`` keys, e.g. the compression report's), at any depth; NaN as a string so NaN == NaN."""
+    if isinstance(results, dict):
+        return {k: _comparable(v) for k, v in results.items() if k not in ("study_id", "seconds")}
+    if isinstance(results, list):
+        return [_comparable(v) for v in results]
+    return "nan" if isinstance(results, float) and results != results else results
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Paths where two JSON values differ (for the report of a failed comparison)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in (differences(a[k], b[k], f"{path}/{k}") if k in a and k in b else [f"{path}/{k} (missing)"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b or (a != a and b != b) else [f"{path}: {str(a)[:60]} vs {str(b)[:60]}"]
 
 
 def main() -> int:
@@ -63,7 +78,16 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "study_results.json"),
                    help="where the study writes its results JSON (the HTML report goes next to it)")
+    p.add_argument("--check", default=None, metavar="RESULTS.json",
+                   help="only compare a study's results JSON with --reference (no run) and print the differences")
     args = p.parse_args()
+    if args.check:
+        a, b = json.loads(Path(args.check).read_text()), json.loads(Path(args.reference).read_text())
+        diffs = differences(a, b)
+        print("raw differences:", *diffs or ["none"], sep="\n  ")
+        same = _comparable(a) == _comparable(b)
+        print(f"identical to the reference (ignoring study id and wall times): {same}")
+        return 0 if same else 1
     schemes = args.scheme or ["wanda:0.5", "bnb-nf4"]
     results_json = Path(args.results)
     cmd = [sys.executable, "-m", "core", "study", "--model", args.model, "--aird", "auto", "--limit", str(args.limit),
