@@ -9,7 +9,10 @@ without generating. Settings are *chosen* on the bundled val splits (``gap close
 benchmark columns (first ``--n-public`` prompts of AdvBench and JailbreakBench, when present) are
 evaluation only.
 
-    python bench/aird_fit_probe.py [--scheme wanda:0.5] [--runs runs] [--n-public 100]
+    python bench/aird_fit_probe.py [--scheme wanda:0.5] [--runs runs] [--n-public 100] [--extra-harmful FILE]
+
+``--extra-harmful``: also fit on a train-only pool of our own harmful prompts (``[category]`` tags; the
+left-out category is left out of the pool too), at the default fit positions.
 
 Prints a table and writes ``bench/results/aird_fit_probe.json``.
 """
@@ -45,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default="wanda:0.5")
     p.add_argument("--runs", default=str(ROOT / "runs"))
     p.add_argument("--n-public", type=int, default=100)
+    p.add_argument("--extra-harmful", default=None,
+                   help="a train-only pool of our own harmful prompts ([category] tags) to add to the fit")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_fit_probe.json"))
     args = p.parse_args(argv)
     from core.activations import writer_inputs
     from core.aird import DEFAULT_REALIGN_POSITIONS, REALIGN_ROLE, ridge
-    from core.prompts import bundled, resolve_prompt_arg
+    from core.prompts import bundled, load_prompts, resolve_prompt_arg
     from core.study import Study, StudySpec
 
     t0 = time.perf_counter()
@@ -66,12 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         x_c, p_c = writer_inputs(c, prompts, c.writers(layer - 1)[REALIGN_ROLE], d_o.direction, layer, n_positions=n_cap)
         return x_c, p_o, p_c
 
-    def last(t: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
-        """The rows of the last ``k`` positions of every prompt."""
-        rows = torch.arange(len(t[0])).reshape(-1, n_cap)[:, n_cap - k:].reshape(-1)
-        return tuple(v[rows] for v in t)
-
     train = {k: capture(bundled(k, "train").prompts) for k in ("harmful", "harmless", "borderline")}
+    cats_pool: list = []
+    if args.extra_harmful:
+        pool = load_prompts(args.extra_harmful, name="pool")
+        train["pool"], cats_pool = capture(pool.prompts), pool.categories
     held = {f"val {k}": capture(bundled(k, "val").prompts) for k in ("harmful", "harmless", "borderline")}
     public = {}
     for name in ("advbench", "jailbreakbench"):
@@ -86,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def fit(parts: list[str], k: int, lam: float, standardize: bool, drop: str | None = None) -> torch.Tensor:
         """The re-alignment ``u`` from the train captures of ``parts`` at the last ``k`` positions
-        (``drop``: leave out the harmful train prompts of that category)."""
+        (``drop``: leave out the harmful train and pool prompts of that category)."""
         xs, ys = [], []
         for part in parts:
             x, po, pc = train[part]
-            cats = cats_train if part == "harmful" else [None] * (len(x) // n_cap)
+            cats = {"harmful": cats_train, "pool": cats_pool}.get(part, [None] * (len(x) // n_cap))
             rows = prompt_rows(len(cats), [c != drop or drop is None for c in cats], k)
             xs.append(x[rows])
             ys.append((po - pc)[rows])
@@ -113,37 +117,40 @@ def main(argv: list[str] | None = None) -> int:
     cats_val = bundled("harmful", "val").categories
 
     fits = []
-    parts = ["harmful", "harmless", "borderline"]
-    for k in (5, 1, 15):
-        for standardize in (False, True):
-            for lam in (0.01, 0.03, 0.1, 0.3, 1.0):
-                u = fit(parts, k, lam, standardize)
-                num = den = 0.0
-                for cat in sorted(set(cats_train)):
-                    a, b = closed(held["val harmful"], fit(parts, k, lam, standardize, drop=cat),
-                                  [c == cat for c in cats_val])
-                    num, den = num + a, den + b
-                row = {"fit positions": k, "standardized": standardize, "lambda": lam, "loco": 1 - num / den}
-                val = [closed(held[h], u) for h in held]
-                row["val"] = 1 - sum(a for a, _ in val) / sum(b for _, b in val)
-                for name, t in public.items():
-                    a, b = closed(t, u)
-                    row[name] = 1 - a / b
-                for name, (x, po, pc) in {**held, **public}.items():
-                    lastrow = torch.arange(n_cap - 1, len(po), n_cap)
-                    row[f"{name} mean projection O/C/C+fit"] = [float(po[lastrow].mean()), float(pc[lastrow].mean()),
-                                                                float((pc + x @ u)[lastrow].mean())]
-                fits.append(row)
-                print(row["fit positions"], standardize, lam, f"loco {row['loco']:.3f} val {row['val']:.3f}",
-                      *(f"{n} {row[n]:.3f}" for n in public), flush=True)
-    heads = ["fit positions", "standardized", "λ", "gap closed: val", "val, category left out"] + \
+    base = ["harmful", "harmless", "borderline"]
+    settings = ([(base, 5, False)] + [(base + ["pool"], 5, std) for std in (False, True)] if args.extra_harmful
+                else [(base, k, std) for k in (5, 1, 15) for std in (False, True)])
+    for parts, k, standardize in settings:
+        for lam in (0.01, 0.03, 0.1, 0.3, 1.0):
+            u = fit(parts, k, lam, standardize)
+            num = den = 0.0
+            for cat in sorted(set(cats_train)):
+                a, b = closed(held["val harmful"], fit(parts, k, lam, standardize, drop=cat),
+                              [c == cat for c in cats_val])
+                num, den = num + a, den + b
+            row = {"fit prompts": "+".join(parts), "fit positions": k, "standardized": standardize, "lambda": lam,
+                   "loco": 1 - num / den}
+            val = [closed(held[h], u) for h in held]
+            row["val"] = 1 - sum(a for a, _ in val) / sum(b for _, b in val)
+            for name, t in public.items():
+                a, b = closed(t, u)
+                row[name] = 1 - a / b
+            for name, (x, po, pc) in {**held, **public}.items():
+                lastrow = torch.arange(n_cap - 1, len(po), n_cap)
+                row[f"{name} mean projection O/C/C+fit"] = [float(po[lastrow].mean()), float(pc[lastrow].mean()),
+                                                            float((pc + x @ u)[lastrow].mean())]
+            fits.append(row)
+            print(row["fit prompts"], k, standardize, lam, f"loco {row['loco']:.3f} val {row['val']:.3f}",
+                  *(f"{n} {row[n]:.3f}" for n in public), flush=True)
+    heads = ["fit prompts", "fit positions", "standardized", "λ", "gap closed: val", "val, category left out"] + \
         [f"{n} (evaluation only)" for n in public] + [f"{n}: O/C/C+fit" for n in [*held, *public]]
-    lines = [[str(r["fit positions"]), str(r["standardized"]), f"{r['lambda']:g}", f"{r['val']:.3f}",
+    lines = [[r.get("fit prompts", "harmful+harmless+borderline"), str(r["fit positions"]), str(r["standardized"]), f"{r['lambda']:g}", f"{r['val']:.3f}",
               f"{r['loco']:.3f}"] + [f"{r[n]:.3f}" for n in public]
              + ["/".join(f"{v:.1f}" for v in r[f"{n} mean projection O/C/C+fit"]) for n in [*held, *public]]
              for r in fits]
     print(text_table(heads, lines))
-    out = {"benchmark": "aird_fit_probe", "scheme": args.scheme, "source_layer": layer, "evaluated_positions": n_pos, "captured_positions": n_cap,
+    out = {"benchmark": "aird_fit_probe", "scheme": args.scheme, "source_layer": layer, "evaluated_positions": n_pos,
+           "captured_positions": n_cap, "extra_harmful": args.extra_harmful,
            "rows": fits, "seconds": round(time.perf_counter() - t0, 1),
            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
