@@ -9,9 +9,7 @@ projections and its verdict on the measured recovery (:func:`core.aird.repair_ve
 
 Every stage runs through :class:`core.study.Study` on a run store (default ``runs/``), so a rerun or
 the dashboard reuses what was computed. Prints a table and writes ``bench/results/aird.json``
-(rewritten after every scheme, so a partial run keeps its rows). Each row has ``seconds`` (this run's wall
-time: a few seconds on a cached rerun) and ``computed_seconds`` (the run store's record of the time that
-computed the row's stages, so a rerun keeps it; stages another row already stored count 0).
+(rewritten after every scheme, so a partial run keeps its rows).
 
     python bench/aird.py [--schemes wanda:0.5,bnb-nf4] [--full wanda:0.5] [--runs runs]
 """
@@ -53,7 +51,7 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
                  "cohens_d_ratio": diag["recoverability"]["ratio"],
                  "harmless_shift": diag["recoverability"].get("harmless_shift"),
                  "density_before": ev["R"]["density_before"]["density"],
-                 "density_after": ev["R"]["density_after"]["density"], "seconds": 0.0, "computed_seconds": 0.0}
+                 "density_after": ev["R"]["density_after"]["density"], "seconds": 0.0}
     for k, e in ev.items():
         for name, s in e["sets"].items():
             row[f"{name}_{k}"] = s["refusal_rate"]
@@ -61,10 +59,7 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
     measured = measured_verdict(ev["O"], ev["C"], ev["R"], diag, study.eval_sets()["harmful"].name)
     row.update(recovered=measured["recovered"], measured=measured["level"], measured_verdict=measured["verdict"])
     row["perplexity_rise"] = row["perplexity_R"] / row["perplexity_C"] - 1
-    row["seconds"] = round(time.perf_counter() - t0, 1)  # this run's wall time (seconds on a cached rerun)
-    # the time that computed the row's stages, from the run store (stages copied from another row: 0)
-    row["computed_seconds"] = round(sum(float((study.record.entry(k) or {}).get("seconds") or 0.0)
-                                        for k in study.record.keys()), 1)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
