@@ -19,9 +19,6 @@ Writes ``bench/results/aird_affine_map_probe.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RealignCaptures, write_results  # noqa: E402
 
 
 def fit_affine(p_c: torch.Tensor, p_o: torch.Tensor) -> tuple[float, float]:
@@ -47,22 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-only", action="store_true", help="the only mode kept (see the module docstring)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_affine_map_probe.json"))
     args = p.parse_args(argv)
-    from core.activations import writer_inputs
-    from core.aird import REALIGN_ROLE
     from core.prompts import bundled
-    from core.study import Study, StudySpec
 
     t0 = time.perf_counter()
-    study = Study(StudySpec(model="default", schemes=[args.scheme], aird="auto",
-                            name=f"bench aird affine map probe {args.scheme}"), args.runs)
-    d_o = study.directions("original")
-    layer = d_o.selected[1]
-    o, c = study.original, study.variant(args.scheme)
+    probe = RealignCaptures(args.scheme, args.runs, f"bench aird affine map probe {args.scheme}")
+    layer = probe.layer
     n_pos = 5
 
     def projections(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        _, p_o = writer_inputs(o, prompts, o.writers(layer - 1)[REALIGN_ROLE], d_o.direction, layer, n_positions=n_pos)
-        _, p_c = writer_inputs(c, prompts, c.writers(layer - 1)[REALIGN_ROLE], d_o.direction, layer, n_positions=n_pos)
+        _, p_o, p_c = probe.capture(prompts, n_pos)
         return p_c, p_o
 
     train = {k: projections(bundled(k, "train").prompts) for k in ("harmful", "harmless", "borderline")}
@@ -90,18 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit: a {a:.3f}, b {b:.3f}; gap closed on val {fit['gap_closed_val']:.3f}, "
           f"val harmful with its category left out {fit['gap_closed_val_harmful_category_left_out']:.3f}", flush=True)
 
-    rows: list[dict] = []
-    return _write(args, fit, rows, layer, t0)
-
-
-def _write(args, fit: dict, rows: list[dict], layer: int, t0: float) -> int:
-    out = {"benchmark": "aird_affine_map_probe", "scheme": args.scheme, "source_layer": layer, "fit": fit,
-           "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
-           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"benchmark": "aird_affine_map_probe", "scheme": args.scheme, "source_layer": layer,
+                             "fit": fit, "rows": [], "seconds": round(time.perf_counter() - t0, 1)})
     return 0
 
 

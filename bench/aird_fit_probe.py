@@ -20,9 +20,6 @@ Prints a table and writes ``bench/results/aird_fit_probe.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
+from bench.common import RealignCaptures, write_results  # noqa: E402
 from core.cli import text_table  # noqa: E402
 
 
@@ -52,24 +50,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="a train-only pool of our own harmful prompts ([category] tags) to add to the fit")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_fit_probe.json"))
     args = p.parse_args(argv)
-    from core.activations import writer_inputs
-    from core.aird import DEFAULT_REALIGN_POSITIONS, REALIGN_ROLE, ridge
+    from core.aird import DEFAULT_REALIGN_POSITIONS, ridge
     from core.prompts import bundled, load_prompts, resolve_prompt_arg
-    from core.study import Study, StudySpec
 
     t0 = time.perf_counter()
-    study = Study(StudySpec(model="default", schemes=[args.scheme], aird="auto",
-                            name=f"bench aird fit probe {args.scheme}"), args.runs)
-    d_o = study.directions("original")
-    layer = d_o.selected[1]
-    o, c = study.original, study.variant(args.scheme)
+    probe = RealignCaptures(args.scheme, args.runs, f"bench aird fit probe {args.scheme}")
+    layer = probe.layer
     n_pos = DEFAULT_REALIGN_POSITIONS  # evaluated positions (the last five of every prompt)
     n_cap = 15  # captured positions: fits may use more than the default five
 
     def capture(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, p_o = writer_inputs(o, prompts, o.writers(layer - 1)[REALIGN_ROLE], d_o.direction, layer, n_positions=n_cap)
-        x_c, p_c = writer_inputs(c, prompts, c.writers(layer - 1)[REALIGN_ROLE], d_o.direction, layer, n_positions=n_cap)
-        return x_c, p_o, p_c
+        return probe.capture(prompts, n_cap)
 
     train = {k: capture(bundled(k, "train").prompts) for k in ("harmful", "harmless", "borderline")}
     cats_pool: list = []
@@ -149,14 +140,10 @@ def main(argv: list[str] | None = None) -> int:
              + ["/".join(f"{v:.1f}" for v in r[f"{n} mean projection O/C/C+fit"]) for n in [*held, *public]]
              for r in fits]
     print(text_table(heads, lines))
-    out = {"benchmark": "aird_fit_probe", "scheme": args.scheme, "source_layer": layer, "evaluated_positions": n_pos,
-           "captured_positions": n_cap, "extra_harmful": args.extra_harmful,
-           "rows": fits, "seconds": round(time.perf_counter() - t0, 1),
-           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"benchmark": "aird_fit_probe", "scheme": args.scheme, "source_layer": layer,
+                             "evaluated_positions": n_pos, "captured_positions": n_cap,
+                             "extra_harmful": args.extra_harmful, "rows": fits,
+                             "seconds": round(time.perf_counter() - t0, 1)})
     return 0
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BENCH = ROOT.parent / "shared" / "benchmarks"
 
+from bench.common import write_results  # noqa: E402
 from core.cli import text_table  # noqa: E402
 
 
@@ -43,24 +42,23 @@ def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, i
     return time.perf_counter() - t0, out, proc.returncode
 
 
-def _comparable(results):
-    """Results without what differs between any two runs: the study folder's id and wall times
-    (``seconds`` keys, e.g. the compression report's), at any depth; NaN as a string so NaN == NaN."""
-    if isinstance(results, dict):
-        return {k: _comparable(v) for k, v in results.items() if k not in ("study_id", "seconds")}
-    if isinstance(results, list):
-        return [_comparable(v) for v in results]
-    return "nan" if isinstance(results, float) and results != results else results
+RUN_SPECIFIC = ("study_id", "seconds")  # keys that differ between any two runs: the study folder, wall times
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """Paths where two JSON values differ (for the report of a failed comparison)."""
+def differences(a, b, ignore: tuple[str, ...] = (), path: str = "") -> list[str]:
+    """Paths where two JSON values differ, skipping dict keys in ``ignore`` at any depth; NaN equals NaN."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b))
-                for d in (differences(a[k], b[k], f"{path}/{k}") if k in a and k in b else [f"{path}/{k} (missing)"])]
+        keys = sorted((set(a) | set(b)) - set(ignore))
+        return [d for k in keys for d in (differences(a[k], b[k], ignore, f"{path}/{k}") if k in a and k in b
+                                          else [f"{path}/{k} (missing)"])]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, ignore, f"{path}[{i}]")]
     return [] if a == b or (a != a and b != b) else [f"{path}: {str(a)[:60]} vs {str(b)[:60]}"]
+
+
+def identical(a, b) -> bool:
+    """Two study results are the same but for what differs between any two runs (:data:`RUN_SPECIFIC`)."""
+    return not differences(a, b, RUN_SPECIFIC)
 
 
 def main() -> int:
@@ -85,7 +83,7 @@ def main() -> int:
         a, b = json.loads(Path(args.check).read_text()), json.loads(Path(args.reference).read_text())
         diffs = differences(a, b)
         print("raw differences:", *diffs or ["none"], sep="\n  ")
-        same = _comparable(a) == _comparable(b)
+        same = identical(a, b)
         print(f"identical to the reference (ignoring study id and wall times): {same}")
         return 0 if same else 1
     schemes = args.scheme or ["wanda:0.5", "bnb-nf4"]
@@ -121,19 +119,12 @@ def main() -> int:
     print(text_table(["run", "seconds", "killed"], [[r["run"], f"{r['seconds']:.1f}", str(r["killed"])] for r in runs]))
     print("\nstage seconds (from the run store; 0 = copied from another study of the store):")
     print(text_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]))
-    checks = {"cached_rerun_identical": _comparable(results[-1]) == _comparable(results[-2])}
+    checks = {"cached_rerun_identical": identical(results[-1], results[-2])}
     if args.reference:
-        checks["identical_to_reference"] = _comparable(results[-2]) == _comparable(json.loads(Path(args.reference)
-                                                                                           .read_text()))
+        checks["identical_to_reference"] = identical(results[-2], json.loads(Path(args.reference).read_text()))
     print("checks:", checks)
-    out = {"command": " ".join(cmd[1:]), "study_id": study_id, "runs": runs, "stage_seconds": stages,
-           "checks": checks, "reference": args.reference,
-           "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                       "load_avg_1m": os.getloadavg()[0]},
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"command": " ".join(cmd[1:]), "study_id": study_id, "runs": runs,
+                             "stage_seconds": stages, "checks": checks, "reference": args.reference})
     return 0
 
 
