@@ -9,17 +9,16 @@ projections and its verdict on the measured recovery (:func:`core.aird.repair_ve
 
 Every stage runs through :class:`core.study.Study` on a run store (default ``runs/``), so a rerun or
 the dashboard reuses what was computed. Prints a table and writes ``bench/results/aird.json``
-(rewritten after every scheme, so a partial run keeps its rows).
+(rewritten after every scheme, so a partial run keeps its rows; ``--merge`` keeps the rows of an
+existing ``--out`` that this run does not measure).
 
-    python bench/aird.py [--schemes wanda:0.5,bnb-nf4] [--full wanda:0.5] [--runs runs]
+    python bench/aird.py [--schemes wanda:0.5,bnb-nf4] [--full wanda:0.5] [--runs runs] [--out F] [--merge]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_results  # noqa: E402
 from bench.compression import SCHEMES  # noqa: E402  (the registry's representative parameters)
 from core.cli import text_table  # noqa: E402
 
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                    "benchmark files in ../shared/benchmarks ('' for none)")
     p.add_argument("--runs", default=str(ROOT / "runs"))
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in --out for (scheme, harmful set) pairs this run does not measure")
     args = p.parse_args(argv)
     from core.progress import tqdm_progress
 
@@ -110,19 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         if s in full:
             jobs.append((s, str(SHARED / "advbench.json"), "bundled:harmless:test", None, None))
             jobs.append((s, str(SHARED / "jailbreakbench.json"), str(SHARED / "alpaca_harmless_test.json"), None, 200))
-    meta = {"benchmark": "aird", "model": "default", "runs": args.runs,
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                        "load_avg_1m": os.getloadavg()[0]},
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
+    meta = {"benchmark": "aird", "model": "default", "runs": args.runs, "rows": []}
+    if args.merge and Path(args.out).is_file():  # earlier rows and notes stay (new rows carry their date)
+        measured = {(j[0], j[1]) for j in jobs}
+        before = json.loads(Path(args.out).read_text())
+        meta.update({k: v for k, v in before.items() if k not in ("machine", "date", "rows")})
+        meta["rows"] = [r for r in before["rows"] if (r["scheme"], r["harmful"]) not in measured]
     for scheme, harmful, harmless, borderline, limit in jobs:
         try:
             row = evaluate_scheme(scheme, args.runs, harmful=harmful, harmless=harmless, borderline=borderline,
                                   limit=limit, on_progress=on_progress)
         except Exception as e:  # a scheme that cannot run here (e.g. bitsandbytes) is a row, not a crash
             row = {"scheme": scheme, "harmful": harmful, "error": f"{type(e).__name__}: {e}"}
-        meta["rows"].append(row)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(meta, indent=1))
+        meta["rows"].append({**row, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_results(args.out, meta)
         print("\n" + fmt(meta["rows"]), flush=True)
     return 0
 
