@@ -469,8 +469,9 @@ def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dic
     from core.aird import repair_verdict
 
     rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
+    ppl_o, ppl_c = original_eval.get("perplexity"), variant_eval.get("perplexity")
     return repair_verdict(drift["recoverability"], rate(original_eval), rate(variant_eval), rate(repaired_eval),
-                          set_name=set_name)
+                          set_name=set_name, perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
 
 
 def _src(dirset) -> dict:

@@ -301,3 +301,7 @@ def test_repair_verdict_weighs_the_measured_recovery():
     v = aird.repair_verdict(diag, 0.91, 0.89, 0.95)  # compression lost 2 points: nothing to recover
     assert v["level"] == "nothing lost" and v["recovered"] is None
     assert aird.recovered_share(0.9, 0.5, 0.3) == pytest.approx(-0.5)  # a repair can make it worse
+    # magnitude:0.5 on v2: perplexity 37× the original's, refusal 0% before and after — a broken model
+    v = aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=848.37 / 22.83)
+    assert v["level"] == "not recovered" and "37×" in v["verdict"] and "after the direction" not in v["verdict"]
+    assert "37×" not in aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=1.6)["verdict"]
