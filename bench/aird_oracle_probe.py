@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
-from bench.common import write_results  # noqa: E402
+from bench.common import RealignCaptures, write_results  # noqa: E402
 from core.cli import text_table  # noqa: E402
 
 ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
@@ -41,19 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", default="on,off", help="re-alignment settings to sweep, in order")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_oracle_probe.json"))
     args = p.parse_args(argv)
-    from core.aird import Repair, applied, candidate_layer_sets, refusal_rate, unit
+    from core.aird import Repair, applied, candidate_layer_sets, recovered_share, refusal_rate, unit
     from core.prompts import resolve_prompt_arg
-    from core.study import Study, StudySpec
 
     if not SHARED.is_dir():
         print(f"public benchmarks not found at {SHARED}")
         return 1
-    study = Study(StudySpec(model="default", schemes=[args.scheme], aird="auto",
-                            name=f"bench aird oracle probe {args.scheme}"), args.runs)
-    d = study.directions("original")
-    layer = d.selected[1]
-    original, compressed = study.original, study.variant(args.scheme)
-    repair = study.repair(args.scheme)  # the auto repair: its re-alignment and its val grid
+    probe = RealignCaptures(args.scheme, args.runs, f"bench aird oracle probe {args.scheme}")
+    layer, original, compressed = probe.layer, probe.original, probe.compressed
+    repair = probe.study.repair(args.scheme)  # the auto repair: its re-alignment and its val grid
     sets = {"advbench": resolve_prompt_arg(str(SHARED / "advbench.json"), "harmful").head(args.n).prompts,
             "jailbreakbench": resolve_prompt_arg(str(SHARED / "jailbreakbench.json"), "harmful").head(args.n).prompts,
             "alpaca": resolve_prompt_arg(str(SHARED / "alpaca_harmless_test.json"), "harmless").head(args.n).prompts}
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     o = measure(original, model="O")
     c = measure(compressed, model="C")
-    r = unit(d.direction).float()
+    r = unit(probe.direction.direction).float()
     for fit in [f == "on" for f in args.fits.split(",") if f]:
         for layers in candidate_layer_sets(layer, compressed.n_layers):
             previous = None
@@ -87,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 previous = row["advbench"]
 
-    def share(k: str, v: float) -> float:
-        return (v - c[k]) / max(o[k] - c[k], 1e-9)
+    def share(k: str, v: float) -> str:
+        got = recovered_share(o[k], c[k], v)
+        return "n/a" if got is None else f"{got:.0%}"
 
     table = [[str(x.get("realign", "")), ",".join(map(str, x.get("layers", []))) or x["model"], x.get("alpha", ""),
               f"{x['advbench']:.0%}", f"{x['jailbreakbench']:.0%}", f"{x['alpaca']:.0%}",
-              "" if x["model"] != "C+AIRD" else f"{share('advbench', x['advbench']):.0%}",
-              "" if x["model"] != "C+AIRD" else f"{share('jailbreakbench', x['jailbreakbench']):.0%}",
+              "" if x["model"] != "C+AIRD" else share("advbench", x["advbench"]),
+              "" if x["model"] != "C+AIRD" else share("jailbreakbench", x["jailbreakbench"]),
               "" if x["val_harmful"] is None else f"{x['val_harmful']:.0%} / {x['val_overrefusal']:.0%}",
               "yes" if x["chosen"] else ""] for x in rows]
     print(text_table(["fit", "layers", "α", "AdvBench", "JBB", "Alpaca", "rec. Adv", "rec. JBB", "val harm/over",

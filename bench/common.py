@@ -30,7 +30,7 @@ class RealignCaptures:
     def __init__(self, scheme: str, runs: str | Path, name: str) -> None:
         from core.study import Study, StudySpec
 
-        study = Study(StudySpec(model="default", schemes=[scheme], aird="auto", name=name), runs)
+        self.study = study = Study(StudySpec(model="default", schemes=[scheme], aird="auto", name=name), runs)
         self.direction = study.directions("original")
         self.layer = self.direction.selected[1]
         self.original, self.compressed = study.original, study.variant(scheme)
