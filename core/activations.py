@@ -94,6 +94,58 @@ def _last_index(width: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([width - 1], device=device)
 
 
+def shared_prefix(handle: ModelHandle, ids: Sequence[Sequence[int]], *, min_rest: int = 1,
+                  extra_tokens: int = 0) -> list[int]:
+    """The token prefix every prompt in ``ids`` shares (system prompt + user header), leaving at least
+    ``min_rest`` tokens of each prompt outside it; ``[]`` when shorter than ``MIN_SHARED_PREFIX``.
+
+    Padding then sits between the prefix and the rest, which shifts KV-cache indices: a sliding window
+    (counted in cache indices) would cut at the wrong token, so nothing is shared when a prompt plus
+    ``extra_tokens`` (e.g. generated ones) reaches the model's window."""
+    if not ids:
+        return []
+    limit = min(len(s) for s in ids) - min_rest
+    first = ids[0]
+    k = 0
+    while k < limit and all(s[k] == first[k] for s in ids):
+        k += 1
+    window = getattr(handle.model.config, "sliding_window", None)
+    too_long = bool(window) and max(len(s) for s in ids) + extra_tokens >= int(window)
+    return list(first[:k]) if k >= MIN_SHARED_PREFIX and not too_long else []
+
+
+def prefix_cache(handle: ModelHandle, prefix: Sequence[int]):
+    """KV cache of ``prefix`` (one row) under whatever hooks are active, or None when there is no prefix
+    or the model's cache cannot be repeated per batch (legacy tuple caches of some remote-code models)."""
+    if not prefix:
+        return None
+    dev = handle.device
+    ids = torch.tensor([list(prefix)], device=dev)
+    out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                       logits_to_keep=_last_index(len(prefix), dev))
+    cache = out.past_key_values
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
+def batch_cache(cache, rows: int):
+    """A copy of a one-row prefix ``cache`` repeated for ``rows`` rows."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists → ``(ids, mask)`` both ``(len(seqs), longest)`` int64 on the CPU."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[row, width - len(s):] = 1
+    return ids, mask
+
+
 class BatchRunner:
     """Runs pre-tokenized prompts through the model in length-sorted, memory-bounded batches.
 
@@ -109,19 +161,7 @@ class BatchRunner:
         ids = [list(s) for s in ids]
         if any(len(s) < min_rest for s in ids):
             raise ValueError(f"a prompt has fewer than {min_rest} tokens")
-        prefix: list[int] = []
-        if share_prefix and ids:
-            limit = min(len(s) for s in ids) - min_rest
-            first = ids[0]
-            k = 0
-            while k < limit and all(s[k] == first[k] for s in ids):
-                k += 1
-            # Padding sits between the prefix and the rest, which shifts KV-cache indices: a sliding
-            # window (counted in cache indices) would then cut at the wrong token, so don't share.
-            window = getattr(handle.model.config, "sliding_window", None)
-            too_long = bool(window) and max(len(s) for s in ids) >= int(window)
-            if k >= MIN_SHARED_PREFIX and not too_long:
-                prefix = first[:k]
+        prefix = shared_prefix(handle, ids, min_rest=min_rest) if share_prefix else []
         self.prefix = prefix
         self.ids = ids
         self.rest = [s[len(prefix):] for s in ids]
@@ -146,40 +186,23 @@ class BatchRunner:
     def __len__(self) -> int:
         return len(self.rest)
 
-    def _prefix_cache(self):
-        if not self.prefix:
-            return None
-        dev = self.handle.device
-        ids = torch.tensor([self.prefix], device=dev)
-        out = self.handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                logits_to_keep=_last_index(len(self.prefix), dev))
-        cache = out.past_key_values
-        # Legacy tuple caches (some remote-code models) cannot be repeated per batch: run full prompts.
-        return cache if hasattr(cache, "batch_repeat_interleave") else None
-
     @torch.inference_mode()
     def run(self) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch."""
         model, dev = self.handle.model, self.handle.device
         pad = self.handle.tokenizer.pad_token_id or 0
-        cache = self._prefix_cache()
+        cache = prefix_cache(self.handle, self.prefix)
         p = len(self.prefix) if cache is not None else 0
         for idx in self.batches:
             seqs = [self.rest[i] if cache is not None else self.ids[i] for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[row, width - len(s):] = 1
+            ids, mask = left_pad(seqs, pad)
+            width = ids.shape[1]
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + p
             kwargs: dict = dict(input_ids=ids.to(dev), position_ids=position_ids.to(dev),
                                 logits_to_keep=_last_index(width, dev))
             if cache is not None:
-                batch_cache = copy.deepcopy(cache)
-                batch_cache.batch_repeat_interleave(len(seqs))
                 mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), mask], dim=1)
-                kwargs.update(past_key_values=batch_cache, use_cache=True)
+                kwargs.update(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
             else:
                 kwargs.update(use_cache=False)
             out = model(attention_mask=mask.to(dev), **kwargs)

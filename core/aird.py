@@ -371,7 +371,7 @@ def changed_parameters(method: str, compressed: ModelHandle, repair: Repair) -> 
 # Measurements used by calibration and comparison
 # ----------------------------------------------------------------------------------------------
 
-def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int | None = None,
                  progress: Progress | None = None) -> tuple[float, list[str]]:
     """Fraction of ``prompts`` whose greedy reply the substring judge calls a refusal, and the replies."""
     if not prompts:

@@ -68,7 +68,7 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
     return math.exp(nll / count)
 
 
-def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int = 16,
+def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int | None = None,
                        judge=None, progress: Progress | None = None) -> dict:
     """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score,
     per-category rates, and every (prompt, response, refused, refusal_score).

@@ -1,7 +1,21 @@
-"""Batched generation (left padding, KV cache), greedy or sampled.
+"""Batched generation, greedy or sampled.
 
-Interventions are applied by the caller around the call (``with ablate(...): generate(...)``);
-every forward takes ``handle.lock`` so a shared model never runs under another caller's hooks.
+Greedy replies (every evaluation, calibration and budget curve) take :func:`greedy_ids`, our own
+decode loop, because ``model.generate`` can do neither of the two things that make it fast on a CPU:
+
+* the chat-template prefix every prompt shares (system prompt + user header, about half of a bundled
+  prompt) is run once per call and its KV cache copied per batch, as in
+  :class:`core.activations.BatchRunner`;
+* a row leaves the batch the step it ends (end-of-turn or ``max_new_tokens``): refusals end after
+  ~15 tokens, and ``generate`` would keep computing them, padded, until the longest reply of the
+  batch is done. Batches are larger (memory-bounded) for the same reason.
+
+Each step picks ``argmax`` of the float32 next-token logits, as ``generate`` does greedily. Sampling,
+and models whose generation config asks for logits processing (repetition penalty, banned words, …)
+or whose cache cannot be copied, go through ``model.generate`` (:func:`_generate_hf`).
+
+Interventions are applied by the caller around the call (``with ablate(...): generate(...)``); the
+prefix is computed under them, and every forward holds ``handle.lock``.
 """
 
 from __future__ import annotations
@@ -10,8 +24,23 @@ from collections.abc import Sequence
 
 import torch
 
+from core.activations import _last_index, batch_cache, left_pad, prefix_cache, shared_prefix, tokenize
 from core.models import ModelHandle
 from core.progress import Progress, report
+
+DEFAULT_GEN_MEMORY_MB = 1024
+MAX_GEN_BATCH = 64  # rows; beyond this a CPU step costs proportionally more (measured: BENCHMARKS.md)
+# Generation-config fields that change greedy decoding, with their neutral values: if a model sets
+# one of them, its replies come from model.generate, which applies them.
+_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+               "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,),
+               "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
+
+
+class _CacheUnsupported(RuntimeError):
+    """The model returns no cache :func:`greedy_ids` can select rows of (legacy tuple caches)."""
 
 
 def tokenize_prompts(handle: ModelHandle, instructions: Sequence[str], *, formatted: bool = False) -> dict:
@@ -22,20 +51,107 @@ def tokenize_prompts(handle: ModelHandle, instructions: Sequence[str], *, format
     return {k: v.to(handle.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-@torch.inference_mode()
-def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
-             batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
-             formatted: bool = False, progress: Progress | None = None) -> list[str]:
-    """Generate one reply per instruction; returns the decoded replies (prompt removed).
+def eos_ids(handle: ModelHandle) -> set[int]:
+    """Token ids that end a reply: the generation config's ``eos_token_id`` (int or list), else the tokenizer's."""
+    eos = getattr(getattr(handle.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = handle.tokenizer.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
-    Prompts are sorted by length so batches carry little padding; output order matches input.
-    """
-    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
-    out: list[str] = [""] * len(instructions)
+
+def fast_greedy_supported(handle: ModelHandle) -> bool:
+    """True when :func:`greedy_ids` decodes exactly as ``model.generate`` would: the generation config
+    asks for no logits processing."""
+    cfg = getattr(handle.model, "generation_config", None)
+    return cfg is None or all(getattr(cfg, k, None) in neutral for k, neutral in _PROCESSORS.items())
+
+
+def _kv_bytes_per_token(handle: ModelHandle) -> int:
+    cfg = handle.model.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or handle.d_model // heads
+    elt = torch.finfo(handle.dtype).bits // 8
+    return 2 * handle.n_layers * kv * head_dim * elt
+
+
+def _batches(handle: ModelHandle, rest: Sequence[Sequence[int]], prefix_len: int, max_new_tokens: int,
+             batch_size: int | None, memory_mb: float) -> list[list[int]]:
+    """Length-sorted batches of prompt indices: ``batch_size`` rows, or as many as the KV cache of
+    ``memory_mb`` holds (at most ``MAX_GEN_BATCH``)."""
+    order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
+    if batch_size is None:
+        longest = prefix_len + max((len(s) for s in rest), default=0) + max_new_tokens
+        per_row = longest * _kv_bytes_per_token(handle) + 8 * int(getattr(handle.model.config, "vocab_size", 0) or 0)
+        batch_size = max(1, min(MAX_GEN_BATCH, int(memory_mb * 2**20 // max(per_row, 1))))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+               batch_size: int | None = None, memory_mb: float = DEFAULT_GEN_MEMORY_MB,
+               share_prefix: bool = True, progress: Progress | None = None) -> list[list[int]]:
+    """Greedy continuation of tokenized prompts → the new token ids of each (its end-of-turn token
+    included when it ended on one), in input order. See the module doc for the method."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    ids = [list(s) for s in ids]
+    if any(not s for s in ids):
+        raise ValueError("a prompt has no tokens")
+    model, dev = handle.model, handle.device
+    pad = handle.tokenizer.pad_token_id or 0
+    stop = torch.tensor(sorted(eos_ids(handle)) or [-1], device=dev)
+    out: list[list[int]] = [[] for _ in ids]
+    done = 0
+    with handle.lock:
+        prefix = shared_prefix(handle, ids, extra_tokens=max_new_tokens) if share_prefix else []
+        cache0 = prefix_cache(handle, prefix)
+        p = len(prefix) if cache0 is not None else 0
+        rest = [s[p:] for s in ids]
+        for idx in _batches(handle, rest, p, max_new_tokens, batch_size, memory_mb):
+            x, mask = left_pad([rest[i] for i in idx], pad)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0) + p
+            if p:
+                mask = torch.cat([torch.ones((len(idx), p), dtype=torch.long), mask], dim=1)
+            x, mask, pos = x.to(dev), mask.to(dev), pos.to(dev)
+            cache = batch_cache(cache0, len(idx)) if cache0 is not None else None
+            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=_last_index(x.shape[1], dev))
+            cache = logits.past_key_values
+            if not hasattr(cache, "batch_select_indices"):
+                raise _CacheUnsupported(f"{handle.name}: its cache cannot drop finished rows")
+            rows = torch.arange(len(idx), device=dev)  # batch row → position in idx
+            next_pos = pos[:, -1:] + 1
+            for step in range(max_new_tokens):
+                tok = logits.logits[:, -1, :].float().argmax(-1)
+                for j, t in zip(rows.tolist(), tok.tolist()):
+                    out[idx[j]].append(t)
+                ended = torch.isin(tok, stop) if step + 1 < max_new_tokens else torch.ones_like(tok, dtype=torch.bool)
+                if bool(ended.all()):
+                    break
+                if bool(ended.any()):
+                    keep = (~ended).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)], dim=1)
+                logits = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
+                               past_key_values=cache, use_cache=True)
+                next_pos = next_pos + 1
+            done += len(idx)
+            report(progress, done, len(ids))
+    return out
+
+
+@torch.inference_mode()
+def _generate_hf(handle: ModelHandle, texts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+                 do_sample: bool, temperature: float, seed: int, progress: Progress | None) -> list[list[int]]:
+    """``model.generate`` on formatted ``texts`` in length-sorted batches → new token ids per text."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[list[int]] = [[] for _ in texts]
     tok = handle.tokenizer
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenize_prompts(handle, [instructions[i] for i in idx], formatted=formatted)
+        enc = tokenize_prompts(handle, [texts[i] for i in idx], formatted=True)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
         if do_sample:
             torch.manual_seed(seed + start)
@@ -46,6 +162,33 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
             ids = handle.model.generate(**enc, **kwargs)
         new = ids[:, enc["input_ids"].shape[1]:]
         for j, i in enumerate(idx):
-            out[i] = tok.decode(new[j], skip_special_tokens=True).strip()
+            out[i] = new[j].tolist()
         report(progress, min(start + batch_size, len(order)), len(order))
     return out
+
+
+def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
+             batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+             formatted: bool = False, fast: bool = True, share_prefix: bool = True,
+             progress: Progress | None = None) -> list[str]:
+    """Generate one reply per instruction; returns the decoded replies (prompt removed), in input order.
+
+    Greedy decoding uses :func:`greedy_ids` (same tokens as ``model.generate``, measured in
+    BENCHMARKS.md) unless ``fast=False`` or the model needs ``generate``'s logits processing;
+    ``batch_size`` None sizes batches by memory (``model.generate``: 16).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    texts = list(instructions) if formatted else [handle.format(i) for i in instructions]
+    if not texts:
+        return []
+    if fast and not do_sample and fast_greedy_supported(handle):
+        try:
+            new = greedy_ids(handle, tokenize(handle, texts, formatted=True), max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, share_prefix=share_prefix, progress=progress)
+            return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+        except _CacheUnsupported:
+            pass
+    new = _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,
+                       do_sample=do_sample, temperature=temperature, seed=seed, progress=progress)
+    return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]

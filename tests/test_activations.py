@@ -124,7 +124,9 @@ def test_projections_and_stats(llama):
 def test_runner_without_a_reusable_cache_runs_full_prompts(llama, monkeypatch):
     h = _with_template(llama, None, "You are a helpful AI assistant.")
     ref = mean_activations(h, PROMPTS).mean
-    monkeypatch.setattr(BatchRunner, "_prefix_cache", lambda self: None)  # e.g. a legacy tuple cache
+    import core.activations as acts
+
+    monkeypatch.setattr(acts, "prefix_cache", lambda handle, prefix: None)  # e.g. a legacy tuple cache
     assert len(BatchRunner(h, tokenize(h, PROMPTS), min_rest=2).prefix) >= 4
     torch.testing.assert_close(mean_activations(h, PROMPTS).mean, ref, atol=1e-5, rtol=1e-4)
 

@@ -1,0 +1,197 @@
+"""Interactive-speed benchmark: the code of a base commit against this tree, in one run, as ratios.
+
+Each task runs in a fresh child process per side (so peak RSS is the task's own), first on the base
+commit (a git worktree, made here if missing), then on this tree, on the same machine in the same
+run. Tasks:
+
+* ``gen``         — greedy replies (64 new tokens, float32) to the bundled test prompts (harmful,
+  harmless, borderline: 183); tokens/s, and whether the replies are token-identical to the base's.
+* ``search-last`` — direction search on ``default``: candidates on the bundled train splits, selection
+  at the last post-instruction position only, on the val splits.
+* ``search``      — the same at every post-instruction position (the study's default).
+
+Prints a table and writes ``bench/results/speed.json``:
+
+    python bench/speed.py [--tasks gen,search-last,search] [--base-commit 530a573] [--base-dir DIR]
+
+The default base commit is the start of the interactive-speed issue. The child mode
+(``--child TASK --root DIR --json FILE``) imports ``core`` from ``DIR``; it is how each side runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "speed.json"
+BASE_COMMIT = "530a573"
+TASKS = ("gen", "search-last", "search")
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side: one task on the code under --root
+# ----------------------------------------------------------------------------------------------
+
+def _load():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from core.models import load_model
+
+    t0 = time.perf_counter()
+    handle = load_model("default")
+    return handle, time.perf_counter() - t0
+
+
+def task_gen() -> dict:
+    from core.generation import generate
+    from core.judges import is_refusal
+    from core.prompts import bundled
+
+    handle, load_s = _load()
+    prompts = [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "test").prompts]
+    generate(handle, prompts[:2], max_new_tokens=4)  # warm-up: first-call allocations
+    t0 = time.perf_counter()
+    replies = generate(handle, prompts, max_new_tokens=64)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(handle.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)
+    return {"seconds": seconds, "load_seconds": load_s, "n_prompts": len(prompts), "reply_tokens": tokens,
+            "tokens_per_second": tokens / seconds, "replies": replies,
+            "refused": [bool(is_refusal(r)) for r in replies]}
+
+
+def _search(positions) -> dict:
+    from core.directions import generate_candidates, quality, select_direction
+    from core.prompts import bundled
+
+    handle, load_s = _load()
+    t0 = time.perf_counter()
+    ds = generate_candidates(handle, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)
+    t1 = time.perf_counter()
+    ds = select_direction(handle, ds, bundled("harmful", "val").prompts, bundled("harmless", "val").prompts,
+                          positions=positions)
+    t2 = time.perf_counter()
+    q = quality(ds)
+    sel = ds.metadata.get("selection", {})
+    return {"seconds": t2 - t0, "candidates_seconds": t1 - t0, "selection_seconds": t2 - t1, "load_seconds": load_s,
+            "selected": list(ds.selected), "bypass": q["bypass"], "induce": q["induce"], "kl": q["kl"],
+            "kl_threshold_used": sel.get("kl_threshold_used"), "n_candidates": sel.get("n_candidates"),
+            "n_checked": sel.get("n_checked"), "fallback": sel.get("fallback")}
+
+
+CHILD_TASKS = {"gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None)}
+
+
+def child(task: str, root: str, out: str) -> None:
+    sys.path.insert(0, root)
+    os.chdir(root)
+    result = CHILD_TASKS[task]()
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+def ensure_worktree(commit: str, folder: Path) -> Path:
+    """A git worktree of ``commit`` at ``folder`` (created when missing; must be at that commit)."""
+    if not folder.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True,
+                       capture_output=True)
+    head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", commit], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    if head != want:
+        raise SystemExit(f"{folder} is at {head[:10]}, not {commit}: remove it or pass another --base-dir")
+    return folder
+
+
+def run_side(task: str, root: Path) -> dict:
+    out = Path(f"/tmp/refusal-lab-speed-{os.getpid()}-{task}.json")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", task, "--root", str(root),
+                           "--json", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{task} on {root} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def compare(task: str, old: dict, new: dict) -> dict:
+    row = {"task": task, "base_seconds": old["seconds"], "new_seconds": new["seconds"],
+           "speedup": old["seconds"] / new["seconds"], "base_peak_rss_mb": old["peak_rss_mb"],
+           "new_peak_rss_mb": new["peak_rss_mb"]}
+    if task == "gen":
+        same = [a == b for a, b in zip(old["replies"], new["replies"])]
+        agree = [a == b for a, b in zip(old["refused"], new["refused"])]
+        row.update(base_tokens_per_second=old["tokens_per_second"], new_tokens_per_second=new["tokens_per_second"],
+                   tokens_per_second_ratio=new["tokens_per_second"] / old["tokens_per_second"],
+                   identical_replies=f"{sum(same)}/{len(same)}", verdict_agreement=sum(agree) / len(agree))
+    else:
+        row.update({f"{side}_{k}": d[k] for side, d in (("base", old), ("new", new))
+                    for k in ("selected", "bypass", "induce", "kl", "kl_threshold_used", "candidates_seconds",
+                              "selection_seconds", "n_checked")})
+        row["same_selection"] = old["selected"] == new["selected"]
+        row.update({f"{k}_relative_difference": abs(new[k] - old[k]) / max(abs(old[k]), 1e-12)
+                    for k in ("bypass", "induce", "kl")})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    ap.add_argument("--base-commit", default=BASE_COMMIT)
+    ap.add_argument("--base-dir", default=None, help="worktree of the base commit (default: ../speed-base-COMMIT)")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.root, args.json)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {TASKS}")
+    base = ensure_worktree(args.base_commit, Path(args.base_dir or ROOT.parent / f"speed-base-{args.base_commit}"))
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    rows, raw = [], {}
+    for task in tasks:
+        old = run_side(task, base)
+        new = run_side(task, ROOT)
+        raw[task] = {"base": old, "new": new}
+        rows.append(compare(task, old, new))
+        r = rows[-1]
+        print(f"{task:12s} base {r['base_seconds']:8.1f} s  new {r['new_seconds']:8.1f} s  "
+              f"speed-up {r['speedup']:5.2f}×  peak RSS {r['new_peak_rss_mb']:.0f} MB", flush=True)
+    print()
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items()}, default=str))
+    sys.path.insert(0, str(ROOT))
+    from bench.common import write_results
+
+    for side in raw.values():
+        for d in side.values():
+            d.pop("replies", None)
+    write_results(args.out, {"command": "python bench/speed.py --tasks " + ",".join(tasks),
+                             "base_commit": args.base_commit, "new_commit": commit + ("+dirty" if _dirty() else ""),
+                             "rows": rows, "raw": raw})
+
+
+def _dirty() -> bool:
+    return bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()
