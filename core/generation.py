@@ -8,7 +8,9 @@ decode loop, because ``model.generate`` can do neither of the two things that ma
   :class:`core.activations.BatchRunner`;
 * a row leaves the batch the step it ends (end-of-turn or ``max_new_tokens``): refusals end after
   ~15 tokens, and ``generate`` would keep computing them, padded, until the longest reply of the
-  batch is done. Batches are larger (memory-bounded) for the same reason.
+  batch is done; waiting prompts take the free rows (continuous batching), so steps run full.
+  Batches are larger (memory-bounded, ≤ ``MAX_GEN_BATCH`` rows) for the same reason: a CPU decode
+  step reads every weight once, whatever the number of rows.
 
 Each step picks ``argmax`` of the float32 next-token logits, as ``generate`` does greedily. Sampling,
 and models whose generation config asks for logits processing (repetition penalty, banned words, …)
@@ -20,7 +22,9 @@ prefix is computed under them, and every forward holds ``handle.lock``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +33,7 @@ from core.models import ModelHandle
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
-MAX_GEN_BATCH = 64  # rows; beyond this a CPU step costs proportionally more (measured: BENCHMARKS.md)
+MAX_GEN_BATCH = 128  # rows decoded together; on 2 cores 128 gave 229 tok/s, 64 gave 199 (BENCHMARKS.md)
 # Generation-config fields that change greedy decoding, with their neutral values: if a model sets
 # one of them, its replies come from model.generate, which applies them.
 _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
@@ -75,16 +79,58 @@ def _kv_bytes_per_token(handle: ModelHandle) -> int:
     return 2 * handle.n_layers * kv * head_dim * elt
 
 
-def _batches(handle: ModelHandle, rest: Sequence[Sequence[int]], prefix_len: int, max_new_tokens: int,
-             batch_size: int | None, memory_mb: float) -> list[list[int]]:
-    """Length-sorted batches of prompt indices: ``batch_size`` rows, or as many as the KV cache of
-    ``memory_mb`` holds (at most ``MAX_GEN_BATCH``)."""
-    order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
-    if batch_size is None:
-        longest = prefix_len + max((len(s) for s in rest), default=0) + max_new_tokens
-        per_row = longest * _kv_bytes_per_token(handle) + 8 * int(getattr(handle.model.config, "vocab_size", 0) or 0)
-        batch_size = max(1, min(MAX_GEN_BATCH, int(memory_mb * 2**20 // max(per_row, 1))))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def _rows_cap(handle: ModelHandle, longest: int, batch_size: int | None, memory_mb: float) -> int:
+    """Rows decoded together: ``batch_size``, or as many as ``memory_mb`` of KV cache (plus one row of
+    float32 logits each) holds for sequences of ``longest`` tokens, at most ``MAX_GEN_BATCH``."""
+    if batch_size is not None:
+        return batch_size
+    per_row = longest * _kv_bytes_per_token(handle) + 4 * int(getattr(handle.model.config, "vocab_size", 0) or 0)
+    return max(1, min(MAX_GEN_BATCH, int(memory_mb * 2**20 // max(per_row, 1))))
+
+
+def _mergeable(cache) -> bool:
+    """Whether rows of another cache can be appended: every layer a plain growing DynamicLayer (sliding
+    windows and other cache kinds keep per-layer state we would have to re-derive)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+
+
+def _left_pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    if x.shape[dim] == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@dataclass
+class _Rows:
+    """Rows being decoded together: their cache, attention mask ``(B, S)``, next position ``(B, 1)``,
+    last chosen token ``(B,)`` and prompt indices."""
+
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    tok: torch.Tensor
+    idx: list[int]
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask, self.next_pos, self.tok = self.mask[keep], self.next_pos[keep], self.tok[keep]
+        self.idx = [self.idx[j] for j in keep.tolist()]
+
+    def extend(self, other: "_Rows") -> None:
+        """Append ``other``'s rows; the shorter cache is left-padded with masked zeros."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            a.keys = torch.cat([_left_pad_to(a.keys, length, -2), _left_pad_to(b.keys, length, -2)])
+            a.values = torch.cat([_left_pad_to(a.values, length, -2), _left_pad_to(b.values, length, -2)])
+        self.mask = torch.cat([_left_pad_to(self.mask, length, 1), _left_pad_to(other.mask, length, 1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.tok = torch.cat([self.tok, other.tok])
+        self.idx = self.idx + other.idx
 
 
 @torch.inference_mode()
@@ -92,7 +138,10 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
                batch_size: int | None = None, memory_mb: float = DEFAULT_GEN_MEMORY_MB,
                share_prefix: bool = True, progress: Progress | None = None) -> list[list[int]]:
     """Greedy continuation of tokenized prompts → the new token ids of each (its end-of-turn token
-    included when it ended on one), in input order. See the module doc for the method."""
+    included when it ended on one), in input order.
+
+    Prompts enter in order of length; a row leaves the step it ends, and once a quarter of the rows
+    are free the next prompts are prefilled and join the running batch (continuous batching)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     ids = [list(s) for s in ids]
@@ -108,37 +157,53 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
         cache0 = prefix_cache(handle, prefix)
         p = len(prefix) if cache0 is not None else 0
         rest = [s[p:] for s in ids]
-        for idx in _batches(handle, rest, p, max_new_tokens, batch_size, memory_mb):
+        queue = deque(sorted(range(len(ids)), key=lambda i: len(rest[i])))
+        cap = _rows_cap(handle, p + max(map(len, rest)) + max_new_tokens, batch_size, memory_mb)
+
+        def prefill(idx: list[int]) -> _Rows:
             x, mask = left_pad([rest[i] for i in idx], pad)
             pos = (mask.cumsum(-1) - 1).clamp(min=0) + p
             if p:
                 mask = torch.cat([torch.ones((len(idx), p), dtype=torch.long), mask], dim=1)
             x, mask, pos = x.to(dev), mask.to(dev), pos.to(dev)
             cache = batch_cache(cache0, len(idx)) if cache0 is not None else None
-            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True, logits_to_keep=_last_index(x.shape[1], dev))
-            cache = logits.past_key_values
-            if not hasattr(cache, "batch_select_indices"):
+            o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      logits_to_keep=_last_index(x.shape[1], dev))
+            if not hasattr(o.past_key_values, "batch_select_indices"):
                 raise _CacheUnsupported(f"{handle.name}: its cache cannot drop finished rows")
-            rows = torch.arange(len(idx), device=dev)  # batch row → position in idx
-            next_pos = pos[:, -1:] + 1
-            for step in range(max_new_tokens):
-                tok = logits.logits[:, -1, :].float().argmax(-1)
-                for j, t in zip(rows.tolist(), tok.tolist()):
-                    out[idx[j]].append(t)
-                ended = torch.isin(tok, stop) if step + 1 < max_new_tokens else torch.ones_like(tok, dtype=torch.bool)
+            return _Rows(o.past_key_values, mask, pos[:, -1:] + 1, o.logits[:, -1, :].float().argmax(-1), idx)
+
+        def emit(r: _Rows) -> _Rows | None:
+            """Record each row's newly chosen token; drop the rows that ended (None when all did)."""
+            nonlocal done
+            for j, t in zip(r.idx, r.tok.tolist()):
+                out[j].append(t)
+            ended = torch.isin(r.tok, stop) | torch.tensor([len(out[j]) >= max_new_tokens for j in r.idx], device=dev)
+            if bool(ended.any()):
+                done += int(ended.sum())
+                report(progress, done, len(ids))
                 if bool(ended.all()):
-                    break
-                if bool(ended.any()):
-                    keep = (~ended).nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
-                    rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)], dim=1)
-                logits = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
-                               past_key_values=cache, use_cache=True)
-                next_pos = next_pos + 1
-            done += len(idx)
-            report(progress, done, len(ids))
+                    return None
+                r.select((~ended).nonzero().squeeze(-1))
+            return r
+
+        rows: _Rows | None = None
+        while queue or rows is not None:
+            free = cap - (len(rows.idx) if rows is not None else 0)
+            if queue and (rows is None or (free >= max(1, cap // 4) and _mergeable(rows.cache))):
+                new = emit(prefill([queue.popleft() for _ in range(min(free, len(queue)))]))
+                if rows is None or new is None:
+                    rows = rows or new
+                else:
+                    rows.extend(new)
+                continue
+            # one decode step for every running row
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.idx), 1))], dim=1)
+            o = model(input_ids=rows.tok.unsqueeze(-1), attention_mask=rows.mask, position_ids=rows.next_pos,
+                      past_key_values=rows.cache, use_cache=True)
+            rows.next_pos = rows.next_pos + 1
+            rows.tok = o.logits[:, -1, :].float().argmax(-1)
+            rows = emit(rows)
     return out
 
 

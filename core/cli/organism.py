@@ -43,7 +43,7 @@ def register(sub) -> None:
                    help="prompt sets: bundled:KIND:SPLIT or files (.json/.jsonl/.csv/.txt), NAME=SPEC to rename")
     e.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default: sized by memory, ≤ 64)")
+    e.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: sized by memory, ≤ 128)")
     e.add_argument("--adapter", default=None, help="merge this peft adapter folder into the model first "
                    "(e.g. a candidate from `organism train --out`)")
     e.add_argument("--json", default=None, help="write the results here")

@@ -20,7 +20,7 @@ def register(sub) -> None:
                    help="FILE (.txt/.csv/.json/.jsonl) | bundled:KIND[:SPLIT] (default bundled:harmful:test)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default: as many as 1 GiB of KV cache holds, ≤ 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: as many as 1 GiB of KV cache holds, ≤ 128)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ablate", metavar="DIR", default=None, help="ablate the selected direction of DIR at every layer")
     g.add_argument("--add", metavar="DIR", default=None, help="add the selected direction of DIR (see --coeff, --layer)")
