@@ -187,13 +187,14 @@ class BatchRunner:
         return len(self.rest)
 
     @torch.inference_mode()
-    def run(self) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch."""
+    def run(self, batches: Sequence[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch (only the
+        batches numbered in ``batches``, when given: a batch's logits do not depend on the others)."""
         model, dev = self.handle.model, self.handle.device
         pad = self.handle.tokenizer.pad_token_id or 0
         cache = prefix_cache(self.handle, self.prefix)
         p = len(self.prefix) if cache is not None else 0
-        for idx in self.batches:
+        for idx in (self.batches if batches is None else [self.batches[b] for b in batches]):
             seqs = [self.rest[i] if cache is not None else self.ids[i] for i in idx]
             ids, mask = left_pad(seqs, pad)
             width = ids.shape[1]

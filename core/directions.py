@@ -30,7 +30,7 @@ import torch
 
 from core.activations import (DEFAULT_MEMORY_MB, BatchRunner, mean_activations, post_instruction_tokens,
                               tokenize)
-from core.evaluation import kl_divergence
+from core.evaluation import kl_per_prompt
 from core.interventions import ablate, add
 from core.judges import refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
@@ -230,6 +230,45 @@ def _last_logits(runner: BatchRunner) -> torch.Tensor:
     return out
 
 
+class _LazyKL:
+    """KL(unmodified ‖ ablated) on the harmless val prompts, evaluated a batch of prompts at a time.
+
+    Per-prompt KL is ≥ 0, so once the running sum over the batches run so far reaches ``n·t`` the mean
+    is ≥ ``t`` whatever the remaining batches hold: the check "KL < t" is then decided without them —
+    exactly, not estimated. Only candidates that pass (or come close) pay for every batch; the value
+    of one decided early stays unknown (NaN). Batches are the runner's own, so every logit is the one
+    a full pass computes."""
+
+    def __init__(self, handle: ModelHandle, runner: BatchRunner, base_logits: torch.Tensor) -> None:
+        self.handle, self.runner, self.base = handle, runner, base_logits
+        self.n = len(runner)
+        self.state: dict[tuple[int, int], tuple[float, int]] = {}  # candidate → (running sum, batches run)
+
+    def below(self, key: tuple[int, int], direction: torch.Tensor, threshold: float) -> bool:
+        """Whether the candidate's mean KL is < ``threshold`` (``inf``: evaluate every batch)."""
+        total, done = self.state.get(key, (0.0, 0))
+        n_batches = len(self.runner.batches)
+        if done < n_batches and total < self.n * threshold:
+            with ablate(self.handle, direction):
+                for idx, logits in self.runner.run(batches=range(done, n_batches)):
+                    total += float(kl_per_prompt(self.base[idx], logits).sum())
+                    done += 1
+                    if total >= self.n * threshold:
+                        break
+            self.state[key] = (total, done)
+        return done == n_batches and self.value(key) < threshold
+
+    def value(self, key: tuple[int, int]) -> float:
+        """The mean KL when every batch was run, else NaN; rounded to float32 as the grid stores it, so
+        that a check and the stored value always agree."""
+        total, done = self.state.get(key, (0.0, 0))
+        return float(torch.tensor(total / self.n, dtype=torch.float32)) if done == len(self.runner.batches) else math.nan
+
+    @property
+    def decided_early(self) -> int:
+        return sum(done < len(self.runner.batches) for _, done in self.state.values())
+
+
 def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], *, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
                      induce_threshold: float = 0.0, kl_relaxation: Sequence[float] = (0.25, 0.5, 1.0),
@@ -244,7 +283,9 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     ``int(max_layer_frac·n_layers)`` — e.g. 5 × 24 = 120 bypass passes for SmolLM2-135M. Unless
     ``exhaustive``, KL/induce are computed lazily in order of increasing bypass and the search stops
     at the first candidate passing both filters: that is exactly the candidate the full grid would
-    select, at a fraction of the cost (unevaluated grid cells stay NaN).
+    select, at a fraction of the cost (unevaluated grid cells stay NaN). A KL check also stops as soon
+    as the harmless prompts run so far prove KL ≥ the threshold (:class:`_LazyKL`; exact, its KL
+    cell stays NaN).
 
     ``filter_refusals`` keeps only harmful val prompts the unmodified model refuses and harmless ones it
     does not (the anchor's val filtering); dropped with a warning if fewer than ``MIN_KEPT`` remain.
@@ -336,14 +377,15 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         chosen: tuple[int, int] | None = None
         removed = {"kl": 0, "induce": 0}
         n_checked = 0
+        lazy = _LazyKL(handle, run_n, base_n)
         for p, layer in order:
             plan_next_check()
             i = dirset.pos_index(p)
             r = dirset.candidate(p, layer)
-            with ablate(handle, r):
-                kl[i, layer] = kl_divergence(base_n, _last_logits(run_n))
+            kl_ok = lazy.below((p, layer), r, math.inf if exhaustive else kl_threshold)
+            kl[i, layer] = lazy.value((p, layer))
             tick()
-            kl_ok = float(kl[i, layer]) < kl_threshold
+            kl_ok = float(kl[i, layer]) < kl_threshold if exhaustive else kl_ok
             if kl_ok or exhaustive:
                 with add(handle, r, layer, 1.0):
                     induce[i, layer] = float(score(_last_logits(run_n)).mean())
@@ -363,8 +405,9 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             for relaxed in sorted(t for t in kl_relaxation if t > kl_threshold):
                 for p, layer in order:
                     i = dirset.pos_index(p)
-                    if not float(kl[i, layer]) < relaxed:
+                    if not lazy.below((p, layer), dirset.candidate(p, layer), relaxed):
                         continue
+                    kl[i, layer] = lazy.value((p, layer))
                     if math.isnan(float(induce[i, layer])):
                         with add(handle, dirset.candidate(p, layer), layer, 1.0):
                             induce[i, layer] = float(score(_last_logits(run_n)).mean())
@@ -401,6 +444,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             "layers_removed_by_layer_filter": [x for x in range(L) if x not in layers],
             "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},
             "n_candidates": len(grid), "n_checked": n_checked, "fallback": fallback,
+            "kl_decided_early": lazy.decided_early,
             "harmful_val_sha": _sha(harmful_val), "harmless_val_sha": _sha(harmless_val),
             "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
             "filter_refusals": filter_refusals,

@@ -99,8 +99,14 @@ def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64
     }
 
 
-def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(reference ‖ model) of next-token distributions given as logits ``(n, vocab)``."""
+def kl_per_prompt(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) of each row's next-token distribution, logits ``(n, vocab)`` → ``(n,)``
+    float64 (nats, each ≥ 0)."""
     p = torch.log_softmax(reference_logits.double(), -1)
     q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) of next-token distributions given as logits ``(n, vocab)``."""
+    return float(kl_per_prompt(reference_logits, logits).mean())

@@ -115,7 +115,7 @@ def test_selection_progress_counts_the_steps_it_takes(handle, cands, kw):
                               **kw)
     rows = [cands.pos_index(p) for p in POS]
     n = int((~torch.isnan(ds.bypass[rows])).sum())
-    steps = 1 + n + int((~torch.isnan(ds.kl[rows])).sum()) + int((~torch.isnan(ds.induce[rows])).sum())
+    steps = 1 + n + ds.metadata["selection"]["n_checked"] + int((~torch.isnan(ds.induce[rows])).sum())
     assert all(0 < d <= t <= 1 + 3 * n for d, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert calls[-1] == (steps, steps)  # ends full, at the steps actually taken
@@ -196,3 +196,26 @@ def test_refusal_tokens_come_from_the_tokenizer(handle):
     pieces = [handle.tokenizer.decode([i]).strip() for i in ids]
     assert all(any(o.startswith(p) for o in REFUSAL_OPENINGS) for p in pieces if p)
     assert handle.tokenizer.convert_tokens_to_ids("I") in ids  # the tiny BPE has "I" as a token
+
+
+def test_kl_checks_decided_early_select_what_the_full_grid_selects(handle, cands):
+    """One prompt per batch, so a KL check can stop after a few prompts; thresholds between the full
+    grid's KL values, so that the strict filter fails everywhere and a relaxed one decides."""
+    first = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0, kl_relaxation=(),
+                             induce_threshold=-1e9, exhaustive=True, batch_size=1)
+    kls = first.kl[~torch.isnan(first.kl)].sort().values
+    k = len(kls) // 2
+    low, middle = float(kls[0]) / 2, float(kls[k - 1] + kls[k]) / 2
+    kw = dict(positions=POS, kl_threshold=low, kl_relaxation=(middle, 1e9), induce_threshold=-1e9, batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lazy = select_direction(handle, cands, H_VAL, N_VAL, **kw)
+        full = select_direction(handle, cands, H_VAL, N_VAL, exhaustive=True, **kw)
+    sel = lazy.metadata["selection"]
+    assert sel["kl_decided_early"] > 0 and full.metadata["selection"]["kl_decided_early"] == 0
+    assert lazy.selected == full.selected and sel["kl_threshold_used"] == middle
+    assert quality(lazy) == quality(full)
+    decided = ~torch.isnan(lazy.kl)
+    assert torch.equal(lazy.kl[decided], full.kl[decided])
+    stopped = ~decided & ~torch.isnan(full.kl)
+    assert bool(stopped.any()) and bool((full.kl[stopped] >= low).all())  # each was a true "KL ≥ threshold"
