@@ -13,6 +13,10 @@ run. Tasks:
 Prints a table and writes ``bench/results/speed.json``:
 
     python bench/speed.py [--tasks gen,search-last,search] [--base-commit 530a573] [--base-dir DIR]
+                          [--new-commit HEAD --new-dir DIR]
+
+``--new-commit`` runs the new side from a worktree of that commit instead of this tree, so the tree
+can change while a long run goes on.
 
 The default base commit is the start of the interactive-speed issue. The child mode
 (``--child TASK --root DIR --json FILE``) imports ``core`` from ``DIR``; it is how each side runs.
@@ -106,10 +110,7 @@ def ensure_worktree(commit: str, folder: Path) -> Path:
     if not folder.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True,
                        capture_output=True)
-    head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", commit], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    head, want = _rev("HEAD", folder), _rev(commit)
     if head != want:
         raise SystemExit(f"{folder} is at {head[:10]}, not {commit}: remove it or pass another --base-dir")
     return folder
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     ap.add_argument("--base-commit", default=BASE_COMMIT)
     ap.add_argument("--base-dir", default=None, help="worktree of the base commit (default: ../speed-base-COMMIT)")
+    ap.add_argument("--new-commit", default=None, help="run the new side from a worktree of this commit")
+    ap.add_argument("--new-dir", default=None, help="that worktree (default: ../speed-new-COMMIT)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -163,12 +166,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {TASKS}")
     base = ensure_worktree(args.base_commit, Path(args.base_dir or ROOT.parent / f"speed-base-{args.base_commit}"))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    new_root = ROOT
+    if args.new_commit:
+        sha = _rev(args.new_commit)
+        new_root = ensure_worktree(sha, Path(args.new_dir or ROOT.parent / f"speed-new-{sha[:10]}"))
+    commit = _rev("HEAD", new_root)[:10] + ("" if args.new_commit or not _dirty() else "+dirty")
     rows, raw = [], {}
     for task in tasks:
         old = run_side(task, base)
-        new = run_side(task, ROOT)
+        new = run_side(task, new_root)
         raw[task] = {"base": old, "new": new}
         rows.append(compare(task, old, new))
         r = rows[-1]
@@ -184,8 +190,13 @@ def main() -> None:
         for d in side.values():
             d.pop("replies", None)
     write_results(args.out, {"command": "python bench/speed.py --tasks " + ",".join(tasks),
-                             "base_commit": args.base_commit, "new_commit": commit + ("+dirty" if _dirty() else ""),
+                             "base_commit": args.base_commit, "new_commit": commit,
                              "rows": rows, "raw": raw})
+
+
+def _rev(commit: str, root: Path = ROOT) -> str:
+    return subprocess.run(["git", "-C", str(root), "rev-parse", commit], check=True, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _dirty() -> bool:
