@@ -210,6 +210,20 @@ class BatchRunner:
             yield idx, out.logits[:, -1, :].float()
 
 
+    def last_logits(self, progress: Progress | None = None) -> torch.Tensor:
+        """Last-position logits of every prompt, ``(n, vocab)`` float32 on the CPU, in input order
+        (call with ``handle.lock`` held, under whatever interventions should apply)."""
+        out: torch.Tensor | None = None
+        done = 0
+        for idx, logits in self.run():
+            if out is None:
+                out = torch.empty(len(self), logits.shape[-1])
+            out[idx] = logits.cpu()
+            done += len(idx)
+            report(progress, done, len(self))
+        return out if out is not None else torch.empty(0)
+
+
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 

@@ -44,7 +44,7 @@ import torch
 
 from core.activations import projection_stats, writer_inputs
 from core.evaluation import kl_divergence
-from core.generation import generate
+from core.generation import generate, generate_with_logits
 from core.interventions import add as add_direction
 from core.interventions import add_rank1, scale_writers
 from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
@@ -381,6 +381,12 @@ def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens:
     return sum(map(is_refusal, replies)) / len(replies), replies
 
 
+def _rate_and_logits(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int) -> tuple[float, torch.Tensor]:
+    """:func:`refusal_rate` and the last-position logits ``(n, vocab)`` of the same greedy pass."""
+    replies, logits = generate_with_logits(handle, list(prompts), max_new_tokens=max_new_tokens)
+    return sum(map(is_refusal, replies)) / len(replies), logits
+
+
 @dataclass
 class CalibrationSets:
     """Validation prompts for calibration (the bundled val splits by default — never test prompts)."""
@@ -482,10 +488,8 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
     done = 0
 
     def measure() -> dict:
-        harm_rate, _ = refusal_rate(compressed, sets.harmful, max_new_tokens=gen_tokens)
-        harmless_rate, _ = refusal_rate(compressed, sets.harmless, max_new_tokens=gen_tokens)
-        harm_logits = last_logits(compressed, sets.harmful)
-        harmless_logits = last_logits(compressed, sets.harmless)
+        harm_rate, harm_logits = _rate_and_logits(compressed, sets.harmful, gen_tokens)
+        harmless_rate, harmless_logits = _rate_and_logits(compressed, sets.harmless, gen_tokens)
         return {"harmful_refusal": harm_rate, "harmless_refusal": harmless_rate,
                 "harmful_score": float(refusal_score_from_logits(harm_logits, ids).mean()),
                 "harmless_logits": harmless_logits}

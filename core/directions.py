@@ -220,16 +220,6 @@ def generate_candidates(handle: ModelHandle, harmful: Sequence[str], harmless: S
 # Selection
 # ----------------------------------------------------------------------------------------------
 
-def _last_logits(runner: BatchRunner) -> torch.Tensor:
-    out: torch.Tensor | None = None
-    for idx, logits in runner.run():
-        if out is None:
-            out = torch.empty(len(runner), logits.shape[-1])
-        out[idx] = logits.cpu()
-    assert out is not None
-    return out
-
-
 class _LazyKL:
     """KL(unmodified ‖ ablated) on the harmless val prompts, evaluated a batch of prompts at a time.
 
@@ -349,7 +339,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     with handle.lock:
         run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
         run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
-        base_h, base_n = _last_logits(run_h), _last_logits(run_n)
+        base_h, base_n = run_h.last_logits(), run_n.last_logits()
         s_h, s_n = score(base_h), score(base_n)
         if filter_refusals:
             keep_h, keep_n = (s_h > 0), (s_n < 0)
@@ -370,7 +360,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
 
         for p, layer in grid:
             with ablate(handle, dirset.candidate(p, layer)):
-                bypass[dirset.pos_index(p), layer] = float(score(_last_logits(run_h)).mean())
+                bypass[dirset.pos_index(p), layer] = float(score(run_h.last_logits()).mean())
             tick()
 
         order = sorted(grid, key=lambda c: float(bypass[dirset.pos_index(c[0]), c[1]]))
@@ -388,7 +378,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             kl_ok = float(kl[i, layer]) < kl_threshold if exhaustive else kl_ok
             if kl_ok or exhaustive:
                 with add(handle, r, layer, 1.0):
-                    induce[i, layer] = float(score(_last_logits(run_n)).mean())
+                    induce[i, layer] = float(score(run_n.last_logits()).mean())
                 tick()
             n_checked += 1
             induce_ok = kl_ok and float(induce[i, layer]) > induce_threshold
@@ -410,7 +400,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                     kl[i, layer] = lazy.value((p, layer))
                     if math.isnan(float(induce[i, layer])):
                         with add(handle, dirset.candidate(p, layer), layer, 1.0):
-                            induce[i, layer] = float(score(_last_logits(run_n)).mean())
+                            induce[i, layer] = float(score(run_n.last_logits()).mean())
                     if float(induce[i, layer]) > induce_threshold:
                         chosen, used_kl = (p, layer), relaxed
                         break

@@ -70,22 +70,23 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
 
 def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int | None = None,
                        judge=None, progress: Progress | None = None) -> dict:
-    """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score,
-    per-category rates, and every (prompt, response, refused, refusal_score).
+    """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score (from
+    the logits the first reply token is chosen from: no second pass), per-category rates, and every
+    (prompt, response, refused, refusal_score).
 
     ``prompts`` is a :class:`core.prompts.PromptSet` or a list of instructions.
     """
-    from core.generation import generate
-    from core.judges import refusal_scores, substring_judge
+    from core.generation import generate_with_logits
+    from core.judges import refusal_score_from_logits, refusal_token_ids, substring_judge
 
     texts = list(getattr(prompts, "prompts", prompts))
     cats = list(getattr(prompts, "categories", [None] * len(texts)))
     if not texts:
         raise ValueError("no prompts to evaluate")
-    half = (lambda d, t: report(progress, d, 2 * t)) if progress else None
-    replies = generate(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=half)
+    replies, first = generate_with_logits(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                          progress=progress)
     refused = list((judge or substring_judge)(texts, replies))
-    scores = refusal_scores(handle, texts, progress=(lambda d, t: report(progress, t + d, 2 * t)) if progress else None)
+    scores = refusal_score_from_logits(first, refusal_token_ids(handle.tokenizer))
     by_cat: dict[str, list[bool]] = {}
     for c, r in zip(cats, refused):
         if c is not None:

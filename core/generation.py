@@ -23,7 +23,7 @@ prefix is computed under them, and every forward holds ``handle.lock``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,9 +136,13 @@ class _Rows:
 @torch.inference_mode()
 def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                batch_size: int | None = None, memory_mb: float = DEFAULT_GEN_MEMORY_MB,
-               share_prefix: bool = True, progress: Progress | None = None) -> list[list[int]]:
+               share_prefix: bool = True,
+               on_first_logits: Callable[[list[int], torch.Tensor], None] | None = None,
+               progress: Progress | None = None) -> list[list[int]]:
     """Greedy continuation of tokenized prompts → the new token ids of each (its end-of-turn token
-    included when it ended on one), in input order.
+    included when it ended on one), in input order. ``on_first_logits(prompt indices, logits (B, vocab))``
+    receives the float32 next-token logits at the prompts' last position (those the first reply token
+    is chosen from), once per prefilled batch.
 
     Prompts enter in order of length; a row leaves the step it ends, and once a quarter of the rows
     are free the next prompts are prefilled and join the running batch (continuous batching)."""
@@ -171,7 +175,10 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
                       logits_to_keep=_last_index(x.shape[1], dev))
             if not hasattr(o.past_key_values, "batch_select_indices"):
                 raise _CacheUnsupported(f"{handle.name}: its cache cannot drop finished rows")
-            return _Rows(o.past_key_values, mask, pos[:, -1:] + 1, o.logits[:, -1, :].float().argmax(-1), idx)
+            logits = o.logits[:, -1, :].float()
+            if on_first_logits is not None:
+                on_first_logits(idx, logits)
+            return _Rows(o.past_key_values, mask, pos[:, -1:] + 1, logits.argmax(-1), idx)
 
         def emit(r: _Rows) -> _Rows | None:
             """Record each row's newly chosen token; drop the rows that ended (None when all did)."""
@@ -257,3 +264,31 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
     new = _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,
                        do_sample=do_sample, temperature=temperature, seed=seed, progress=progress)
     return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+
+
+def generate_with_logits(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
+                         batch_size: int | None = None, progress: Progress | None = None,
+                         ) -> tuple[list[str], torch.Tensor]:
+    """Greedy replies and the next-token logits at each prompt's last position, ``(n, vocab)`` float32
+    on the CPU: the logits the first reply token is chosen from, so a refusal score costs no second
+    pass (they match :func:`core.judges.last_logits` up to batching round-off, measured in BENCHMARKS.md)."""
+    from core.judges import last_logits
+
+    texts = [handle.format(i) for i in instructions]
+    if not texts:
+        return [], torch.empty(0)
+    if fast_greedy_supported(handle):
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        try:
+            new = greedy_ids(handle, tokenize(handle, texts, formatted=True), max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, on_first_logits=lambda idx, lg: parts.append((idx, lg.cpu())),
+                             progress=progress)
+        except _CacheUnsupported:
+            new = None
+        if new is not None:
+            logits = torch.empty(len(texts), parts[0][1].shape[-1])
+            for idx, lg in parts:
+                logits[idx] = lg
+            return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new], logits
+    replies = generate(handle, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return replies, last_logits(handle, list(instructions))

@@ -60,28 +60,20 @@ def refusal_score_from_logits(logits: torch.Tensor, refusal_ids: Sequence[int]) 
     return (lp_r - lp_not).float()
 
 
-@torch.inference_mode()
-def last_logits(handle: ModelHandle, instructions: Sequence[str], *, batch_size: int = 32,
+def last_logits(handle: ModelHandle, instructions: Sequence[str], *, batch_size: int | None = None,
                 progress: Progress | None = None) -> torch.Tensor:
-    """Next-token logits at the last prompt position, ``(n, vocab)`` float32 on CPU."""
-    from core.generation import tokenize_prompts
+    """Next-token logits at the last prompt position, ``(n, vocab)`` float32 on CPU (length-sorted
+    batches, the shared template prefix run once: :class:`core.activations.BatchRunner`)."""
+    from core.activations import BatchRunner, tokenize
 
-    outs = []
-    for start in range(0, len(instructions), batch_size):
-        enc = tokenize_prompts(handle, instructions[start:start + batch_size])
-        width = enc["input_ids"].shape[1]
-        # position ids from the mask (left padding; matters for absolute-position models like GPT-2),
-        # and the last index as a tensor: the int form makes the unembedding ~10x slower.
-        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with handle.lock:
-            logits = handle.model(**enc, position_ids=position_ids,
-                                  logits_to_keep=torch.tensor([width - 1], device=handle.device)).logits[:, -1, :]
-        outs.append(logits.float().cpu())
-        report(progress, min(start + batch_size, len(instructions)), len(instructions))
-    return torch.cat(outs) if outs else torch.empty(0)
+    if not instructions:
+        return torch.empty(0)
+    runner = BatchRunner(handle, tokenize(handle, list(instructions)), batch_size=batch_size)
+    with handle.lock:
+        return runner.last_logits(progress)
 
 
-def refusal_scores(handle: ModelHandle, instructions: Sequence[str], *, batch_size: int = 32,
+def refusal_scores(handle: ModelHandle, instructions: Sequence[str], *, batch_size: int | None = None,
                    progress: Progress | None = None) -> torch.Tensor:
     """Refusal score (log-odds of a refusal-opening token) per instruction, ``(n,)``."""
     logits = last_logits(handle, instructions, batch_size=batch_size, progress=progress)

@@ -202,18 +202,12 @@ def test_calibration_reads_only_validation_prompts(monkeypatch):
 
     test_prompts = {p for k in ("harmful", "harmless", "borderline") for p in bundled(k, "test").prompts}
     seen: list[str] = []
-    real_generate, real_logits = aird.generate, aird.last_logits
+    for name in ("generate", "generate_with_logits", "last_logits"):  # every way calibration reads prompts
+        def spy(h, prompts, _real=getattr(aird, name), **kw):
+            seen.extend(prompts)
+            return _real(h, prompts, **kw)
 
-    def spy_generate(h, prompts, **kw):
-        seen.extend(prompts)
-        return real_generate(h, prompts, **kw)
-
-    def spy_logits(h, prompts, **kw):
-        seen.extend(prompts)
-        return real_logits(h, prompts, **kw)
-
-    monkeypatch.setattr(aird, "generate", spy_generate)
-    monkeypatch.setattr(aird, "last_logits", spy_logits)
+        monkeypatch.setattr(aird, name, spy)
     sets = aird.CalibrationSets.bundled()
     sets = aird.CalibrationSets(sets.harmful[:6], sets.harmless[:6])
     c = tiny_handle("llama", n_layers=4)

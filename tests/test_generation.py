@@ -84,3 +84,15 @@ def test_generation_arguments_are_checked():
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_ids(h, tokenize(h, PROMPTS), max_new_tokens=0)
     assert generate(h, []) == []
+
+
+def test_generate_with_logits_returns_the_first_step_logits():
+    from core.generation import generate_with_logits
+    from core.judges import last_logits
+
+    h = tiny_handle("llama")
+    replies, logits = generate_with_logits(h, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert replies == generate(h, PROMPTS, max_new_tokens=6)
+    torch.testing.assert_close(logits, last_logits(h, PROMPTS), atol=1e-4, rtol=1e-4)
+    assert logits.argmax(-1).tolist() == [ids[0] for ids in greedy_ids(h, tokenize(h, PROMPTS), max_new_tokens=1)]
+    assert generate_with_logits(h, [])[0] == []
