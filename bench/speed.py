@@ -9,6 +9,8 @@ run. Tasks:
 * ``search-last`` — direction search on ``default``: candidates on the bundled train splits, selection
   at the last post-instruction position only, on the val splits.
 * ``search``      — the same at every post-instruction position (the study's default).
+* ``search-screen`` / ``search-last-screen`` — the new side with ``screen=12`` (an approximation:
+  :func:`core.directions.select_direction`), against the base's exact search (run once per run).
 
 Prints a table and writes ``bench/results/speed.json``:
 
@@ -36,7 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "speed.json"
 BASE_COMMIT = "530a573"
-TASKS = ("gen", "search-last", "search")
+TASKS = ("gen", "search-last", "search", "search-screen", "search-last-screen")
+BASE_TASK = {"search-screen": "search", "search-last-screen": "search-last"}  # base code has no screening
+SCREEN = 12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def task_gen() -> dict:
             "refused": [bool(is_refusal(r)) for r in replies]}
 
 
-def _search(positions) -> dict:
+def _search(positions, screen: int | None = None) -> dict:
     from core.directions import generate_candidates, quality, select_direction
     from core.prompts import bundled
 
@@ -79,8 +83,9 @@ def _search(positions) -> dict:
     t0 = time.perf_counter()
     ds = generate_candidates(handle, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)
     t1 = time.perf_counter()
+    kw = {"screen": screen} if screen else {}
     ds = select_direction(handle, ds, bundled("harmful", "val").prompts, bundled("harmless", "val").prompts,
-                          positions=positions)
+                          positions=positions, **kw)
     t2 = time.perf_counter()
     q = quality(ds)
     sel = ds.metadata.get("selection", {})
@@ -90,7 +95,8 @@ def _search(positions) -> dict:
             "n_checked": sel.get("n_checked"), "fallback": sel.get("fallback")}
 
 
-CHILD_TASKS = {"gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None)}
+CHILD_TASKS = {"gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None),
+               "search-screen": lambda: _search(None, SCREEN), "search-last-screen": lambda: _search([-1], SCREEN)}
 
 
 def child(task: str, root: str, out: str) -> None:
@@ -171,9 +177,12 @@ def main() -> None:
         sha = _rev(args.new_commit)
         new_root = ensure_worktree(sha, Path(args.new_dir or ROOT.parent / f"speed-new-{sha[:10]}"))
     commit = _rev("HEAD", new_root)[:10] + ("" if args.new_commit or not _dirty() else "+dirty")
-    rows, raw = [], {}
+    rows, raw, base_runs = [], {}, {}
     for task in tasks:
-        old = run_side(task, base)
+        base_task = BASE_TASK.get(task, task)
+        if base_task not in base_runs:
+            base_runs[base_task] = run_side(base_task, base)
+        old = base_runs[base_task]
         new = run_side(task, new_root)
         raw[task] = {"base": old, "new": new}
         rows.append(compare(task, old, new))

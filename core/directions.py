@@ -259,12 +259,35 @@ class _LazyKL:
         return sum(done < len(self.runner.batches) for _, done in self.state.values())
 
 
+SCREEN_Z = 3.0  # standard errors a screened mean must clear to stay in the search
+
+
+def _spread(prompts: Sequence[str], k: int) -> list[str]:
+    """``k`` prompts spread evenly over ``prompts`` (all of them when ``k ≥ len``)."""
+    n = len(prompts)
+    return list(prompts) if k >= n else [prompts[round(i * n / k)] for i in range(k)]
+
+
+def _screen(candidates: Sequence[tuple[int, int]], runner: BatchRunner, score, intervention, tick) -> dict:
+    """``{candidate: (mean, standard error)}`` of the per-prompt ``score`` of ``runner``'s prompts under
+    ``intervention(candidate)`` (a context manager)."""
+    out = {}
+    for c in candidates:
+        with intervention(c):
+            s = score(runner.last_logits()).double()
+        se = float(s.std() / math.sqrt(len(s))) if len(s) > 1 else math.inf
+        out[c] = (float(s.mean()), se)
+        tick()
+    return out
+
+
 def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], *, max_layer_frac: float = 0.8, kl_threshold: float = 0.1,
                      induce_threshold: float = 0.0, kl_relaxation: Sequence[float] = (0.25, 0.5, 1.0),
                      positions: Sequence[int] | None = None,
-                     filter_refusals: bool = False, exhaustive: bool = False, batch_size: int | None = None,
-                     memory_mb: float = DEFAULT_MEMORY_MB, progress: Progress | None = None) -> DirectionSet:
+                     filter_refusals: bool = False, exhaustive: bool = False, screen: int | None = None,
+                     batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+                     progress: Progress | None = None) -> DirectionSet:
     """Score candidates and select one; returns a new :class:`DirectionSet` with scores and ``selected``.
 
     Cost: one forward over ``harmful_val`` per candidate evaluated (bypass) plus two over
@@ -284,12 +307,22 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     step by step through ``kl_relaxation`` (each step recorded as a warning; a small model's harmless
     next-token distribution moves more than a 7B model's); only when those fail too does selection
     fall back to the lowest bypass. ``kl_relaxation=()`` keeps the anchor's strict behaviour.
+
+    ``screen=k`` (an approximation, off by default; its agreement with the exact search is measured in
+    BENCHMARKS.md): induce is first measured for every candidate on ``k`` harmless val prompts spread
+    over the set, and only candidates whose screened mean + ``SCREEN_Z`` standard errors exceeds the
+    induce threshold are searched exactly (a candidate that cannot induce refusal cannot be chosen
+    before the fallback). When the fallback is reached, bypass is screened the same way on ``k``
+    harmful val prompts and computed exactly for the candidates that may hold the lowest value.
     """
     if handle.n_layers != dirset.n_layers or handle.d_model != dirset.d_model:
         raise ValueError(f"direction set is for {dirset.n_layers} layers × {dirset.d_model}, "
                          f"model has {handle.n_layers} × {handle.d_model}")
     if not harmful_val or not harmless_val:
         raise ValueError("selection needs harmful and harmless validation prompts")
+    if screen is not None and screen < 2:
+        raise ValueError(f"screen needs at least 2 prompts (a standard error), got {screen}")
+    screen = None if exhaustive else screen
     t0 = time.perf_counter()
     msgs = list(dirset.metadata.get("warnings", []))
     pos_list = list(positions) if positions is not None else list(dirset.positions)
@@ -358,14 +391,27 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             s_h, s_n = s_h[keep_h], s_n[keep_n]
         tick()
 
-        for p, layer in grid:
-            with ablate(handle, dirset.candidate(p, layer)):
-                bypass[dirset.pos_index(p), layer] = float(score(run_h.last_logits()).mean())
-            tick()
+        searched, screened = grid, {}
+        if screen:
+            full += 2 * len(grid)  # the induce screen, and a bypass screen if the fallback is reached
+            total += len(grid)
+            scr_n = BatchRunner(handle, tokenize(handle, _spread(harmless_val, screen)), **runner_kw)
+            screened["induce"] = _screen(grid, scr_n, score, lambda c: add(handle, dirset.candidate(*c), c[1], 1.0),
+                                         tick)
+            searched = [c for c in grid if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1]
+                        > induce_threshold]
+            total = min(full, done + len(searched) + 2)
 
-        order = sorted(grid, key=lambda c: float(bypass[dirset.pos_index(c[0]), c[1]]))
+        def exact_bypass(cands) -> None:
+            for p, layer in cands:
+                with ablate(handle, dirset.candidate(p, layer)):
+                    bypass[dirset.pos_index(p), layer] = float(score(run_h.last_logits()).mean())
+                tick()
+
+        exact_bypass(searched)
+        order = sorted(searched, key=lambda c: float(bypass[dirset.pos_index(c[0]), c[1]]))
         chosen: tuple[int, int] | None = None
-        removed = {"kl": 0, "induce": 0}
+        removed = {"kl": 0, "induce": 0, "screen": len(grid) - len(searched)}
         n_checked = 0
         lazy = _LazyKL(handle, run_n, base_n)
         for p, layer in order:
@@ -411,14 +457,27 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                     msgs.append(msg)
                     warnings.warn(msg)
                     break
-    fallback = False
-    if chosen is None:
-        chosen = order[0]
-        fallback = True
-        parts = [f"{name} filter (KL < {kl_threshold})" if name == "kl" else
-                 f"{name} filter (induce > {induce_threshold})" for name, n in removed.items() if n]
+        fallback = chosen is None
+        if fallback:  # the lowest bypass of every candidate, and its KL in full (the table shows it)
+            rest = [c for c in grid if c not in set(searched)]
+            if rest:
+                scr_h = BatchRunner(handle, tokenize(handle, _spread(harmful_val, screen)), **runner_kw)
+                screened["bypass"] = _screen(rest, scr_h, score, lambda c: ablate(handle, dirset.candidate(*c)), tick)
+                exact = [(float(bypass[dirset.pos_index(p), layer]), 0.0) for p, layer in searched]
+                bound = min(m + SCREEN_Z * se for m, se in [*exact, *screened["bypass"].values()])
+                exact_bypass([c for c in rest if screened["bypass"][c][0] - SCREEN_Z * screened["bypass"][c][1]
+                              <= bound])
+                order = sorted((c for c in grid if not math.isnan(float(bypass[dirset.pos_index(c[0]), c[1]]))),
+                               key=lambda c: float(bypass[dirset.pos_index(c[0]), c[1]]))
+            chosen = order[0]
+            lazy.below(chosen, dirset.candidate(*chosen), math.inf)
+            kl[dirset.pos_index(chosen[0]), chosen[1]] = lazy.value(chosen)
+    if fallback:
+        labels = {"kl": f"kl filter (KL < {kl_threshold})", "induce": f"induce filter (induce > {induce_threshold})",
+                  "screen": f"induce screen (on {screen} prompts)"}
+        parts = [labels[name] for name, n in removed.items() if n]
         detail = ", ".join(f"{name}: {n}" for name, n in removed.items() if n)
-        msg = (f"every evaluated candidate ({len(order)}) was removed by the {' and '.join(parts)} "
+        msg = (f"every evaluated candidate ({len(grid)}) was removed by the {' and '.join(parts)} "
                f"[{detail}]; falling back to the lowest bypass score at position {chosen[0]}, layer {chosen[1]}")
         msgs.append(msg)
         warnings.warn(msg)
@@ -435,6 +494,10 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},
             "n_candidates": len(grid), "n_checked": n_checked, "fallback": fallback,
             "kl_decided_early": lazy.decided_early,
+            "screen": None if not screen else {
+                "prompts": screen, "z": SCREEN_Z, "searched": len(searched),
+                **{f"{what}_mean_se": [[p, layer, m, se] for (p, layer), (m, se) in vals.items()]
+                   for what, vals in screened.items()}},
             "harmful_val_sha": _sha(harmful_val), "harmless_val_sha": _sha(harmless_val),
             "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
             "filter_refusals": filter_refusals,

@@ -219,3 +219,28 @@ def test_kl_checks_decided_early_select_what_the_full_grid_selects(handle, cands
     assert torch.equal(lazy.kl[decided], full.kl[decided])
     stopped = ~decided & ~torch.isnan(full.kl)
     assert bool(stopped.any()) and bool((full.kl[stopped] >= low).all())  # each was a true "KL ≥ threshold"
+
+
+def test_screened_search_keeps_the_candidates_that_can_induce(handle, cands, selected):
+    exact = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=10.0, induce_threshold=-1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=10.0, induce_threshold=-1e9,
+                                screen=3)
+    sc = fast.metadata["selection"]["screen"]
+    assert sc["prompts"] == 3 and len(sc["induce_mean_se"]) == fast.metadata["selection"]["n_candidates"]
+    assert sc["searched"] == len(sc["induce_mean_se"])  # every candidate clears −1e9
+    assert fast.selected == exact.selected and quality(fast) == quality(exact)
+    # a threshold no candidate can clear: all screened out, the fallback screens bypass and computes the
+    # lowest exactly — the same candidate as the exact search's fallback, with its KL in full
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fb = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, induce_threshold=1e9, screen=3)
+        ref = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, induce_threshold=1e9)
+    sel = fb.metadata["selection"]
+    assert sel["fallback"] and sel["removed"]["screen"] == sel["n_candidates"] and "induce screen" in str(w[0].message)
+    assert fb.selected == ref.selected and quality(fb)["bypass"] == quality(ref)["bypass"]
+    assert not math.isnan(quality(fb)["kl"]) and quality(fb)["kl"] == pytest.approx(quality(ref)["kl"], rel=1e-5)
+    assert len(sel["screen"]["bypass_mean_se"]) == sel["n_candidates"]  # screened, then exact where it may be lowest
+    with pytest.raises(ValueError, match="screen"):
+        select_direction(handle, cands, H_VAL, N_VAL, positions=POS, screen=1)

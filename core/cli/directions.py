@@ -37,6 +37,9 @@ def register(sub) -> None:
                    help="do not drop harmful prompts the model does not refuse / harmless ones it refuses")
     p.add_argument("--exhaustive", action="store_true",
                    help="score KL and induce for every candidate (full grid; slower, same selection)")
+    p.add_argument("--screen", type=int, default=None, metavar="K",
+                   help="approximate: screen induce (and, at the fallback, bypass) on K val prompts and search "
+                        "exactly only the candidates that may pass (see BENCHMARKS.md for its agreement)")
     p.add_argument("--skip-selection", action="store_true", help="only extract the candidates")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: memory budget)")
     p.add_argument("--top", type=int, default=8, help="rows in the printed table (8)")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                               kl_threshold=args.kl_threshold, induce_threshold=args.induce_threshold,
                               kl_relaxation=args.kl_relaxation,
                               positions=positions, filter_refusals=filt, exhaustive=args.exhaustive,
-                              batch_size=args.batch_size, progress=tqdm_progress("selecting"))
+                              screen=args.screen, batch_size=args.batch_size, progress=tqdm_progress("selecting"))
         t_sel = time.perf_counter() - t1
     folder = ds.save(args.out)
 
