@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     for which in ["original", *schemes]:
         h = study.model_for(which)
-        want = ref["original"] if which == "original" else ref["variants"][which]["drift"]["variant"]
+        want = ref["original"]["source"] if which == "original" else ref["variants"][which]["drift"]["variant"]
         t0 = time.perf_counter()
         ds = generate_candidates(h, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)
         t1 = time.perf_counter()
