@@ -459,7 +459,8 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
                     break
         fallback = chosen is None
         if fallback:  # the lowest bypass of every candidate, and its KL in full (the table shows it)
-            rest = [c for c in grid if c not in set(searched)]
+            kept = set(searched)
+            rest = [c for c in grid if c not in kept]
             if rest:
                 scr_h = BatchRunner(handle, tokenize(handle, _spread(harmful_val, screen)), **runner_kw)
                 screened["bypass"] = _screen(rest, scr_h, score, lambda c: ablate(handle, dirset.candidate(*c)), tick)
