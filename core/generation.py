@@ -33,7 +33,7 @@ from core.models import ModelHandle
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
-MAX_GEN_BATCH = 128  # rows decoded together; on 2 cores 128 gave 229 tok/s, 64 gave 199 (BENCHMARKS.md)
+MAX_GEN_BATCH = 128  # rows decoded together; on 2 cores a cap of 128 gave 229 tok/s, 64 gave 199 (same tokens)
 # Generation-config fields that change greedy decoding, with their neutral values: if a model sets
 # one of them, its replies come from model.generate, which applies them.
 _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
