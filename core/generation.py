@@ -239,6 +239,21 @@ def _generate_hf(handle: ModelHandle, texts: Sequence[str], *, max_new_tokens: i
     return out
 
 
+def _decode(handle: ModelHandle, new: Sequence[Sequence[int]]) -> list[str]:
+    return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+
+
+def _fast_replies(handle: ModelHandle, texts: Sequence[str], **kw) -> list[str] | None:
+    """:func:`greedy_ids` on formatted ``texts`` (``kw`` passed on), decoded; None where it does not
+    decode as ``model.generate`` would (logits processing, a cache that cannot drop rows)."""
+    if not fast_greedy_supported(handle):
+        return None
+    try:
+        return _decode(handle, greedy_ids(handle, tokenize(handle, texts, formatted=True), **kw))
+    except _CacheUnsupported:
+        return None
+
+
 def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
              batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
              formatted: bool = False, fast: bool = True, share_prefix: bool = True,
@@ -254,16 +269,13 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
     texts = list(instructions) if formatted else [handle.format(i) for i in instructions]
     if not texts:
         return []
-    if fast and not do_sample and fast_greedy_supported(handle):
-        try:
-            new = greedy_ids(handle, tokenize(handle, texts, formatted=True), max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, share_prefix=share_prefix, progress=progress)
-            return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
-        except _CacheUnsupported:
-            pass
-    new = _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,
-                       do_sample=do_sample, temperature=temperature, seed=seed, progress=progress)
-    return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+    if fast and not do_sample:
+        replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                share_prefix=share_prefix, progress=progress)
+        if replies is not None:
+            return replies
+    return _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,
+                                        do_sample=do_sample, temperature=temperature, seed=seed, progress=progress))
 
 
 def generate_with_logits(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
@@ -271,24 +283,21 @@ def generate_with_logits(handle: ModelHandle, instructions: Sequence[str], *, ma
                          ) -> tuple[list[str], torch.Tensor]:
     """Greedy replies and the next-token logits at each prompt's last position, ``(n, vocab)`` float32
     on the CPU: the logits the first reply token is chosen from, so a refusal score costs no second
-    pass (they match :func:`core.judges.last_logits` up to batching round-off, measured in BENCHMARKS.md)."""
+    pass (equal to :func:`core.judges.last_logits` up to batching round-off; tests/test_generation.py)."""
     from core.judges import last_logits
 
     texts = [handle.format(i) for i in instructions]
     if not texts:
         return [], torch.empty(0)
-    if fast_greedy_supported(handle):
-        parts: list[tuple[list[int], torch.Tensor]] = []
-        try:
-            new = greedy_ids(handle, tokenize(handle, texts, formatted=True), max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, on_first_logits=lambda idx, lg: parts.append((idx, lg.cpu())),
-                             progress=progress)
-        except _CacheUnsupported:
-            new = None
-        if new is not None:
-            logits = torch.empty(len(texts), parts[0][1].shape[-1])
-            for idx, lg in parts:
-                logits[idx] = lg
-            return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new], logits
-    replies = generate(handle, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    return replies, last_logits(handle, list(instructions))
+    parts: list[tuple[list[int], torch.Tensor]] = []
+    replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            on_first_logits=lambda idx, lg: parts.append((idx, lg.cpu())), progress=progress)
+    if replies is None:
+        replies = _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens,
+                                               batch_size=batch_size or 16, do_sample=False, temperature=1.0,
+                                               seed=0, progress=progress))
+        return replies, last_logits(handle, list(instructions))
+    logits = torch.empty(len(texts), parts[0][1].shape[-1])
+    for idx, lg in parts:
+        logits[idx] = lg
+    return replies, logits
