@@ -149,7 +149,8 @@ def main() -> int:
 
     selection = None
     if args.selection:
-        from core.directions import generate_candidates, select_direction
+        from core.directions import generate_candidates
+        from core.selection import select_direction
         from core.prompts import bundled
 
         ds = generate_candidates(handle, bundled("harmful", "train").head(32), bundled("harmless", "train").head(32))

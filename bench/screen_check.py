@@ -39,7 +39,11 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.directions import generate_candidates, quality, select_direction
+    from core.directions import generate_candidates, quality
+    try:
+        from core.selection import select_direction
+    except ImportError:  # the start commit's layout (the old side of bench/speed.py)
+        from core.directions import select_direction
     from core.prompts import bundled
     from core.study import Study, StudySpec
 

@@ -10,7 +10,11 @@ run. Tasks:
   at the last post-instruction position only, on the val splits.
 * ``search``      — the same at every post-instruction position (the study's default).
 * ``search-screen`` / ``search-last-screen`` — the new side with ``screen=12`` (an approximation:
-  :func:`core.directions.select_direction`), against the base's exact search (run once per run).
+  :func:`core.selection.select_direction`), against the base's exact search (run once per run).
+
+A task may end in ``@float32`` or ``@bfloat16``: the new side's compute precision (:mod:`core.precision`);
+without it, the code's default (``auto``: bf16 autocast on CPUs with native bf16). The base side
+always runs the start commit's default (float32).
 
 Prints a table and writes ``bench/results/speed.json``:
 
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "speed.json"
 BASE_COMMIT = "530a573"
 TASKS = ("gen", "search-last", "search", "search-screen", "search-last-screen")
+PRECISIONS = ("float32", "bfloat16")  # a task may end in @PRECISION: the new side's compute precision
+PRECISION: str | None = None  # set in the child; None = the code's default (the base code has no setting)
 BASE_TASK = {"search-screen": "search", "search-last-screen": "search-last"}  # base code has no screening
 SCREEN = 12
 
@@ -54,7 +60,7 @@ def _load():
     from core.models import load_model
 
     t0 = time.perf_counter()
-    handle = load_model("default")
+    handle = load_model("default", **({"precision": PRECISION} if PRECISION else {}))
     return handle, time.perf_counter() - t0
 
 
@@ -76,7 +82,11 @@ def task_gen() -> dict:
 
 
 def _search(positions, screen: int | None = None) -> dict:
-    from core.directions import generate_candidates, quality, select_direction
+    from core.directions import generate_candidates, quality
+    try:
+        from core.selection import select_direction
+    except ImportError:  # the start commit's layout (the old side of bench/speed.py)
+        from core.directions import select_direction
     from core.prompts import bundled
 
     handle, load_s = _load()
@@ -100,9 +110,12 @@ CHILD_TASKS = {"gen": task_gen, "search-last": lambda: _search([-1]), "search": 
 
 
 def child(task: str, root: str, out: str) -> None:
+    global PRECISION
     sys.path.insert(0, root)
     os.chdir(root)
+    task, _, PRECISION = task.partition("@")
     result = CHILD_TASKS[task]()
+    result["precision"] = PRECISION or "code default"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out).write_text(json.dumps(result))
 
@@ -137,7 +150,7 @@ def compare(task: str, old: dict, new: dict) -> dict:
     row = {"task": task, "base_seconds": old["seconds"], "new_seconds": new["seconds"],
            "speedup": old["seconds"] / new["seconds"], "base_peak_rss_mb": old["peak_rss_mb"],
            "new_peak_rss_mb": new["peak_rss_mb"]}
-    if task == "gen":
+    if task.startswith("gen"):
         same = [a == b for a, b in zip(old["replies"], new["replies"])]
         agree = [a == b for a, b in zip(old["refused"], new["refused"])]
         row.update(base_tokens_per_second=old["tokens_per_second"], new_tokens_per_second=new["tokens_per_second"],
@@ -168,7 +181,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.root, args.json)
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t.partition("@")[0] not in TASKS or t.partition("@")[2] not in ("", *PRECISIONS)]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {TASKS}")
     base = ensure_worktree(args.base_commit, Path(args.base_dir or ROOT.parent / f"speed-base-{args.base_commit}"))
@@ -179,7 +192,8 @@ def main() -> None:
     commit = _rev("HEAD", new_root)[:10] + ("" if args.new_commit or not _dirty() else "+dirty")
     rows, raw, base_runs = [], {}, {}
     for task in tasks:
-        base_task = BASE_TASK.get(task, task)
+        name = task.partition("@")[0]
+        base_task = BASE_TASK.get(name, name)
         if base_task not in base_runs:
             base_runs[base_task] = run_side(base_task, base)
         old = base_runs[base_task]

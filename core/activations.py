@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.models import MARKER, ChatTemplateError, ModelHandle
+from core.precision import compute
 from core.progress import Progress, report
 
 DEFAULT_MEMORY_MB = 512
@@ -121,8 +122,9 @@ def prefix_cache(handle: ModelHandle, prefix: Sequence[int]):
         return None
     dev = handle.device
     ids = torch.tensor([list(prefix)], device=dev)
-    out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                       logits_to_keep=_last_index(len(prefix), dev))
+    with compute(handle):
+        out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                           logits_to_keep=_last_index(len(prefix), dev))
     cache = out.past_key_values
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
@@ -206,7 +208,8 @@ class BatchRunner:
                 kwargs.update(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
             else:
                 kwargs.update(use_cache=False)
-            out = model(attention_mask=mask.to(dev), **kwargs)
+            with compute(self.handle):
+                out = model(attention_mask=mask.to(dev), **kwargs)
             yield idx, out.logits[:, -1, :].float()
 
 

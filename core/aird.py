@@ -207,7 +207,7 @@ def _copy(handle: ModelHandle, suffix: str) -> ModelHandle:
                        spec=f"{handle.spec}+{suffix}",
                        fingerprint=hashlib.sha256(f"{handle.fingerprint}|{suffix}".encode()).hexdigest()[:16],
                        chat_template=handle.chat_template, system_prompt=handle.system_prompt,
-                       meta={**handle.meta, "parent_fingerprint": handle.fingerprint, "edit": suffix})
+                       precision=handle.precision, meta={**handle.meta, "parent_fingerprint": handle.fingerprint, "edit": suffix})
 
 
 def _quantized_writer(handle: ModelHandle, layers: Sequence[int]) -> tuple[int, str, torch.nn.Module] | None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from core.models import ModelHandle
+from core.precision import compute
 from core.progress import Progress, report
 
 
@@ -54,7 +55,7 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
                and windows[i + len(batch)][1] - windows[i + len(batch)][0] == length):
             batch.append(windows[i + len(batch)])
         inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
-        with handle.lock:
+        with handle.lock, compute(handle):
             logits = handle.model(input_ids=inputs, use_cache=False).logits
         for row, (b, e, first) in enumerate(batch):
             # logits at position p predict token p + 1: score tokens first..e-1

@@ -30,6 +30,7 @@ import torch
 
 from core.activations import _last_index, batch_cache, left_pad, prefix_cache, shared_prefix, tokenize
 from core.models import ModelHandle
+from core.precision import compute
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
@@ -171,8 +172,9 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
                 mask = torch.cat([torch.ones((len(idx), p), dtype=torch.long), mask], dim=1)
             x, mask, pos = x.to(dev), mask.to(dev), pos.to(dev)
             cache = batch_cache(cache0, len(idx)) if cache0 is not None else None
-            o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      logits_to_keep=_last_index(x.shape[1], dev))
+            with compute(handle):
+                o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True, logits_to_keep=_last_index(x.shape[1], dev))
             if not hasattr(o.past_key_values, "batch_select_indices"):
                 raise _CacheUnsupported(f"{handle.name}: its cache cannot drop finished rows")
             logits = o.logits[:, -1, :].float()
@@ -206,8 +208,9 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
                 continue
             # one decode step for every running row
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.idx), 1))], dim=1)
-            o = model(input_ids=rows.tok.unsqueeze(-1), attention_mask=rows.mask, position_ids=rows.next_pos,
-                      past_key_values=rows.cache, use_cache=True)
+            with compute(handle):
+                o = model(input_ids=rows.tok.unsqueeze(-1), attention_mask=rows.mask, position_ids=rows.next_pos,
+                          past_key_values=rows.cache, use_cache=True)
             rows.next_pos = rows.next_pos + 1
             rows.tok = o.logits[:, -1, :].float().argmax(-1)
             rows = emit(rows)
@@ -230,7 +233,7 @@ def _generate_hf(handle: ModelHandle, texts: Sequence[str], *, max_new_tokens: i
             kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with handle.lock:
+        with handle.lock, compute(handle):
             ids = handle.model.generate(**enc, **kwargs)
         new = ids[:, enc["input_ids"].shape[1]:]
         for j, i in enumerate(idx):

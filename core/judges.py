@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from core.models import ModelHandle
+from core.precision import compute
 from core.progress import Progress, report
 
 # The anchor pipeline's (Arditi et al.) refusal phrases plus common variants; matched case-insensitively.
@@ -110,7 +111,7 @@ def prefix_refusal_scores(handle: ModelHandle, instruction: str, reply: str, *,
     prompt_ids = tok(handle.format(instruction), add_special_tokens=False)["input_ids"]
     reply_ids = tok(reply, add_special_tokens=False)["input_ids"][:max_tokens] if reply else []
     ids = torch.tensor([list(prompt_ids) + list(reply_ids)], device=handle.device)
-    with handle.lock:
+    with handle.lock, compute(handle):
         logits = handle.model(input_ids=ids, use_cache=False).logits[0]  # (seq, vocab)
     start = len(prompt_ids) - 1
     scores = refusal_score_from_logits(logits[start:].float().cpu(), refusal_token_ids(tok))  # (n + 1,)

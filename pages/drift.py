@@ -155,13 +155,16 @@ with box:
         ds = d_o if which == "original" else variants[which]["directions"]
         toks = ds.metadata.get("post_instruction_tokens") or []
         ylabels = [f"{p} {toks[p]!r}" if toks and -len(toks) <= p < 0 else str(p) for p in ds.positions]
-        z = ds.bypass.tolist()
+        metric = st.radio("Score", ["induce", "bypass", "KL"], horizontal=True, key="heatmap_score",
+                          help="The search scores induce for every candidate, bypass only for those that "
+                               "induce refusal, KL until one passes; blank cells were not needed.")
+        z = getattr(ds, metric.lower()).tolist()
         heat = go.Figure(go.Heatmap(z=[[None if x != x else x for x in row] for row in z], y=ylabels,
-                                    x=list(range(ds.n_layers)), colorscale="RdBu_r", colorbar_title="bypass"))
+                                    x=list(range(ds.n_layers)), colorscale="RdBu_r", colorbar_title=metric))
         if ds.selected is not None:
             heat.add_scatter(x=[ds.selected[1]], y=[ylabels[ds.pos_index(ds.selected[0])]], mode="markers",
                              marker=dict(symbol="x", size=14, color="black"), name="selected", showlegend=False)
-        heat.update_layout(title=f"Bypass score per candidate — {which} (× = selected)", xaxis_title="layer",
+        heat.update_layout(title=f"{metric} score per candidate — {which} (× = selected)", xaxis_title="layer",
                            yaxis_title="position", height=360, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(heat, width="stretch", key="heatmap")
     with right:

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.models import ChatTemplateError
+from core.precision import PRECISIONS
 from pages._shared import default_cfg, fix_for, load_handle, model_cfg, show_error, MODEL_CFG
 
 st.title("Model")
@@ -27,12 +28,17 @@ with st.form("model_form"):
                       horizontal=True)
     custom = st.text_input("Spec (when *custom*)", value=cfg["spec"] if preset == "custom" else "",
                            placeholder="Qwen/Qwen2.5-0.5B-Instruct · /path/to/folder · /path/model.gguf")
-    c1, c2 = st.columns(2)
+    c1, c2, c3 = st.columns(3)
     devices = ["auto", "cpu", "cuda"]
     dtypes = ["auto", "float32", "bfloat16", "float16"]
     device = c1.selectbox("Device", devices, index=devices.index(cfg["device"]))
     dtype = c2.selectbox("Dtype", dtypes, index=dtypes.index(cfg["dtype"]),
                          help="auto = float32 on CPU, bfloat16 on GPU")
+    precisions = list(PRECISIONS)
+    precision = c3.selectbox("Compute precision", precisions, index=precisions.index(cfg.get("precision", "auto")),
+                             help="auto = bfloat16 matmuls (float32 weights and accumulation) where the hardware "
+                                  "has native bf16, else float32. float32 is exact; bf16 is faster and its "
+                                  "differences are measured in BENCHMARKS.md. Results of the two are stored apart.")
     with st.expander("Advanced"):
         template = st.text_area("Chat template (Jinja) for models without one", value=cfg.get("chat_template") or "",
                                 height=80)
@@ -44,7 +50,7 @@ if submitted:
         show_error("No model spec", "the *custom* choice needs a spec.",
                    "type a Hugging Face id, a local folder or a .gguf path — or pick the default.")
     else:
-        new = {"spec": spec, "device": device, "dtype": dtype, "trust_remote_code": bool(trust),
+        new = {"spec": spec, "device": device, "dtype": dtype, "precision": precision, "trust_remote_code": bool(trust),
                "chat_template": template.strip() or None}
         try:
             with st.spinner(f"Loading `{spec}` …"):
@@ -74,7 +80,9 @@ cols[1].metric("Width (d_model)", s["d_model"])
 cols[2].metric("Parameters", f"{s['parameters'] / 1e6:.1f} M")
 cols[3].metric("Weights in memory", f"{param_bytes / 2**20:.0f} MiB")
 short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-cols[4].metric("Device · dtype", f"{s['device']} · {short.get(s['dtype'], s['dtype'])}")
+cols[4].metric("Device · dtype · compute", f"{s['device']} · {short.get(s['dtype'], s['dtype'])} · "
+               f"{short.get(s['precision'], s['precision'])}",
+               help="compute: the precision of forward passes (bf16 = bfloat16 autocast over float32 weights)")
 try:
     import psutil
     rss = psutil.Process(os.getpid()).memory_info().rss

@@ -74,7 +74,7 @@ def collect_json() -> dict:
 
 def pipeline_study() -> Study:
     """The stored study as a :class:`core.study.Study` (nothing is loaded or computed here)."""
-    st_ = Study(StudySpec(**info.spec), store)
+    st_ = Study(StudySpec.from_dict(info.spec), store)
     if st_.record.id != sid:
         raise StoreError(f"the stored spec of {sid} maps to another folder ({st_.record.id}); the study was made "
                          "by another version of the code")

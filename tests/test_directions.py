@@ -10,7 +10,8 @@ import torch
 
 from core.activations import mean_activations
 from core.directions import (DirectionSet, generate_candidates, layer_cosines, mean_projections, quality,
-                             select_direction, source)
+                             source)
+from core.selection import select_direction
 from core.interventions import ablate, add
 from core.judges import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids
 from core.prompts import bundled
@@ -113,19 +114,23 @@ def test_selection_progress_counts_the_steps_it_takes(handle, cands, kw):
         warnings.simplefilter("ignore")
         ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, progress=lambda d, t: calls.append((d, t)),
                               **kw)
+    sel = ds.metadata["selection"]
+    n = sel["n_candidates"]
     rows = [cands.pos_index(p) for p in POS]
-    n = int((~torch.isnan(ds.bypass[rows])).sum())
-    steps = 1 + n + ds.metadata["selection"]["n_checked"] + int((~torch.isnan(ds.induce[rows])).sum())
+    n_induce, n_bypass = (int((~torch.isnan(t[rows])).sum()) for t in (ds.induce, ds.bypass))
     assert all(0 < d <= t <= 1 + 3 * n for d, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert calls[-1] == (steps, steps)  # ends full, at the steps actually taken
-    assert calls[0][1] == (1 + 3 * n if kw.get("exhaustive") else min(1 + 3 * n, 1 + n + 2))
+    assert calls[-1] == (sel["passes"], sel["passes"])  # ends full, at the steps actually taken
+    # one step per pass: baseline, induce, bypass, KL checks (+ the fallback's KL of its choice)
+    assert 0 <= sel["passes"] - (1 + n_induce + n_bypass + sel["n_checked"]) <= int(sel["fallback"])
+    assert calls[0][1] == (1 + 3 * n if kw.get("exhaustive") else 3 + n)
 
 
 def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0, kl_relaxation=())
+        ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=-1.0, kl_relaxation=(),
+                              induce_threshold=-1e9)
     msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
     assert len(msgs) == 1 and "kl filter" in msgs[0]
     sel = ds.metadata["selection"]
@@ -244,3 +249,25 @@ def test_screened_search_keeps_the_candidates_that_can_induce(handle, cands, sel
     assert len(sel["screen"]["bypass_mean_se"]) == sel["n_candidates"]  # screened, then exact where it may be lowest
     with pytest.raises(ValueError, match="screen"):
         select_direction(handle, cands, H_VAL, N_VAL, positions=POS, screen=1)
+
+
+@pytest.mark.parametrize("induce_q,kl_q", [(0.0, 1.0), (0.5, 1.0), (0.8, 0.5), (0.5, 0.2), (1.0, 1.0), (0.3, 0.0)])
+def test_induce_first_search_selects_what_the_full_grid_selects(handle, cands, induce_q, kl_q):
+    """Thresholds at quantiles of the full grid's own scores, so that the filters bite in every way
+    (most candidates feasible, few, none; KL failing for some, all): same choice, same scores."""
+    grid = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=1e9, induce_threshold=-1e9,
+                            exhaustive=True)
+    ind = grid.induce[~torch.isnan(grid.induce)].sort().values
+    kls = grid.kl[~torch.isnan(grid.kl)].sort().values
+    kw = dict(positions=POS, induce_threshold=float(ind[round(induce_q * (len(ind) - 1))]) - 1e-6,
+              kl_threshold=float(kls[round(kl_q * (len(kls) - 1))]) + 1e-6, kl_relaxation=(float(kls[-1]) * 2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lazy = select_direction(handle, cands, H_VAL, N_VAL, **kw)
+        full = select_direction(handle, cands, H_VAL, N_VAL, exhaustive=True, **kw)
+    a, b = lazy.metadata["selection"], full.metadata["selection"]
+    assert lazy.selected == full.selected and quality(lazy) == quality(full)
+    assert (a["fallback"], a["kl_threshold_used"]) == (b["fallback"], b["kl_threshold_used"])
+    assert a["passes"] <= b["passes"]
+    done = ~torch.isnan(lazy.induce)
+    assert torch.equal(lazy.induce[done], full.induce[done]) and bool(done[[cands.pos_index(p) for p in POS]].any())

@@ -35,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="default | smollm2-base | HF id | folder | file.gguf")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="of forward passes: auto = bfloat16 autocast (float32 weights and accumulation) where "
+                        "the hardware has native bf16 matmuls, else float32 (exact)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model repository's own Python code (off by default: only for repos you trust)")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template (file) for models without one")
@@ -44,7 +47,8 @@ def load_from_args(args: argparse.Namespace):
     from core.models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template,
+                      precision=getattr(args, "precision", "auto"))
 
 
 def main(argv: list[str] | None = None) -> int:

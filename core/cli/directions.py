@@ -63,7 +63,8 @@ def _fmt(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.directions import generate_candidates, quality, select_direction, source
+    from core.directions import generate_candidates, quality, source
+    from core.selection import select_direction
     from core.progress import tqdm_progress
     from core.prompts import resolve_prompt_arg
 
@@ -106,9 +107,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"selected: position {src['position']} ({src['token']!r}), layer {src['layer']} — "
               f"bypass {_fmt(q['bypass'])}, induce {_fmt(q['induce'])}, KL {_fmt(q['kl'])}, "
               f"norm {q['norm']:.3f}{'  [FALLBACK]' if q['fallback'] else ''}")
+        # candidates with a bypass score first (lowest first), then the rest by induce (highest first)
         rows = [(float(ds.bypass[i, layer]), p, layer) for i, p in enumerate(ds.positions)
-                for layer in range(ds.n_layers) if not math.isnan(float(ds.bypass[i, layer]))]
-        rows.sort()
+                for layer in range(ds.n_layers)
+                if not (math.isnan(float(ds.bypass[i, layer])) and math.isnan(float(ds.induce[i, layer])))]
+        rows.sort(key=lambda r: (math.isnan(r[0]), r[0] if not math.isnan(r[0]) else
+                                 -float(ds.induce[ds.pos_index(r[1]), r[2]]) if not math.isnan(
+                                     float(ds.induce[ds.pos_index(r[1]), r[2]])) else math.inf))
         print(f"\n{'pos':>4} {'layer':>5} {'bypass':>8} {'induce':>8} {'KL':>8}")
         for b, p, layer in rows[:args.top]:
             i = ds.pos_index(p)

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     handle = load_from_args(args)
     s = handle.summary()
-    for key in ("name", "spec", "architecture", "n_layers", "d_model", "device", "dtype"):
+    for key in ("name", "spec", "architecture", "n_layers", "d_model", "device", "dtype", "precision"):
         print(f"{key}: {s[key]}")
     print(f"parameters: {s['parameters']:,}")
     print(f"fingerprint: {s['fingerprint']}")

@@ -65,7 +65,7 @@ def _spec(args, schemes, **kw):
 
     return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
                      borderline=args.borderline or None, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                     device=args.device, dtype=args.dtype, **kw)
+                     device=args.device, dtype=args.dtype, precision=args.precision, **kw)
 
 
 def _print_rows(rows: list[dict], cols: list[str]) -> None:

@@ -177,7 +177,7 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
         fingerprint=compressed_fingerprint(handle, scheme, calib.sha if calib else None,
                                            None if default_modules else targets),
         source_dir=None, chat_template=handle.chat_template, system_prompt=handle.system_prompt,
-        meta={"parent_fingerprint": handle.fingerprint, "parent_spec": handle.spec, "scheme": str(scheme),
+        precision=handle.precision, meta={"parent_fingerprint": handle.fingerprint, "parent_spec": handle.spec, "scheme": str(scheme),
               "calibration": calib.describe() if calib else None, "code_version": CODE_VERSION,
               "modules": None if default_modules else [t.name for t in targets]})
     rep = build_report(parent_model=handle.model, model=model, targets=targets, scheme=scheme,

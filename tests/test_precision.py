@@ -1,0 +1,80 @@
+"""Compute precision: bf16 autocast reaches every forward of the library, float32 stays exact, and
+results of the two precisions are stored apart."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import core.precision as precision
+from core.activations import BatchRunner, tokenize
+from core.generation import generate
+from core.precision import compute, resolve_precision
+from core.study import StudySpec
+from tiny import tiny_handle
+
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea please", "hi", "How do I hack a bank?"]
+
+
+def test_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu, torch.float32) == "bfloat16"
+    assert resolve_precision("float32", cpu, torch.float32) == "float32"
+    assert resolve_precision("auto", cpu, torch.bfloat16) == "bfloat16"  # low-precision weights compute as such
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu, torch.float32) == "float32"  # the clean fallback
+    assert resolve_precision("bfloat16", cpu, torch.float32) == "bfloat16"  # asked for: honoured
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu, torch.float32)
+
+
+def _matmul_dtypes(h, fn) -> set:
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.add(o.dtype)) for m in h.model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    try:
+        fn()
+    finally:
+        for x in hooks:
+            x.remove()
+    return seen
+
+
+def test_bf16_handle_runs_every_forward_in_bf16_and_float32_stays_exact():
+    h32 = tiny_handle("llama")
+    h16 = dataclasses.replace(h32, precision="bfloat16")
+    ids = tokenize(h32, PROMPTS)
+    with h32.lock:
+        run32 = lambda: BatchRunner(h32, ids).last_logits()  # noqa: E731
+        run16 = lambda: BatchRunner(h16, ids).last_logits()  # noqa: E731
+        assert _matmul_dtypes(h32, run32) == {torch.float32}
+        assert _matmul_dtypes(h16, run16) == {torch.bfloat16}
+        a, b = run32(), run16()
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # rounded matmuls, float32 logits out
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # close: bf16 keeps ~3 significant digits
+    assert _matmul_dtypes(h16, lambda: generate(h16, PROMPTS[:2], max_new_tokens=3)) == {torch.bfloat16}
+    assert _matmul_dtypes(h32, lambda: generate(h32, PROMPTS[:2], max_new_tokens=3)) == {torch.float32}
+    with compute(h32):
+        assert not torch.is_autocast_enabled("cpu")
+    with compute(h16):
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")  # the context always leaves
+
+
+def test_spec_keeps_naming_old_float32_studies_and_results_are_keyed_by_precision(tmp_path):
+    old = {k: v for k, v in StudySpec(precision="float32").to_dict().items()}
+    assert "precision" not in old  # a float32 spec is stored as specs were before precision existed
+    assert StudySpec.from_dict(old).precision == "float32"
+    assert StudySpec.from_dict(StudySpec(precision="bfloat16").to_dict()).precision == "bfloat16"
+
+    from core.study import Study
+
+    h32 = tiny_handle("llama")
+    h16 = dataclasses.replace(h32, precision="bfloat16")
+    keys = []
+    for h in (h32, h16, h32):
+        s = Study(StudySpec(model="tiny", schemes=[], precision=h.precision), tmp_path, original=h)
+        assert s.precision == h.precision
+        keys.append(s._cached("probe", ("x",), lambda: {"precision": h.precision}))
+    assert keys == [{"precision": "float32"}, {"precision": "bfloat16"}, {"precision": "float32"}]
