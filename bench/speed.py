@@ -9,6 +9,8 @@ run. Tasks:
 * ``search-last`` — direction search on ``default``: candidates on the bundled train splits, selection
   at the last post-instruction position only, on the val splits.
 * ``search``      — the same at every post-instruction position (the study's default).
+* ``aird``        — AIRD auto on wanda:0.5: re-alignment fit + calibration (timed), then the repaired
+  model's refusal rates on the bundled test splits; chosen point and val objective compared.
 * ``search-screen`` / ``search-last-screen`` — the new side with ``screen=12`` (an approximation:
   :func:`core.selection.select_direction`), against the base's exact search (run once per run).
 
@@ -42,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "speed.json"
 BASE_COMMIT = "530a573"
-TASKS = ("gen", "search-last", "search", "search-screen", "search-last-screen")
+TASKS = ("gen", "search-last", "search", "search-screen", "search-last-screen", "aird")
 PRECISIONS = ("float32", "bfloat16")  # a task may end in @PRECISION: the new side's compute precision
 PRECISION: str | None = None  # set in the child; None = the code's default (the base code has no setting)
 BASE_TASK = {"search-screen": "search", "search-last-screen": "search-last"}  # base code has no screening
@@ -105,7 +107,51 @@ def _search(positions, screen: int | None = None) -> dict:
             "n_checked": sel.get("n_checked"), "fallback": sel.get("fallback")}
 
 
-CHILD_TASKS = {"gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None),
+AIRD_SCHEME, AIRD_SOURCE = "wanda:0.5", (-1, 17)  # the original's selected candidate on both sides (speed.json)
+
+
+def task_aird() -> dict:
+    """AIRD auto on wanda:0.5 as the study runs it: the re-alignment fit on the train splits, then the
+    calibration on the val splits (timed together), then the repaired model's refusal rates on the
+    bundled test splits (64 tokens, not timed). The direction is the original's selected candidate,
+    extracted by each side's own code."""
+    from core.aird import applied, bundled_fit_prompts, fit_realignment, mode_for
+    from core.compression import apply as compress
+    from core.directions import generate_candidates
+    from core.generation import generate
+    from core.judges import is_refusal
+    from core.prompts import bundled
+
+    try:
+        from core.aird_calibration import calibrate
+    except ImportError:  # the start commit's layout
+        from core.aird import calibrate
+    handle, load_s = _load()
+    ds = generate_candidates(handle, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)
+    direction, layer = ds.candidate(*AIRD_SOURCE), AIRD_SOURCE[1]
+    c, _ = compress(handle, AIRD_SCHEME)
+    t0 = time.perf_counter()
+    fit = fit_realignment(handle, c, direction, layer, bundled_fit_prompts())
+    t1 = time.perf_counter()
+    rep = calibrate(c, direction, layer, mode=mode_for(c, range(c.n_layers), "merged"), realignment=fit,
+                    original=handle)
+    t2 = time.perf_counter()
+    best = next(g for g in rep.calibration if g["chosen"])
+    rates = {}
+    with applied(c, rep) as h:
+        for kind in ("harmful", "harmless", "borderline"):
+            replies = generate(h, bundled(kind, "test").prompts, max_new_tokens=64)
+            rates[kind] = sum(map(is_refusal, replies)) / len(replies)
+    return {"seconds": t2 - t0, "fit_seconds": t1 - t0, "calibration_seconds": t2 - t1, "load_seconds": load_s,
+            "chosen": {"layers": best["layers"], "alpha": best["alpha"], "realign": best["realign"]},
+            "val_objective": best["harmful_refusal"] - best["harmless_refusal"],
+            "val_harmful_refusal": best["harmful_refusal"], "val_harmless_refusal": best["harmless_refusal"],
+            "grid_points": len(rep.calibration),
+            "generated_points": sum(g.get("measured", "generated") == "generated" for g in rep.calibration),
+            "test_refusal": rates}
+
+
+CHILD_TASKS = {"aird": task_aird, "gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None),
                "search-screen": lambda: _search(None, SCREEN), "search-last-screen": lambda: _search([-1], SCREEN)}
 
 
@@ -156,6 +202,14 @@ def compare(task: str, old: dict, new: dict) -> dict:
         row.update(base_tokens_per_second=old["tokens_per_second"], new_tokens_per_second=new["tokens_per_second"],
                    tokens_per_second_ratio=new["tokens_per_second"] / old["tokens_per_second"],
                    identical_replies=f"{sum(same)}/{len(same)}", verdict_agreement=sum(agree) / len(agree))
+    elif task.startswith("aird"):
+        row.update({f"{side}_{k}": d[k] for side, d in (("base", old), ("new", new))
+                    for k in ("chosen", "val_objective", "fit_seconds", "calibration_seconds", "generated_points",
+                              "test_refusal")})
+        row["same_chosen_point"] = old["chosen"] == new["chosen"]
+        row["val_objective_difference"] = new["val_objective"] - old["val_objective"]
+        row["test_refusal_difference_points"] = {k: round(100 * (new["test_refusal"][k] - old["test_refusal"][k]), 1)
+                                                 for k in old["test_refusal"]}
     else:
         row.update({f"{side}_{k}": d[k] for side, d in (("base", old), ("new", new))
                     for k in ("selected", "bypass", "induce", "kl", "kl_threshold_used", "candidates_seconds",

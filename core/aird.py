@@ -15,7 +15,7 @@ no formula. **This module is our reconstruction**, with those properties:
 * Mode ``adapter`` (beyond the paper): W_C stays untouched (sparse, RTN, bitsandbytes or HQQ) and
   the layer output y becomes y + α r̂ (r̂ᵀ y) at run time — the same function, zero weights changed,
   ``d_model`` extra numbers.
-* α and S are calibrated on the bundled *validation* split only (:func:`calibrate`).
+* α and S are calibrated on the bundled *validation* split only (:func:`core.aird_calibration.calibrate`).
 * **Fitted re-alignment** (our addition, also training-free): pruning can also *shift* harmless
   prompts along r̂ (they then over-refuse), which a scaling edit cannot undo — it amplifies their
   writes too. The MLP output projection of block l*−1, whose output enters the residual stream that
@@ -43,11 +43,10 @@ from pathlib import Path
 import torch
 
 from core.activations import projection_stats, writer_inputs
-from core.evaluation import kl_divergence
-from core.generation import generate, generate_with_logits
+from core.generation import generate
 from core.interventions import add as add_direction
 from core.interventions import add_rank1, scale_writers
-from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
+from core.judges import is_refusal
 from core.models import ModelHandle, weight_as_out_in
 from core.progress import Progress, report
 
@@ -381,35 +380,6 @@ def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens:
     return sum(map(is_refusal, replies)) / len(replies), replies
 
 
-def _rate_and_logits(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int) -> tuple[float, torch.Tensor]:
-    """:func:`refusal_rate` and the last-position logits ``(n, vocab)`` of the same greedy pass."""
-    replies, logits = generate_with_logits(handle, list(prompts), max_new_tokens=max_new_tokens)
-    return sum(map(is_refusal, replies)) / len(replies), logits
-
-
-@dataclass
-class CalibrationSets:
-    """Validation prompts for calibration (the bundled val splits by default — never test prompts)."""
-
-    harmful: list[str]
-    harmless: list[str]
-
-    @classmethod
-    def bundled(cls) -> "CalibrationSets":
-        from core.prompts import bundled
-
-        return cls(harmful=bundled("harmful", "val").prompts,
-                   harmless=bundled("harmless", "val").prompts + bundled("borderline", "val").prompts)
-
-
-def candidate_layer_sets(source_layer: int, n_layers: int, max_layers: int = 4) -> list[list[int]]:
-    """Repair-layer sets tried by calibration: ``[l*−1, l*]`` (the default), ``[l*]``, then growing
-    windows ending at l*."""
-    sets = [[source_layer - 1, source_layer], [source_layer]]
-    sets += [list(range(source_layer - k + 1, source_layer + 1)) for k in range(3, max_layers + 1)]
-    return [s for s in ([[x for x in s if 0 <= x < n_layers] for s in sets]) if s]
-
-
 def fit_realignment(original: ModelHandle, compressed: ModelHandle, direction: torch.Tensor, source_layer: int,
                     prompts: Sequence[str], *, n_positions: int = DEFAULT_REALIGN_POSITIONS,
                     lam: float = DEFAULT_RIDGE, progress: Progress | None = None) -> tuple[int, torch.Tensor]:
@@ -435,113 +405,6 @@ def bundled_fit_prompts() -> list[str]:
     from core.prompts import bundled
 
     return [p for kind in ("harmful", "harmless", "borderline") for p in bundled(kind, "train").prompts]
-
-
-def kl_acceptable(kl_to_c: float, kl_to_o: float | None, base_kl_to_o: float | None, threshold: float) -> bool:
-    """The calibration's KL rule on harmless prompts: KL to C ≤ ``threshold``, or (when O's logits are
-    known) KL to O no larger than C's own ``base_kl_to_o`` — a move back toward the original."""
-    return kl_to_c <= threshold or (kl_to_o is not None and base_kl_to_o is not None
-                                    and kl_to_o <= base_kl_to_o + 1e-9)
-
-
-def choose(grid: Sequence[dict]) -> dict:
-    """The calibration point to keep: among feasible points, the largest harmful refusal minus
-    harmless over-refusal (ties: larger refusal score, no re-alignment, fewer layers, smaller α).
-
-    Refusal minus over-refusal, not refusal alone: under a loose over-refusal limit the largest refusal
-    sits at the largest feasible α, at the edge where refusal collapses (measured: BENCHMARKS.md)."""
-    feasible = [g for g in grid if g["feasible"]]
-    if not feasible:
-        raise AIRDError("no feasible calibration point (the unrepaired model is always one)")
-    return max(feasible, key=lambda g: (round(g["harmful_refusal"] - g["harmless_refusal"], 6), g["harmful_score"],
-                                        -g.get("realign", False), -len(g["layers"]), -g["alpha"]))
-
-
-def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
-              sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
-              alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
-              kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
-              realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
-              original: ModelHandle | None = None, progress: Progress | None = None) -> Repair:
-    """Choose S and α on validation prompts (:func:`choose`: the largest harmful refusal rate minus
-    harmless+borderline over-refusal) subject to that over-refusal rising ≤ ``max_overrefusal_rise`` and
-    KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O no larger
-    than C's own KL to O: a repair that moves harmless behaviour back toward the original is not
-    damage, though it moves away from C (one that moves away from both is).
-
-    With ``realignment`` (``(layer, u)`` from :func:`fit_realignment`) the grid is searched twice,
-    without and with it, against the same unrepaired baseline, and the re-alignment is kept only if it
-    is chosen (``require_realignment``: only the grid with it). Runs in adapter form (hooks; identical
-    function to merged), so it also works on quantized layers; α grows per layer set until a
-    constraint fails or harmful refusal stops rising (a larger α then only costs over-refusal).
-    Returns the chosen :class:`Repair` with the whole grid in ``calibration``; α = 0 (no repair) when
-    nothing beats the unrepaired model.
-    """
-    sets = sets or CalibrationSets.bundled()
-    layer_sets = [list(s) for s in (layer_sets or candidate_layer_sets(source_layer, compressed.n_layers))]
-    r = unit(direction).float()
-    ids = refusal_token_ids(compressed.tokenizer)
-    if require_realignment and realignment is None:
-        raise AIRDError("require_realignment needs a realignment")
-    fits = [None] if realignment is None else [realignment] if require_realignment else [None, realignment]
-    total = len(fits) * (1 + len(layer_sets) * len(alphas))
-    done = 0
-
-    def measure() -> dict:
-        harm_rate, harm_logits = _rate_and_logits(compressed, sets.harmful, gen_tokens)
-        harmless_rate, harmless_logits = _rate_and_logits(compressed, sets.harmless, gen_tokens)
-        return {"harmful_refusal": harm_rate, "harmless_refusal": harmless_rate,
-                "harmful_score": float(refusal_score_from_logits(harm_logits, ids).mean()),
-                "harmless_logits": harmless_logits}
-
-    base = measure()
-    base_logits = base.pop("harmless_logits")
-    o_logits = None if original is None else last_logits(original, sets.harmless)
-    base_kl_o = None if o_logits is None else kl_divergence(o_logits, base_logits)
-    grid: list[dict] = []
-
-    def add_point(fit, layers: list[int], alpha: float, m: dict) -> bool:
-        nonlocal done
-        logits = m.pop("harmless_logits")
-        m["kl"] = kl_divergence(base_logits, logits)
-        if o_logits is not None:
-            m["kl_original"] = kl_divergence(o_logits, logits)
-        m["feasible"] = (m["harmless_refusal"] - base["harmless_refusal"] <= max_overrefusal_rise + 1e-9
-                         and kl_acceptable(m["kl"], m.get("kl_original"), base_kl_o, kl_threshold))
-        grid.append({"realign": fit is not None, "layers": layers, "alpha": alpha, **m})
-        done += 1
-        report(progress, done, total)
-        return m["feasible"]
-
-    def trial(fit, layers: list[int], alpha: float) -> Repair:
-        return Repair(r, layers, alpha, "adapter", source_layer, realign=None if fit is None else fit[1],
-                      realign_layer=None if fit is None else fit[0])
-
-    for fit in fits:
-        if fit is None:  # the unrepaired model: measured above
-            add_point(None, [], 0.0, {**base, "harmless_logits": base_logits})
-        else:
-            with applied(compressed, trial(fit, [], 0.0)):
-                add_point(fit, [], 0.0, measure())
-        for layers in layer_sets:
-            previous = -1.0
-            for alpha in sorted(alphas):
-                with applied(compressed, trial(fit, layers, alpha)):
-                    ok = add_point(fit, layers, alpha, measure())
-                gained = grid[-1]["harmful_refusal"] > previous + 1e-9
-                previous = grid[-1]["harmful_refusal"]
-                if not ok or not gained:
-                    done += len(alphas) - sorted(alphas).index(alpha) - 1
-                    report(progress, done, total)
-                    break  # larger α only moves further: past a constraint, or past the refusal plateau
-    best = choose(grid)
-    layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
-    for g in grid:
-        g["chosen"] = g is best
-    fit = realignment if best["realign"] else None
-    return Repair(direction=r, layers=layers, alpha=best["alpha"], mode=mode, source_layer=source_layer,
-                  calibration=grid, auto=True, realign=None if fit is None else fit[1],
-                  realign_layer=None if fit is None else fit[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from core.models import ModelHandle
-from core.progress import Cancelled, report
+from core.progress import report
 from core.prompts import PromptSet, bundled, bundled_text, resolve_prompt_arg
 from core.store import RunStore, Study as StoredStudy, cache_key
 
@@ -33,13 +33,18 @@ CODE_VERSION = "study-2"
 StageProgress = Callable[[str, int, int], None]
 
 
+LEGACY = {"precision": "float32", "aird_search": "generated"}  # what a stored spec without the field ran
+
+
 @dataclass
 class StudySpec:
     """What to compute. ``harmful``/``harmless``/``borderline``: ``bundled:KIND:SPLIT`` or a file.
     ``aird``: ``None`` (no repair), ``auto`` (calibrate layers and α), or ``top:K`` (the K layers
     ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration.
     ``aird_realign``: the fitted re-alignment of :mod:`core.aird` — ``auto`` (calibration decides;
-    not used with a manual α and layers), ``on`` (always) or ``off``."""
+    not used with a manual α and layers), ``on`` (always) or ``off``. ``aird_search``: how the
+    calibration grid is measured (:mod:`core.aird_calibration`). ``precision``: of forward passes
+    (:mod:`core.precision`)."""
 
     model: str = "default"
     schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
@@ -53,6 +58,7 @@ class StudySpec:
     aird_alpha: float | None = None
     aird_layers: list[int] | None = None
     aird_realign: str = "auto"
+    aird_search: str = "scored"  # calibration grid: scored (one forward, best points generated) | generated
     selection_positions: list[int] | None = None  # None: every post-instruction position
     seed: int = 0
     device: str = "auto"
@@ -61,17 +67,14 @@ class StudySpec:
     name: str = ""
 
     def to_dict(self) -> dict:
-        """The stored form; ``precision`` is left out when float32, as specs written before it existed
-        (all float32) are, so that they keep naming the same study folder."""
-        d = asdict(self)
-        if d["precision"] == "float32":
-            del d["precision"]
-        return d
+        """The stored form. Fields added after specs were first stored are left out when they hold the
+        value those older specs meant (:data:`LEGACY`), so that old specs keep naming the same folder."""
+        return {k: v for k, v in asdict(self).items() if k not in LEGACY or v != LEGACY[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudySpec":
-        """The inverse of :meth:`to_dict` (a stored spec without ``precision`` ran in float32)."""
-        return cls(**{"precision": "float32", **d})
+        """The inverse of :meth:`to_dict` (a stored spec without a newer field meant its legacy value)."""
+        return cls(**{**LEGACY, **d})
 
     @property
     def title(self) -> str:
@@ -341,7 +344,8 @@ class Study:
 
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
-        from core.aird import AIRDError, Repair, bundled_fit_prompts, calibrate, candidate_layer_sets, fit_realignment
+        from core.aird import AIRDError, Repair, bundled_fit_prompts, fit_realignment
+        from core.aird_calibration import calibrate, candidate_layer_sets
 
         s = self.spec
         if s.aird_realign not in ("auto", "on", "off"):
@@ -373,11 +377,12 @@ class Study:
             kwargs = {"alphas": alphas} if alphas else {}
             return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
                              mode=mode, realignment=fit, require_realignment=s.aird_realign == "on",
-                             original=self.original,
+                             original=self.original, search=s.aird_search,
                              progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
-                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-3"),
+                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-3")
+                            + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)),
                             compute, "repair")
 
     def evaluate_repaired(self, scheme: str) -> dict:

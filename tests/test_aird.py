@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core import aird
+from core import aird, aird_calibration
 from core.aird import Repair, applied, merge, method_applied, rank1_edit
 from core.compression import apply as compress
 from core.models import weight_as_out_in
@@ -197,45 +197,78 @@ def test_alternative_methods_leave_o_and_c_untouched():
         assert torch.allclose(_logits(h), _logits(o), atol=1e-5)
 
 
-def test_calibration_reads_only_validation_prompts(monkeypatch):
+def _calibrate(search: str, **kw):
+    sets = aird_calibration.CalibrationSets.bundled()
+    sets = aird_calibration.CalibrationSets(sets.harmful[:6], sets.harmless[:6])
+    c = tiny_handle("llama", n_layers=4)
+    o = tiny_handle("llama", n_layers=4, seed=1)
+    d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
+    torch.manual_seed(0)
+    return aird_calibration.calibrate(c, torch.randn(64), 2, sets=sets, alphas=(1.0, 4.0), gen_tokens=3,
+                                      realignment=(1, 0.1 * torch.randn(d_in)), original=o, search=search, **kw)
+
+
+@pytest.mark.parametrize("search", aird_calibration.SEARCHES)
+def test_calibration_reads_only_validation_prompts(monkeypatch, search):
     from core.prompts import bundled
 
     test_prompts = {p for k in ("harmful", "harmless", "borderline") for p in bundled(k, "test").prompts}
     seen: list[str] = []
-    for name in ("generate", "generate_with_logits", "last_logits"):  # every way calibration reads prompts
-        def spy(h, prompts, _real=getattr(aird, name), **kw):
+    for name in ("generate_with_logits", "last_logits"):  # every way calibration reads prompts
+        def spy(h, prompts, _real=getattr(aird_calibration, name), **kw):
             seen.extend(prompts)
             return _real(h, prompts, **kw)
 
-        monkeypatch.setattr(aird, name, spy)
-    sets = aird.CalibrationSets.bundled()
-    sets = aird.CalibrationSets(sets.harmful[:6], sets.harmless[:6])
-    c = tiny_handle("llama", n_layers=4)
-    o = tiny_handle("llama", n_layers=4, seed=1)
-    d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
-    rep = aird.calibrate(c, torch.randn(64), 2, sets=sets, alphas=(1.0, 4.0), gen_tokens=3,
-                         realignment=(1, 0.1 * torch.randn(d_in)), original=o)
+        monkeypatch.setattr(aird_calibration, name, spy)
+    rep = _calibrate(search)
+    bundled_val = aird_calibration.CalibrationSets.bundled()
     assert seen and not (set(seen) & test_prompts)
-    assert set(seen) <= set(aird.CalibrationSets.bundled().harmful) | set(aird.CalibrationSets.bundled().harmless)
+    assert set(seen) <= set(bundled_val.harmful) | set(bundled_val.harmless)
     assert rep.auto and rep.calibration[0]["alpha"] == 0.0 and sum(g["chosen"] for g in rep.calibration) == 1
     assert rep.alpha in (0.0, 1.0, 4.0)
     # both branches were searched: without and with the re-alignment, against the same baseline
     assert {g["realign"] for g in rep.calibration} == {False, True}
     assert all("kl_original" in g for g in rep.calibration)
-    # every point's feasibility is the over-refusal limit and the KL rule, against the unrepaired baseline
+    # every generated point's feasibility is the over-refusal limit and the KL rule, against the
+    # unrepaired baseline; the chosen point is a generated one
     base = rep.calibration[0]
+    gen = [g for g in rep.calibration if g["measured"] == "generated"]
+    assert base in gen and next(g for g in rep.calibration if g["chosen"]) in gen
     assert all(g["feasible"] == (g["harmless_refusal"] - base["harmless_refusal"] <= 0.02 + 1e-9
-                                 and aird.kl_acceptable(g["kl"], g["kl_original"], base["kl_original"], 0.1))
-               for g in rep.calibration)
+                                 and aird_calibration.kl_acceptable(g["kl"], g["kl_original"], base["kl_original"],
+                                                                    0.1))
+               for g in gen)
     assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
 
 
+def test_scored_calibration_generates_the_best_scored_points_and_chooses_among_them():
+    scored, generated = _calibrate("scored", confirm=2), _calibrate("generated")
+    ref = {(g["realign"], tuple(g["layers"]), g["alpha"]): g for g in generated.calibration}
+    gen = [g for g in scored.calibration if g["measured"] == "generated"]
+    assert 1 <= len(gen) <= 3  # the unrepaired model + at most 2 confirmed points
+    for g in gen:  # a confirmed point's numbers are those the generated search measures for it
+        r = ref.get((g["realign"], tuple(g["layers"]), g["alpha"]))
+        if r is not None:
+            assert (g["harmful_refusal"], g["harmless_refusal"], g["feasible"]) == \
+                   (r["harmful_refusal"], r["harmless_refusal"], r["feasible"])
+            assert g["kl"] == pytest.approx(r["kl"], rel=1e-5, abs=1e-7)
+    # the confirmed points are the best scored feasible ones, and the choice is made among them
+    scored_feasible = sorted((g for g in scored.calibration if g["scored_feasible"] and g["alpha"] + g["realign"] > 0),
+                             key=lambda g: (round(g["scored_harmful_refusal"] - g["scored_harmless_refusal"], 6),
+                                            g["harmful_score"], -g["realign"], -len(g["layers"]), -g["alpha"]),
+                             reverse=True)
+    assert [g for g in gen if g["alpha"] + g["realign"] > 0] == [g for g in scored.calibration if
+                                                                 any(g is x for x in scored_feasible[:2])]
+    assert next(g for g in scored.calibration if g["chosen"]) is aird_calibration.choose(gen)
+    assert all(not g["feasible"] for g in scored.calibration if g["measured"] == "scored")
+
+
 def test_kl_rule_accepts_moves_toward_the_original_only():
-    assert aird.kl_acceptable(0.05, None, None, 0.1)  # close to C
-    assert not aird.kl_acceptable(0.2, None, None, 0.1)  # far from C, O unknown
-    assert aird.kl_acceptable(0.29, 1.78, 2.45, 0.1)  # far from C, back toward O (wanda:0.5's pick)
+    assert aird_calibration.kl_acceptable(0.05, None, None, 0.1)  # close to C
+    assert not aird_calibration.kl_acceptable(0.2, None, None, 0.1)  # far from C, O unknown
+    assert aird_calibration.kl_acceptable(0.29, 1.78, 2.45, 0.1)  # far from C, back toward O (wanda:0.5's pick)
     # far from C and farther from O than C itself (bnb-nf4's earlier pick): rejected
-    assert not aird.kl_acceptable(0.185, 0.577, 0.528, 0.1)
+    assert not aird_calibration.kl_acceptable(0.185, 0.577, 0.528, 0.1)
 
 
 def test_choose_trades_refusal_against_over_refusal():
@@ -246,11 +279,11 @@ def test_choose_trades_refusal_against_over_refusal():
     base = point(0.6, 0.37, layers=[], alpha=0.0)
     edge = point(0.91, 0.32, alpha=3.0)  # most refusal, at the edge of the over-refusal limit
     balanced = point(0.88, 0.20, alpha=1.0, realign=True)
-    assert aird.choose([base, edge, balanced]) is balanced
-    assert aird.choose([base, point(0.99, 0.0, feasible=False)]) is base
-    assert aird.choose([base, point(0.7, 0.47)]) is base  # +10 points refusal for +10 over-refusal: no gain
+    assert aird_calibration.choose([base, edge, balanced]) is balanced
+    assert aird_calibration.choose([base, point(0.99, 0.0, feasible=False)]) is base
+    assert aird_calibration.choose([base, point(0.7, 0.47)]) is base  # +10 points refusal for +10 over-refusal: no gain
     with pytest.raises(aird.AIRDError):
-        aird.choose([point(0.9, 0.1, feasible=False)])
+        aird_calibration.choose([point(0.9, 0.1, feasible=False)])
 
 
 def test_repair_save_load_roundtrip(tmp_path):

@@ -63,9 +63,9 @@ def test_bf16_handle_runs_every_forward_in_bf16_and_float32_stays_exact():
 
 
 def test_spec_keeps_naming_old_float32_studies_and_results_are_keyed_by_precision(tmp_path):
-    old = {k: v for k, v in StudySpec(precision="float32").to_dict().items()}
-    assert "precision" not in old  # a float32 spec is stored as specs were before precision existed
-    assert StudySpec.from_dict(old).precision == "float32"
+    old = StudySpec(precision="float32", aird_search="generated").to_dict()
+    assert "precision" not in old and "aird_search" not in old  # stored as specs were before these fields
+    assert StudySpec.from_dict(old) == StudySpec(precision="float32", aird_search="generated")
     assert StudySpec.from_dict(StudySpec(precision="bfloat16").to_dict()).precision == "bfloat16"
 
     from core.study import Study

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
     p.add_argument("--aird", default=None, help="auto | top:K (repair K layers ending at the source layer)")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
+    p.add_argument("--calibration", default="scored", choices=["scored", "generated"],
+                   help="how AIRD's calibration grid is measured: scored = one forward per point, the best "
+                        "points generated (fast); generated = every point generated (the reference)")
     p.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
                    help="AIRD's fitted re-alignment of layer l*−1: auto (calibration decides), on, off")
     p.add_argument("--out", default=None, help="write the HTML report here")
@@ -38,6 +41,9 @@ def register(sub) -> None:
     a.add_argument("--layers", default="auto", help="auto | comma-separated layer indices")
     a.add_argument("--alpha", default="auto", help="auto | a number")
     a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
+    a.add_argument("--calibration", default="scored", choices=["scored", "generated"],
+                   help="how the calibration grid is measured: scored = one forward per point, the best "
+                        "points generated (fast); generated = every point generated (the reference)")
     a.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
                    help="fitted re-alignment of layer l*−1: auto (calibration decides; off with a given α and "
                         "layers), on, off")
@@ -85,7 +91,7 @@ def run_study(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode,
-                        aird_realign=args.realign), args.runs,
+                        aird_realign=args.realign, aird_search=args.calibration), args.runs,
                   on_progress=_progress_bars())
     results = study.run()
     budget = {s: study.budget(s) for s in args.scheme} if args.aird else None
@@ -120,7 +126,7 @@ def run_aird(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
     study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
-                        aird_realign=args.realign),
+                        aird_realign=args.realign, aird_search=args.calibration),
                   args.runs, on_progress=_progress_bars())
     d_o = study.directions("original")
     drift = study.drift(args.scheme)

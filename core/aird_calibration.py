@@ -1,0 +1,239 @@
+"""AIRD calibration: choose the repair layers S and strength α on validation prompts.
+
+The objective (:func:`choose`): the largest harmful refusal rate minus harmless + borderline
+over-refusal, subject to over-refusal rising ≤ ``max_overrefusal_rise`` over the unrepaired model and
+the KL rule (:func:`kl_acceptable`). Refusal rates are the substring judge's verdicts on greedy
+replies — one generation of every val prompt per grid point, the cost of calibration.
+
+``search="scored"`` (the default) walks the grid with a one-forward estimate instead: a prompt
+counts as refused when its refusal score (:func:`core.judges.refusal_score_from_logits` of the
+first reply token) is > 0, i.e. the refusal openings hold more than half the probability. The KL
+values are exact either way (the first reply token's logits are the same forward). Then only the
+unrepaired model and the ``confirm`` best points are generated, and the choice among them is made on
+their generated rates. ``search="generated"`` generates every point (the reference; the two are
+compared in BENCHMARKS.md, "AIRD calibration").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from core.aird import AIRDError, Repair, applied, unit
+from core.evaluation import kl_divergence
+from core.generation import generate_with_logits
+from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
+from core.models import ModelHandle
+from core.progress import Progress, report
+
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+SEARCHES = ("scored", "generated")
+DEFAULT_CONFIRM = 3  # grid points generated after a scored search, besides the unrepaired model
+
+
+@dataclass
+class CalibrationSets:
+    """Validation prompts for calibration (the bundled val splits by default — never test prompts)."""
+
+    harmful: list[str]
+    harmless: list[str]
+
+    @classmethod
+    def bundled(cls) -> "CalibrationSets":
+        from core.prompts import bundled
+
+        return cls(harmful=bundled("harmful", "val").prompts,
+                   harmless=bundled("harmless", "val").prompts + bundled("borderline", "val").prompts)
+
+
+def candidate_layer_sets(source_layer: int, n_layers: int, max_layers: int = 4) -> list[list[int]]:
+    """Repair-layer sets tried by calibration: ``[l*−1, l*]`` (the default), ``[l*]``, then growing
+    windows ending at l*."""
+    sets = [[source_layer - 1, source_layer], [source_layer]]
+    sets += [list(range(source_layer - k + 1, source_layer + 1)) for k in range(3, max_layers + 1)]
+    return [s for s in ([[x for x in s if 0 <= x < n_layers] for s in sets]) if s]
+
+
+def kl_acceptable(kl_to_c: float, kl_to_o: float | None, base_kl_to_o: float | None, threshold: float) -> bool:
+    """The calibration's KL rule on harmless prompts: KL to C ≤ ``threshold``, or (when O's logits are
+    known) KL to O no larger than C's own ``base_kl_to_o`` — a move back toward the original."""
+    return kl_to_c <= threshold or (kl_to_o is not None and base_kl_to_o is not None
+                                    and kl_to_o <= base_kl_to_o + 1e-9)
+
+
+def _rank(g: dict) -> tuple:
+    """:func:`choose`'s order: refusal minus over-refusal, then refusal score, no re-alignment, fewer
+    layers, smaller α."""
+    return (round(g["harmful_refusal"] - g["harmless_refusal"], 6), g["harmful_score"],
+            -g.get("realign", False), -len(g["layers"]), -g["alpha"])
+
+
+def choose(grid: Sequence[dict]) -> dict:
+    """The calibration point to keep: among feasible points, the largest harmful refusal minus
+    harmless over-refusal (ties: larger refusal score, no re-alignment, fewer layers, smaller α).
+
+    Refusal minus over-refusal, not refusal alone: under a loose over-refusal limit the largest refusal
+    sits at the largest feasible α, at the edge where refusal collapses (measured: BENCHMARKS.md)."""
+    feasible = [g for g in grid if g["feasible"]]
+    if not feasible:
+        raise AIRDError("no feasible calibration point (the unrepaired model is always one)")
+    return max(feasible, key=_rank)
+
+
+class _Measure:
+    """Refusal rates, refusal score and harmless logits of ``handle`` (under whatever repair is applied)."""
+
+    def __init__(self, handle: ModelHandle, sets: CalibrationSets, gen_tokens: int) -> None:
+        self.handle, self.sets, self.gen_tokens = handle, sets, gen_tokens
+        self.ids = refusal_token_ids(handle.tokenizer)
+
+    def generated(self) -> dict:
+        """Greedy replies of ``gen_tokens`` judged by the substring judge; scores from their first step."""
+        out = {}
+        for kind, prompts in (("harmful", self.sets.harmful), ("harmless", self.sets.harmless)):
+            replies, logits = generate_with_logits(self.handle, list(prompts), max_new_tokens=self.gen_tokens)
+            out[kind] = (sum(map(is_refusal, replies)) / len(replies), logits)
+        return self._point(out)
+
+    def scored(self) -> dict:
+        """One forward per prompt: refused when the first reply token's refusal score is > 0."""
+        out = {}
+        for kind, prompts in (("harmful", self.sets.harmful), ("harmless", self.sets.harmless)):
+            logits = last_logits(self.handle, list(prompts))
+            out[kind] = (float((refusal_score_from_logits(logits, self.ids) > 0).float().mean()), logits)
+        return self._point(out)
+
+    def _point(self, out: dict) -> dict:
+        return {"harmful_refusal": out["harmful"][0], "harmless_refusal": out["harmless"][0],
+                "harmful_score": float(refusal_score_from_logits(out["harmful"][1], self.ids).mean()),
+                "harmless_logits": out["harmless"][1]}
+
+
+def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
+              sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
+              alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
+              kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
+              realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
+              original: ModelHandle | None = None, search: str = "scored", confirm: int = DEFAULT_CONFIRM,
+              progress: Progress | None = None) -> Repair:
+    """Choose S and α on validation prompts (module docstring: objective, ``search``, ``confirm``).
+
+    KL rule: KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O no
+    larger than C's own KL to O: a repair that moves harmless behaviour back toward the original is not
+    damage, though it moves away from C (one that moves away from both is).
+
+    With ``realignment`` (``(layer, u)`` from :func:`core.aird.fit_realignment`) the grid is searched
+    twice, without and with it, against the same unrepaired baseline, and the re-alignment is kept only
+    if it is chosen (``require_realignment``: only the grid with it). Runs in adapter form (hooks;
+    identical function to merged), so it also works on quantized layers; α grows per layer set until a
+    constraint fails or harmful refusal stops rising (a larger α then only costs over-refusal).
+    Returns the chosen :class:`~core.aird.Repair` with the whole grid in ``calibration`` (each point
+    says how it was ``measured``); α = 0 (no repair) when nothing beats the unrepaired model.
+    """
+    if search not in SEARCHES:
+        raise AIRDError(f"calibration search must be one of {SEARCHES}, got {search!r}")
+    if require_realignment and realignment is None:
+        raise AIRDError("require_realignment needs a realignment")
+    sets = sets or CalibrationSets.bundled()
+    layer_sets = [list(s) for s in (layer_sets or candidate_layer_sets(source_layer, compressed.n_layers))]
+    r = unit(direction).float()
+    fits = [None] if realignment is None else [realignment] if require_realignment else [None, realignment]
+    meas = _Measure(compressed, sets, gen_tokens)
+    steps = len(fits) * (1 + len(layer_sets) * len(alphas))
+    gen_steps = 0 if search == "generated" else 1 + confirm
+    state = {"done": 0, "total": steps + gen_steps}
+
+    def tick(skip: int = 0) -> None:
+        state["done"] += 1 + skip
+        report(progress, state["done"], state["total"])
+
+    def trial(fit, layers: list[int], alpha: float) -> Repair:
+        return Repair(r, layers, alpha, "adapter", source_layer, realign=None if fit is None else fit[1],
+                      realign_layer=None if fit is None else fit[0])
+
+    measure = meas.generated if search == "generated" else meas.scored
+    base = measure()
+    o_logits = None if original is None else last_logits(original, sets.harmless)
+    judge = _Judge(base, o_logits, max_overrefusal_rise, kl_threshold)
+    grid: list[dict] = []
+    for fit in fits:
+        if fit is None:  # the unrepaired model: measured above
+            grid.append(judge.point(None, [], 0.0, dict(base), search))
+        else:
+            with applied(compressed, trial(fit, [], 0.0)):
+                grid.append(judge.point(fit, [], 0.0, measure(), search))
+        tick()
+        for layers in layer_sets:
+            previous = -1.0
+            for k, alpha in enumerate(sorted(alphas)):
+                with applied(compressed, trial(fit, layers, alpha)):
+                    grid.append(judge.point(fit, layers, alpha, measure(), search))
+                gained = grid[-1]["harmful_refusal"] > previous + 1e-9
+                previous = grid[-1]["harmful_refusal"]
+                if not grid[-1]["feasible"] or not gained:
+                    tick(len(alphas) - k - 1)
+                    break  # larger α only moves further: past a constraint, or past the refusal plateau
+                tick()
+    if search == "scored":
+        grid = _confirm(grid, compressed, meas, trial, realignment, confirm, o_logits, max_overrefusal_rise,
+                        kl_threshold, tick)
+    best = choose(grid)
+    layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
+    for g in grid:
+        g["chosen"] = g is best
+    fit = realignment if best["realign"] else None
+    report(progress, state["done"], state["done"])
+    return Repair(direction=r, layers=layers, alpha=best["alpha"], mode=mode, source_layer=source_layer,
+                  calibration=grid, auto=True, realign=None if fit is None else fit[1],
+                  realign_layer=None if fit is None else fit[0])
+
+
+class _Judge:
+    """Feasibility of grid points against the unrepaired model's measurement ``base``."""
+
+    def __init__(self, base: dict, o_logits: torch.Tensor | None, max_rise: float, kl_threshold: float) -> None:
+        self.base, self.o_logits, self.max_rise, self.kl_threshold = base, o_logits, max_rise, kl_threshold
+        self.base_logits = base["harmless_logits"]
+        self.base_kl_o = None if o_logits is None else kl_divergence(o_logits, self.base_logits)
+
+    def point(self, fit, layers: list[int], alpha: float, m: dict, measured: str) -> dict:
+        logits = m.pop("harmless_logits")
+        m["kl"] = kl_divergence(self.base_logits, logits)
+        if self.o_logits is not None:
+            m["kl_original"] = kl_divergence(self.o_logits, logits)
+        m["feasible"] = (m["harmless_refusal"] - self.base["harmless_refusal"] <= self.max_rise + 1e-9
+                         and kl_acceptable(m["kl"], m.get("kl_original"), self.base_kl_o, self.kl_threshold))
+        return {"realign": fit is not None, "layers": layers, "alpha": alpha, "measured": measured, **m}
+
+
+def _unrepaired(g: dict) -> bool:
+    return g["alpha"] == 0 and not g["realign"]
+
+
+def _confirm(grid: list[dict], compressed: ModelHandle, meas: _Measure, trial, realignment, confirm: int,
+             o_logits, max_rise: float, kl_threshold: float, tick) -> list[dict]:
+    """Generate the unrepaired model and the ``confirm`` best scored points; their feasibility and
+    rates become the generated ones (the scored values stay in ``scored_*``). Points not confirmed
+    stay in the grid, infeasible for the choice (``feasible_scored`` keeps the estimate)."""
+    ranked = sorted((g for g in grid if g["feasible"] and not _unrepaired(g)), key=_rank, reverse=True)[:confirm]
+    base = meas.generated()
+    judge = _Judge(base, o_logits, max_rise, kl_threshold)
+    tick()
+    out = []
+    for g in grid:
+        scored = {f"scored_{k}": g[k] for k in ("harmful_refusal", "harmless_refusal", "feasible")}
+        if _unrepaired(g):
+            new = judge.point(None, [], 0.0, dict(base), "generated")
+        elif any(g is x for x in ranked):
+            fit = realignment if g["realign"] else None
+            with applied(compressed, trial(fit, g["layers"], g["alpha"])):
+                new = judge.point(fit, g["layers"], g["alpha"], meas.generated(), "generated")
+            tick()
+        else:
+            new = {**g, "feasible": False, "harmful_refusal": None, "harmless_refusal": None}
+        out.append({**new, **scored})
+    for _ in range(confirm - len(ranked)):
+        tick()
+    return out
