@@ -248,10 +248,14 @@ def main() -> None:
     for task in tasks:
         name = task.partition("@")[0]
         base_task = BASE_TASK.get(name, name)
-        if base_task not in base_runs:
-            base_runs[base_task] = run_side(base_task, base)
-        old = base_runs[base_task]
-        new = run_side(task, new_root)
+        try:
+            if base_task not in base_runs:
+                base_runs[base_task] = run_side(base_task, base)
+            old = base_runs[base_task]
+            new = run_side(task, new_root)
+        except SystemExit as e:  # one failed task never loses the others' measurements
+            print(e, file=sys.stderr, flush=True)
+            continue
         raw[task] = {"base": old, "new": new}
         rows.append(compare(task, old, new))
         r = rows[-1]
