@@ -8,6 +8,10 @@ compress with ``wanda:0.5``, compute what the later pages show), then opens ever
 session* (a new browser tab, so nothing comes from that session's state) and times until the script has
 finished and the page's main element is visible. Prints a table and writes ``bench/results/ui.json``.
 
+The warm-up is also the new user's flow, timed per action (``flow_seconds``): with ``--model default``
+and the empty run store it starts from, Compress ``wanda:0.5`` → Run the drift study → Run AIRD, all
+with the default settings.
+
 Default model: a tiny random llama saved to a temporary folder (the timings measure the dashboard, not
 the model); ``--model default`` uses the real default model and its cached results. Target: ≤ 1 s per page.
 
@@ -202,20 +206,23 @@ def click_button(page, label: str, timeout_s: float | None = None) -> None:
     wait_idle(page, timeout_s or ACTION_TIMEOUT_S)
 
 
-def run_action(page, title: str, action: str | None, log=print) -> None:
+def run_action(page, title: str, action: str | None, log=print) -> float | None:
     """Click ``action`` on the page ``title`` if that button is there and enabled (nothing to do when the
-    results are cached)."""
+    results are cached); the seconds until the page was idle again, or None when nothing was clicked."""
     if not action:
-        return
+        return None
     button = page.get_by_role("button", name=action)
     try:
         button.first.wait_for(state="visible", timeout=15_000)
     except Exception:  # noqa: BLE001 — no such button on this page state
-        return
-    if button.first.is_enabled():
-        t = time.perf_counter()
-        click_button(page, action)
-        log(f"  {title}: {action} in {time.perf_counter() - t:.1f} s")
+        return None
+    if not button.first.is_enabled():
+        return None
+    t = time.perf_counter()
+    click_button(page, action)
+    seconds = time.perf_counter() - t
+    log(f"  {title}: {action} in {seconds:.1f} s")
+    return seconds
 
 
 def click_label(page, text: str) -> None:
@@ -225,33 +232,36 @@ def click_label(page, text: str) -> None:
     wait_idle(page)
 
 
-def flow_step(page, title: str, *, fast: bool, log=print) -> None:
-    """What a user clicks on each page to get its results. ``fast``: last-token direction search and a
-    manual AIRD repair (no calibration grid) — the browser test's short path; otherwise the defaults."""
-    if title == "Compress":
-        run_action(page, title, "Compress", log)
-    elif title == "Refusal drift":
-        if fast:
-            page.get_by_text("Evaluation settings").first.click()
-            click_label(page, "last prompt token only (faster)")
-        run_action(page, title, "Run the drift study", log)
-    elif title == "Steer":
-        run_action(page, title, "Generate", log)
-    elif title == "AIRD":
-        if fast:
-            click_label(page, "manual")
-        run_action(page, title, "Run AIRD", log)
+FLOW_ACTIONS = {"Compress": "Compress", "Refusal drift": "Run the drift study", "Steer": "Generate",
+                "AIRD": "Run AIRD"}
 
 
-def warm_up(page, server: Server, log=print) -> None:
-    """Click through the flow once so every page has results to show (cached for later sessions)."""
+def flow_step(page, title: str, *, fast: bool, log=print) -> float | None:
+    """What a user clicks on each page to get its results; the seconds the click took (None: nothing to
+    click). ``fast``: last-token direction search and a manual AIRD repair (no calibration grid) — the
+    browser test's short path; otherwise the defaults."""
+    if fast and title == "Refusal drift":
+        page.get_by_text("Evaluation settings").first.click()
+        click_label(page, "last prompt token only, screened")
+    if fast and title == "AIRD":
+        click_label(page, "manual")
+    return run_action(page, title, FLOW_ACTIONS.get(title), log)
+
+
+def warm_up(page, server: Server, log=print) -> dict[str, float]:
+    """Click through the flow once, as a new user does with the default settings, so every page has
+    results to show (cached for later sessions); ``{page: seconds of its action}``."""
     page.goto(server.url)
     wait_ready(page, PAGES[0])
+    times = {}
     for spec in existing_pages()[1:]:
         click_nav(page, spec.title)
         page.wait_for_selector(f"h1:has-text('{spec.title}')", timeout=600_000)
         wait_idle(page)
-        flow_step(page, spec.title, fast=False, log=log)
+        seconds = flow_step(page, spec.title, fast=False, log=log)
+        if seconds is not None:
+            times[spec.title] = seconds
+    return times
 
 
 def tiny_model_folder(folder: Path) -> Path:
@@ -279,18 +289,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="refusal-lab-ui-"))
     try:
         model = args.model or str(tiny_model_folder(tmp / "tiny-llama"))
-        env = {"REFUSAL_LAB_MODEL": model}
-        if args.model is None:  # a private cache and run store for the tiny model
-            env.update(REFUSAL_LAB_CACHE=str(tmp / "cache"), REFUSAL_LAB_RUNS=str(tmp / "runs"))
+        env = {"REFUSAL_LAB_MODEL": model, "REFUSAL_LAB_RUNS": str(tmp / "runs")}  # an empty run store
+        if args.model is None:  # and a private cache for the tiny model
+            env.update(REFUSAL_LAB_CACHE=str(tmp / "cache"))
         rows = []
         with Server(env) as server, sync_playwright() as pw:
             browser = launch_browser(pw)
             ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
             page = ctx.new_page()
             t = time.perf_counter()
-            warm_up(page, server)
+            flow = warm_up(page, server)
             warm = time.perf_counter() - t
-            print(f"warm-up (load, compute and cache everything once): {warm:.1f} s")
+            print(f"warm-up (load, compute and cache everything once, from an empty run store): {warm:.1f} s")
             for spec in existing_pages():
                 cold, switch = [], []
                 for _ in range(args.repeats):
@@ -323,6 +333,7 @@ def main() -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         out = {"benchmark": "ui-first-render", "model": args.model or "tiny random llama (4 × 64)",
                "target_s": TARGET_S, "warm_up_s": warm, "repeats": args.repeats, "pages": rows,
+               "flow_seconds": flow, "run_store": "empty at start (a temporary folder)",
                "measured": {"switch": "sidebar click in a fresh session opened on Home → script finished, title and "
                                       "main element visible (the target applies to this)",
                             "cold": "new tab straight to the page URL (loads the whole frontend)"},

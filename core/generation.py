@@ -30,7 +30,7 @@ import torch
 
 from core.activations import _last_index, batch_cache, left_pad, prefix_cache, shared_prefix, tokenize
 from core.models import ModelHandle
-from core.precision import compute
+from core.precision import compute, reused_casts
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
@@ -157,7 +157,7 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
     stop = torch.tensor(sorted(eos_ids(handle)) or [-1], device=dev)
     out: list[list[int]] = [[] for _ in ids]
     done = 0
-    with handle.lock:
+    with handle.lock, reused_casts(handle):
         prefix = shared_prefix(handle, ids, extra_tokens=max_new_tokens) if share_prefix else []
         cache0 = prefix_cache(handle, prefix)
         p = len(prefix) if cache0 is not None else 0
@@ -233,7 +233,7 @@ def _generate_hf(handle: ModelHandle, texts: Sequence[str], *, max_new_tokens: i
             kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with handle.lock, compute(handle):
+        with handle.lock, reused_casts(handle):
             ids = handle.model.generate(**enc, **kwargs)
         new = ids[:, enc["input_ids"].shape[1]:]
         for j, i in enumerate(idx):

@@ -38,6 +38,7 @@ from core.models import ModelHandle
 from core.progress import Progress, report
 
 SCREEN_Z = 3.0  # standard errors a screened mean must clear to stay in the search
+SCREEN_SURVIVORS = 0.15  # share of candidates a screen keeps (measured: 20 of 138 on the default model)
 
 Candidate = tuple[int, int]  # (position offset, layer)
 
@@ -96,7 +97,7 @@ def _screen(candidates: Sequence[Candidate], runner: BatchRunner, score, interve
             s = score(runner.last_logits()).double()
         se = float(s.std() / math.sqrt(len(s))) if len(s) > 1 else math.inf
         out[c] = (float(s.mean()), se)
-        tick()
+        tick(len(runner))
     return out
 
 
@@ -130,7 +131,10 @@ def candidate_grid(dirset: DirectionSet, positions: Sequence[int], n_layers: int
 
 @dataclasses.dataclass
 class _Search:
-    """The state of one selection: val runners, score grids ``(n_pos, n_layers)`` and the progress bar."""
+    """The state of one selection: val runners, score grids ``(n_pos, n_layers)`` and the progress bar.
+
+    Progress counts prompts run (a pass over the harmful val set is ``nh`` of them, a screen ``k``), so
+    that the bar's pace, and the ETA drawn from it, holds across steps of different sizes."""
 
     handle: ModelHandle
     dirset: DirectionSet
@@ -138,22 +142,26 @@ class _Search:
     run_n: BatchRunner
     score: Callable[[torch.Tensor], torch.Tensor]
     progress: Progress | None
-    total: int
+    total: int = 0
     done: int = 0
+    passes: int = 0
     tables: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("bypass", "induce", "kl"):
             self.tables[name] = torch.full_like(getattr(self.dirset, name), math.nan)
+        self.nh, self.nn = len(self.run_h), len(self.run_n)
 
-    def tick(self, k: int = 1) -> None:
-        self.done += k
+    def tick(self, prompts: int, passes: int = 1) -> None:
+        """``passes`` forward passes over ``prompts`` prompts in all were run."""
+        self.done += prompts
+        self.passes += passes
         self.total = max(self.total, self.done)
         report(self.progress, self.done, self.total)
 
-    def plan(self, more: int) -> None:
-        """The bar now expects ``more`` steps after the ones taken (the ETA follows)."""
-        self.total = self.done + more
+    def plan(self, more: float) -> None:
+        """The bar now expects ``more`` prompts after those run (the ETA follows)."""
+        self.total = self.done + round(more)
         report(self.progress, self.done, self.total)
 
     def get(self, name: str, c: Candidate) -> float:
@@ -167,7 +175,7 @@ class _Search:
         for c in cands:
             with ablate(self.handle, self.dirset.candidate(*c)):
                 self.put("bypass", c, float(self.score(self.run_h.last_logits()).mean()))
-            self.tick()
+            self.tick(self.nh)
 
     def induce(self, cands: Sequence[Candidate]) -> None:
         """Exact induce of each candidate: one pass over the harmless val prompts, added at its layer."""
@@ -175,7 +183,7 @@ class _Search:
             if math.isnan(self.get("induce", c)):
                 with add(self.handle, self.dirset.candidate(*c), c[1], 1.0):
                     self.put("induce", c, float(self.score(self.run_n.last_logits()).mean()))
-                self.tick()
+                self.tick(self.nn)
 
     def by_bypass(self, cands: Sequence[Candidate]) -> list[Candidate]:
         return sorted((c for c in cands if not math.isnan(self.get("bypass", c))), key=lambda c: self.get("bypass", c))
@@ -256,9 +264,10 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     with handle.lock:
         run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val = _val_runners(
             handle, list(harmful_val), list(harmless_val), filter_refusals, score, runner_kw, msgs)
-        # planned steps (one step ≈ one pass): baseline, induce for all, then bypass + KL for ~1 candidate
-        s = _Search(handle, dirset, run_h, run_n, score, progress, total=1 + 3 * n if exhaustive else 3 + n)
-        s.tick()
+        s = _Search(handle, dirset, run_h, run_n, score, progress)
+        # the plan: baseline, induce for all, then bypass + KL for about one candidate (exhaustive: all three)
+        s.plan(s.nh + s.nn + (n * (s.nh + 2 * s.nn) if exhaustive else n * s.nn + s.nh + s.nn))
+        s.tick(s.nh + s.nn, passes=2)
         lazy = _LazyKL(handle, run_n, base_n)
         screened: dict[str, dict] = {}
         if exhaustive:
@@ -267,13 +276,12 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         else:
             searched = grid
             if screen:
-                s.plan(n + n + 2)
                 scr_n = BatchRunner(handle, tokenize(handle, _spread(harmless_val, screen)), **runner_kw)
+                s.plan(n * len(scr_n) + SCREEN_SURVIVORS * n * s.nn + s.nh + s.nn)
                 screened["induce"] = _screen(grid, scr_n, score,
                                              lambda c: add(handle, dirset.candidate(*c), c[1], 1.0), s.tick)
                 searched = [c for c in grid
                             if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1] > induce_threshold]
-                s.plan(len(searched) + 2)
             chosen, used_kl, removed, n_checked = _lazy(s, searched, lazy, kl_threshold, induce_threshold,
                                                         kl_relaxation, msgs)
             removed["screen"] = n - len(searched)
@@ -294,7 +302,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             "positions": pos_list, "layers": layers, "exhaustive": exhaustive, "order": "induce first",
             "layers_removed_by_layer_filter": [x for x in range(L) if x not in layers],
             "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},
-            "n_candidates": n, "n_checked": n_checked, "fallback": fallback, "passes": s.done,
+            "n_candidates": n, "n_checked": n_checked, "fallback": fallback, "passes": s.passes,
             "kl_decided_early": lazy.decided_early,
             "screen": None if not screen else {
                 "prompts": screen, "z": SCREEN_Z, "searched": len(searched),
@@ -316,11 +324,11 @@ def _lazy(s: _Search, searched: list[Candidate], lazy: _LazyKL, kl_threshold: fl
           kl_relaxation: Sequence[float], msgs: list[str]):
     """Induce for every searched candidate, bypass for those above ``induce_threshold``, KL in bypass order
     until one passes, then the relaxed KL thresholds. ``(chosen or None, kl used, removed, n_checked)``."""
-    s.plan(len(searched) + 2)
+    s.plan(len(searched) * s.nn + s.nh + s.nn)
     s.induce(searched)
     feasible = [c for c in searched if s.get("induce", c) > induce_threshold]
     removed = {"induce": len(searched) - len(feasible), "kl": 0}
-    s.plan(len(feasible) + min(1, len(feasible)))
+    s.plan(len(feasible) * s.nh + min(1, len(feasible)) * s.nn)
     s.bypass(feasible)
     order = s.by_bypass(feasible)
     n_checked = 0
@@ -328,11 +336,11 @@ def _lazy(s: _Search, searched: list[Candidate], lazy: _LazyKL, kl_threshold: fl
         n_checked += 1
         ok = lazy.below(c, s.dirset.candidate(*c), kl_threshold)
         s.put("kl", c, lazy.value(c))
-        s.tick()
+        s.tick(s.nn)
         if ok:
             return c, kl_threshold, removed, n_checked
         removed["kl"] += 1
-        s.plan(1 if c != order[-1] else 0)
+        s.plan(s.nn if c != order[-1] else 0)
     chosen, used = _relax(s, order, lazy, kl_threshold, induce_threshold, kl_relaxation, removed, msgs)
     return chosen, used, removed, n_checked
 
@@ -363,7 +371,7 @@ def _exhaustive(s: _Search, grid: list[Candidate], lazy: _LazyKL, kl_threshold: 
     for c in grid:
         lazy.below(c, s.dirset.candidate(*c), math.inf)
         s.put("kl", c, lazy.value(c))
-        s.tick()
+        s.tick(s.nn)
         if s.get("induce", c) <= induce_threshold:
             removed["induce"] += 1
         elif s.get("kl", c) >= kl_threshold:
@@ -378,23 +386,24 @@ def _exhaustive(s: _Search, grid: list[Candidate], lazy: _LazyKL, kl_threshold: 
 
 def _fallback(s: _Search, grid: list[Candidate], searched: list[Candidate], lazy: _LazyKL, screen: int | None,
               harmful_val: list[str], runner_kw: dict, screened: dict) -> Candidate:
-    """The lowest bypass over the whole grid, and its KL in full (the table shows it). Bypass is computed
+    """The lowest bypass over the whole grid, with its KL and induce in full (the table shows them). Bypass is computed
     for the candidates still without one — or, with ``screen``, screened and computed where it may be lowest."""
     rest = [c for c in grid if math.isnan(s.get("bypass", c))]
     if rest and screen:
-        s.plan(len(rest) + 1)
         scr_h = BatchRunner(s.handle, tokenize(s.handle, _spread(harmful_val, screen)), **runner_kw)
+        s.plan(len(rest) * len(scr_h) + SCREEN_SURVIVORS * len(rest) * s.nh + s.nn)
         screened["bypass"] = _screen(rest, scr_h, s.score, lambda c: ablate(s.handle, s.dirset.candidate(*c)), s.tick)
         known = [(s.get("bypass", c), 0.0) for c in grid if not math.isnan(s.get("bypass", c))]
         bound = min(m + SCREEN_Z * se for m, se in [*known, *screened["bypass"].values()])
         rest = [c for c in rest if screened["bypass"][c][0] - SCREEN_Z * screened["bypass"][c][1] <= bound]
-    s.plan(len(rest) + 1)
+    s.plan(len(rest) * s.nh + s.nn)
     s.bypass(rest)
     chosen = s.by_bypass(grid)[0]
     if math.isnan(s.get("kl", chosen)):
         lazy.below(chosen, s.dirset.candidate(*chosen), math.inf)
         s.put("kl", chosen, lazy.value(chosen))
-        s.tick()
+        s.tick(s.nn)
+    s.induce([chosen])  # when it was screened out: the chosen candidate's three scores are always known
     return chosen
 
 
@@ -408,3 +417,29 @@ def _warn_fallback(msgs: list[str], removed: dict, chosen: Candidate, n: int, kl
            f"[{detail}]; falling back to the lowest bypass score at position {chosen[0]}, layer {chosen[1]}")
     msgs.append(msg)
     warnings.warn(msg)
+
+
+
+def planned_passes(n_candidates: int, n_val: int, *, screen: int | None = None, exhaustive: bool = False) -> float:
+    """Expected forward passes over one val set of a search without fallback: the two baselines, induce
+    for every candidate (screened: ``screen/n_val`` of a pass each, then :data:`SCREEN_SURVIVORS` of
+    them exactly), and bypass + KL for about one candidate; ``exhaustive``: three per candidate."""
+    if exhaustive:
+        return 2 + 3 * n_candidates
+    induce = n_candidates if not screen else n_candidates * (min(screen, n_val) / n_val + SCREEN_SURVIVORS)
+    return 2 + induce + 2
+
+
+def seconds_per_pass(handle: ModelHandle, prompts: Sequence[str], *, sample: int = 8) -> float:
+    """Wall seconds of one forward pass over ``prompts`` on this machine, timed on ``sample`` of them
+    spread over the set and scaled by token count (a second or so for the default model)."""
+    ids = tokenize(handle, prompts)
+    few = _spread(list(range(len(ids))), sample)
+    runner = BatchRunner(handle, [ids[i] for i in few])
+    with handle.lock:
+        runner.last_logits()  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        runner.last_logits()
+        seconds = time.perf_counter() - t0
+    share = sum(len(r) for r in runner.rest) / max(1, sum(len(s) - len(runner.prefix) for s in ids))
+    return seconds / max(share, 1e-9)

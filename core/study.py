@@ -33,7 +33,7 @@ CODE_VERSION = "study-2"
 StageProgress = Callable[[str, int, int], None]
 
 
-LEGACY = {"precision": "float32", "aird_search": "generated"}  # what a stored spec without the field ran
+LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True}  # what a stored spec without the field ran
 
 
 @dataclass
@@ -60,6 +60,9 @@ class StudySpec:
     aird_realign: str = "auto"
     aird_search: str = "scored"  # calibration grid: scored (one forward, best points generated) | generated
     selection_positions: list[int] | None = None  # None: every post-instruction position
+    selection_screen: int | None = 12  # induce screened on this many val prompts (core.selection); None: exact
+    variant_selection: bool = False  # select each variant's own direction too (its source layer); drift needs
+    #                                  only the variant's candidates
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -255,17 +258,25 @@ class Study:
         from core.directions import generate_candidates
         from core.selection import select_direction
 
+        select = which == "original" or self.spec.variant_selection
+
         def compute():
             h = self.model_for(which)
             harmful, harmless = bundled("harmful", "train"), bundled("harmless", "train")
             ds = generate_candidates(h, harmful.prompts, harmless.prompts,
                                      progress=self._progress(f"directions {which}: candidates"))
+            if not select:
+                return ds
             return select_direction(h, ds, bundled("harmful", "val").prompts, bundled("harmless", "val").prompts,
-                                    positions=self.spec.selection_positions,
+                                    positions=self.spec.selection_positions, screen=self.spec.selection_screen,
                                     progress=self._progress(f"directions {which}: selection"))
 
+        screen = () if self.spec.selection_screen is None else (f"screen={self.spec.selection_screen}",)
+        if not select:  # candidates only: no selection setting applies
+            return self._cached(f"directions {which}", (self.original_fingerprint(), which, "candidates"), compute,
+                                "directions")
         return self._cached(f"directions {which}", (self.original_fingerprint(), which,
-                                                    self.spec.selection_positions), compute, "directions")
+                                                    self.spec.selection_positions) + screen, compute, "directions")
 
     def diagnostic(self, scheme: str) -> dict:
         """Harmful/harmless projections on O's refusal direction (val splits, O's selected position) in
@@ -301,21 +312,32 @@ class Study:
         def compute():
             d_o, d_c = self.directions("original"), self.directions(scheme)
             cos_sel = layer_cosines(d_o, d_c)
+            cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))  # noqa: E731
             return {
                 "scheme": scheme,
                 "cosine_per_layer": [None if x != x else float(x) for x in cos_sel.tolist()],
-                "cosine_selected": float(torch.nn.functional.cosine_similarity(
-                    d_o.direction.double(), d_c.direction.double(), dim=0)),
+                # O's direction against the variant's candidate at O's source, and against its own selection
+                "cosine_at_source": cos(d_o.direction, d_c.candidate(*d_o.selected)),
+                "cosine_selected": None if d_c.selected is None else cos(d_o.direction, d_c.direction),
                 "original": {"source": source(d_o), "quality": quality(d_o)},
                 "variant": {"source": source(d_c), "quality": quality(d_c)},
                 **self.diagnostic(scheme),
             }
 
-        return self._cached(f"drift {scheme}", (self.original_fingerprint(), scheme, "verdict-3"), compute)
+        parts = (self.original_fingerprint(), scheme, "verdict-3") + (() if self.spec.variant_selection else
+                                                                     ("candidates",))
+        return self._cached(f"drift {scheme}", parts, compute)
 
     def _harmless_logits(self, handle: ModelHandle) -> torch.Tensor:
+        """Last-position logits on the harmless evaluation set; the original's are computed once per study
+        (every variant's KL is measured against them)."""
         from core.judges import last_logits
-        return last_logits(handle, self.eval_sets()["harmless"].prompts)
+
+        if handle is not self._original:
+            return last_logits(handle, self.eval_sets()["harmless"].prompts)
+        if "original_harmless_logits" not in self._memo:
+            self._memo["original_harmless_logits"] = last_logits(handle, self.eval_sets()["harmless"].prompts)
+        return self._memo["original_harmless_logits"]
 
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
         from core.evaluation import kl_divergence, perplexity, refusal_evaluation
@@ -512,6 +534,13 @@ def _src(dirset) -> dict:
     return {"source": source(dirset), "quality": quality(dirset)}
 
 
+def drift_cosine(drift: dict) -> float:
+    """The cosine a table shows for a variant: between the selected directions when the variant's was
+    selected, else between O's direction and the variant's candidate at O's source."""
+    sel = drift.get("cosine_selected")
+    return sel if sel is not None else drift["cosine_at_source"]
+
+
 def summary_rows(results: dict) -> list[dict]:
     """One row per model (original, each variant, each repaired variant) for tables."""
     def row(label: str, ev: dict, extra: dict | None = None) -> dict:
@@ -526,7 +555,7 @@ def summary_rows(results: dict) -> list[dict]:
 
     rows = [row("original", results["original"]["evaluation"])]
     for scheme, v in results["variants"].items():
-        rows.append(row(scheme, v["evaluation"], {"cosine_to_original": v["drift"]["cosine_selected"],
+        rows.append(row(scheme, v["evaluation"], {"cosine_to_original": drift_cosine(v["drift"]),
                                                   "source_layer": v["drift"]["variant"]["source"]["layer"],
                                                   "recoverability": v["drift"]["recoverability"]["level"]}))
         if "repaired" in v:

@@ -21,7 +21,7 @@ from typing import Any
 import streamlit as st
 
 from core.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
-from core.progress import Cancelled
+from core.progress import Cancelled, Eta, format_seconds
 
 DEFAULT_SPEC = os.environ.get("REFUSAL_LAB_MODEL", "default")
 MODEL_CFG = "model_cfg"
@@ -292,8 +292,11 @@ def run_store():
 # ----------------------------------------------------------------------------------------------
 
 SETTINGS = "study_settings"
-DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "all"}
-POSITIONS = {"all": "every post-instruction token (as in the paper)", "last": "last prompt token only (faster)"}
+DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "screened", "variant_selection": False}
+POSITIONS = {"screened": "every post-instruction token, screened (fast; same choice in every measured case)",
+             "all": "every post-instruction token, exact (as in the paper; slower)",
+             "last": "last prompt token only, screened"}
+SCREEN = 12  # val prompts of the induce screen (core.selection)
 
 
 def study_settings() -> dict:
@@ -314,12 +317,38 @@ def settings_widgets(container=None) -> dict:
                       help="first N prompts of the harmful / harmless / borderline test sets (Prompts page)")
     tokens = c2.slider("New tokens per reply", 16, 128, int(cur["max_new_tokens"]), step=16,
                        help="greedy generation judged by the substring refusal judge")
-    positions = where.radio("Direction search over positions", list(POSITIONS), format_func=POSITIONS.get,
-                            index=list(POSITIONS).index(cur.get("positions", "all")), horizontal=True,
-                            help="candidates at every position × layer are scored; the last token alone is "
-                                 "several times cheaper")
-    cur.update(limit=limit, max_new_tokens=tokens, positions=positions)
+    current = cur.get("positions", "screened")
+    positions = where.radio("Direction search", list(POSITIONS), format_func=POSITIONS.get,
+                            index=list(POSITIONS).index(current if current in POSITIONS else "screened"),
+                            help=f"screened: every candidate's induce score is first measured on {SCREEN} val "
+                                 "prompts and only those that may induce refusal are scored on all of them "
+                                 "(BENCHMARKS.md compares it with the exact search); exact: every candidate on "
+                                 "every val prompt")
+    if positions == "all":
+        where.caption(f"Exact search: {search_estimate(require_handle())} per model "
+                      "(more if no candidate passes the filters).")
+    variant_selection = where.checkbox(
+        "Also select each variant's own direction", value=bool(cur.get("variant_selection", False)),
+        help="shows where the variant's refusal direction comes from (its source layer) and its scores; one "
+             "more direction search per variant. Off, the drift compares the variant's candidates with the "
+             "original's direction at the original's source.")
+    cur.update(limit=limit, max_new_tokens=tokens, positions=positions, variant_selection=variant_selection)
     return cur
+
+
+def search_estimate(handle: ModelHandle) -> str:
+    """How long an exact all-position search takes on this machine: planned passes × a timed pass."""
+    from core.activations import post_instruction_length
+    from core.prompts import bundled
+    from core.selection import planned_passes, seconds_per_pass
+
+    ws = current_workspace(handle)
+    key = ("seconds_per_pass", handle.fingerprint, handle.precision)
+    if key not in ws.values:
+        ws.values[key] = seconds_per_pass(handle, bundled("harmless", "val").prompts)
+    n = post_instruction_length(handle) * int(0.8 * handle.n_layers)
+    passes = planned_passes(n, len(bundled("harmless", "val").prompts))
+    return f"about {passes:.0f} passes over the val prompts ≈ {format_seconds(passes * ws.values[key])}"
 
 
 def study_spec(handle: ModelHandle, **aird):
@@ -333,6 +362,8 @@ def study_spec(handle: ModelHandle, **aird):
                      max_new_tokens=int(s["max_new_tokens"]), device=cfg["device"], dtype=cfg["dtype"],
                      precision=handle.precision,
                      selection_positions=[-1] if s.get("positions") == "last" else None,
+                     selection_screen=None if s.get("positions") == "all" else SCREEN,
+                     variant_selection=bool(s.get("variant_selection", False)),
                      name=f"dashboard · {handle.name}", **aird)
 
 
@@ -367,11 +398,14 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
     ws = workspace(ws_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
     cancelled = cancel_check(cancel_key)
+    eta = Eta()
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if cancelled():
             raise Cancelled(stage)
-        bar.progress(0.0 if total <= 0 else min(1.0, done / total), text=f"{what} · {stage} · {done}/{total}")
+        left = format_seconds(eta.update(stage, done, total))
+        bar.progress(0.0 if total <= 0 else min(1.0, done / total),
+                     text=f"{what} · {stage} · {done}/{total}" + (f" · {left} left in this step" if left else ""))
 
     def call():
         with ws.study_lock:

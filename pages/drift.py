@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.compression import SchemeError, VALID_FORMS, parse_scheme
+from core.study import drift_cosine
 from pages._shared import (Variant, cancel_button, guarded, completed_key, current_workspace, get_study, is_completed,
                            mark_completed, mark_original_direction, model_badge, require_handle, run_study,
                            settings_widgets, show_error)
@@ -116,19 +117,23 @@ with box:
 
     def src_row(info: dict) -> dict:
         src, q = info["source"], info["quality"]
-        return {"source layer": src["layer"], "position": src["position"], "token": repr(src["token"]),
+        return {"source layer": src["layer"], "position": src["position"],
+                "token": "—" if src["token"] is None else repr(src["token"]),
                 "bypass": q.get("bypass"), "induce": q.get("induce"), "KL": q.get("kl")}
 
     first = next(iter(variants.values()))["drift"]
     rows = [{"model": "original", **src_row(first["original"]), "cosine to original": 1.0,
              **ev_row("original", results["original"]["evaluation"]), "recoverability": "—"}]
     for s, v in variants.items():
-        rows.append({"model": s, **src_row(v["drift"]["variant"]), "cosine to original": v["drift"]["cosine_selected"],
+        rows.append({"model": s, **src_row(v["drift"]["variant"]), "cosine to original": drift_cosine(v["drift"]),
                      **ev_row(s, v["evaluation"]), "recoverability": v["drift"]["recoverability"]["level"]})
     fmt = {c: st.column_config.NumberColumn(format="%.3f") for c in
            ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
             "over-refusal (borderline)", "perplexity", "KL to original")}
     st.subheader("Source layer, direction quality and refusal")
+    if any(v["directions"].selected is None for v in variants.values()):
+        st.caption("Variants without a source layer: their own direction was not selected (Evaluation settings); "
+                   "their cosine is the original's direction against their candidate at the original's source.")
     df = pd.DataFrame(rows)
     for c in fmt:
         df[c] = pd.to_numeric(df[c], errors="coerce")
@@ -151,7 +156,10 @@ with box:
 
     left, right = st.columns(2)
     with left:
-        which = st.selectbox("Candidate scores of", ["original", *variants], key="heatmap_of")
+        scored = [s for s, v in variants.items() if v["directions"].selected is not None]
+        which = st.selectbox("Candidate scores of", ["original", *scored], key="heatmap_of",
+                             help="variants appear here when their own direction was selected (Evaluation "
+                                  "settings)")
         ds = d_o if which == "original" else variants[which]["directions"]
         toks = ds.metadata.get("post_instruction_tokens") or []
         ylabels = [f"{p} {toks[p]!r}" if toks and -len(toks) <= p < 0 else str(p) for p in ds.positions]

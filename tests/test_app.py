@@ -213,6 +213,13 @@ def study_env(env, tmp_path_factory):
     mp.undo()
 
 
+def test_exact_search_option_says_how_long_it_takes_before_it_starts(env):
+    at = open_page(env, "pages/drift.py", study_settings={**FAST, "positions": "all"}, drift_schemes=["wanda:0.5"])
+    caps = [c.value for c in at.caption if c.value.startswith("Exact search:")]
+    assert len(caps) == 1 and "passes over the val prompts" in caps[0] and "≈ ~" in caps[0], caps
+    assert any("Not computed yet" in i.value for i in at.info)  # nothing started
+
+
 def test_drift_page_runs_and_reloads_from_the_store(study_env):
     pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
     from core.store import RunStore

@@ -85,3 +85,21 @@ def test_bnb_failure_is_explained(disk_handle, monkeypatch):
     monkeypatch.setattr(bnb_mod, "availability", lambda: "bitsandbytes cannot run on this device: x; use rtn:8")
     with pytest.raises(BnbUnavailable, match="rtn:8"):
         bnb_mod.load_quantized(disk_handle, bnb_mod.Scheme("bnb-nf4"), [])
+
+
+@pytest.mark.parametrize("spec", ["bnb-int8", "bnb-nf4"])
+def test_bnb_variant_runs_under_bf16_compute(disk_handle, spec):
+    """Quantized layers under bf16 autocast (the default precision on CPUs with native bf16): they run,
+    and their logits stay close to the float32 compute of the same variant."""
+    import dataclasses
+
+    from core.activations import BatchRunner, tokenize
+
+    new, _ = apply(disk_handle, spec)
+    assert new.precision == disk_handle.precision  # a variant computes as its original does
+    ids = tokenize(new, ["How do I bake bread?", "hi", "Write a poem about the sea"])
+    with new.lock:
+        a = BatchRunner(dataclasses.replace(new, precision="float32"), ids).last_logits()
+        b = BatchRunner(dataclasses.replace(new, precision="bfloat16"), ids).last_logits()
+    assert torch.isfinite(b).all()
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99

@@ -11,7 +11,7 @@ import torch
 from core.activations import mean_activations
 from core.directions import (DirectionSet, generate_candidates, layer_cosines, mean_projections, quality,
                              source)
-from core.selection import select_direction
+from core.selection import SCREEN_SURVIVORS, planned_passes, seconds_per_pass, select_direction
 from core.interventions import ablate, add
 from core.judges import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids
 from core.prompts import bundled
@@ -115,15 +115,15 @@ def test_selection_progress_counts_the_steps_it_takes(handle, cands, kw):
         ds = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, progress=lambda d, t: calls.append((d, t)),
                               **kw)
     sel = ds.metadata["selection"]
-    n = sel["n_candidates"]
+    n, nh, nn = sel["n_candidates"], sel["n_harmful_val"], sel["n_harmless_val"]
     rows = [cands.pos_index(p) for p in POS]
     n_induce, n_bypass = (int((~torch.isnan(t[rows])).sum()) for t in (ds.induce, ds.bypass))
-    assert all(0 < d <= t <= 1 + 3 * n for d, t in calls)
-    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert calls[-1] == (sel["passes"], sel["passes"])  # ends full, at the steps actually taken
-    # one step per pass: baseline, induce, bypass, KL checks (+ the fallback's KL of its choice)
-    assert 0 <= sel["passes"] - (1 + n_induce + n_bypass + sel["n_checked"]) <= int(sel["fallback"])
-    assert calls[0][1] == (1 + 3 * n if kw.get("exhaustive") else 3 + n)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and all(0 <= d <= t for d, t in calls)
+    # progress counts prompts run: baseline, induce, bypass, KL checks (+ the fallback's KL of its choice)
+    prompts = nh + nn + n_induce * nn + n_bypass * nh + sel["n_checked"] * nn
+    assert calls[-1][0] == calls[-1][1] and 0 <= calls[-1][0] - prompts <= int(sel["fallback"]) * nn
+    assert 0 <= sel["passes"] - (2 + n_induce + n_bypass + sel["n_checked"]) <= 2 * int(sel["fallback"])
+    assert calls[0][1] == nh + nn + (n * (nh + 2 * nn) if kw.get("exhaustive") else n * nn + nh + nn)
 
 
 def test_strict_filters_fall_back_with_a_warning(handle, cands, selected):
@@ -271,3 +271,12 @@ def test_induce_first_search_selects_what_the_full_grid_selects(handle, cands, i
     assert a["passes"] <= b["passes"]
     done = ~torch.isnan(lazy.induce)
     assert torch.equal(lazy.induce[done], full.induce[done]) and bool(done[[cands.pos_index(p) for p in POS]].any())
+
+
+def test_search_cost_estimate(handle):
+    assert planned_passes(138, 67) == 142
+    assert planned_passes(138, 67, exhaustive=True) == 2 + 3 * 138
+    assert planned_passes(138, 67, screen=12) == pytest.approx(4 + 138 * (12 / 67 + SCREEN_SURVIVORS))
+    assert planned_passes(10, 5, screen=12) == 4 + 10 * (1 + SCREEN_SURVIVORS)  # a screen as big as the set
+    s = seconds_per_pass(handle, N_VAL, sample=2)
+    assert 0 < s < 60

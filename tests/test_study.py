@@ -112,3 +112,21 @@ def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
     assert {k: res["aird_verdict"][k] for k in ("level", "recovered", "predicted")} == \
         {k: want[k] for k in ("level", "recovered", "predicted")}
     assert "diagnostic (measured):" in capsys.readouterr().out
+
+
+def test_variant_selection_is_optional(tiny_folder, tmp_path):
+    """By default a variant's candidates are compared with the original's direction (no selection of its
+    own); ``variant_selection`` adds its selected direction and source, on the same candidates."""
+    off = Study(_spec(tiny_folder), tmp_path / "runs")
+    d = off.drift("magnitude:0.5")
+    assert off.directions("magnitude:0.5").selected is None
+    assert d["cosine_selected"] is None and d["variant"]["source"]["layer"] is None and d["variant"]["quality"] == {}
+    d_o = off.directions("original")
+    cand = off.directions("magnitude:0.5").candidate(*d_o.selected)
+    assert d["cosine_at_source"] == pytest.approx(
+        float((d_o.direction.double() @ cand.double()) / (d_o.direction.double().norm() * cand.double().norm())))
+    on = Study(_spec(tiny_folder, variant_selection=True), tmp_path / "runs")
+    d2 = on.drift("magnitude:0.5")
+    assert on.directions("magnitude:0.5").selected is not None and -1 <= d2["cosine_selected"] <= 1
+    assert d2["variant"]["source"]["layer"] is not None
+    assert d2["cosine_at_source"] == d["cosine_at_source"] and d2["cosine_per_layer"] == d["cosine_per_layer"]

@@ -19,6 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--runs", default="runs", help="run-store directory")
     p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--screen", type=int, default=12, metavar="K",
+                   help="direction search: screen induce on K val prompts, search the survivors exactly "
+                        "(default 12; measured against the exact search in BENCHMARKS.md); 0 = exact search")
 
 
 def register(sub) -> None:
@@ -71,7 +74,8 @@ def _spec(args, schemes, **kw):
 
     return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
                      borderline=args.borderline or None, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                     device=args.device, dtype=args.dtype, precision=args.precision, **kw)
+                     device=args.device, dtype=args.dtype, precision=args.precision,
+                     selection_screen=args.screen or None, **kw)
 
 
 def _print_rows(rows: list[dict], cols: list[str]) -> None:
@@ -137,8 +141,9 @@ def run_aird(args: argparse.Namespace) -> int:
     for m, ev in comparison.items():
         rows.append(_method_row(METHOD_LABELS[m], ev))
     print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
-          f"{args.scheme} source: layer {drift['variant']['source']['layer']}; "
-          f"cosine of selected directions {drift['cosine_selected']:.3f}")
+          + (f"{args.scheme} source: layer {drift['variant']['source']['layer']}; cosine of selected directions "
+             f"{drift['cosine_selected']:.3f}" if drift.get("cosine_selected") is not None else
+             f"cosine to {args.scheme}'s candidate at that source {drift['cosine_at_source']:.3f}"))
     fit = ("" if rep.realign is None else
            f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
     print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
