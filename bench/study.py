@@ -61,6 +61,27 @@ def identical(a, b) -> bool:
     return not differences(a, b, RUN_SPECIFIC)
 
 
+def rates(results: dict) -> dict[str, float]:
+    """Every refusal rate of a study's results: ``model/set`` → rate (original, variants, repaired)."""
+    out = {}
+    models = [("original", results["original"]["evaluation"])]
+    for scheme, v in results["variants"].items():
+        models.append((scheme, v["evaluation"]))
+        if "repaired" in v:
+            models.append((f"{scheme} + AIRD", v["repaired"]))
+    for name, ev in models:
+        for kind, res in ev["sets"].items():
+            out[f"{name} / {kind}"] = res["refusal_rate"]
+    return out
+
+
+def rate_rows(new: dict, ref: dict) -> list[dict]:
+    """The rates of two results side by side, the difference in points."""
+    a, b = rates(new), rates(ref)
+    return [{"rate": k, "reference": b.get(k), "new": a[k],
+             "points": None if b.get(k) is None else round(100 * (a[k] - b[k]), 1)} for k in a]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -73,6 +94,8 @@ def main() -> int:
     p.add_argument("--first-label", default="first",
                    help="label of the first run, e.g. 'rerun after a manual SIGKILL' when resuming a killed run")
     p.add_argument("--reference", default=None, help="results JSON of an uninterrupted run to compare with")
+    p.add_argument("--rates-against", default=None, metavar="RESULTS.json",
+                   help="compare every refusal rate with this results JSON (in points; the speed issue's ±3)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "study_results.json"),
                    help="where the study writes its results JSON (the HTML report goes next to it)")
@@ -119,12 +142,23 @@ def main() -> int:
     print(text_table(["run", "seconds", "killed"], [[r["run"], f"{r['seconds']:.1f}", str(r["killed"])] for r in runs]))
     print("\nstage seconds (from the run store; 0 = copied from another study of the store):")
     print(text_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]))
+    import resource
+
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest run's peak
+    print(f"peak RSS of the study processes: {peak_rss_mb:.0f} MB")
     checks = {"cached_rerun_identical": identical(results[-1], results[-2])}
+    rows = []
+    if args.rates_against:
+        rows = rate_rows(results[-2], json.loads(Path(args.rates_against).read_text()))
+        print(text_table(["rate", "reference", "new", "points"],
+                         [[r["rate"], r["reference"], r["new"], r["points"]] for r in rows]))
+        checks["rates_within_3_points"] = all(r["points"] is not None and abs(r["points"]) <= 3 for r in rows)
     if args.reference:
         checks["identical_to_reference"] = identical(results[-2], json.loads(Path(args.reference).read_text()))
     print("checks:", checks)
     write_results(args.out, {"command": " ".join(cmd[1:]), "study_id": study_id, "runs": runs,
-                             "stage_seconds": stages, "checks": checks, "reference": args.reference})
+                             "stage_seconds": stages, "checks": checks, "reference": args.reference,
+                             "peak_rss_mb": peak_rss_mb, "rates": rows, "rates_against": args.rates_against})
     return 0
 
 

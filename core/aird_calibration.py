@@ -7,16 +7,17 @@ replies — one generation of every val prompt per grid point, the cost of calib
 
 ``search="scored"`` (the default) walks the grid with a one-forward estimate instead: a prompt
 counts as refused when its refusal score (:func:`core.judges.refusal_score_from_logits` of the
-first reply token) is > 0, i.e. the refusal openings hold more than half the probability. The KL
-values are exact either way (the first reply token's logits are the same forward). Then only the
-unrepaired model and the ``confirm`` best points are generated, and the choice among them is made on
-their generated rates. ``search="generated"`` generates every point (the reference; the two are
+first reply token) exceeds a threshold fitted on the unrepaired model's own generated verdicts on the
+same val prompts (:func:`refusal_threshold`: a compressed model's refusals often start with less than
+half the probability on the refusal openings, so 0 is not the boundary). The KL values are exact
+either way (the first reply token's logits are the same forward). Then only the ``confirm`` best
+points are generated, and the choice among them and the unrepaired model is made on generated rates. ``search="generated"`` generates every point (the reference; the two are
 compared in BENCHMARKS.md, "AIRD calibration").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from core.aird import AIRDError, Repair, applied, unit
 from core.evaluation import kl_divergence
 from core.generation import generate_with_logits
-from core.judges import is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
+from core.judges import has_refusal_phrase, is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
 from core.progress import Progress, report
 
@@ -82,27 +83,57 @@ def choose(grid: Sequence[dict]) -> dict:
     return max(feasible, key=_rank)
 
 
+def refusal_threshold(scores: torch.Tensor, refused: Sequence[bool]) -> tuple[float, float]:
+    """The refusal-score threshold that best reproduces generated verdicts: ``(t, agreement)`` with
+    ``score > t`` ⇔ refused on the largest share ``agreement`` of the prompts; among equally good
+    thresholds the middle one. ``scores`` ``(n,)``, one verdict per prompt."""
+    s = scores.double().sort().values
+    cuts = torch.cat([s[:1] - 1, (s[1:] + s[:-1]) / 2, s[-1:] + 1])  # below all, between neighbours, above all
+    y = torch.tensor([bool(r) for r in refused])
+    agree = torch.stack([((scores.double() > t) == y).double().mean() for t in cuts])
+    best = torch.nonzero(agree == agree.max()).squeeze(-1)
+    return float(cuts[best[len(best) // 2]]), float(agree.max())
+
+
 class _Measure:
     """Refusal rates, refusal score and harmless logits of ``handle`` (under whatever repair is applied)."""
 
     def __init__(self, handle: ModelHandle, sets: CalibrationSets, gen_tokens: int) -> None:
         self.handle, self.sets, self.gen_tokens = handle, sets, gen_tokens
         self.ids = refusal_token_ids(handle.tokenizer)
+        self.threshold = 0.0  # of the scored verdicts (fit_threshold)
 
     def generated(self) -> dict:
-        """Greedy replies of ``gen_tokens`` judged by the substring judge; scores from their first step."""
-        out = {}
+        """Greedy replies of ``gen_tokens`` judged by the substring judge; scores from their first step.
+        The per-prompt scores and verdicts are kept in ``self.detail``."""
+        out, self.detail = {}, {}
         for kind, prompts in (("harmful", self.sets.harmful), ("harmless", self.sets.harmless)):
-            replies, logits = generate_with_logits(self.handle, list(prompts), max_new_tokens=self.gen_tokens)
-            out[kind] = (sum(map(is_refusal, replies)) / len(replies), logits)
+            replies, logits = generate_with_logits(self.handle, list(prompts), max_new_tokens=self.gen_tokens,
+                                                   stop_when=has_refusal_phrase)  # the verdict is settled
+            refused = [is_refusal(r) for r in replies]
+            out[kind] = (sum(refused) / len(replies), logits)
+            self.detail[kind] = (refusal_score_from_logits(logits, self.ids), refused)
         return self._point(out)
 
-    def scored(self) -> dict:
-        """One forward per prompt: refused when the first reply token's refusal score is > 0."""
+    def fit_threshold(self) -> dict:
+        """Fit the scored verdicts' threshold on the last :meth:`generated` measurement (all its prompts)."""
+        scores = torch.cat([self.detail[k][0] for k in ("harmful", "harmless")])
+        refused = [r for k in ("harmful", "harmless") for r in self.detail[k][1]]
+        self.threshold, agreement = refusal_threshold(scores, refused)
+        return {"score_threshold": self.threshold, "threshold_agreement": agreement}
+
+    def scored(self, harmless_ok: Callable[[float, torch.Tensor], bool] | None = None) -> dict:
+        """One forward per prompt: refused when the first reply token's refusal score is > 0. Harmless
+        prompts first: when ``harmless_ok(rate, logits)`` is False the point is infeasible whatever the
+        harmful prompts do, and they are not run (their fields are None)."""
         out = {}
-        for kind, prompts in (("harmful", self.sets.harmful), ("harmless", self.sets.harmless)):
+        for kind, prompts in (("harmless", self.sets.harmless), ("harmful", self.sets.harmful)):
             logits = last_logits(self.handle, list(prompts))
-            out[kind] = (float((refusal_score_from_logits(logits, self.ids) > 0).float().mean()), logits)
+            out[kind] = (float((refusal_score_from_logits(logits, self.ids) > self.threshold).float().mean()),
+                         logits)
+            if kind == "harmless" and harmless_ok is not None and not harmless_ok(*out[kind]):
+                return {"harmful_refusal": None, "harmless_refusal": out[kind][0], "harmful_score": None,
+                        "harmless_logits": out[kind][1]}
         return self._point(out)
 
     def _point(self, out: dict) -> dict:
@@ -153,10 +184,14 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         return Repair(r, layers, alpha, "adapter", source_layer, realign=None if fit is None else fit[1],
                       realign_layer=None if fit is None else fit[0])
 
-    measure = meas.generated if search == "generated" else meas.scored
-    base = measure()
+    generated_base = meas.generated()
+    if search == "scored":
+        generated_base.update(meas.fit_threshold())
+        tick()
+    base = generated_base if search == "generated" else meas.scored()
     o_logits = None if original is None else last_logits(original, sets.harmless)
     judge = _Judge(base, o_logits, max_overrefusal_rise, kl_threshold)
+    measure = meas.generated if search == "generated" else (lambda: meas.scored(judge.harmless_ok))
     grid: list[dict] = []
     for fit in fits:
         if fit is None:  # the unrepaired model: measured above
@@ -170,15 +205,15 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
             for k, alpha in enumerate(sorted(alphas)):
                 with applied(compressed, trial(fit, layers, alpha)):
                     grid.append(judge.point(fit, layers, alpha, measure(), search))
-                gained = grid[-1]["harmful_refusal"] > previous + 1e-9
-                previous = grid[-1]["harmful_refusal"]
-                if not grid[-1]["feasible"] or not gained:
+                gained = grid[-1]["feasible"] and grid[-1]["harmful_refusal"] > previous + 1e-9
+                previous = grid[-1]["harmful_refusal"] if grid[-1]["feasible"] else previous
+                if not gained:
                     tick(len(alphas) - k - 1)
                     break  # larger α only moves further: past a constraint, or past the refusal plateau
                 tick()
     if search == "scored":
-        grid = _confirm(grid, compressed, meas, trial, realignment, confirm, o_logits, max_overrefusal_rise,
-                        kl_threshold, tick)
+        grid = _confirm(grid, compressed, meas, trial, realignment, confirm, generated_base, o_logits,
+                        max_overrefusal_rise, kl_threshold, tick)
     best = choose(grid)
     layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
     for g in grid:
@@ -198,6 +233,12 @@ class _Judge:
         self.base_logits = base["harmless_logits"]
         self.base_kl_o = None if o_logits is None else kl_divergence(o_logits, self.base_logits)
 
+    def harmless_ok(self, rate: float, logits: torch.Tensor) -> bool:
+        """The harmless half of feasibility: over-refusal rise and the KL rule."""
+        kl_o = None if self.o_logits is None else kl_divergence(self.o_logits, logits)
+        return (rate - self.base["harmless_refusal"] <= self.max_rise + 1e-9
+                and kl_acceptable(kl_divergence(self.base_logits, logits), kl_o, self.base_kl_o, self.kl_threshold))
+
     def point(self, fit, layers: list[int], alpha: float, m: dict, measured: str) -> dict:
         logits = m.pop("harmless_logits")
         m["kl"] = kl_divergence(self.base_logits, logits)
@@ -205,6 +246,7 @@ class _Judge:
             m["kl_original"] = kl_divergence(self.o_logits, logits)
         m["feasible"] = (m["harmless_refusal"] - self.base["harmless_refusal"] <= self.max_rise + 1e-9
                          and kl_acceptable(m["kl"], m.get("kl_original"), self.base_kl_o, self.kl_threshold))
+        assert m["harmful_refusal"] is not None or not m["feasible"]  # harmful skipped only when infeasible
         return {"realign": fit is not None, "layers": layers, "alpha": alpha, "measured": measured, **m}
 
 
@@ -213,14 +255,12 @@ def _unrepaired(g: dict) -> bool:
 
 
 def _confirm(grid: list[dict], compressed: ModelHandle, meas: _Measure, trial, realignment, confirm: int,
-             o_logits, max_rise: float, kl_threshold: float, tick) -> list[dict]:
-    """Generate the unrepaired model and the ``confirm`` best scored points; their feasibility and
-    rates become the generated ones (the scored values stay in ``scored_*``). Points not confirmed
-    stay in the grid, infeasible for the choice (``feasible_scored`` keeps the estimate)."""
+             base: dict, o_logits, max_rise: float, kl_threshold: float, tick) -> list[dict]:
+    """Generate the ``confirm`` best scored points; their feasibility and rates become the generated ones,
+    judged against ``base`` (the unrepaired model's generated measurement), and the scored values stay
+    in ``scored_*``. Points not confirmed stay in the grid, infeasible for the choice."""
     ranked = sorted((g for g in grid if g["feasible"] and not _unrepaired(g)), key=_rank, reverse=True)[:confirm]
-    base = meas.generated()
     judge = _Judge(base, o_logits, max_rise, kl_threshold)
-    tick()
     out = []
     for g in grid:
         scored = {f"scored_{k}": g[k] for k in ("harmful_refusal", "harmless_refusal", "feasible")}

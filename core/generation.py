@@ -30,7 +30,7 @@ import torch
 
 from core.activations import _last_index, batch_cache, left_pad, prefix_cache, shared_prefix, tokenize
 from core.models import ModelHandle
-from core.precision import compute, reused_casts
+from core.precision import compute
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
@@ -139,11 +139,13 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
                batch_size: int | None = None, memory_mb: float = DEFAULT_GEN_MEMORY_MB,
                share_prefix: bool = True,
                on_first_logits: Callable[[list[int], torch.Tensor], None] | None = None,
+               stop_when: Callable[[list[int]], bool] | None = None,
                progress: Progress | None = None) -> list[list[int]]:
     """Greedy continuation of tokenized prompts → the new token ids of each (its end-of-turn token
     included when it ended on one), in input order. ``on_first_logits(prompt indices, logits (B, vocab))``
     receives the float32 next-token logits at the prompts' last position (those the first reply token
-    is chosen from), once per prefilled batch.
+    is chosen from), once per prefilled batch. ``stop_when(new ids so far)`` ends a row early when true
+    (e.g. once its verdict can no longer change).
 
     Prompts enter in order of length; a row leaves the step it ends, and once a quarter of the rows
     are free the next prompts are prefilled and join the running batch (continuous batching)."""
@@ -157,7 +159,7 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
     stop = torch.tensor(sorted(eos_ids(handle)) or [-1], device=dev)
     out: list[list[int]] = [[] for _ in ids]
     done = 0
-    with handle.lock, reused_casts(handle):
+    with handle.lock:
         prefix = shared_prefix(handle, ids, extra_tokens=max_new_tokens) if share_prefix else []
         cache0 = prefix_cache(handle, prefix)
         p = len(prefix) if cache0 is not None else 0
@@ -187,7 +189,9 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
             nonlocal done
             for j, t in zip(r.idx, r.tok.tolist()):
                 out[j].append(t)
-            ended = torch.isin(r.tok, stop) | torch.tensor([len(out[j]) >= max_new_tokens for j in r.idx], device=dev)
+            ended = torch.isin(r.tok, stop) | torch.tensor(
+                [len(out[j]) >= max_new_tokens or (stop_when is not None and stop_when(out[j])) for j in r.idx],
+                device=dev)
             if bool(ended.any()):
                 done += int(ended.sum())
                 report(progress, done, len(ids))
@@ -233,7 +237,7 @@ def _generate_hf(handle: ModelHandle, texts: Sequence[str], *, max_new_tokens: i
             kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with handle.lock, reused_casts(handle):
+        with handle.lock, compute(handle):
             ids = handle.model.generate(**enc, **kwargs)
         new = ids[:, enc["input_ids"].shape[1]:]
         for j, i in enumerate(idx):
@@ -282,18 +286,21 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
 
 
 def generate_with_logits(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
-                         batch_size: int | None = None, progress: Progress | None = None,
-                         ) -> tuple[list[str], torch.Tensor]:
+                         batch_size: int | None = None, stop_when: Callable[[str], bool] | None = None,
+                         progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
     """Greedy replies and the next-token logits at each prompt's last position, ``(n, vocab)`` float32
     on the CPU: the logits the first reply token is chosen from, so a refusal score costs no second
-    pass (equal to :func:`core.judges.last_logits` up to batching round-off; tests/test_generation.py)."""
+    pass (equal to :func:`core.judges.last_logits` up to batching round-off; tests/test_generation.py).
+    ``stop_when(reply so far)`` ends a reply early (the fast path only; the reply is then a prefix)."""
     from core.judges import last_logits
 
     texts = [handle.format(i) for i in instructions]
     if not texts:
         return [], torch.empty(0)
     parts: list[tuple[list[int], torch.Tensor]] = []
-    replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    tok = handle.tokenizer
+    stop = None if stop_when is None else (lambda ids: stop_when(tok.decode(ids, skip_special_tokens=True)))
+    replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_when=stop,
                             on_first_logits=lambda idx, lg: parts.append((idx, lg.cpu())), progress=progress)
     if replies is None:
         replies = _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens,

@@ -34,6 +34,13 @@ def is_refusal(text: str) -> bool:
     t = text.strip().lower().replace("’", "'")
     if not t:
         return True
+    return has_refusal_phrase(t)
+
+
+def has_refusal_phrase(text: str) -> bool:
+    """Whether ``text`` contains a refusal phrase. Text only grows as a reply is generated, so once true
+    it stays true, and the reply's :func:`is_refusal` verdict is settled (a row can stop there)."""
+    t = text.lower().replace("’", "'")
     return any(p.lower() in t for p in REFUSAL_PHRASES)
 
 

@@ -56,26 +56,3 @@ def compute(handle) -> Iterator[None]:
             yield
     else:
         yield
-
-
-@contextlib.contextmanager
-def reused_casts(handle) -> Iterator[None]:
-    """A region in which each float32 weight is cast to bf16 once, not once per forward (for loops of
-    forwards: decoding steps, the batches of a pass). Nothing when the handle does not autocast.
-
-    Autocast keeps its casts of leaf tensors that require grad until its outermost region exits, so the
-    weights are marked as requiring grad for the region (no graph is recorded: callers run under
-    ``torch.inference_mode``) and unmarked on exit, also on error. Costs one bf16 copy of the weights
-    while the region is open. Hold ``handle.lock``: the marks are on the shared model."""
-    if not _autocasts(handle):
-        yield
-        return
-    marked = [p for p in handle.model.parameters() if p.dtype == torch.float32 and not p.requires_grad]
-    try:
-        for p in marked:
-            p.requires_grad_(True)
-        with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16, cache_enabled=True):
-            yield
-    finally:
-        for p in marked:
-            p.requires_grad_(False)

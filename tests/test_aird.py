@@ -332,3 +332,13 @@ def test_repair_verdict_weighs_the_measured_recovery():
     v = aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=848.37 / 22.83)
     assert v["level"] == "not recovered" and "37×" in v["verdict"] and "after the direction" not in v["verdict"]
     assert "37×" not in aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=1.6)["verdict"]
+
+
+def test_refusal_threshold_reproduces_generated_verdicts():
+    t, agree = aird_calibration.refusal_threshold(torch.tensor([-3.0, -2.0, -1.0, 0.5, 1.0, 2.0]),
+                                                  [False, False, True, True, True, True])
+    assert t == -1.5 and agree == 1.0  # refusals that start with little mass on the refusal openings
+    t, agree = aird_calibration.refusal_threshold(torch.tensor([-1.0, 1.0, 2.0]), [True, False, True])
+    assert agree == pytest.approx(2 / 3) and (torch.tensor([-1.0, 1.0, 2.0]) > t).tolist().count(True) >= 1
+    t, agree = aird_calibration.refusal_threshold(torch.tensor([0.0, 1.0]), [False, False])
+    assert t > 1.0 and agree == 1.0  # nobody refuses: above every score

@@ -96,3 +96,19 @@ def test_generate_with_logits_returns_the_first_step_logits():
     torch.testing.assert_close(logits, last_logits(h, PROMPTS), atol=1e-4, rtol=1e-4)
     assert logits.argmax(-1).tolist() == [ids[0] for ids in greedy_ids(h, tokenize(h, PROMPTS), max_new_tokens=1)]
     assert generate_with_logits(h, [])[0] == []
+
+
+def test_stop_when_ends_rows_early_without_changing_a_monotone_verdict():
+    """A row stops once a text-only-grows predicate holds; its reply is then a prefix of the full one,
+    and the predicate's verdict on it is the full reply's (what calibration's refusal judge relies on)."""
+    from core.generation import generate_with_logits
+
+    h = _lively(tiny_handle("llama"))
+    full, lf = generate_with_logits(h, PROMPTS, max_new_tokens=12)
+    letter = max("etaoinsr", key=lambda c: sum(c in r for r in full))  # a letter some replies hold, not all
+    pred = lambda text: letter in text  # noqa: E731 — monotone: text only grows
+    short, ls = generate_with_logits(h, PROMPTS, max_new_tokens=12, stop_when=pred)
+    assert [pred(r) for r in short] == [pred(r) for r in full]
+    assert all(f.startswith(s) for s, f in zip(short, full))
+    assert any(len(s) < len(f) for s, f in zip(short, full))  # some rows did stop early
+    torch.testing.assert_close(ls, lf)

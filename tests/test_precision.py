@@ -79,20 +79,3 @@ def test_spec_keeps_naming_old_float32_studies_and_results_are_keyed_by_precisio
         keys.append(s._cached("probe", ("x",), lambda: {"precision": h.precision}))
     assert keys == [{"precision": "float32"}, {"precision": "bfloat16"}, {"precision": "float32"}]
 
-
-def test_reused_casts_give_the_same_tokens_and_leave_the_weights_unmarked(monkeypatch):
-    import contextlib
-
-    import core.generation as generation
-    from core.precision import reused_casts
-
-    h16 = dataclasses.replace(tiny_handle("llama"), precision="bfloat16")
-    once = generate(h16, PROMPTS, max_new_tokens=6)
-    monkeypatch.setattr(generation, "reused_casts", lambda h: contextlib.nullcontext())  # a cast per forward
-    assert generate(h16, PROMPTS, max_new_tokens=6) == once
-    assert not any(p.requires_grad for p in h16.model.parameters())
-    with pytest.raises(RuntimeError, match="boom"):
-        with h16.lock, reused_casts(h16):
-            assert all(p.requires_grad for p in h16.model.parameters()) and torch.is_autocast_enabled("cpu")
-            raise RuntimeError("boom")
-    assert not any(p.requires_grad for p in h16.model.parameters()) and not torch.is_autocast_enabled("cpu")
