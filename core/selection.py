@@ -287,7 +287,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             removed["screen"] = n - len(searched)
         fallback = chosen is None
         if fallback:
-            chosen = _fallback(s, grid, searched, lazy, screen, harmful_val, runner_kw, screened)
+            chosen = _fallback(s, grid, lazy, screen, harmful_val, runner_kw, screened)
     if fallback:
         _warn_fallback(msgs, removed, chosen, n, kl_threshold, induce_threshold, screen)
     report(progress, s.done, s.done)  # finished: the bar ends full at the steps actually taken
@@ -384,7 +384,7 @@ def _exhaustive(s: _Search, grid: list[Candidate], lazy: _LazyKL, kl_threshold: 
     return chosen, used, removed, len(grid), grid
 
 
-def _fallback(s: _Search, grid: list[Candidate], searched: list[Candidate], lazy: _LazyKL, screen: int | None,
+def _fallback(s: _Search, grid: list[Candidate], lazy: _LazyKL, screen: int | None,
               harmful_val: list[str], runner_kw: dict, screened: dict) -> Candidate:
     """The lowest bypass over the whole grid, with its KL and induce in full (the table shows them). Bypass is computed
     for the candidates still without one — or, with ``screen``, screened and computed where it may be lowest."""
