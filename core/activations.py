@@ -15,6 +15,7 @@ every activation. Every forward and every hook installation holds ``handle.lock`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -185,19 +186,29 @@ class BatchRunner:
                 cur = trial
         if cur:
             self.batches.append(cur)
+        self.inputs: dict[int, dict[int, torch.Tensor]] = {}  # block → batch → kept residual input
+        self.skippable: bool | None = None  # blocks return a tensor (known once inputs were kept)
 
     def __len__(self) -> int:
         return len(self.rest)
 
     @torch.inference_mode()
-    def run(self, batches: Sequence[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def run(self, batches: Sequence[int] | None = None, *, start: int = 0,
+            keep_inputs: Sequence[int] = ()) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch (only the
-        batches numbered in ``batches``, when given: a batch's logits do not depend on the others)."""
+        batches numbered in ``batches``, when given: a batch's logits do not depend on the others).
+
+        ``keep_inputs``: keep each batch's residual input of these blocks. ``start``: run only blocks
+        ``start…``, from the kept input of block ``start`` (blocks below are skipped) — the same
+        logits as a full pass, provided nothing below ``start`` differs from the pass that kept it
+        (no hook, no weight change): the caller's guarantee. Skipping needs blocks that return a
+        tensor (``ValueError`` otherwise, or when ``start``'s input was not kept)."""
         model, dev = self.handle.model, self.handle.device
         pad = self.handle.tokenizer.pad_token_id or 0
         cache = prefix_cache(self.handle, self.prefix)
         p = len(self.prefix) if cache is not None else 0
-        for idx in (self.batches if batches is None else [self.batches[b] for b in batches]):
+        for b in (range(len(self.batches)) if batches is None else batches):
+            idx = self.batches[b]
             seqs = [self.rest[i] if cache is not None else self.ids[i] for i in idx]
             ids, mask = left_pad(seqs, pad)
             width = ids.shape[1]
@@ -209,17 +220,66 @@ class BatchRunner:
                 kwargs.update(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
             else:
                 kwargs.update(use_cache=False)
-            with compute(self.handle):
+            with compute(self.handle), self._keeping(b, keep_inputs), self._skipping(b, start):
                 out = model(attention_mask=mask.to(dev), **kwargs)
             yield idx, out.logits[:, -1, :].float()
 
+    @contextlib.contextmanager
+    def _keeping(self, b: int, layers: Sequence[int]) -> Iterator[None]:
+        """Keep batch ``b``'s residual input of blocks ``layers`` (and whether blocks return tensors)."""
+        blocks = self.handle.blocks
+        hooks = []
 
-    def last_logits(self, progress: Progress | None = None) -> torch.Tensor:
+        def keep(layer: int):
+            def hook(module, args, kwargs):
+                self.inputs.setdefault(layer, {})[b] = _hidden(args, kwargs)
+            return hook
+
+        def returns(module, args, output):
+            self.skippable = self.skippable is not False and isinstance(output, torch.Tensor)
+
+        try:
+            for layer in layers:
+                hooks.append(blocks[layer].register_forward_pre_hook(keep(layer), with_kwargs=True))
+                hooks.append(blocks[layer].register_forward_hook(returns))
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _skipping(self, b: int, start: int) -> Iterator[None]:
+        """Blocks below ``start`` replaced for one forward by a stub returning block ``start``'s kept input.
+        Written here because neither transformers nor accelerate runs a model from a middle layer."""
+        if start == 0:
+            yield
+            return
+        kept = self.inputs.get(start, {}).get(b)
+        if kept is None or self.skippable is not True:
+            raise ValueError(f"block {start}'s inputs were not kept for this batch, or blocks do not return "
+                             "a tensor: run with keep_inputs first")
+        stub = lambda *args, **kwargs: kept  # noqa: E731
+        blocks = list(self.handle.blocks)[:start]
+        saved = [blk.__dict__.get("forward") for blk in blocks]  # accelerate's hooks live here too
+        try:
+            for blk in blocks:
+                blk.forward = stub
+            yield
+        finally:
+            for blk, fwd in zip(blocks, saved):
+                if fwd is None:
+                    blk.__dict__.pop("forward", None)
+                else:
+                    blk.forward = fwd
+
+    def last_logits(self, progress: Progress | None = None, *, start: int = 0,
+                    keep_inputs: Sequence[int] = ()) -> torch.Tensor:
         """Last-position logits of every prompt, ``(n, vocab)`` float32 on the CPU, in input order
-        (call with ``handle.lock`` held, under whatever interventions should apply)."""
+        (call with ``handle.lock`` held, under whatever interventions should apply; ``start`` and
+        ``keep_inputs``: :meth:`run`)."""
         out: torch.Tensor | None = None
         done = 0
-        for idx, logits in self.run():
+        for idx, logits in self.run(start=start, keep_inputs=keep_inputs):
             if out is None:
                 out = torch.empty(len(self), logits.shape[-1])
             out[idx] = logits.cpu()

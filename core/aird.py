@@ -46,7 +46,7 @@ from core.activations import projection_stats, writer_inputs
 from core.generation import generate
 from core.interventions import add as add_direction
 from core.interventions import add_rank1, scale_writers
-from core.judges import is_refusal
+from core.judges import has_refusal_phrase, is_refusal
 from core.models import ModelHandle, weight_as_out_in
 from core.progress import Progress, report
 
@@ -371,12 +371,14 @@ def changed_parameters(method: str, compressed: ModelHandle, repair: Repair) -> 
 # ----------------------------------------------------------------------------------------------
 
 def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int | None = None,
-                 progress: Progress | None = None) -> tuple[float, list[str]]:
-    """Fraction of ``prompts`` whose greedy reply the substring judge calls a refusal, and the replies."""
+                 settle: bool = False, progress: Progress | None = None) -> tuple[float, list[str]]:
+    """Fraction of ``prompts`` whose greedy reply the substring judge calls a refusal, and the replies.
+    ``settle``: a reply ends once it holds a refusal phrase (its verdict is then settled; the rate is
+    the same, the reply a prefix)."""
     if not prompts:
         return math.nan, []
     replies = generate(handle, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=progress)
+                       stop_when=has_refusal_phrase if settle else None, progress=progress)
     return sum(map(is_refusal, replies)) / len(replies), replies
 
 
@@ -514,7 +516,7 @@ def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str]
         layers = [x for x in range(src - k + 1, src + 1) if x >= 0]
         trial = replace(repair, layers=layers, mode="adapter")
         with applied(compressed, trial):
-            rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens)
+            rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens, settle=True)
         rows.append({"n_layers": len(layers), "layers": layers, "refusal": rate,
                      "densified_weights": densified_weights(compressed, trial)})
         report(progress, k, max_layers)

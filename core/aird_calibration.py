@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.activations import BatchRunner, tokenize
 from core.aird import AIRDError, Repair, applied, unit
 from core.evaluation import kl_divergence
 from core.generation import generate_with_logits
@@ -102,6 +103,12 @@ class _Measure:
         self.handle, self.sets, self.gen_tokens = handle, sets, gen_tokens
         self.ids = refusal_token_ids(handle.tokenizer)
         self.threshold = 0.0  # of the scored verdicts (fit_threshold)
+        self.runners = {kind: BatchRunner(handle, tokenize(handle, list(prompts)))
+                        for kind, prompts in (("harmless", sets.harmless), ("harmful", sets.harmful))}
+
+    def _last_logits(self, kind: str, start: int, keep: Sequence[int]) -> torch.Tensor:
+        with self.handle.lock:
+            return self.runners[kind].last_logits(start=start, keep_inputs=keep)
 
     def generated(self) -> dict:
         """Greedy replies of ``gen_tokens`` judged by the substring judge; scores from their first step.
@@ -122,13 +129,16 @@ class _Measure:
         self.threshold, agreement = refusal_threshold(scores, refused)
         return {"score_threshold": self.threshold, "threshold_agreement": agreement}
 
-    def scored(self, harmless_ok: Callable[[float, torch.Tensor], bool] | None = None) -> dict:
-        """One forward per prompt: refused when the first reply token's refusal score is > 0. Harmless
-        prompts first: when ``harmless_ok(rate, logits)`` is False the point is infeasible whatever the
-        harmful prompts do, and they are not run (their fields are None)."""
+    def scored(self, harmless_ok: Callable[[float, torch.Tensor], bool] | None = None, *, start: int = 0,
+               keep: Sequence[int] = ()) -> dict:
+        """One forward per prompt: refused when the first reply token's refusal score is > the fitted
+        threshold. Harmless prompts first: when ``harmless_ok(rate, logits)`` is False the point is
+        infeasible whatever the harmful prompts do, and they are not run (their fields are None).
+        ``start``/``keep``: :meth:`core.activations.BatchRunner.run` (the repair touches no block below
+        ``start``; the unrepaired pass keeps the inputs of blocks ``keep``)."""
         out = {}
-        for kind, prompts in (("harmless", self.sets.harmless), ("harmful", self.sets.harmful)):
-            logits = last_logits(self.handle, list(prompts))
+        for kind in ("harmless", "harmful"):
+            logits = self._last_logits(kind, start, keep)
             out[kind] = (float((refusal_score_from_logits(logits, self.ids) > self.threshold).float().mean()),
                          logits)
             if kind == "harmless" and harmless_ok is not None and not harmless_ok(*out[kind]):
@@ -184,27 +194,35 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         return Repair(r, layers, alpha, "adapter", source_layer, realign=None if fit is None else fit[1],
                       realign_layer=None if fit is None else fit[0])
 
+    def first_block(fit, layers: Sequence[int]) -> int:  # the lowest block a trial touches
+        return min([*layers, *([] if fit is None else [fit[0]])], default=0)
+
     generated_base = meas.generated()
     if search == "scored":
         generated_base.update(meas.fit_threshold())
         tick()
-    base = generated_base if search == "generated" else meas.scored()
+    starts = sorted({first_block(f, ls) for f in fits for ls in [[], *layer_sets]} - {0})
+    base = generated_base if search == "generated" else meas.scored(keep=starts)
     o_logits = None if original is None else last_logits(original, sets.harmless)
     judge = _Judge(base, o_logits, max_overrefusal_rise, kl_threshold)
-    measure = meas.generated if search == "generated" else (lambda: meas.scored(judge.harmless_ok))
+
+    def measure(fit, layers: Sequence[int]) -> dict:
+        if search == "generated":
+            return meas.generated()
+        return meas.scored(judge.harmless_ok, start=first_block(fit, layers))
     grid: list[dict] = []
     for fit in fits:
         if fit is None:  # the unrepaired model: measured above
             grid.append(judge.point(None, [], 0.0, dict(base), search))
         else:
             with applied(compressed, trial(fit, [], 0.0)):
-                grid.append(judge.point(fit, [], 0.0, measure(), search))
+                grid.append(judge.point(fit, [], 0.0, measure(fit, []), search))
         tick()
         for layers in layer_sets:
             previous = -1.0
             for k, alpha in enumerate(sorted(alphas)):
                 with applied(compressed, trial(fit, layers, alpha)):
-                    grid.append(judge.point(fit, layers, alpha, measure(), search))
+                    grid.append(judge.point(fit, layers, alpha, measure(fit, layers), search))
                 gained = grid[-1]["feasible"] and grid[-1]["harmful_refusal"] > previous + 1e-9
                 previous = grid[-1]["harmful_refusal"] if grid[-1]["feasible"] else previous
                 if not gained:

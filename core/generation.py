@@ -264,12 +264,13 @@ def _fast_replies(handle: ModelHandle, texts: Sequence[str], **kw) -> list[str] 
 def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens: int = 64,
              batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
              formatted: bool = False, fast: bool = True, share_prefix: bool = True,
-             progress: Progress | None = None) -> list[str]:
+             stop_when: Callable[[str], bool] | None = None, progress: Progress | None = None) -> list[str]:
     """Generate one reply per instruction; returns the decoded replies (prompt removed), in input order.
 
     Greedy decoding uses :func:`greedy_ids` (same tokens as ``model.generate``, measured in
     BENCHMARKS.md) unless ``fast=False`` or the model needs ``generate``'s logits processing;
-    ``batch_size`` None sizes batches by memory (``model.generate``: 16).
+    ``batch_size`` None sizes batches by memory (``model.generate``: 16). ``stop_when(reply so far)``
+    ends a greedy reply early (the fast path only; the reply is then a prefix of the full one).
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -277,8 +278,10 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
     if not texts:
         return []
     if fast and not do_sample:
+        tok = handle.tokenizer
+        stop = None if stop_when is None else (lambda ids: stop_when(tok.decode(ids, skip_special_tokens=True)))
         replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                share_prefix=share_prefix, progress=progress)
+                                share_prefix=share_prefix, stop_when=stop, progress=progress)
         if replies is not None:
             return replies
     return _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,

@@ -8,12 +8,18 @@ otherwise. The chosen precision is shown in the model info and is part of every 
 study (see :mod:`core.study`): results of the two precisions never mix. Its differences from float32
 are measured in BENCHMARKS.md ("Reduced precision").
 
-Every forward of the library runs inside :func:`compute`.
+Every forward of the library runs inside :func:`compute`. Under autocast it also swaps each plain
+``nn.Linear`` weight for a cached bfloat16 copy (:func:`_shadows`): autocast would otherwise cast
+every weight again on every forward (a quarter of a greedy decoding step, measured in BENCHMARKS.md);
+the copy is the same rounding, so outputs are bit-identical (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -47,12 +53,73 @@ def _autocasts(handle) -> bool:
     return getattr(handle, "precision", "float32") == "bfloat16" and handle.dtype == torch.float32
 
 
+SHADOW_MODELS = 2  # models whose bf16 weight copies are kept (the original and the one under study)
+_SHADOWS: OrderedDict[int, tuple] = OrderedDict()  # id(model) → (weakref(model), {module: entry})
+_SHADOW_LOCK = threading.Lock()
+
+
+def _shadow(entries: weakref.WeakKeyDictionary, module: torch.nn.Linear) -> torch.Tensor | None:
+    """The bf16 copy of ``module.weight``, made again whenever the weight changed: another Parameter
+    swapped in (an edit in a context), new storage (``.data =``) or an in-place write (``_version``)."""
+    w = module._parameters.get("weight")
+    if w is None or w.dtype != torch.float32 or w.device.type == "meta":
+        return None
+    entry = entries.get(module)
+    stamp = (w.data_ptr(), w._version)
+    if entry is None or entry[0]() is not w or entry[1] != stamp:
+        entry = (weakref.ref(w), stamp, w.detach().to(torch.bfloat16))
+        entries[module] = entry
+    return entry[2]
+
+
+def _shadows(model: torch.nn.Module) -> weakref.WeakKeyDictionary:
+    """The bf16 weight copies of ``model`` (the ``SHADOW_MODELS`` most recently run models keep theirs)."""
+    with _SHADOW_LOCK:
+        key = id(model)
+        ref_entries = _SHADOWS.pop(key, None)
+        if ref_entries is None or ref_entries[0]() is not model:
+            ref_entries = (weakref.ref(model), weakref.WeakKeyDictionary())
+        _SHADOWS[key] = ref_entries
+        while len(_SHADOWS) > SHADOW_MODELS:
+            _SHADOWS.popitem(last=False)
+        return ref_entries[1]
+
+
+@contextlib.contextmanager
+def _bf16_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Plain ``nn.Linear`` weights swapped for their bf16 copies for the duration (quantized layers,
+    offloaded weights and forwards that build a graph keep their own)."""
+    if torch.is_grad_enabled():
+        yield
+        return
+    entries = _shadows(model)
+    swapped = []
+    try:
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:
+                copy = _shadow(entries, m)
+                if copy is not None:
+                    swapped.append((m, m._parameters["weight"]))
+                    m._parameters["weight"] = copy
+        yield
+    finally:
+        for m, w in reversed(swapped):
+            m._parameters["weight"] = w
+
+
+def clear_shadows() -> None:
+    """Drop every cached bf16 weight copy (frees their memory; the next forward makes them again)."""
+    with _SHADOW_LOCK:
+        _SHADOWS.clear()
+
+
 @contextlib.contextmanager
 def compute(handle) -> Iterator[None]:
-    """The forward-pass context of ``handle``'s precision: bf16 autocast when the handle asks for it
-    and its weights are float32, nothing otherwise (float32, or weights already in low precision)."""
+    """The forward-pass context of ``handle``'s precision: bf16 autocast (with cached bf16 weight
+    copies) when the handle asks for it and its weights are float32, nothing otherwise (float32, or
+    weights already in low precision)."""
     if _autocasts(handle):
-        with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
             yield
     else:
         yield

@@ -88,13 +88,14 @@ def _spread(prompts: Sequence[str], k: int | None) -> list[str]:
     return list(prompts) if k is None or k >= n else [prompts[round(i * n / k)] for i in range(k)]
 
 
-def _screen(candidates: Sequence[Candidate], runner: BatchRunner, score, intervention, tick) -> dict:
+def _screen(candidates: Sequence[Candidate], runner: BatchRunner, score, intervention, tick,
+            start: Callable[[Candidate], int] = lambda c: 0) -> dict:
     """``{candidate: (mean, standard error)}`` of the per-prompt ``score`` of ``runner``'s prompts under
-    ``intervention(candidate)`` (a context manager)."""
+    ``intervention(candidate)`` (a context manager), each pass run from block ``start(candidate)``."""
     out = {}
     for c in candidates:
         with intervention(c):
-            s = score(runner.last_logits()).double()
+            s = score(runner.last_logits(start=start(c))).double()
         se = float(s.std() / math.sqrt(len(s))) if len(s) > 1 else math.inf
         out[c] = (float(s.mean()), se)
         tick(len(runner))
@@ -178,11 +179,12 @@ class _Search:
             self.tick(self.nh)
 
     def induce(self, cands: Sequence[Candidate]) -> None:
-        """Exact induce of each candidate: one pass over the harmless val prompts, added at its layer."""
+        """Exact induce of each candidate: one pass over the harmless val prompts, added at its layer
+        (the blocks below it are unchanged: the pass starts there, from the baseline's kept inputs)."""
         for c in cands:
             if math.isnan(self.get("induce", c)):
                 with add(self.handle, self.dirset.candidate(*c), c[1], 1.0):
-                    self.put("induce", c, float(self.score(self.run_n.last_logits()).mean()))
+                    self.put("induce", c, float(self.score(self.run_n.last_logits(start=c[1])).mean()))
                 self.tick(self.nn)
 
     def by_bypass(self, cands: Sequence[Candidate]) -> list[Candidate]:
@@ -190,12 +192,13 @@ class _Search:
 
 
 def _val_runners(handle: ModelHandle, harmful_val: list[str], harmless_val: list[str], filter_refusals: bool,
-                 score, runner_kw: dict, msgs: list[str]):
+                 score, runner_kw: dict, msgs: list[str], keep: Sequence[int]):
     """Runners over the (optionally refusal-filtered) val prompts, the harmless baseline logits and the
-    baseline scores; ``(run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val)``."""
+    baseline scores; ``(run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val)``. The harmless
+    runner keeps its inputs of blocks ``keep`` (induce passes start there)."""
     run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
     run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
-    base_h, base_n = run_h.last_logits(), run_n.last_logits()
+    base_h, base_n = run_h.last_logits(), run_n.last_logits(keep_inputs=keep)
     s_h, s_n = score(base_h), score(base_n)
     if filter_refusals:
         keep_h, keep_n = (s_h > 0), (s_n < 0)
@@ -209,6 +212,7 @@ def _val_runners(handle: ModelHandle, harmful_val: list[str], harmless_val: list
         if not bool(keep_n.all()):
             harmless_val = [q for q, k in zip(harmless_val, keep_n.tolist()) if k]
             run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
+            run_n.last_logits(keep_inputs=keep)
             base_n = base_n[keep_n]
         s_h, s_n = s_h[keep_h], s_n[keep_n]
     return run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val
@@ -263,7 +267,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     n = len(grid)
     with handle.lock:
         run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val = _val_runners(
-            handle, list(harmful_val), list(harmless_val), filter_refusals, score, runner_kw, msgs)
+            handle, list(harmful_val), list(harmless_val), filter_refusals, score, runner_kw, msgs, layers)
         s = _Search(handle, dirset, run_h, run_n, score, progress)
         # the plan: baseline, induce for all, then bypass + KL for about one candidate (exhaustive: all three)
         s.plan(s.nh + s.nn + (n * (s.nh + 2 * s.nn) if exhaustive else n * s.nn + s.nh + s.nn))
@@ -277,9 +281,12 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             searched = grid
             if screen:
                 scr_n = BatchRunner(handle, tokenize(handle, _spread(harmless_val, screen)), **runner_kw)
+                scr_n.last_logits(keep_inputs=layers)
+                s.tick(len(scr_n))
                 s.plan(n * len(scr_n) + SCREEN_SURVIVORS * n * s.nn + s.nh + s.nn)
                 screened["induce"] = _screen(grid, scr_n, score,
-                                             lambda c: add(handle, dirset.candidate(*c), c[1], 1.0), s.tick)
+                                             lambda c: add(handle, dirset.candidate(*c), c[1], 1.0), s.tick,
+                                             start=lambda c: c[1])
                 searched = [c for c in grid
                             if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1] > induce_threshold]
             chosen, used_kl, removed, n_checked = _lazy(s, searched, lazy, kl_threshold, induce_threshold,

@@ -11,7 +11,7 @@ from core.activations import (BatchRunner, mean_activations, naive_mean_activati
                               post_instruction_tokens, projection_stats, projections, tokenize)
 from core.models import ChatTemplateError
 from core.progress import Cancelled
-from tiny import tiny_handle
+from tiny import ARCHS, tiny_handle
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "hi",
            "Explain photosynthesis to a child, step by step, in detail please.", "How do I hack a bank?",
@@ -153,3 +153,29 @@ def test_writer_inputs_match_one_prompt_at_a_time(llama):
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runner_from_a_middle_block_gives_the_full_pass_logits(arch):
+    """``start=l`` skips blocks below l using their kept inputs: the logits equal a full pass's, with an
+    intervention at block l or above, and the blocks are whole again afterwards."""
+    import dataclasses
+
+    from core.interventions import add, count_hooks
+
+    for precision in ("float32", "bfloat16"):
+        h = dataclasses.replace(tiny_handle(arch), precision=precision)
+        runner = BatchRunner(h, tokenize(h, PROMPTS), batch_size=2)
+        v = torch.randn(h.d_model)
+        with h.lock:
+            with pytest.raises(ValueError, match="not kept"):
+                runner.last_logits(start=2)
+            base = runner.last_logits(keep_inputs=[1, 2])
+            assert torch.equal(base, runner.last_logits(start=2))  # nothing changed: the same logits
+            for layer in (1, 2):
+                with add(h, v, layer, 4.0):
+                    full = runner.last_logits()
+                    assert not torch.equal(full, base)
+                    assert torch.equal(full, runner.last_logits(start=layer))
+                    assert torch.equal(full, runner.last_logits(start=1))  # any kept block at or below
+        assert count_hooks(h) == 0 and not any("forward" in b.__dict__ for b in h.blocks)

@@ -1,11 +1,14 @@
 """AIRD: maths, merged vs adapter equivalence, safety of O and C, calibration data hygiene."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from core import aird, aird_calibration
 from core.aird import Repair, applied, merge, method_applied, rank1_edit
 from core.compression import apply as compress
+from core.generation import generate
 from core.models import weight_as_out_in
 from tiny import tiny_handle
 
@@ -93,7 +96,7 @@ def test_budget_curve_counts_the_realigned_writer(monkeypatch):
     c, _ = compress(o, "magnitude:0.5")
     d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
     rep = Repair(torch.randn(64), layers=[2, 3], alpha=1.0, source_layer=3, realign=torch.randn(d_in), realign_layer=1)
-    monkeypatch.setattr(aird, "refusal_rate", lambda h, prompts, max_new_tokens: (0.5, []))
+    monkeypatch.setattr(aird, "refusal_rate", lambda h, prompts, max_new_tokens, **kw: (0.5, []))
     rows = aird.budget_curve(c, rep, ["a"], max_layers=2)
     assert [r["layers"] for r in rows] == [[3], [2, 3]]
     # k = 1 repairs block 3 only, but a merged repair still densifies the re-aligned MLP writer of block 1
@@ -214,7 +217,7 @@ def test_calibration_reads_only_validation_prompts(monkeypatch, search):
 
     test_prompts = {p for k in ("harmful", "harmless", "borderline") for p in bundled(k, "test").prompts}
     seen: list[str] = []
-    for name in ("generate_with_logits", "last_logits"):  # every way calibration reads prompts
+    for name in ("generate_with_logits", "last_logits", "tokenize"):  # every way calibration reads prompts
         def spy(h, prompts, _real=getattr(aird_calibration, name), **kw):
             seen.extend(prompts)
             return _real(h, prompts, **kw)
@@ -261,6 +264,44 @@ def test_scored_calibration_generates_the_best_scored_points_and_chooses_among_t
                                                                  any(g is x for x in scored_feasible[:2])]
     assert next(g for g in scored.calibration if g["chosen"]) is aird_calibration.choose(gen)
     assert all(not g["feasible"] for g in scored.calibration if g["measured"] == "scored")
+
+
+def test_scored_calibration_from_the_first_repaired_block_equals_full_passes(monkeypatch):
+    """Scored passes start at the lowest block a trial touches (the blocks below are the unrepaired
+    model's): the grid is the one full passes give, to the bit."""
+    skipped = _calibrate("scored", confirm=2)
+    starts = []
+    real = aird_calibration._Measure._last_logits
+
+    def full(self, kind, start, keep):
+        starts.append(start)
+        return real(self, kind, 0, keep)
+
+    monkeypatch.setattr(aird_calibration._Measure, "_last_logits", full)
+    assert _calibrate("scored", confirm=2).calibration == skipped.calibration
+    assert max(starts) > 0  # the first run did skip blocks
+
+
+def test_budget_curve_settled_replies_give_the_full_replies_rates(monkeypatch):
+    """The budget curve ends a reply once it holds a refusal phrase: the rates are those of full replies."""
+    import core.judges as judges
+    from core.aird import budget_curve, refusal_rate
+
+    c = tiny_handle("llama", n_layers=4)
+    with c.lock:
+        for m in c.model.modules():  # a livelier random model: replies that vary between prompts
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.3)
+    prompts = [f"Tell me about topic number {i}" for i in range(8)]
+    full = generate(c, prompts, max_new_tokens=10)
+    letter = max("etaoinsr", key=lambda x: sum(x in r.lower() for r in full))  # in some replies, not all
+    monkeypatch.setattr(judges, "REFUSAL_PHRASES", (letter,))
+    assert 0 < sum(judges.is_refusal(r) for r in full) < len(full)
+    rep = Repair(torch.randn(64), layers=[2], alpha=1.0, source_layer=2)
+    curve = budget_curve(c, rep, prompts, max_layers=2, gen_tokens=10)
+    for row in curve:
+        with applied(c, replace(rep, layers=row["layers"], mode="adapter")):
+            assert row["refusal"] == refusal_rate(c, prompts, max_new_tokens=10)[0]
 
 
 def test_kl_rule_accepts_moves_toward_the_original_only():

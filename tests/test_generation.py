@@ -112,3 +112,4 @@ def test_stop_when_ends_rows_early_without_changing_a_monotone_verdict():
     assert all(f.startswith(s) for s, f in zip(short, full))
     assert any(len(s) < len(f) for s, f in zip(short, full))  # some rows did stop early
     torch.testing.assert_close(ls, lf)
+    assert generate(h, PROMPTS, max_new_tokens=12, stop_when=pred) == short  # generate() stops the same way

@@ -79,3 +79,40 @@ def test_spec_keeps_naming_old_float32_studies_and_results_are_keyed_by_precisio
         keys.append(s._cached("probe", ("x",), lambda: {"precision": h.precision}))
     assert keys == [{"precision": "float32"}, {"precision": "bfloat16"}, {"precision": "float32"}]
 
+
+
+def _autocast_only(h, fn):
+    """``fn()`` with autocast alone (the cast of every weight on every forward, no cached copies)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precision, "_bf16_weights", lambda model: __import__("contextlib").nullcontext())
+        return fn()
+
+
+def test_cached_bf16_weights_are_bit_identical_to_autocast_and_follow_weight_changes():
+    h = dataclasses.replace(tiny_handle("llama"), precision="bfloat16")
+    ids = tokenize(h, PROMPTS)
+
+    def logits():
+        with h.lock:
+            return BatchRunner(h, ids).last_logits()
+
+    precision.clear_shadows()
+    assert torch.equal(logits(), _autocast_only(h, logits))
+    assert generate(h, PROMPTS, max_new_tokens=5) == _autocast_only(h, lambda: generate(h, PROMPTS, max_new_tokens=5))
+    w = h.model.model.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.float32  # swapped back after every forward
+    with torch.no_grad():
+        w.mul_(3.0)  # an in-place edit: the cached copy must be made again
+    try:
+        assert torch.equal(logits(), _autocast_only(h, logits))
+        saved = w.data
+        w.data = saved * 0.5  # new storage
+        assert torch.equal(logits(), _autocast_only(h, logits))
+        w.data = saved
+    finally:
+        with torch.no_grad():
+            w.div_(3.0)
+    assert torch.equal(logits(), _autocast_only(h, logits))
+    with torch.enable_grad():  # a forward that builds a graph keeps the float32 parameters
+        with precision.compute(h):
+            assert h.model.model.layers[0].mlp.down_proj.weight is w
