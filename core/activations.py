@@ -193,8 +193,8 @@ class BatchRunner:
         return len(self.rest)
 
     @torch.inference_mode()
-    def run(self, batches: Sequence[int] | None = None, *, start: int = 0,
-            keep_inputs: Sequence[int] = ()) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def run(self, batches: Sequence[int] | None = None, *, start: int = 0, keep_inputs: Sequence[int] = (),
+            stop_at: torch.nn.Module | None = None) -> Iterator[tuple[list[int], torch.Tensor | None]]:
         """Yield ``(prompt indices, last-position logits (B, vocab) float32)`` per batch (only the
         batches numbered in ``batches``, when given: a batch's logits do not depend on the others).
 
@@ -202,7 +202,9 @@ class BatchRunner:
         ``start…``, from the kept input of block ``start`` (blocks below are skipped) — the same
         logits as a full pass, provided nothing below ``start`` differs from the pass that kept it
         (no hook, no weight change): the caller's guarantee. Skipping needs blocks that return a
-        tensor (``ValueError`` otherwise, or when ``start``'s input was not kept)."""
+        tensor (``ValueError`` otherwise, or when ``start``'s input was not kept). ``stop_at``: the
+        forward ends on entering this module, once the pre-hooks registered before the run have read
+        its input; the logits are then None (for passes that only read activations below it)."""
         model, dev = self.handle.model, self.handle.device
         pad = self.handle.tokenizer.pad_token_id or 0
         cache = prefix_cache(self.handle, self.prefix)
@@ -220,8 +222,13 @@ class BatchRunner:
                 kwargs.update(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
             else:
                 kwargs.update(use_cache=False)
-            with compute(self.handle), self._keeping(b, keep_inputs), self._skipping(b, start):
-                out = model(attention_mask=mask.to(dev), **kwargs)
+            try:
+                with compute(self.handle), self._keeping(b, keep_inputs), self._skipping(b, start), \
+                        _stopping(stop_at):
+                    out = model(attention_mask=mask.to(dev), **kwargs)
+            except _Stop:
+                yield idx, None
+                continue
             yield idx, out.logits[:, -1, :].float()
 
     @contextlib.contextmanager
@@ -286,6 +293,27 @@ class BatchRunner:
             done += len(idx)
             report(progress, done, len(self))
         return out if out is not None else torch.empty(0)
+
+
+class _Stop(Exception):
+    """Ends a forward early (:func:`_stopping`)."""
+
+
+@contextlib.contextmanager
+def _stopping(module: torch.nn.Module | None) -> Iterator[None]:
+    """A pre-hook on ``module`` that ends the forward there (no library exits a forward midway)."""
+    if module is None:
+        yield
+        return
+
+    def hook(mod, args, kwargs):
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -485,14 +513,16 @@ def writer_inputs(handle: ModelHandle, instructions: Sequence[str], module: torc
         return hook
 
     read = read_points(handle)[layer]
+    below = any(module is m for block in list(handle.blocks)[:layer] for m in block.modules())
     done = 0
     with handle.lock:
         hooks = [module.register_forward_pre_hook(grab("x"), with_kwargs=True),
                  read.register_forward_pre_hook(grab("h"), with_kwargs=True)]
         try:
-            for idx, _ in runner.run():
+            for idx, _ in runner.run(stop_at=read if below else None):  # nothing above both is needed
                 for j, i in enumerate(idx):
                     xs[i], ps[i] = seen["x"][j], seen["h"][j] @ r
+                seen.clear()
                 done += len(idx)
                 report(progress, done, len(runner))
         finally:

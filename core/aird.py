@@ -196,10 +196,16 @@ def _is_dense(module: torch.nn.Module) -> bool:
         or type(module).__name__ == "Conv1D"
 
 
-def _copy(handle: ModelHandle, suffix: str) -> ModelHandle:
-    """A deep copy of a handle's model under a new name (torch-side weights only)."""
+def _copy(handle: ModelHandle, suffix: str, edited: Sequence[torch.nn.Module] | None = None) -> ModelHandle:
+    """A copy of a handle's model under a new name. With ``edited`` (modules of ``handle``'s model),
+    only their parameters are copied; every other parameter is *shared* with ``handle`` (a merged edit
+    of two layers costs their matrices, not a second model), so only ``edited`` may be changed in place."""
+    memo: dict[int, object] = {}
+    if edited is not None:
+        own = {id(p) for m in edited for p in m.parameters()}
+        memo = {id(p): p for p in handle.model.parameters() if id(p) not in own}
     with handle.lock:
-        model = copy.deepcopy(handle.model)
+        model = copy.deepcopy(handle.model, memo)
     import hashlib
 
     return ModelHandle(model=model, tokenizer=handle.tokenizer, name=f"{handle.name} + {suffix}",
@@ -249,7 +255,8 @@ def merge(compressed: ModelHandle, repair: Repair) -> ModelHandle:
     touched = sorted({layer for layer, _, _ in edited_writers(compressed, repair)})
     _check_dense(compressed, touched, "Merged AIRD")
     fit = "" if repair.realign is None else f",fit={repair.key()[-1]}"
-    new = _copy(compressed, f"aird(α={repair.alpha:g},L={','.join(map(str, repair.layers))}{fit})")
+    new = _copy(compressed, f"aird(α={repair.alpha:g},L={','.join(map(str, repair.layers))}{fit})",
+                [m for _, _, m in edited_writers(compressed, repair)])
     r = repair.direction
     if repair.realign is not None:
         mod = new.writers(repair.realign_layer)[REALIGN_ROLE]
@@ -330,14 +337,16 @@ def method_applied(method: str, original: ModelHandle, compressed: ModelHandle, 
             yield h
     elif method == "projection-restore":
         _check_dense(compressed, repair.layers, "Projection restore")
-        new = _copy(compressed, f"projection-restore(L={','.join(map(str, repair.layers))})")
+        new = _copy(compressed, f"projection-restore(L={','.join(map(str, repair.layers))})",
+                    [m for _, _, m in _writers(compressed, repair.layers)])
         for (_, _, m_new), (_, _, m_o) in zip(_writers(new, repair.layers), _writers(original, repair.layers)):
             _set_weight(m_new, projection_restore(weight_as_out_in(m_new), weight_as_out_in(m_o),
                                                   repair.direction))
         yield new
     elif method == "dense-copy":
         _check_dense(compressed, repair.layers, "Dense copy")
-        new = _copy(compressed, f"dense-copy(L={','.join(map(str, repair.layers))})")
+        new = _copy(compressed, f"dense-copy(L={','.join(map(str, repair.layers))})",
+                    [compressed.blocks[layer] for layer in repair.layers])
         with torch.no_grad():
             for layer in repair.layers:
                 new.blocks[layer].load_state_dict(original.blocks[layer].state_dict())

@@ -11,7 +11,7 @@ import torch
 
 from core.models import ModelHandle
 from core.precision import compute
-from core.progress import Progress, report
+from core.progress import Progress
 
 # The anchor pipeline's (Arditi et al.) refusal phrases plus common variants; matched case-insensitively.
 REFUSAL_PHRASES: tuple[str, ...] = (

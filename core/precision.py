@@ -53,7 +53,7 @@ def _autocasts(handle) -> bool:
     return getattr(handle, "precision", "float32") == "bfloat16" and handle.dtype == torch.float32
 
 
-SHADOW_MODELS = 2  # models whose bf16 weight copies are kept (the original and the one under study)
+SHADOW_MODELS = 1  # models whose bf16 weight copies are kept (each costs half its float32 linear weights)
 _SHADOWS: OrderedDict[int, tuple] = OrderedDict()  # id(model) → (weakref(model), {module: entry})
 _SHADOW_LOCK = threading.Lock()
 

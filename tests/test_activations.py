@@ -137,8 +137,13 @@ def test_writer_inputs_match_one_prompt_at_a_time(llama):
     torch.manual_seed(1)
     r = torch.randn(llama.d_model)
     mod = llama.writers(1)["mlp"]
-    x, p = writer_inputs(llama, PROMPTS, mod, r, 2, n_positions=3)
+    x, p = writer_inputs(llama, PROMPTS, mod, r, 2, n_positions=3)  # the pass ends at block 2's input
     assert x.shape == (3 * len(PROMPTS), mod.in_features) and p.shape == (3 * len(PROMPTS),)
+    x0, p0 = writer_inputs(llama, PROMPTS, llama.writers(0)["mlp"], r, 1, n_positions=3)  # ends at block 1
+    x2, p2 = writer_inputs(llama, PROMPTS, llama.writers(2)["mlp"], r, 1, n_positions=3)  # a writer above: full pass
+    assert torch.equal(p2, p0) and x2.shape == x0.shape and not torch.equal(x2, x0)
+    from core.interventions import count_hooks
+    assert count_hooks(llama) == 0
     seen = {}
     hooks = [mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
              read_points(llama)[2].register_forward_pre_hook(

@@ -55,6 +55,10 @@ def test_merged_and_adapter_give_same_logits_on_pruned_model(arch):
         # merging densifies the repaired writers: the sparsity cost
         w = weight_as_out_in(merged.writers(1)["mlp"])
         assert (w == 0).float().mean() < 0.05
+        # only the edited writers are copied: every other parameter is C's own (memory of a merge)
+        edited = {id(p) for _, _, m in aird.edited_writers(c, rep) for p in m.parameters()}
+        for (name, p_c), (_, p_m) in zip(c.model.named_parameters(), merged.model.named_parameters()):
+            assert (p_m is p_c) == (id(p_c) not in edited), name
     with applied(c, Repair(r, layers=[1, 2], alpha=3.0, mode="adapter")) as adapted:
         assert adapted is c
         la = _logits(adapted)
