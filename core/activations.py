@@ -160,7 +160,8 @@ class BatchRunner:
 
     def __init__(self, handle: ModelHandle, ids: Sequence[Sequence[int]], *, min_rest: int = 1,
                  batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
-                 max_batch: int | None = None, share_prefix: bool = True) -> None:
+                 max_batch: int | None = None, share_prefix: bool = True,
+                 groups: Sequence[Sequence[int]] = ()) -> None:
         self.handle = handle
         ids = [list(s) for s in ids]
         if any(len(s) < min_rest for s in ids):
@@ -169,23 +170,36 @@ class BatchRunner:
         self.prefix = prefix
         self.ids = ids
         self.rest = [s[len(prefix):] for s in ids]
-        order = sorted(range(len(ids)), key=lambda i: len(self.rest[i]))
-        self.batches: list[list[int]] = []
         budget = memory_mb * 2**20
         vocab_bytes = 8 * int(getattr(handle.model.config, "vocab_size", 0) or 0)
-        cur: list[int] = []
-        for i in order:
-            trial = cur + [i]
-            longest = len(self.rest[i])
-            cost = len(trial) * (longest * _per_token_bytes(handle, len(prefix) + longest) + vocab_bytes)
-            limit_rows = batch_size or max_batch or MAX_BATCH.get(handle.precision, DEFAULT_MAX_BATCH)
-            if cur and (len(trial) > limit_rows or (batch_size is None and cost > budget)):
-                self.batches.append(cur)
-                cur = [i]
-            else:
-                cur = trial
-        if cur:
-            self.batches.append(cur)
+        limit_rows = batch_size or max_batch or MAX_BATCH.get(handle.precision, DEFAULT_MAX_BATCH)
+
+        def pack(indices: Sequence[int]) -> list[list[int]]:
+            out: list[list[int]] = []
+            cur: list[int] = []
+            for i in sorted(indices, key=lambda i: len(self.rest[i])):
+                trial = cur + [i]
+                cost = len(trial) * (len(self.rest[i]) * _per_token_bytes(handle, len(prefix) + len(self.rest[i]))
+                                     + vocab_bytes)
+                if cur and (len(trial) > limit_rows or (batch_size is None and cost > budget)):
+                    out.append(cur)
+                    cur = [i]
+                else:
+                    cur = trial
+            return out + ([cur] if cur else [])
+
+        # each group of prompts is batched on its own (a screen runs the group's batches alone, and a
+        # full pass the others: together the same batches, so the same logits), then the rest
+        self.batches: list[list[int]] = []
+        self.group_batches: list[list[int]] = []
+        placed: set[int] = set()
+        for group in groups:
+            fresh = [i for i in dict.fromkeys(group) if i not in placed]
+            placed.update(fresh)
+            packed = pack(fresh)
+            self.group_batches.append(list(range(len(self.batches), len(self.batches) + len(packed))))
+            self.batches += packed
+        self.batches += pack([i for i in range(len(ids)) if i not in placed])
         self.inputs: dict[int, dict[int, torch.Tensor]] = {}  # block → batch → kept residual input
         self.skippable: bool | None = None  # blocks return a tensor (known once inputs were kept)
 
@@ -279,19 +293,20 @@ class BatchRunner:
                 else:
                     blk.forward = fwd
 
-    def last_logits(self, progress: Progress | None = None, *, start: int = 0,
-                    keep_inputs: Sequence[int] = ()) -> torch.Tensor:
+    def last_logits(self, progress: Progress | None = None, *, start: int = 0, keep_inputs: Sequence[int] = (),
+                    batches: Sequence[int] | None = None) -> torch.Tensor:
         """Last-position logits of every prompt, ``(n, vocab)`` float32 on the CPU, in input order
-        (call with ``handle.lock`` held, under whatever interventions should apply; ``start`` and
-        ``keep_inputs``: :meth:`run`)."""
+        (call with ``handle.lock`` held, under whatever interventions should apply; ``start``,
+        ``keep_inputs`` and ``batches``: :meth:`run` — rows of prompts not run are NaN)."""
         out: torch.Tensor | None = None
         done = 0
-        for idx, logits in self.run(start=start, keep_inputs=keep_inputs):
+        n = len(self) if batches is None else sum(len(self.batches[b]) for b in batches)
+        for idx, logits in self.run(batches, start=start, keep_inputs=keep_inputs):
             if out is None:
-                out = torch.empty(len(self), logits.shape[-1])
+                out = torch.full((len(self), logits.shape[-1]), math.nan)
             out[idx] = logits.cpu()
             done += len(idx)
-            report(progress, done, len(self))
+            report(progress, done, n)
         return out if out is not None else torch.empty(0)
 
 

@@ -82,23 +82,33 @@ class _LazyKL:
         return sum(done < len(self.runner.batches) for _, done in self.state.values())
 
 
+def _spread_index(n: int, k: int | None) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k`` is None or ``≥ n``)."""
+    return list(range(n)) if k is None or k >= n else [round(i * n / k) for i in range(k)]
+
+
 def _spread(prompts: Sequence[str], k: int | None) -> list[str]:
     """``k`` prompts spread evenly over ``prompts`` (all of them when ``k`` is None or ``≥ len``)."""
-    n = len(prompts)
-    return list(prompts) if k is None or k >= n else [prompts[round(i * n / k)] for i in range(k)]
+    return [prompts[i] for i in _spread_index(len(prompts), k)]
 
 
 def _screen(candidates: Sequence[Candidate], runner: BatchRunner, score, intervention, tick,
-            start: Callable[[Candidate], int] = lambda c: 0) -> dict:
-    """``{candidate: (mean, standard error)}`` of the per-prompt ``score`` of ``runner``'s prompts under
-    ``intervention(candidate)`` (a context manager), each pass run from block ``start(candidate)``."""
+            start: Callable[[Candidate], int] = lambda c: 0, batches: Sequence[int] | None = None,
+            kept: dict | None = None) -> dict:
+    """``{candidate: (mean, standard error)}`` of the per-prompt ``score`` of ``runner``'s prompts (those
+    of ``batches`` when given) under ``intervention(candidate)`` (a context manager), each pass run
+    from block ``start(candidate)``; ``kept[candidate]`` receives the per-prompt scores ``(n,)`` (NaN
+    for prompts not run), which a later full pass completes instead of running them again."""
     out = {}
     for c in candidates:
         with intervention(c):
-            s = score(runner.last_logits(start=start(c))).double()
+            full = score(runner.last_logits(start=start(c), batches=batches)).double()
+        s = full[~full.isnan()]
+        if kept is not None:
+            kept[c] = full
         se = float(s.std() / math.sqrt(len(s))) if len(s) > 1 else math.inf
         out[c] = (float(s.mean()), se)
-        tick(len(runner))
+        tick(len(s))
     return out
 
 
@@ -147,6 +157,7 @@ class _Search:
     done: int = 0
     passes: int = 0
     tables: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    screened_induce: dict = dataclasses.field(default_factory=dict)  # candidate → per-prompt scores of the screen
 
     def __post_init__(self) -> None:
         for name in ("bypass", "induce", "kl"):
@@ -180,24 +191,39 @@ class _Search:
 
     def induce(self, cands: Sequence[Candidate]) -> None:
         """Exact induce of each candidate: one pass over the harmless val prompts, added at its layer
-        (the blocks below it are unchanged: the pass starts there, from the baseline's kept inputs)."""
+        (the blocks below it are unchanged: the pass starts there, from the baseline's kept inputs).
+        A screened candidate's screen batches are not run again: they are batches of this same pass."""
         for c in cands:
             if math.isnan(self.get("induce", c)):
-                with add(self.handle, self.dirset.candidate(*c), c[1], 1.0):
-                    self.put("induce", c, float(self.score(self.run_n.last_logits(start=c[1])).mean()))
-                self.tick(self.nn)
+                part = self.screened_induce.get(c)
+                todo = None if part is None else [b for b in range(len(self.run_n.batches))
+                                                  if b not in self.run_n.group_batches[0]]
+                if todo == []:  # the screen ran every prompt
+                    scores = part
+                else:
+                    with add(self.handle, self.dirset.candidate(*c), c[1], 1.0):
+                        scores = self.score(self.run_n.last_logits(start=c[1], batches=todo)).double()
+                    if part is not None:
+                        scores = torch.where(scores.isnan(), part, scores)
+                self.put("induce", c, float(scores.mean()))
+                self.tick(self.nn if part is None else self.nn - int((~part.isnan()).sum()))
 
     def by_bypass(self, cands: Sequence[Candidate]) -> list[Candidate]:
         return sorted((c for c in cands if not math.isnan(self.get("bypass", c))), key=lambda c: self.get("bypass", c))
 
 
 def _val_runners(handle: ModelHandle, harmful_val: list[str], harmless_val: list[str], filter_refusals: bool,
-                 score, runner_kw: dict, msgs: list[str], keep: Sequence[int]):
+                 score, runner_kw: dict, msgs: list[str], keep: Sequence[int], screen: int | None):
     """Runners over the (optionally refusal-filtered) val prompts, the harmless baseline logits and the
     baseline scores; ``(run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val)``. The harmless
-    runner keeps its inputs of blocks ``keep`` (induce passes start there)."""
+    runner keeps its inputs of blocks ``keep`` (induce passes start there) and, with ``screen``, batches
+    the ``screen`` prompts spread over the set apart (``group_batches[0]``: the induce screen)."""
+    def harmless_runner(vals: list[str]) -> BatchRunner:
+        groups = [_spread_index(len(vals), screen)] if screen else ()
+        return BatchRunner(handle, tokenize(handle, vals), groups=groups, **runner_kw)
+
     run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
-    run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
+    run_n = harmless_runner(harmless_val)
     base_h, base_n = run_h.last_logits(), run_n.last_logits(keep_inputs=keep)
     s_h, s_n = score(base_h), score(base_n)
     if filter_refusals:
@@ -211,7 +237,7 @@ def _val_runners(handle: ModelHandle, harmful_val: list[str], harmless_val: list
             run_h = BatchRunner(handle, tokenize(handle, harmful_val), **runner_kw)
         if not bool(keep_n.all()):
             harmless_val = [q for q, k in zip(harmless_val, keep_n.tolist()) if k]
-            run_n = BatchRunner(handle, tokenize(handle, harmless_val), **runner_kw)
+            run_n = harmless_runner(harmless_val)
             run_n.last_logits(keep_inputs=keep)
             base_n = base_n[keep_n]
         s_h, s_n = s_h[keep_h], s_n[keep_n]
@@ -267,7 +293,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     n = len(grid)
     with handle.lock:
         run_h, run_n, base_n, s_h, s_n, harmful_val, harmless_val = _val_runners(
-            handle, list(harmful_val), list(harmless_val), filter_refusals, score, runner_kw, msgs, layers)
+            handle, list(harmful_val), list(harmless_val), filter_refusals, score, runner_kw, msgs, layers, screen)
         s = _Search(handle, dirset, run_h, run_n, score, progress)
         # the plan: baseline, induce for all, then bypass + KL for about one candidate (exhaustive: all three)
         s.plan(s.nh + s.nn + (n * (s.nh + 2 * s.nn) if exhaustive else n * s.nn + s.nh + s.nn))
@@ -280,13 +306,12 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
         else:
             searched = grid
             if screen:
-                scr_n = BatchRunner(handle, tokenize(handle, _spread(harmless_val, screen)), **runner_kw)
-                scr_n.last_logits(keep_inputs=layers)
-                s.tick(len(scr_n))
-                s.plan(n * len(scr_n) + SCREEN_SURVIVORS * n * s.nn + s.nh + s.nn)
-                screened["induce"] = _screen(grid, scr_n, score,
+                k = min(screen, s.nn)
+                s.plan(n * k + SCREEN_SURVIVORS * n * (s.nn - k) + s.nh + s.nn)
+                screened["induce"] = _screen(grid, run_n, score,
                                              lambda c: add(handle, dirset.candidate(*c), c[1], 1.0), s.tick,
-                                             start=lambda c: c[1])
+                                             start=lambda c: c[1], batches=run_n.group_batches[0],
+                                             kept=s.screened_induce)
                 searched = [c for c in grid
                             if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1] > induce_threshold]
             chosen, used_kl, removed, n_checked = _lazy(s, searched, lazy, kl_threshold, induce_threshold,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +90,8 @@ class Study:
     ``original`` may be passed (e.g. the dashboard's shared cached model) to avoid reloading.
     ``on_progress(stage, done, total)`` is called between batches; raising
     :class:`~core.progress.Cancelled` from it stops the run (completed stages stay stored).
+    ``on_stage(stage, seconds)`` is called when a stage starts computing (``seconds`` None) and when it
+    has (loaded stages call nothing): what :class:`core.study_eta.StudyEta` follows.
     """
 
     def __init__(self, spec: StudySpec, store: RunStore | str | Path = "runs", *,
@@ -100,6 +102,7 @@ class Study:
         self._original = original
         self._variants: dict[str, ModelHandle] = {}
         self.on_progress = on_progress
+        self.on_stage: Callable[[str, float | None], None] | None = None
         self.timings: dict[str, float] = {}
         self._memo: dict[str, object] = {}
         self._sets: dict[str, PromptSet] | None = None
@@ -130,13 +133,19 @@ class Study:
             log.info("%s: reused from study %s", stage, other)
             self._memo[key] = value
             return value
+        self._stage(stage)
         t0 = time.perf_counter()
         value = compute()
         seconds = time.perf_counter() - t0
+        self._stage(stage, seconds)
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         self._put(kind, key, stage, value, seconds)
         self._memo[key] = value
         return value
+
+    def _stage(self, stage: str, seconds: float | None = None) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, seconds)
 
     def _from_other_studies(self, kind: str, key: str):
         """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
@@ -236,7 +245,11 @@ class Study:
         if scheme not in self._variants:
             from core.compression import apply
 
-            handle, rep = apply(self.original, scheme, progress=self._progress(f"compress {scheme}"))
+            original = self.original
+            self._stage(f"compress {scheme}")
+            t0 = time.perf_counter()
+            handle, rep = apply(original, scheme, progress=self._progress(f"compress {scheme}"))
+            self._stage(f"compress {scheme}", time.perf_counter() - t0)
             self._variants[scheme] = handle
             key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
             if not self.record.has(key):
@@ -486,6 +499,18 @@ class Study:
                             compute)
 
     # -- the whole pipeline ---------------------------------------------------------------
+    def planned_stages(self, schemes: Sequence[str] | None = None, *, evaluate: bool = True,
+                       aird: bool | None = None, budget: bool = False) -> list[str]:
+        """The stages :meth:`run` goes through (``budget``: and :meth:`budget`), by name, for the time
+        left in all (:mod:`core.study_eta`); ``schemes``/``evaluate``/``aird`` narrow it to a page's part."""
+        aird = bool(self.spec.aird) if aird is None else aird
+        out = ["directions original"] + (["evaluate original"] if evaluate else [])
+        for s in self.spec.schemes if schemes is None else schemes:
+            out += ([] if s in self._variants else [f"compress {s}"]) + [f"directions {s}", f"drift {s}"]
+            out += [f"evaluate {s}"] if evaluate else []
+            out += ([f"aird {s}", f"evaluate {s}+aird"] + ([f"budget {s}"] if budget else [])) if aird else []
+        return out
+
     def run(self) -> dict:
         """Every stage for every scheme; returns :meth:`results`."""
         self.directions("original")

@@ -392,28 +392,42 @@ def attach_variants(study, ws: Workspace) -> None:
             variants.setdefault(key, v.handle)
 
 
-def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None):
-    """Run ``fn(study)`` with one progress bar labelled with the current stage; errors become error boxes.
-    Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
+def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None,
+              planned: list[str] | None = None):
+    """Run ``fn(study)`` with one progress bar labelled with the current stage and its time left (and,
+    given the ``planned`` stages, the time left in all: :mod:`core.study_eta`); errors become error
+    boxes. Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
+    from core.study_eta import follow, for_study
+
     ws = workspace(ws_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
     cancelled = cancel_check(cancel_key)
     eta = Eta()
+    whole = None
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if cancelled():
             raise Cancelled(stage)
-        left = format_seconds(eta.update(stage, done, total))
-        bar.progress(0.0 if total <= 0 else min(1.0, done / total),
-                     text=f"{what} · {stage} · {done}/{total}" + (f" · {left} left in this step" if left else ""))
+        here = eta.update(stage, done, total)
+        left = format_seconds(here)
+        text = f"{what} · {stage} · {done}/{total}" + (f" · {left} left in this step" if left else "")
+        if whole is not None:
+            overall = whole.describe(here)
+            text += f" · {overall}" if overall else ""
+        bar.progress(0.0 if total <= 0 else min(1.0, done / total), text=text)
 
     def call():
+        nonlocal whole
         with ws.study_lock:
+            if planned:
+                whole = for_study(study, planned)
+                study.on_stage = follow(study, whole)
             study.on_progress = on_progress
             try:
                 return fn(study)
             finally:
                 study.on_progress = None
+                study.on_stage = None
 
     ok, value = guarded(what, call)
     bar.empty()

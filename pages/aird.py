@@ -97,7 +97,8 @@ if clicked or auto:
     st.session_state[CANCEL] = False
     stop = cancel_button(CANCEL) if clicked else st.empty()
     ok, results = run_study(handle, study, gather, what=f"AIRD on {scheme}" if clicked else "Loading stored AIRD results",
-                            cancel_key=CANCEL)
+                            cancel_key=CANCEL,
+                            planned=study.planned_stages([scheme], aird=True, budget=True) if clicked else None)
     stop.empty()
     if ok:
         ws.values[memo_key] = results

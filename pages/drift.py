@@ -69,7 +69,8 @@ if clicked or auto:
     st.session_state[CANCEL] = False
     stop = cancel_button(CANCEL) if clicked else st.empty()
     ok, results = run_study(handle, study, lambda s: gather(s, schemes),
-                            what="Drift study" if clicked else "Loading the stored drift study", cancel_key=CANCEL)
+                            what="Drift study" if clicked else "Loading the stored drift study", cancel_key=CANCEL,
+                            planned=study.planned_stages(schemes, aird=False) if clicked else None)
     stop.empty()
     if ok:
         ws.values[memo_key] = results

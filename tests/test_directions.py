@@ -251,6 +251,39 @@ def test_screened_search_keeps_the_candidates_that_can_induce(handle, cands, sel
         select_direction(handle, cands, H_VAL, N_VAL, positions=POS, screen=1)
 
 
+def test_screened_induce_completes_the_screen_pass_instead_of_repeating_it(handle, cands):
+    """A candidate searched after the screen runs only the prompts the screen did not: its induce is the
+    mean over the same batches a full pass of that runner makes, to the bit."""
+    from core.activations import BatchRunner, tokenize
+    from core.judges import refusal_score_from_logits
+    from core.selection import _spread_index
+
+    passes = []
+    real = BatchRunner.last_logits
+
+    def spy(self, *a, **kw):
+        passes.append(len(self) if kw.get("batches") is None else sum(len(self.batches[b]) for b in kw["batches"]))
+        return real(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BatchRunner, "last_logits", spy)
+        fast = select_direction(handle, cands, H_VAL, N_VAL, positions=POS, kl_threshold=10.0,
+                                induce_threshold=-1e9, screen=2)
+    n_cands = fast.metadata["selection"]["n_candidates"]
+    exact = int((~torch.isnan(fast.induce)).sum())
+    assert passes.count(2) == n_cands and passes.count(len(N_VAL) - 2) == exact > 0  # screen, then the rest only
+    runner = BatchRunner(handle, tokenize(handle, N_VAL), groups=[_spread_index(len(N_VAL), 2)])
+    ids = refusal_token_ids(handle.tokenizer)
+    for pos in POS:
+        for layer in range(handle.n_layers):
+            value = float(fast.induce[fast.pos_index(pos), layer])
+            if math.isnan(value):
+                continue
+            with handle.lock, add(handle, cands.candidate(pos, layer), layer, 1.0):
+                full = refusal_score_from_logits(runner.last_logits(), ids).double().mean()
+            assert value == float(full.float())
+
+
 @pytest.mark.parametrize("induce_q,kl_q", [(0.0, 1.0), (0.5, 1.0), (0.8, 0.5), (0.5, 0.2), (1.0, 1.0), (0.3, 0.0)])
 def test_induce_first_search_selects_what_the_full_grid_selects(handle, cands, induce_q, kl_q):
     """Thresholds at quantiles of the full grid's own scores, so that the filters bite in every way

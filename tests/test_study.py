@@ -45,6 +45,30 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
     assert stages == [] and again._original is None
 
 
+def test_planned_stages_are_the_stages_a_run_computes_and_the_eta_follows_them(tiny_folder, tmp_path):
+    from core.study_eta import follow, for_study
+
+    study = Study(_spec(tiny_folder), tmp_path / "runs")
+    planned = study.planned_stages(budget=True)
+    eta = for_study(study, planned)
+    events = []
+    feed = follow(study, eta)
+    study.on_stage = lambda stage, seconds: (events.append((stage, seconds)), feed(stage, seconds))
+    study.run()
+    study.budget("magnitude:0.5")
+    started = [s for s, sec in events if sec is None]
+    assert set(planned) <= set(started)  # every planned stage ran …
+    assert set(started) - set(planned) <= {"diagnostic magnitude:0.5"}  # … nested inside a planned one
+    assert eta.left() == (0.0, 0)  # all done: nothing left, nothing unknown
+    # a rerun loads every stage: no event, and the history now times every kind
+    again = Study(_spec(tiny_folder), tmp_path / "runs")
+    again.on_stage = lambda stage, seconds: events.append(("again", stage))
+    again.run()
+    assert not [e for e in events if e[0] == "again"]
+    eta2 = for_study(again, again.planned_stages(budget=True))
+    assert eta2.left() == (0.0, 0)  # stored in this study: they only load
+
+
 def test_cancel_keeps_completed_stages(tiny_folder, tmp_path):
     def cancel_on_eval(stage, done, total):
         if stage.startswith("evaluate original"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +70,28 @@ def _progress_bars():
     return on_progress
 
 
+def _announce_stages(study, planned: list[str]) -> None:
+    """Print a line as each planned stage starts: its number, the time so far and the time left in all."""
+    from tqdm.auto import tqdm
+
+    from core.progress import format_seconds
+    from core.study_eta import follow, for_study
+
+    eta = for_study(study, planned)
+    feed = follow(study, eta)
+    t0 = time.perf_counter()
+
+    def on_stage(stage: str, seconds: float | None) -> None:
+        feed(stage, seconds)
+        if seconds is None and stage in planned:
+            left = eta.describe()
+            tqdm.write(f"[{sum(p in eta.done for p in planned) + 1}/{len(planned)}] {stage} · "
+                       f"{format_seconds(time.perf_counter() - t0).lstrip('~')} so far"
+                       + (f" · {left}" if left else ""), file=sys.stderr)
+
+    study.on_stage = on_stage
+
+
 def _spec(args, schemes, **kw):
     from core.study import StudySpec
 
@@ -97,6 +120,7 @@ def run_study(args: argparse.Namespace) -> int:
     study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode,
                         aird_realign=args.realign, aird_search=args.calibration), args.runs,
                   on_progress=_progress_bars())
+    _announce_stages(study, study.planned_stages(budget=bool(args.aird)))
     results = study.run()
     budget = {s: study.budget(s) for s in args.scheme} if args.aird else None
     if budget:
@@ -132,6 +156,9 @@ def run_aird(args: argparse.Namespace) -> int:
     study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
                         aird_realign=args.realign, aird_search=args.calibration),
                   args.runs, on_progress=_progress_bars())
+    planned = [p for p in study.planned_stages([args.scheme], aird=True, budget=not args.no_budget)
+               if p != f"evaluate {args.scheme}+aird"] + [f"method {args.scheme}: {m}" for m in methods]
+    _announce_stages(study, planned)
     d_o = study.directions("original")
     drift = study.drift(args.scheme)
     rep = study.repair(args.scheme)
