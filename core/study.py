@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from core.memory import release
 from core.models import ModelHandle
 from core.progress import report
 from core.prompts import PromptSet, bundled, bundled_text, resolve_prompt_arg
@@ -138,6 +139,7 @@ class Study:
         value = compute()
         seconds = time.perf_counter() - t0
         self._stage(stage, seconds)
+        release()  # what the stage freed (caches, copies) goes back to the OS: the next one starts lower
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         self._put(kind, key, stage, value, seconds)
         self._memo[key] = value
@@ -250,6 +252,7 @@ class Study:
             t0 = time.perf_counter()
             handle, rep = apply(original, scheme, progress=self._progress(f"compress {scheme}"))
             self._stage(f"compress {scheme}", time.perf_counter() - t0)
+            release()
             self._variants[scheme] = handle
             key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
             if not self.record.has(key):
