@@ -158,7 +158,7 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
               kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
               realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
               original: ModelHandle | None = None, search: str = "scored", confirm: int = DEFAULT_CONFIRM,
-              progress: Progress | None = None) -> Repair:
+              original_logits: torch.Tensor | None = None, progress: Progress | None = None) -> Repair:
     """Choose S and α on validation prompts (module docstring: objective, ``search``, ``confirm``).
 
     KL rule: KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O no
@@ -203,7 +203,9 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         tick()
     starts = sorted({first_block(f, ls) for f in fits for ls in [[], *layer_sets]} - {0})
     base = generated_base if search == "generated" else meas.scored(keep=starts)
-    o_logits = None if original is None else last_logits(original, sets.harmless)
+    o_logits = original_logits  # O's harmless val logits, when the caller keeps them (a study's schemes share them)
+    if o_logits is None and original is not None:
+        o_logits = last_logits(original, sets.harmless)
     judge = _Judge(base, o_logits, max_overrefusal_rise, kl_threshold)
 
     def measure(fit, layers: Sequence[int]) -> dict:

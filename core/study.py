@@ -344,6 +344,14 @@ class Study:
                                                                      ("candidates",))
         return self._cached(f"drift {scheme}", parts, compute)
 
+    def _original_side(self, what, compute) -> torch.Tensor:
+        """A computation on the original alone that every scheme's repair shares (in this process),
+        named by ``what`` (with everything it depends on besides the original)."""
+        key = f"original side: {what}"
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def _harmless_logits(self, handle: ModelHandle) -> torch.Tensor:
         """Last-position logits on the harmless evaluation set; the original's are computed once per study
         (every variant's KL is measured against them)."""
@@ -382,8 +390,9 @@ class Study:
 
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
-        from core.aird import AIRDError, Repair, bundled_fit_prompts, fit_realignment
-        from core.aird_calibration import calibrate, candidate_layer_sets
+        from core.aird import AIRDError, Repair, bundled_fit_prompts, fit_realignment, original_projection
+        from core.aird_calibration import CalibrationSets, calibrate, candidate_layer_sets
+        from core.judges import last_logits
 
         s = self.spec
         if s.aird_realign not in ("auto", "on", "off"):
@@ -407,6 +416,9 @@ class Study:
             fit = None
             if layer >= 1 and (s.aird_realign == "on" or s.aird_realign == "auto" and not manual):
                 fit = fit_realignment(self.original, c, d_o.direction, layer, bundled_fit_prompts(),
+                                      original_proj=self._original_side(("realign", layer, _sha(d_o.direction)),
+                                                                        lambda: original_projection(
+                                          self.original, d_o.direction, layer, bundled_fit_prompts())),
                                       progress=self._progress(f"AIRD {scheme}: re-alignment fit"))
             if manual:
                 return Repair(d_o.direction, layer_sets[0], s.aird_alpha, mode, layer,
@@ -416,6 +428,8 @@ class Study:
             return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
                              mode=mode, realignment=fit, require_realignment=s.aird_realign == "on",
                              original=self.original, search=s.aird_search,
+                             original_logits=self._original_side("calibration logits", lambda: last_logits(
+                                 self.original, CalibrationSets.bundled().harmless)),
                              progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
@@ -514,8 +528,9 @@ class Study:
             out += ([f"aird {s}", f"evaluate {s}+aird"] + ([f"budget {s}"] if budget else [])) if aird else []
         return out
 
-    def run(self) -> dict:
-        """Every stage for every scheme; returns :meth:`results`."""
+    def run(self, budget: bool = False) -> dict:
+        """Every stage for every scheme (``budget``: and its AIRD budget curve); returns :meth:`results`.
+        A variant's model is let go once its stages are done (every later read is from the store)."""
         self.directions("original")
         self.evaluate("original")
         for scheme in self.spec.schemes:
@@ -526,6 +541,10 @@ class Study:
             if self.spec.aird:
                 self.repair(scheme)
                 self.evaluate_repaired(scheme)
+                if budget:
+                    self.budget(scheme)
+            if self._variants.pop(scheme, None) is not None:
+                release()
         return self.results()
 
     def results(self) -> dict:
@@ -560,6 +579,11 @@ def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dic
 def _src(dirset) -> dict:
     from core.directions import quality, source
     return {"source": source(dirset), "quality": quality(dirset)}
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def drift_cosine(drift: dict) -> float:

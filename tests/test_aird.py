@@ -136,6 +136,8 @@ def test_fit_realignment_moves_c_projections_toward_o():
     prompts = bundled("harmful", "train").prompts[:12] + bundled("harmless", "train").prompts[:12]
     layer, u = aird.fit_realignment(o, c, r, 2, prompts, lam=1e-3)
     assert layer == 1 and u.shape == (weight_as_out_in(c.writers(1)["mlp"]).shape[1],)
+    given = aird.fit_realignment(o, c, r, 2, prompts, lam=1e-3, original_proj=aird.original_projection(o, r, 2, prompts))
+    assert given[0] == layer and torch.equal(given[1], u)  # O's side computed once serves every scheme
     assert _same_state(o, o_state) and _same_state(c, c_state)
 
     def gap(handle, rep=None):

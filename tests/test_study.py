@@ -54,8 +54,8 @@ def test_planned_stages_are_the_stages_a_run_computes_and_the_eta_follows_them(t
     events = []
     feed = follow(study, eta)
     study.on_stage = lambda stage, seconds: (events.append((stage, seconds)), feed(stage, seconds))
-    study.run()
-    study.budget("magnitude:0.5")
+    study.run(budget=True)
+    assert study._variants == {}  # let go once its stages were done
     started = [s for s, sec in events if sec is None]
     assert set(planned) <= set(started)  # every planned stage ran …
     assert set(started) - set(planned) <= {"diagnostic magnitude:0.5"}  # … nested inside a planned one
@@ -63,7 +63,7 @@ def test_planned_stages_are_the_stages_a_run_computes_and_the_eta_follows_them(t
     # a rerun loads every stage: no event, and the history now times every kind
     again = Study(_spec(tiny_folder), tmp_path / "runs")
     again.on_stage = lambda stage, seconds: events.append(("again", stage))
-    again.run()
+    again.run(budget=True)
     assert not [e for e in events if e[0] == "again"]
     eta2 = for_study(again, again.planned_stages(budget=True))
     assert eta2.left() == (0.0, 0)  # stored in this study: they only load

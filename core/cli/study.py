@@ -121,8 +121,8 @@ def run_study(args: argparse.Namespace) -> int:
                         aird_realign=args.realign, aird_search=args.calibration), args.runs,
                   on_progress=_progress_bars())
     _announce_stages(study, study.planned_stages(budget=bool(args.aird)))
-    results = study.run()
-    budget = {s: study.budget(s) for s in args.scheme} if args.aird else None
+    results = study.run(budget=bool(args.aird))
+    budget = {s: study.budget(s) for s in args.scheme} if args.aird else None  # stored by the run
     if budget:
         results["budget"] = budget
     rows = summary_rows(results)
