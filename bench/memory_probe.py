@@ -47,9 +47,7 @@ def main() -> int:
         print(f"{rows[-1]['event']:5s} {stage:28s} resident {m['VmRSS']:5d} MB  peak {m['VmHWM']:5d} MB", flush=True)
 
     study.on_stage = on_stage
-    study.run()
-    for scheme in spec.schemes:
-        study.budget(scheme)
+    study.run(budget=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "final": memory_mb()}, indent=1))
     print(f"wrote {args.out}")
     return 0
