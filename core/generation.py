@@ -250,13 +250,17 @@ def _decode(handle: ModelHandle, new: Sequence[Sequence[int]]) -> list[str]:
     return [handle.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
 
 
-def _fast_replies(handle: ModelHandle, texts: Sequence[str], **kw) -> list[str] | None:
-    """:func:`greedy_ids` on formatted ``texts`` (``kw`` passed on), decoded; None where it does not
-    decode as ``model.generate`` would (logits processing, a cache that cannot drop rows)."""
+def _fast_replies(handle: ModelHandle, texts: Sequence[str], *, stop_when: Callable[[str], bool] | None = None,
+                  **kw) -> list[str] | None:
+    """:func:`greedy_ids` on formatted ``texts`` (``kw`` passed on; ``stop_when`` sees the decoded reply
+    so far), decoded; None where it does not decode as ``model.generate`` would (logits processing, a
+    cache that cannot drop rows)."""
     if not fast_greedy_supported(handle):
         return None
+    tok = handle.tokenizer
+    stop = None if stop_when is None else (lambda ids: stop_when(tok.decode(ids, skip_special_tokens=True)))
     try:
-        return _decode(handle, greedy_ids(handle, tokenize(handle, texts, formatted=True), **kw))
+        return _decode(handle, greedy_ids(handle, tokenize(handle, texts, formatted=True), stop_when=stop, **kw))
     except _CacheUnsupported:
         return None
 
@@ -278,10 +282,8 @@ def generate(handle: ModelHandle, instructions: Sequence[str], *, max_new_tokens
     if not texts:
         return []
     if fast and not do_sample:
-        tok = handle.tokenizer
-        stop = None if stop_when is None else (lambda ids: stop_when(tok.decode(ids, skip_special_tokens=True)))
         replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                share_prefix=share_prefix, stop_when=stop, progress=progress)
+                                share_prefix=share_prefix, stop_when=stop_when, progress=progress)
         if replies is not None:
             return replies
     return _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size or 16,
@@ -301,9 +303,7 @@ def generate_with_logits(handle: ModelHandle, instructions: Sequence[str], *, ma
     if not texts:
         return [], torch.empty(0)
     parts: list[tuple[list[int], torch.Tensor]] = []
-    tok = handle.tokenizer
-    stop = None if stop_when is None else (lambda ids: stop_when(tok.decode(ids, skip_special_tokens=True)))
-    replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_when=stop,
+    replies = _fast_replies(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_when=stop_when,
                             on_first_logits=lambda idx, lg: parts.append((idx, lg.cpu())), progress=progress)
     if replies is None:
         replies = _decode(handle, _generate_hf(handle, texts, max_new_tokens=max_new_tokens,
