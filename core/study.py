@@ -134,20 +134,24 @@ class Study:
             log.info("%s: reused from study %s", stage, other)
             self._memo[key] = value
             return value
-        self._stage(stage)
-        t0 = time.perf_counter()
-        value = compute()
-        seconds = time.perf_counter() - t0
-        self._stage(stage, seconds)
-        release()  # what the stage freed (caches, copies) goes back to the OS: the next one starts lower
+        value, seconds = self._timed(stage, compute)
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         self._put(kind, key, stage, value, seconds)
         self._memo[key] = value
         return value
 
-    def _stage(self, stage: str, seconds: float | None = None) -> None:
+    def _timed(self, stage: str, compute):
+        """``(compute(), seconds)``, announced to ``on_stage`` before and after; what the stage freed
+        (caches, copies) then goes back to the OS, so the next one starts lower."""
+        if self.on_stage is not None:
+            self.on_stage(stage, None)
+        t0 = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - t0
         if self.on_stage is not None:
             self.on_stage(stage, seconds)
+        release()
+        return value, seconds
 
     def _from_other_studies(self, kind: str, key: str):
         """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
@@ -247,12 +251,9 @@ class Study:
         if scheme not in self._variants:
             from core.compression import apply
 
-            original = self.original
-            self._stage(f"compress {scheme}")
-            t0 = time.perf_counter()
-            handle, rep = apply(original, scheme, progress=self._progress(f"compress {scheme}"))
-            self._stage(f"compress {scheme}", time.perf_counter() - t0)
-            release()
+            original = self.original  # loaded first: a model load is not part of the compression
+            (handle, rep), _ = self._timed(f"compress {scheme}", lambda: apply(
+                original, scheme, progress=self._progress(f"compress {scheme}")))
             self._variants[scheme] = handle
             key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
             if not self.record.has(key):
@@ -357,11 +358,8 @@ class Study:
         (every variant's KL is measured against them)."""
         from core.judges import last_logits
 
-        if handle is not self._original:
-            return last_logits(handle, self.eval_sets()["harmless"].prompts)
-        if "original_harmless_logits" not in self._memo:
-            self._memo["original_harmless_logits"] = last_logits(handle, self.eval_sets()["harmless"].prompts)
-        return self._memo["original_harmless_logits"]
+        compute = lambda: last_logits(handle, self.eval_sets()["harmless"].prompts)  # noqa: E731
+        return compute() if handle is not self._original else self._original_side("harmless logits", compute)
 
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
         from core.evaluation import kl_divergence, perplexity, refusal_evaluation
