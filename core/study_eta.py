@@ -53,7 +53,7 @@ def stage_history(store, model: str, precision: str) -> dict[str, float]:
 
 @dataclass
 class StudyEta:
-    """Time left in ``planned`` stages. Feed it :meth:`started`/:meth:`finished` (``Study.on_stage``;
+    """Time left in ``planned`` stages. Feed it :meth:`on_stage` (``Study.on_stage``;
     stages may nest — a drift computes its variant's directions — and each is timed without the stages
     nested in it) and ask :meth:`left` with the innermost stage's own estimate from its progress.
     ``stored``: stage names already in this study's record (they only load). ``clock``: for tests."""
@@ -65,6 +65,13 @@ class StudyEta:
     done: set[str] = field(default_factory=set)
     measured: dict[str, float] = field(default_factory=dict)  # kind → own seconds of its last stage this run
     running: list[list] = field(default_factory=list)  # [stage, start, seconds of stages nested in it]
+
+    def on_stage(self, stage: str, seconds: float | None) -> None:
+        """``Study.on_stage``: a start (``seconds`` None) or an end."""
+        if seconds is None:
+            self.started(stage)
+        else:
+            self.finished(stage, seconds)
 
     def started(self, stage: str) -> None:
         self.running.append([stage, self.clock(), 0.0])
@@ -137,13 +144,3 @@ def for_study(study, planned: Sequence[str]) -> StudyEta:
         if scheme and all(q in stored for q in planned if q != p and mine(q)):
             stored.add(p)
     return StudyEta(planned, stage_history(study.store, study.spec.model, study.precision), stored)
-
-
-def follow(study, eta: StudyEta) -> Callable[[str, float | None], None]:
-    """A ``Study.on_stage`` callback that feeds ``eta``."""
-    def on_stage(stage: str, seconds: float | None) -> None:
-        if seconds is None:
-            eta.started(stage)
-        else:
-            eta.finished(stage, seconds)
-    return on_stage

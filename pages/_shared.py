@@ -397,7 +397,7 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
     """Run ``fn(study)`` with one progress bar labelled with the current stage and its time left (and,
     given the ``planned`` stages, the time left in all: :mod:`core.study_eta`); errors become error
     boxes. Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
-    from core.study_eta import follow, for_study
+    from core.study_eta import for_study
 
     ws = workspace(ws_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
@@ -421,7 +421,7 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
         with ws.study_lock:
             if planned:
                 whole = for_study(study, planned)
-                study.on_stage = follow(study, whole)
+                study.on_stage = whole.on_stage
             study.on_progress = on_progress
             try:
                 return fn(study)

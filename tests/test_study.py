@@ -46,14 +46,13 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
 
 
 def test_planned_stages_are_the_stages_a_run_computes_and_the_eta_follows_them(tiny_folder, tmp_path):
-    from core.study_eta import follow, for_study
+    from core.study_eta import for_study
 
     study = Study(_spec(tiny_folder), tmp_path / "runs")
     planned = study.planned_stages(budget=True)
     eta = for_study(study, planned)
     events = []
-    feed = follow(study, eta)
-    study.on_stage = lambda stage, seconds: (events.append((stage, seconds)), feed(stage, seconds))
+    study.on_stage = lambda stage, seconds: (events.append((stage, seconds)), eta.on_stage(stage, seconds))
     study.run(budget=True)
     assert study._variants == {}  # let go once its stages were done
     started = [s for s, sec in events if sec is None]

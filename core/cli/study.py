@@ -75,14 +75,13 @@ def _announce_stages(study, planned: list[str]) -> None:
     from tqdm.auto import tqdm
 
     from core.progress import format_seconds
-    from core.study_eta import follow, for_study
+    from core.study_eta import for_study
 
     eta = for_study(study, planned)
-    feed = follow(study, eta)
     t0 = time.perf_counter()
 
     def on_stage(stage: str, seconds: float | None) -> None:
-        feed(stage, seconds)
+        eta.on_stage(stage, seconds)
         if seconds is None and stage in planned:
             left = eta.describe()
             tqdm.write(f"[{sum(p in eta.done for p in planned) + 1}/{len(planned)}] {stage} · "
