@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.models import MARKER, ChatTemplateError, ModelHandle
-from core.precision import compute
+from core.precision import compute, low_precision_cache
 from core.progress import Progress, report
 
 DEFAULT_MEMORY_MB = 512
@@ -128,7 +128,7 @@ def prefix_cache(handle: ModelHandle, prefix: Sequence[int]):
         out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                            logits_to_keep=_last_index(len(prefix), dev))
     cache = out.past_key_values
-    return cache if hasattr(cache, "batch_repeat_interleave") else None
+    return low_precision_cache(handle, cache) if hasattr(cache, "batch_repeat_interleave") else None
 
 
 def batch_cache(cache, rows: int):

@@ -30,7 +30,7 @@ import torch
 
 from core.activations import _last_index, batch_cache, left_pad, prefix_cache, shared_prefix, tokenize
 from core.models import ModelHandle
-from core.precision import compute
+from core.precision import compute, is_growing_layer, kv_dtype, low_precision_cache
 from core.progress import Progress, report
 
 DEFAULT_GEN_MEMORY_MB = 1024
@@ -76,7 +76,7 @@ def _kv_bytes_per_token(handle: ModelHandle) -> int:
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or handle.d_model // heads
-    elt = torch.finfo(handle.dtype).bits // 8
+    elt = torch.finfo(kv_dtype(handle)).bits // 8
     return 2 * handle.n_layers * kv * head_dim * elt
 
 
@@ -92,10 +92,8 @@ def _rows_cap(handle: ModelHandle, longest: int, batch_size: int | None, memory_
 def _mergeable(cache) -> bool:
     """Whether rows of another cache can be appended: every layer a plain growing DynamicLayer (sliding
     windows and other cache kinds keep per-layer state we would have to re-derive)."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+    return bool(layers) and all(is_growing_layer(layer) and layer.keys is not None for layer in layers)
 
 
 def _left_pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -182,7 +180,7 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
             logits = o.logits[:, -1, :].float()
             if on_first_logits is not None:
                 on_first_logits(idx, logits)
-            return _Rows(o.past_key_values, mask, pos[:, -1:] + 1, logits.argmax(-1), idx)
+            return _Rows(low_precision_cache(handle, o.past_key_values), mask, pos[:, -1:] + 1, logits.argmax(-1), idx)
 
         def emit(r: _Rows) -> _Rows | None:
             """Record each row's newly chosen token; drop the rows that ended (None when all did)."""

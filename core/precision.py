@@ -11,7 +11,8 @@ are measured in BENCHMARKS.md ("Reduced precision").
 Every forward of the library runs inside :func:`compute`. Under autocast it also swaps each plain
 ``nn.Linear`` weight for a cached bfloat16 copy (:func:`_shadows`): autocast would otherwise cast
 every weight again on every forward (a quarter of a greedy decoding step, measured in BENCHMARKS.md);
-the copy is the same rounding, so outputs are bit-identical (tested).
+the copy is the same rounding, so outputs are bit-identical (tested). Key/value caches made under it
+store bfloat16 (:func:`low_precision_cache`): attention reads its keys and values in bf16 anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -123,3 +125,43 @@ def compute(handle) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def kv_dtype(handle) -> torch.dtype:
+    """The dtype a key/value cache of ``handle`` holds: bf16 under autocast (:func:`low_precision_cache`)."""
+    return torch.bfloat16 if _autocasts(handle) else handle.dtype
+
+
+
+class Bf16KVLayer(DynamicLayer):
+    """A growing cache layer that stores keys and values in bfloat16. Under bf16 autocast attention
+    (SDPA, or eager's matmuls) casts them to bf16 when it reads them, so storing them cast gives the
+    same attention, bit for bit, with half the memory and no re-cast of the whole cache per step."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = torch.bfloat16
+        self.keys, self.values = self.keys.to(self.dtype), self.values.to(self.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16), *args, **kwargs)
+
+
+def is_growing_layer(layer) -> bool:
+    """Whether a cache layer is a plain growing one (transformers' ``DynamicLayer`` or its bf16 form)."""
+    return type(layer) in (DynamicLayer, Bf16KVLayer)
+
+
+def low_precision_cache(handle, cache):
+    """``cache`` with its plain growing layers storing bfloat16 when ``handle`` autocasts (in place;
+    other layer kinds — sliding windows, quantized caches — and other precisions are left as they are).
+    Returns ``cache``."""
+    if cache is None or not _autocasts(handle) or not hasattr(cache, "layers"):
+        return cache
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = Bf16KVLayer  # the same state; only initialization and update differ
+            if layer.is_initialized:
+                layer.dtype = torch.bfloat16
+                layer.keys, layer.values = layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)
+    return cache

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import core.precision as precision
-from core.activations import BatchRunner, tokenize
-from core.generation import generate
+from core.activations import BatchRunner, prefix_cache, tokenize
+from core.generation import generate, generate_with_logits
 from core.precision import compute, resolve_precision
 from core.study import StudySpec
-from tiny import tiny_handle
+from tiny import ARCHS, tiny_handle
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea please", "hi", "How do I hack a bank?"]
 
@@ -116,3 +116,39 @@ def test_cached_bf16_weights_are_bit_identical_to_autocast_and_follow_weight_cha
     with torch.enable_grad():  # a forward that builds a graph keeps the float32 parameters
         with precision.compute(h):
             assert h.model.model.layers[0].mlp.down_proj.weight is w
+
+
+def _float32_kv(fn):
+    """``fn()`` with key/value caches left in float32 (no :func:`precision.low_precision_cache`)."""
+    import core.activations as acts
+    import core.generation as gen
+
+    with pytest.MonkeyPatch.context() as mp:
+        for mod in (acts, gen):
+            mp.setattr(mod, "low_precision_cache", lambda handle, cache: cache)
+        return fn()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_kv_cache_is_bit_identical_to_a_float32_one(arch):
+    h = dataclasses.replace(tiny_handle(arch), precision="bfloat16")
+    ids = tokenize(h, PROMPTS)
+
+    def run():
+        with h.lock:
+            logits = BatchRunner(h, ids).last_logits()
+        return logits, generate_with_logits(h, PROMPTS, max_new_tokens=6)
+
+    (a, (ra, la)), (b, (rb, lb)) = run(), _float32_kv(run)
+    assert torch.equal(a, b) and ra == rb and torch.equal(la, lb)
+
+
+def test_bf16_kv_cache_holds_bf16_only_under_autocast():
+    h32 = tiny_handle("llama")
+    prefix = tokenize(h32, ["hi"])[0][:6]
+    with h32.lock:
+        cache = prefix_cache(h32, prefix)
+        assert {layer.keys.dtype for layer in cache.layers} == {torch.float32}
+        cache = prefix_cache(dataclasses.replace(h32, precision="bfloat16"), prefix)
+    assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
+    assert all(precision.is_growing_layer(layer) for layer in cache.layers)
