@@ -55,11 +55,14 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
                and windows[i + len(batch)][1] - windows[i + len(batch)][0] == length):
             batch.append(windows[i + len(batch)])
         inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+        # logits at position p predict token p + 1: a window scores tokens first..e-1, so only positions
+        # from the batch's earliest first-1 to length-2 are unembedded (half of each window past the first)
+        lo = min(first - b - 1 for b, _, first in batch)
         with handle.lock, compute(handle):
-            logits = handle.model(input_ids=inputs, use_cache=False).logits
+            logits = handle.model(input_ids=inputs, use_cache=False,
+                                  logits_to_keep=torch.arange(lo, length - 1, device=device)).logits
         for row, (b, e, first) in enumerate(batch):
-            # logits at position p predict token p + 1: score tokens first..e-1
-            pred = logits[row, first - b - 1:e - b - 1].float()
+            pred = logits[row, first - b - 1 - lo:e - b - 1 - lo].float()
             target = inputs[row, first - b:e - b]
             nll += float(F.cross_entropy(pred, target, reduction="sum"))
             count += e - first
