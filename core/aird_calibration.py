@@ -114,12 +114,14 @@ class _Measure:
         """Greedy replies of ``gen_tokens`` judged by the substring judge; scores from their first step.
         The per-prompt scores and verdicts are kept in ``self.detail``."""
         out, self.detail = {}, {}
-        for kind, prompts in (("harmful", self.sets.harmful), ("harmless", self.sets.harmless)):
-            replies, logits = generate_with_logits(self.handle, list(prompts), max_new_tokens=self.gen_tokens,
-                                                   stop_when=has_refusal_phrase)  # the verdict is settled
-            refused = [is_refusal(r) for r in replies]
-            out[kind] = (sum(refused) / len(replies), logits)
-            self.detail[kind] = (refusal_score_from_logits(logits, self.ids), refused)
+        harmful, harmless = list(self.sets.harmful), list(self.sets.harmless)
+        # one generation for both sets: continuous batching keeps the batch full across their boundary
+        replies, logits = generate_with_logits(self.handle, harmful + harmless, max_new_tokens=self.gen_tokens,
+                                               stop_when=has_refusal_phrase)  # the verdict is settled
+        for kind, part in (("harmful", slice(0, len(harmful))), ("harmless", slice(len(harmful), None))):
+            refused = [is_refusal(r) for r in replies[part]]
+            out[kind] = (sum(refused) / len(refused), logits[part])
+            self.detail[kind] = (refusal_score_from_logits(logits[part], self.ids), refused)
         return self._point(out)
 
     def fit_threshold(self) -> dict:

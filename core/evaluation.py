@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -80,15 +81,38 @@ def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64
 
     ``prompts`` is a :class:`core.prompts.PromptSet` or a list of instructions.
     """
+    evaluations, _ = refusal_evaluations(handle, {"set": prompts}, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, judge=judge, progress=progress)
+    return evaluations["set"]
+
+
+def refusal_evaluations(handle: ModelHandle, sets: Mapping[str, object], *, max_new_tokens: int = 64,
+                        batch_size: int | None = None, judge=None,
+                        progress: Progress | None = None) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """:func:`refusal_evaluation` of several named prompt sets from one generation (continuous batching
+    keeps the batch full across the sets' boundaries instead of draining it at the end of each set) →
+    ``({name: evaluation}, {name: first-step logits (n, vocab) float32})``."""
     from core.generation import generate_with_logits
+
+    texts = {name: list(getattr(ps, "prompts", ps)) for name, ps in sets.items()}
+    if not texts or any(not t for t in texts.values()):
+        raise ValueError("no prompts to evaluate")
+    replies, first = generate_with_logits(handle, [t for ts in texts.values() for t in ts],
+                                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    evaluations, logits, at = {}, {}, 0
+    for name, ts in texts.items():
+        part = slice(at, at + len(ts))
+        cats = list(getattr(sets[name], "categories", [None] * len(ts)))
+        evaluations[name] = _evaluation(handle, ts, cats, replies[part], first[part], judge)
+        logits[name] = first[part]
+        at += len(ts)
+    return evaluations, logits
+
+
+def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list[str], first: torch.Tensor,
+                judge) -> dict:
     from core.judges import refusal_score_from_logits, refusal_token_ids, substring_judge
 
-    texts = list(getattr(prompts, "prompts", prompts))
-    cats = list(getattr(prompts, "categories", [None] * len(texts)))
-    if not texts:
-        raise ValueError("no prompts to evaluate")
-    replies, first = generate_with_logits(handle, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                          progress=progress)
     refused = list((judge or substring_judge)(texts, replies))
     scores = refusal_score_from_logits(first, refusal_token_ids(handle.tokenizer))
     by_cat: dict[str, list[bool]] = {}

@@ -362,12 +362,11 @@ class Study:
         return compute() if handle is not self._original else self._original_side("harmless logits", compute)
 
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
-        from core.evaluation import kl_divergence, perplexity, refusal_evaluation
+        from core.evaluation import kl_divergence, perplexity, refusal_evaluations
 
-        out: dict = {"model": handle.name, "sets": {}}
-        for name, ps in self.eval_sets().items():
-            out["sets"][name] = refusal_evaluation(handle, ps, max_new_tokens=self.spec.max_new_tokens,
-                                                   progress=self._progress(f"evaluate {label}: {name}"))
+        sets, _ = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
+                                      progress=self._progress(f"evaluate {label}: replies"))
+        out: dict = {"model": handle.name, "sets": sets}
         out["perplexity"] = perplexity(handle, bundled_text(), progress=self._progress(f"evaluate {label}: perplexity"))
         if reference_logits is not None:
             out["kl_to_original"] = kl_divergence(reference_logits, self._harmless_logits(handle))

@@ -26,7 +26,7 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
     stages = []
     study = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
     res = study.run()
-    assert {"directions original: candidates", "evaluate original: harmful"} <= set(stages)
+    assert {"directions original: candidates", "evaluate original: replies"} <= set(stages)
     v = res["variants"]["magnitude:0.5"]
     assert len(v["drift"]["cosine_per_layer"]) == 4
     assert v["compression"]["sparsity"] == pytest.approx(0.5, abs=0.02)
