@@ -306,12 +306,14 @@ class Study:
             d_o = self.directions("original")
             r, pos = d_o.direction, d_o.selected[0]
             harmful, harmless = bundled("harmful", "val").prompts, bundled("harmless", "val").prompts
-            proj = {}
-            for which in ("original", scheme):
-                h = self.model_for(which)
-                proj[which] = {"harmful": projections(h, harmful, r, position=pos,
-                                                      progress=self._progress(f"diagnostic {scheme}: projections")),
-                               "harmless": projections(h, harmless, r, position=pos)}
+
+            def of(h: ModelHandle) -> dict[str, torch.Tensor]:
+                return {"harmful": projections(h, harmful, r, position=pos,
+                                               progress=self._progress(f"diagnostic {scheme}: projections")),
+                        "harmless": projections(h, harmless, r, position=pos)}
+
+            proj = {"original": self._original_side(("projections", pos, _sha(r)), lambda: of(self.original)),
+                    scheme: of(self.variant(scheme))}
             return {
                 "projections": {w: {k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()}
                                 for w, p in (("original", proj["original"]), ("variant", proj[scheme]))},
@@ -345,31 +347,31 @@ class Study:
                                                                      ("candidates",))
         return self._cached(f"drift {scheme}", parts, compute)
 
-    def _original_side(self, what, compute) -> torch.Tensor:
-        """A computation on the original alone that every scheme's repair shares (in this process),
+    def _original_side(self, what, compute):
+        """A computation on the original alone that every scheme shares (in this process),
         named by ``what`` (with everything it depends on besides the original)."""
         key = f"original side: {what}"
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def _harmless_logits(self, handle: ModelHandle) -> torch.Tensor:
-        """Last-position logits on the harmless evaluation set; the original's are computed once per study
-        (every variant's KL is measured against them)."""
+    def _original_harmless_logits(self) -> torch.Tensor:
+        """The original's last-position logits on the harmless evaluation set, once per study (every
+        variant's KL is measured against them)."""
         from core.judges import last_logits
 
-        compute = lambda: last_logits(handle, self.eval_sets()["harmless"].prompts)  # noqa: E731
-        return compute() if handle is not self._original else self._original_side("harmless logits", compute)
+        return self._original_side("harmless logits",
+                                   lambda: last_logits(self.original, self.eval_sets()["harmless"].prompts))
 
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
         from core.evaluation import kl_divergence, perplexity, refusal_evaluations
 
-        sets, _ = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
-                                      progress=self._progress(f"evaluate {label}: replies"))
+        sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
+                                          progress=self._progress(f"evaluate {label}: replies"))
         out: dict = {"model": handle.name, "sets": sets}
         out["perplexity"] = perplexity(handle, bundled_text(), progress=self._progress(f"evaluate {label}: perplexity"))
-        if reference_logits is not None:
-            out["kl_to_original"] = kl_divergence(reference_logits, self._harmless_logits(handle))
+        if reference_logits is not None:  # the harmless replies' first-step logits: no second pass
+            out["kl_to_original"] = kl_divergence(reference_logits, first["harmless"])
         return out
 
     def _eval_key(self, which: str) -> tuple:
@@ -380,7 +382,7 @@ class Study:
     def evaluate(self, which: str = "original") -> dict:
         """Refusal / over-refusal / perplexity / KL-to-original of the original or a variant."""
         def compute():
-            ref = None if which == "original" else self._harmless_logits(self.original)
+            ref = None if which == "original" else self._original_harmless_logits()
             return self._evaluate_handle(self.model_for(which), which, ref)
 
         return self._cached(f"evaluate {which}", self._eval_key(which), compute)
@@ -442,7 +444,7 @@ class Study:
 
         def compute():
             c = self.variant(scheme)
-            ref = self._harmless_logits(self.original)
+            ref = self._original_harmless_logits()
             before = writer_density(c, rep)
             with applied(c, rep) as h:
                 out = self._evaluate_handle(h, f"{scheme}+AIRD", ref)
@@ -465,7 +467,7 @@ class Study:
         for method in methods:
             def compute(method=method):
                 c = self.variant(scheme)
-                ref = self._harmless_logits(self.original)
+                ref = self._original_harmless_logits()
                 edited = rep if method.startswith("aird") else rep.layers
                 before = writer_density(c, edited)
                 try:

@@ -1,4 +1,5 @@
-"""Refusal evaluations: several prompt sets from one generation give what one generation per set gives."""
+"""Refusal evaluations of several prompt sets: each set as if evaluated alone, with the logits its
+first reply tokens were chosen from (what the study's KL to the original is measured on)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from core.evaluation import refusal_evaluation, refusal_evaluations
+from core.judges import last_logits
 from core.prompts import PromptSet
 from tiny import tiny_handle
 
@@ -17,21 +19,22 @@ SETS = {
 }
 
 
-def test_one_generation_for_several_sets_equals_one_per_set():
-    h = tiny_handle("llama")  # float32: replies do not depend on which rows share a batch
-    together, logits = refusal_evaluations(h, SETS, max_new_tokens=6)
+def test_several_sets_each_as_if_alone_with_their_first_step_logits():
+    h = tiny_handle("llama")
+    seen = []
+    together, logits = refusal_evaluations(h, SETS, max_new_tokens=6, progress=lambda d, t: seen.append((d, t)))
     assert list(together) == list(logits) == list(SETS)
+    assert seen[-1] == (8, 8) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))  # one bar over all sets
     for name, prompts in SETS.items():
         alone = refusal_evaluation(h, prompts, max_new_tokens=6)
         got = together[name]
         assert [r["response"] for r in got["results"]] == [r["response"] for r in alone["results"]]
         assert got["refusal_rate"] == alone["refusal_rate"] and got["by_category"] == alone["by_category"]
-        assert got["mean_refusal_score"] == pytest.approx(alone["mean_refusal_score"], abs=1e-5)
-        assert logits[name].shape == (len(getattr(prompts, "prompts", prompts)), h.model.config.vocab_size)
-    assert together["harmful"]["by_category"] == {"crime": together["harmful"]["results"][0]["refused"] * 1.0,
-                                                  "cyber": together["harmful"]["results"][1]["refused"] * 1.0,
-                                                  "weapons": together["harmful"]["results"][2]["refused"] * 1.0}
-    assert torch.isfinite(logits["harmless"]).all()
+        assert got["mean_refusal_score"] == alone["mean_refusal_score"]
+        texts = list(getattr(prompts, "prompts", prompts))
+        # the first step's logits are the prompts' last-position logits (a separate pass gives the same)
+        torch.testing.assert_close(logits[name], last_logits(h, texts), atol=1e-4, rtol=1e-4)
+    assert set(together["harmful"]["by_category"]) == {"crime", "cyber", "weapons"}
 
 
 def test_an_empty_set_is_an_error():
