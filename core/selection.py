@@ -271,13 +271,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     the fallback is reached, bypass is screened the same way on ``k`` harmful val prompts and computed
     exactly for the candidates that may hold the lowest value.
     """
-    if handle.n_layers != dirset.n_layers or handle.d_model != dirset.d_model:
-        raise ValueError(f"direction set is for {dirset.n_layers} layers × {dirset.d_model}, "
-                         f"model has {handle.n_layers} × {handle.d_model}")
-    if not harmful_val or not harmless_val:
-        raise ValueError("selection needs harmful and harmless validation prompts")
-    if screen is not None and screen < 2:
-        raise ValueError(f"screen needs at least 2 prompts (a standard error), got {screen}")
+    _check_inputs(handle, dirset, harmful_val, harmless_val, screen)
     screen = None if exhaustive else screen
     t0 = time.perf_counter()
     msgs = list(dirset.metadata.get("warnings", []))
@@ -304,16 +298,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             chosen, used_kl, removed, n_checked, searched = _exhaustive(
                 s, grid, lazy, kl_threshold, induce_threshold, kl_relaxation, msgs)
         else:
-            searched = grid
-            if screen:
-                k = min(screen, s.nn)
-                s.plan(n * k + SCREEN_SURVIVORS * n * (s.nn - k) + s.nh + s.nn)
-                screened["induce"] = _screen(grid, run_n, score,
-                                             lambda c: add(handle, dirset.candidate(*c), c[1], 1.0), s.tick,
-                                             start=lambda c: c[1], batches=run_n.group_batches[0],
-                                             kept=s.screened_induce)
-                searched = [c for c in grid
-                            if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1] > induce_threshold]
+            searched = _screened_induce(s, grid, screen, induce_threshold, screened) if screen else grid
             chosen, used_kl, removed, n_checked = _lazy(s, searched, lazy, kl_threshold, induce_threshold,
                                                         kl_relaxation, msgs)
             removed["screen"] = n - len(searched)
@@ -336,10 +321,7 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
             "removed": {"layer": (L - len(layers)) * len(pos_list), **removed},
             "n_candidates": n, "n_checked": n_checked, "fallback": fallback, "passes": s.passes,
             "kl_decided_early": lazy.decided_early,
-            "screen": None if not screen else {
-                "prompts": screen, "z": SCREEN_Z, "searched": len(searched),
-                **{f"{what}_mean_se": [[p, layer, m, se] for (p, layer), (m, se) in vals.items()]
-                   for what, vals in screened.items()}},
+            "screen": _screen_record(screen, searched, screened),
             "harmful_val_sha": _sha(harmful_val), "harmless_val_sha": _sha(harmless_val),
             "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
             "filter_refusals": filter_refusals,
@@ -350,6 +332,39 @@ def select_direction(handle: ModelHandle, dirset: DirectionSet, harmful_val: Seq
     })
     return dataclasses.replace(dirset, bypass=t["bypass"], induce=t["induce"], kl=t["kl"], selected=chosen,
                                metadata=meta)
+
+
+def _check_inputs(handle: ModelHandle, dirset: DirectionSet, harmful_val: Sequence[str], harmless_val: Sequence[str],
+                  screen: int | None) -> None:
+    if handle.n_layers != dirset.n_layers or handle.d_model != dirset.d_model:
+        raise ValueError(f"direction set is for {dirset.n_layers} layers × {dirset.d_model}, "
+                         f"model has {handle.n_layers} × {handle.d_model}")
+    if not harmful_val or not harmless_val:
+        raise ValueError("selection needs harmful and harmless validation prompts")
+    if screen is not None and screen < 2:
+        raise ValueError(f"screen needs at least 2 prompts (a standard error), got {screen}")
+
+
+def _screened_induce(s: "_Search", grid: list[Candidate], screen: int, induce_threshold: float,
+                     screened: dict[str, dict]) -> list[Candidate]:
+    """Induce of every candidate on the screen's prompts (into ``screened["induce"]``); the candidates
+    whose screened mean + ``SCREEN_Z`` standard errors exceeds the threshold (searched exactly)."""
+    k = min(screen, s.nn)
+    s.plan(len(grid) * k + SCREEN_SURVIVORS * len(grid) * (s.nn - k) + s.nh + s.nn)
+    screened["induce"] = _screen(grid, s.run_n, s.score,
+                                 lambda c: add(s.handle, s.dirset.candidate(*c), c[1], 1.0), s.tick,
+                                 start=lambda c: c[1], batches=s.run_n.group_batches[0], kept=s.screened_induce)
+    return [c for c in grid if screened["induce"][c][0] + SCREEN_Z * screened["induce"][c][1] > induce_threshold]
+
+
+def _screen_record(screen: int | None, searched: list[Candidate], screened: dict[str, dict]) -> dict | None:
+    """The screen's part of the selection metadata: its size, z, how many were searched, and the
+    screened (mean, standard error) of every candidate."""
+    if not screen:
+        return None
+    return {"prompts": screen, "z": SCREEN_Z, "searched": len(searched),
+            **{f"{what}_mean_se": [[p, layer, m, se] for (p, layer), (m, se) in vals.items()]
+               for what, vals in screened.items()}}
 
 
 def _lazy(s: _Search, searched: list[Candidate], lazy: _LazyKL, kl_threshold: float, induce_threshold: float,
