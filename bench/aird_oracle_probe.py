@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_oracle_probe.json"))
     args = p.parse_args(argv)
     from core.aird import Repair, applied, recovered_share, refusal_rate, unit
-    from core.aird_calibration import candidate_layer_sets
+    from core.aird import candidate_layer_sets
     from core.prompts import resolve_prompt_arg
 
     if not SHARED.is_dir():

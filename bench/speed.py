@@ -123,9 +123,9 @@ def task_aird() -> dict:
     from core.prompts import bundled
 
     try:
+        from core.aird import calibrate  # the start commit's layout and the package's
+    except ImportError:  # the commits in between
         from core.aird_calibration import calibrate
-    except ImportError:  # the start commit's layout
-        from core.aird import calibrate
     handle, load_s = _load()
     ds = generate_candidates(handle, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)
     direction, layer = ds.candidate(*AIRD_SOURCE), AIRD_SOURCE[1]

@@ -132,9 +132,9 @@ def main() -> int:
         print(f"{label}: {seconds:.1f} s{' (killed)' if killed else ''}", flush=True)
         if not killed:
             print(out)
-    from core.store import Study as StoredStudy
+    from core.store import StudyRecord
 
-    record = StoredStudy(Path(args.runs) / study_id)
+    record = StudyRecord(Path(args.runs) / study_id)
     stages: dict[str, float] = {}
     for key in record.keys():
         e = record.entry(key) or {}

@@ -13,6 +13,18 @@ from core.precision import compute
 from core.progress import Progress, report
 
 
+REFERENCE_WINDOW = 512  # tokens per window of the reference perplexity
+PERPLEXITY_LABEL = f"perplexity (bundled English text, {REFERENCE_WINDOW}-token windows)"
+
+
+def reference_perplexity(handle: ModelHandle, *, progress: Progress | None = None) -> float:
+    """The perplexity every view shows (:data:`PERPLEXITY_LABEL`): :func:`perplexity` of the whole
+    bundled English text with windows of ``REFERENCE_WINDOW`` tokens (stride half a window)."""
+    from core.prompts import bundled_text
+
+    return perplexity(handle, bundled_text(), max_length=REFERENCE_WINDOW, progress=progress)
+
+
 @torch.no_grad()
 def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride: int | None = None,
                batch_size: int = 4, progress: Progress | None = None) -> float:

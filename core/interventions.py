@@ -10,6 +10,9 @@
 * :func:`add_rank1` — ``y ← y + r̂ (uᵀ x)`` on one writer with input ``x``: the runtime form of the weight
   edit ``W′ = W + r̂ uᵀ``.
 
+:data:`INTERVENTIONS` names the first three (and "none") for the views that let a user pick one
+(:func:`intervene`).
+
 Each one holds ``handle.lock`` (a re-entrant lock) for its whole duration, so a model shared by
 several callers never runs one caller's forward under another caller's intervention, while the
 same thread can nest interventions and run forwards inside them. Hooks are removed and weights
@@ -18,8 +21,9 @@ restored in ``finally`` blocks, also when the body raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -227,6 +231,40 @@ def orthogonalize(handle: ModelHandle, direction: torch.Tensor) -> Iterator[None
         finally:
             for module, name, original in reversed(swapped):
                 module._parameters[name] = original
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A steering intervention a user can pick by name: ``apply(handle, direction, layer, coeff)`` → its
+    context manager (``uses_layer``: the layer and coefficient apply)."""
+
+    name: str
+    label: str
+    apply: Callable[[ModelHandle, torch.Tensor, "int | None", float], AbstractContextManager]
+    uses_layer: bool = False
+
+
+INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in (
+    Intervention("none", "None", lambda h, d, layer, coeff: nullcontext()),
+    Intervention("ablate", "Ablate the direction (every layer)", lambda h, d, layer, coeff: ablate(h, d)),
+    Intervention("add", "Add the direction (one layer × coefficient)",
+                 lambda h, d, layer, coeff: add(h, d, layer, coeff), uses_layer=True),
+    Intervention("orthogonalize", "Orthogonalized weights", lambda h, d, layer, coeff: orthogonalize(h, d)),
+)}
+
+
+def intervene(name: str, handle: ModelHandle, direction: torch.Tensor | None, *, layer: int | None = None,
+              coeff: float = 1.0) -> AbstractContextManager:
+    """The context of intervention ``name`` (:data:`INTERVENTIONS`) along ``direction`` ``(d_model,)``;
+    ``layer``/``coeff`` for those that use them. ``ValueError`` for an unknown name or a missing argument."""
+    if name not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {name!r}: choose from {', '.join(INTERVENTIONS)}")
+    chosen = INTERVENTIONS[name]
+    if name != "none" and direction is None:
+        raise ValueError(f"intervention {name!r} needs a direction")
+    if chosen.uses_layer and layer is None:
+        raise ValueError(f"intervention {name!r} needs a layer")
+    return chosen.apply(handle, direction, layer, coeff)
 
 
 def count_hooks(handle: ModelHandle) -> int:

@@ -25,7 +25,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,10 +80,27 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
 # Architecture discovery
 # ----------------------------------------------------------------------------------------------
 
-def _is_linear(module: nn.Module) -> bool:
-    # GPT-2 style Conv1D is a Linear with a transposed weight (in, out); HQQLinear (compressed models)
-    # is not an nn.Linear subclass but behaves like one.
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "HQQLinear")
+LinearKind = Literal["dense", "conv1d", "quantized"]
+
+
+def linear_kind(module: nn.Module) -> LinearKind | None:
+    """What kind of linear layer ``module`` is: ``"dense"`` (a plain ``nn.Linear``), ``"conv1d"`` (GPT-2's
+    ``Conv1D``: a linear layer with its weight stored (in, out)), ``"quantized"`` (a bitsandbytes
+    ``nn.Linear`` subclass, or ``HQQLinear``, which is not an ``nn.Linear`` but behaves like one), or
+    None. Dense and conv1d weights are plain float matrices: they can be pruned, edited and merged."""
+    if type(module) is nn.Linear:
+        return "dense"
+    name = type(module).__name__
+    if name == "Conv1D":
+        return "conv1d"
+    if isinstance(module, nn.Linear) or name == "HQQLinear":
+        return "quantized"
+    return None
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is a plain float matrix (:func:`linear_kind` dense or conv1d)."""
+    return linear_kind(module) in ("dense", "conv1d")
 
 
 def linear_out_features(module: nn.Module) -> int:
@@ -116,7 +133,7 @@ def _last_writer(module: nn.Module, d_model: int) -> nn.Module | None:
     """The last-registered linear layer in ``module`` that writes ``d_model`` features."""
     found = None
     for _, sub in module.named_modules():
-        if _is_linear(sub) and linear_out_features(sub) == d_model:
+        if linear_kind(sub) is not None and linear_out_features(sub) == d_model:
             found = sub
     return found
 

@@ -14,11 +14,14 @@ splits; AIRD is calibrated on val splits; user files (``harmful``/``harmless``) 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,63 +29,22 @@ import torch
 from core.memory import release
 from core.models import ModelHandle
 from core.progress import report
-from core.prompts import PromptSet, bundled, bundled_text, resolve_prompt_arg
-from core.store import RunStore, Study as StoredStudy, cache_key
+from core.prompts import PromptSet, bundled, resolve_prompt_arg
+from core.store import RunStore, StudyRecord, cache_key
+from core.study_rows import drift_cosine, evaluation_row, measured_verdict, method_row, summary_rows
+from core.study_spec import LEGACY, StudySpec
+
+__all__ = ["Study", "StudySpec", "LEGACY", "summary_rows", "evaluation_row", "method_row", "drift_cosine",
+           "measured_verdict"]
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "study-2"
+CODE_VERSION = "study-2"  # part of every stage's cache key
+# Versions of single stages' computations, part of their cache keys: bump one when what its stage
+# computes changes, and stored results of the older version are computed again.
+VERDICT_VERSION = "verdict-3"  # the recoverability verdict (diagnostic and drift stages)
+REPAIR_VERSION = "realign-3"  # AIRD's re-alignment fit and calibration
+BUDGET_VERSION = "budget-2"  # the budget curve
 StageProgress = Callable[[str, int, int], None]
-
-
-LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True}  # what a stored spec without the field ran
-
-
-@dataclass
-class StudySpec:
-    """What to compute. ``harmful``/``harmless``/``borderline``: ``bundled:KIND:SPLIT`` or a file.
-    ``aird``: ``None`` (no repair), ``auto`` (calibrate layers and α), or ``top:K`` (the K layers
-    ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration.
-    ``aird_realign``: the fitted re-alignment of :mod:`core.aird` — ``auto`` (calibration decides;
-    not used with a manual α and layers), ``on`` (always) or ``off``. ``aird_search``: how the
-    calibration grid is measured (:mod:`core.aird_calibration`). ``precision``: of forward passes
-    (:mod:`core.precision`)."""
-
-    model: str = "default"
-    schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
-    harmful: str = "bundled:harmful:test"
-    harmless: str = "bundled:harmless:test"
-    borderline: str | None = "bundled:borderline:test"
-    limit: int | None = None
-    max_new_tokens: int = 64
-    aird: str | None = "auto"
-    aird_mode: str = "merged"
-    aird_alpha: float | None = None
-    aird_layers: list[int] | None = None
-    aird_realign: str = "auto"
-    aird_search: str = "scored"  # calibration grid: scored (one forward, best points generated) | generated
-    selection_positions: list[int] | None = None  # None: every post-instruction position
-    selection_screen: int | None = 12  # induce screened on this many val prompts (core.selection); None: exact
-    variant_selection: bool = False  # select each variant's own direction too (its source layer); drift needs
-    #                                  only the variant's candidates
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    precision: str = "auto"  # of forward passes (core.precision); part of every cache key but compression's
-    name: str = ""
-
-    def to_dict(self) -> dict:
-        """The stored form. Fields added after specs were first stored are left out when they hold the
-        value those older specs meant (:data:`LEGACY`), so that old specs keep naming the same folder."""
-        return {k: v for k, v in asdict(self).items() if k not in LEGACY or v != LEGACY[k]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StudySpec":
-        """The inverse of :meth:`to_dict` (a stored spec without a newer field meant its legacy value)."""
-        return cls(**{**LEGACY, **d})
-
-    @property
-    def title(self) -> str:
-        return self.name or f"{self.model} · {' + '.join(self.schemes)}"
 
 
 class Study:
@@ -99,7 +61,7 @@ class Study:
                  original: ModelHandle | None = None, on_progress: StageProgress | None = None) -> None:
         self.spec = spec
         self.store = store if isinstance(store, RunStore) else RunStore(store)
-        self.record: StoredStudy = self.store.create_study(spec.title, spec.to_dict())
+        self.record: StudyRecord = self.store.create_study(spec.title, spec.to_dict())
         self._original = original
         self._variants: dict[str, ModelHandle] = {}
         self.on_progress = on_progress
@@ -107,12 +69,69 @@ class Study:
         self.timings: dict[str, float] = {}
         self._memo: dict[str, object] = {}
         self._sets: dict[str, PromptSet] | None = None
+        # observers of the calls made inside observed() — per thread, so that one shared study serves
+        # several dashboard sessions at once, each seeing only its own calls
+        self._observers: contextvars.ContextVar = contextvars.ContextVar(f"study-observers-{id(self)}",
+                                                                          default=(None, None))
+
+    # -- what a view needs ----------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """The id of this study's folder in the run store."""
+        return self.record.id
+
+    @contextlib.contextmanager
+    def observed(self, on_progress: StageProgress | None = None,
+                 on_stage: Callable[[str, float | None], None] | None = None) -> Iterator["Study"]:
+        """Report the progress (``on_progress(stage, done, total)``; raising
+        :class:`~core.progress.Cancelled` from it stops the call) and the stages (``on_stage``, as the
+        attribute) of the calls this thread makes inside the block — besides the study's own observers.
+        Other threads using the same study see none of it."""
+        token = self._observers.set((on_progress, on_stage))
+        try:
+            yield self
+        finally:
+            self._observers.reset(token)
+
+    def variants(self) -> dict[str, ModelHandle]:
+        """The compressed variants this study holds in memory, by scheme (a copy of the mapping)."""
+        return dict(self._variants)
+
+    def adopt_variant(self, scheme: str, handle: ModelHandle) -> None:
+        """Use ``handle`` as the variant of ``scheme`` (compressed elsewhere with the same scheme and
+        calibration: the same model) instead of compressing again; a variant already held stays."""
+        self._variants.setdefault(scheme, handle)
+
+    def drop_variants(self, schemes: Sequence[str]) -> None:
+        """Let go of the in-memory variants of ``schemes`` (their stored results stay)."""
+        for scheme in schemes:
+            self._variants.pop(scheme, None)
+
+    def with_spec(self, **changes) -> "Study":
+        """A study with the same folder, store, models and in-memory results but a spec with ``changes``
+        (settings that are part of their stages' cache keys, e.g. AIRD's: every result it shares with
+        this one is keyed by all it depends on). This study is left as it is."""
+        sibling = copy.copy(self)
+        sibling.spec = dataclasses.replace(self.spec, **changes)
+        sibling._sets = None
+        return sibling
 
     # -- plumbing -------------------------------------------------------------------------
     def _progress(self, stage: str):
-        if self.on_progress is None:
+        own, observer = self.on_progress, self._observers.get()[0]
+        if own is None and observer is None:
             return None
-        return lambda done, total: self.on_progress(stage, done, total)
+
+        def progress(done: int, total: int) -> None:
+            for fn in (own, observer):
+                if fn is not None:
+                    fn(stage, done, total)
+        return progress
+
+    def _announce(self, stage: str, seconds: float | None) -> None:
+        for fn in (self.on_stage, self._observers.get()[1]):
+            if fn is not None:
+                fn(stage, seconds)
 
     def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json"):
         """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it."""
@@ -143,13 +162,11 @@ class Study:
     def _timed(self, stage: str, compute):
         """``(compute(), seconds)``, announced to ``on_stage`` before and after; what the stage freed
         (caches, copies) then goes back to the OS, so the next one starts lower."""
-        if self.on_stage is not None:
-            self.on_stage(stage, None)
+        self._announce(stage, None)
         t0 = time.perf_counter()
         value = compute()
         seconds = time.perf_counter() - t0
-        if self.on_stage is not None:
-            self.on_stage(stage, seconds)
+        self._announce(stage, seconds)
         release()
         return value, seconds
 
@@ -160,14 +177,14 @@ class Study:
             if info.id == self.record.id or info.problem:
                 continue
             try:
-                other = StoredStudy(info.path)  # read-only: no gc of a study another process may be writing
+                other = StudyRecord(info.path)  # read-only: no gc of a study another process may be writing
                 if other.has(key):
                     return self._get(kind, key, other), info.id
             except Exception as e:  # a damaged peer never stops this study
                 log.debug("study %s: %s unreadable (%s)", info.id, key, e)
         return None
 
-    def _get(self, kind: str, key: str, record: StoredStudy | None = None):
+    def _get(self, kind: str, key: str, record: StudyRecord | None = None):
         record = record or self.record
         if kind == "json":
             return record.get_json(key)
@@ -320,7 +337,7 @@ class Study:
                 "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
             }
 
-        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, "verdict-3"), compute)
+        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, VERDICT_VERSION), compute)
 
     def drift(self, scheme: str) -> dict:
         """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
@@ -343,7 +360,7 @@ class Study:
                 **self.diagnostic(scheme),
             }
 
-        parts = (self.original_fingerprint(), scheme, "verdict-3") + (() if self.spec.variant_selection else
+        parts = (self.original_fingerprint(), scheme, VERDICT_VERSION) + (() if self.spec.variant_selection else
                                                                      ("candidates",))
         return self._cached(f"drift {scheme}", parts, compute)
 
@@ -364,12 +381,12 @@ class Study:
                                    lambda: last_logits(self.original, self.eval_sets()["harmless"].prompts))
 
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
-        from core.evaluation import kl_divergence, perplexity, refusal_evaluations
+        from core.evaluation import kl_divergence, reference_perplexity, refusal_evaluations
 
         sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
                                           progress=self._progress(f"evaluate {label}: replies"))
         out: dict = {"model": handle.name, "sets": sets}
-        out["perplexity"] = perplexity(handle, bundled_text(), progress=self._progress(f"evaluate {label}: perplexity"))
+        out["perplexity"] = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
         if reference_logits is not None:  # the harmless replies' first-step logits: no second pass
             out["kl_to_original"] = kl_divergence(reference_logits, first["harmless"])
         return out
@@ -390,7 +407,7 @@ class Study:
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
         from core.aird import AIRDError, Repair, bundled_fit_prompts, fit_realignment, original_projection
-        from core.aird_calibration import CalibrationSets, calibrate, candidate_layer_sets
+        from core.aird import CalibrationSets, calibrate, candidate_layer_sets
         from core.judges import last_logits
 
         s = self.spec
@@ -432,7 +449,7 @@ class Study:
                              progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
         return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
-                                               s.aird_alpha, s.aird_layers, s.aird_realign, "realign-3")
+                                               s.aird_alpha, s.aird_layers, s.aird_realign, REPAIR_VERSION)
                             + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)),
                             compute, "repair")
 
@@ -494,7 +511,7 @@ class Study:
             return budget_curve(self.variant(scheme), rep, self.eval_sets()["harmful"].prompts, max_layers=max_layers,
                                 progress=self._progress(f"AIRD {scheme}: budget curve"))
 
-        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, "budget-2"),
+        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, BUDGET_VERSION),
                             compute)
 
     def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
@@ -562,19 +579,6 @@ class Study:
         return out
 
 
-def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dict, drift: dict,
-                     set_name: str) -> dict:
-    """:func:`core.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
-    (evaluations as :meth:`Study.evaluate` returns them; ``drift`` from :meth:`Study.drift` or
-    :meth:`Study.diagnostic`: anything holding its ``recoverability``)."""
-    from core.aird import repair_verdict
-
-    rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
-    ppl_o, ppl_c = original_eval.get("perplexity"), variant_eval.get("perplexity")
-    return repair_verdict(drift["recoverability"], rate(original_eval), rate(variant_eval), rate(repaired_eval),
-                          set_name=set_name, perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
-
-
 def _src(dirset) -> dict:
     from core.directions import quality, source
     return {"source": source(dirset), "quality": quality(dirset)}
@@ -583,37 +587,3 @@ def _src(dirset) -> dict:
 def _sha(t: torch.Tensor) -> str:
     import hashlib
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def drift_cosine(drift: dict) -> float:
-    """The cosine a table shows for a variant: between the selected directions when the variant's was
-    selected, else between O's direction and the variant's candidate at O's source."""
-    sel = drift.get("cosine_selected")
-    return sel if sel is not None else drift["cosine_at_source"]
-
-
-def summary_rows(results: dict) -> list[dict]:
-    """One row per model (original, each variant, each repaired variant) for tables."""
-    def row(label: str, ev: dict, extra: dict | None = None) -> dict:
-        sets = ev["sets"]
-        r = {"model": label, "refusal_harmful": sets["harmful"]["refusal_rate"],
-             "asr": 1 - sets["harmful"]["refusal_rate"],
-             "over_refusal_harmless": sets["harmless"]["refusal_rate"],
-             "over_refusal_borderline": sets.get("borderline", {}).get("refusal_rate"),
-             "perplexity": ev["perplexity"], "kl_to_original": ev.get("kl_to_original")}
-        r.update(extra or {})
-        return r
-
-    rows = [row("original", results["original"]["evaluation"])]
-    for scheme, v in results["variants"].items():
-        rows.append(row(scheme, v["evaluation"], {"cosine_to_original": drift_cosine(v["drift"]),
-                                                  "source_layer": v["drift"]["variant"]["source"]["layer"],
-                                                  "recoverability": v["drift"]["recoverability"]["level"]}))
-        if "repaired" in v:
-            rep = v["repaired"]["repair"]
-            rows.append(row(f"{scheme} + AIRD", v["repaired"],
-                            {"aird_layers": rep["layers"], "aird_alpha": rep["alpha"],
-                             "aird_realign_layer": rep.get("realign_layer"),
-                             "aird_verdict": v.get("aird_verdict", {}).get("level"),
-                             "densified_weights": v["repaired"]["densified_weights"]}))
-    return rows

@@ -33,7 +33,7 @@ def stage_kind(stage: str) -> str:
 def stage_history(store, model: str, precision: str) -> dict[str, float]:
     """Median seconds per stage kind of the stages computed (not copied) by studies in ``store`` of the
     same ``model`` spec and compute ``precision``. Unreadable studies are skipped."""
-    from core.store import Study as StoredStudy
+    from core.store import StudyRecord
 
     seen: dict[str, list[float]] = {}
     for info in store.list_studies():
@@ -41,7 +41,7 @@ def stage_history(store, model: str, precision: str) -> dict[str, float]:
         if info.problem or spec.get("model") != model or spec.get("precision", "float32") != precision:
             continue
         try:
-            entries = StoredStudy(info.path).manifest["stages"].values()
+            entries = StudyRecord(info.path).manifest["stages"].values()
         except Exception:  # a damaged peer never stops an estimate
             continue
         for e in entries:

@@ -1,27 +1,28 @@
-"""UI glue shared by the dashboard pages: the shared model cache, progress bars with cancel,
-error boxes. No science here — every computation is a call into ``core/``.
+"""UI glue shared by the dashboard pages: the session's choices (``st.session_state``), the shared
+model cache, progress bars with cancel, error boxes. No science and no computed state here — every
+computation is a call into ``core/``, and what sessions share lives in :mod:`core.session`.
 
-Sharing model: the loaded model and what is computed from it (compressed variants, the refusal
-direction) live in :func:`workspace`, a ``st.cache_resource`` object shared by every session of the
-server, so a page reload or a second browser tab reuses them. Interventions hold ``handle.lock``
-(core), so sessions never run under each other's steering.
+Sharing model: the loaded model and what is computed from it (compressed variants, studies, the
+refusal direction) live in a :class:`core.session.Workspace` held by :func:`workspace`, a
+``st.cache_resource`` object shared by every session of the server, so a page reload or a second
+browser tab reuses them. Interventions hold ``handle.lock`` (core), so sessions never run under each
+other's steering; a study reports progress per call (:meth:`core.study.Study.observed`).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
+from core import session
 from core.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
 from core.progress import Cancelled, Eta, format_seconds
+from core.session import DEFAULT_SETTINGS, POSITIONS, ROLES, SCREEN, Workspace, workspace_key
 
 DEFAULT_SPEC = os.environ.get("REFUSAL_LAB_MODEL", "default")
 MODEL_CFG = "model_cfg"
@@ -170,29 +171,6 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, chat_temp
     return handle
 
 
-@dataclass
-class Variant:
-    """A compressed variant of the workspace's model."""
-
-    scheme: str
-    handle: ModelHandle
-    report: dict
-    perplexity: float | None = None
-
-
-@dataclass
-class Workspace:
-    """Everything computed from one loaded model, shared by all sessions of the server."""
-
-    fingerprint: str
-    variants: dict[str, Variant] = field(default_factory=dict)
-    directions: dict[str, Any] = field(default_factory=dict)  # key → DirectionSet
-    values: dict[str, Any] = field(default_factory=dict)     # small cached results (perplexity, …)
-    studies: dict[str, Any] = field(default_factory=dict)    # study-spec key → core.study.Study
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    study_lock: threading.RLock = field(default_factory=threading.RLock)  # one study computation at a time
-
-
 @st.cache_resource(show_spinner=False, max_entries=2)
 def workspace(fingerprint: str) -> Workspace:
     return Workspace(fingerprint)
@@ -224,8 +202,7 @@ def current_workspace(handle: ModelHandle | None = None) -> Workspace:
 
 
 def ws_key(handle: ModelHandle) -> str:
-    """A workspace per weights and compute precision (variants inherit the original's precision)."""
-    return f"{handle.fingerprint}|{handle.precision}"
+    return workspace_key(handle)
 
 
 def model_badge(handle: ModelHandle) -> None:
@@ -239,7 +216,6 @@ def model_badge(handle: ModelHandle) -> None:
 # ----------------------------------------------------------------------------------------------
 
 PROMPTS = "prompt_choice"
-ROLES = ("harmful", "harmless", "borderline")
 
 
 def prompt_choice() -> dict:
@@ -252,39 +228,8 @@ def prompt_choice() -> dict:
 
 
 def prompt_set(role: str, split: str | None = None):
-    """The session's prompt set for ``role`` (harmful / harmless / borderline), optionally one split
-    (train / val / test; uploaded files are split with the same fixed seed as the bundled sets)."""
-    from core.prompts import SPLIT_FRACTIONS, PromptSet, bundled, load_prompts, split_indices
-
-    c = prompt_choice().get(role, {"source": "bundled"})
-    if c.get("source") != "file":
-        return bundled(role, split)
-    full = load_prompts(c["path"], column=c.get("column") or None, name=c.get("name") or role)
-    if split is None:
-        return full
-    idx = split_indices(len(full), SPLIT_FRACTIONS[role])[split]
-    return PromptSet(f"{full.name}/{split}", [full.prompts[i] for i in idx], [full.categories[i] for i in idx],
-                     full.source)
-
-
-def prompt_spec(role: str) -> str:
-    """The role's *evaluation* set as a study spec string: ``bundled:KIND:test`` or an uploaded file."""
-    c = prompt_choice().get(role, {"source": "bundled"})
-    return c["path"] if c.get("source") == "file" else f"bundled:{role}:test"
-
-
-# ----------------------------------------------------------------------------------------------
-# Run store
-# ----------------------------------------------------------------------------------------------
-
-def runs_root() -> str:
-    """The run store folder (``$REFUSAL_LAB_RUNS`` or ``runs/`` in the working directory)."""
-    return os.environ.get("REFUSAL_LAB_RUNS", "runs")
-
-
-def run_store():
-    from core.store import RunStore
-    return RunStore(runs_root())
+    """The session's prompt set for ``role``, optionally one split (:func:`core.session.prompt_set`)."""
+    return session.prompt_set(prompt_choice(), role, split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,15 +237,10 @@ def run_store():
 # ----------------------------------------------------------------------------------------------
 
 SETTINGS = "study_settings"
-DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "screened", "variant_selection": False}
-POSITIONS = {"screened": "every post-instruction token, screened (fast; same choice in every measured case)",
-             "all": "every post-instruction token, exact (as in the paper; slower)",
-             "last": "last prompt token only, screened"}
-SCREEN = 12  # val prompts of the induce screen (core.selection)
 
 
 def study_settings() -> dict:
-    """Evaluation settings of this session (prompts per set, new tokens per reply)."""
+    """Evaluation settings of this session (prompts per set, new tokens per reply, direction search)."""
     cur = st.session_state.get(SETTINGS)
     if not isinstance(cur, dict):
         cur = dict(DEFAULT_SETTINGS)
@@ -325,7 +265,8 @@ def settings_widgets(container=None) -> dict:
                                  "(BENCHMARKS.md compares it with the exact search); exact: every candidate on "
                                  "every val prompt")
     if positions == "all":
-        where.caption(f"Exact search: {search_estimate(require_handle())} per model "
+        handle = require_handle()
+        where.caption(f"Exact search: {current_workspace(handle).search_estimate(handle)} per model "
                       "(more if no candidate passes the filters).")
     variant_selection = where.checkbox(
         "Also select each variant's own direction", value=bool(cur.get("variant_selection", False)),
@@ -336,60 +277,10 @@ def settings_widgets(container=None) -> dict:
     return cur
 
 
-def search_estimate(handle: ModelHandle) -> str:
-    """How long an exact all-position search takes on this machine: planned passes × a timed pass."""
-    from core.activations import post_instruction_length
-    from core.prompts import bundled
-    from core.selection import planned_passes, seconds_per_pass
-
-    ws = current_workspace(handle)
-    key = ("seconds_per_pass", handle.fingerprint, handle.precision)
-    if key not in ws.values:
-        ws.values[key] = seconds_per_pass(handle, bundled("harmless", "val").prompts)
-    n = post_instruction_length(handle) * int(0.8 * handle.n_layers)
-    passes = planned_passes(n, len(bundled("harmless", "val").prompts))
-    return f"about {passes:.0f} passes over the val prompts ≈ {format_seconds(passes * ws.values[key])}"
-
-
-def study_spec(handle: ModelHandle, **aird):
-    """The dashboard's study spec for this session: model, evaluation sets and settings (schemes are
-    attached per call, so adding a variant never changes where earlier results are stored)."""
-    from core.study import StudySpec
-
-    cfg, s = model_cfg(), study_settings()
-    return StudySpec(model=cfg["spec"], schemes=[], harmful=prompt_spec("harmful"), harmless=prompt_spec("harmless"),
-                     borderline=prompt_spec("borderline"), limit=int(s["limit"]),
-                     max_new_tokens=int(s["max_new_tokens"]), device=cfg["device"], dtype=cfg["dtype"],
-                     precision=handle.precision,
-                     selection_positions=[-1] if s.get("positions") == "last" else None,
-                     selection_screen=None if s.get("positions") == "all" else SCREEN,
-                     variant_selection=bool(s.get("variant_selection", False)),
-                     name=f"dashboard · {handle.name}", **aird)
-
-
-def get_study(handle: ModelHandle, **aird):
-    """The shared :class:`core.study.Study` of this session's spec, with the Compress page's variants."""
-    from core.store import cache_key
-    from core.study import Study
-
-    spec = study_spec(handle, **aird)
-    key = cache_key(spec.to_dict(), str(Path(runs_root()).resolve()))
-    ws = workspace(ws_key(handle))
-    with ws.lock:
-        study = ws.studies.get(key)
-        if study is None:
-            study = ws.studies[key] = Study(spec, run_store(), original=handle)
-        attach_variants(study, ws)
-    return study
-
-
-def attach_variants(study, ws: Workspace) -> None:
-    """Give the study the variants already compressed on the Compress page (same scheme, same
-    calibration: the same model), so it does not compress them again."""
-    variants = getattr(study, "_variants", None)
-    if isinstance(variants, dict):
-        for key, v in ws.variants.items():
-            variants.setdefault(key, v.handle)
+def get_study(handle: ModelHandle):
+    """The shared :class:`core.study.Study` of this session's settings, with the workspace's variants."""
+    spec = session.study_spec(handle, model_cfg(), study_settings(), prompt_choice())
+    return current_workspace(handle).study(spec, handle)
 
 
 def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None,
@@ -421,96 +312,27 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
         with ws.study_lock:
             if planned:
                 whole = for_study(study, planned)
-                study.on_stage = whole.on_stage
-            study.on_progress = on_progress
-            try:
+            with study.observed(on_progress, whole.on_stage if whole is not None else None):
                 return fn(study)
-            finally:
-                study.on_progress = None
-                study.on_stage = None
 
     ok, value = guarded(what, call)
     bar.empty()
     return ok, value
 
 
-def completed_key(page: str, **parts) -> str:
-    """Key of the dashboard's "everything this page shows is stored" marker in the study folder."""
-    from core.store import cache_key
-    return cache_key("dashboard-complete", page, parts)
-
-
-def is_completed(study, key: str) -> bool:
-    """Whether a page's results were fully computed and stored (so loading them computes nothing)."""
-    try:
-        return study.record.has(key)
-    except Exception:  # noqa: BLE001 — an unreadable marker just means "compute again"
-        return False
-
-
-def mark_completed(study, key: str, page: str, info: dict | None = None) -> None:
-    """Record in the study folder that a page's results are all stored (after a successful run)."""
-    study.record.put_json(key, f"dashboard {page}", {"complete": True, **(info or {})})
-
-
-def original_source_layer(study) -> int | None:
-    """The original's source layer if its direction is already stored (read from the marker)."""
-    key = completed_key("original-direction")
-    if is_completed(study, key):
-        return study.record.get_json(key).get("layer")
-    return None
-
-
-def mark_original_direction(study, dirset) -> None:
-    if dirset is not None and dirset.selected is not None:
-        mark_completed(study, completed_key("original-direction"), "original direction",
-                       {"position": dirset.selected[0], "layer": dirset.selected[1]})
-
-
 def study_direction(handle: ModelHandle, study, *, compute: bool = False, cancel_key: str | None = None):
-    """The original model's selected refusal direction from the study (the one the Drift and AIRD pages
-    use): from memory, else loaded from the run store when stored, else computed when ``compute``.
-    Returns a :class:`core.directions.DirectionSet` or None."""
-    ws = workspace(ws_key(handle))
-    key = ("direction", study.record.id)
-    if key in ws.values:
-        return ws.values[key]
-    if not compute and original_source_layer(study) is None:
+    """The original model's selected refusal direction from the study (the one the Drift, AIRD and
+    Steer pages use): from memory, else loaded from the run store when stored, else computed when
+    ``compute``. Returns a :class:`core.directions.DirectionSet` or None."""
+    ws = current_workspace(handle)
+    ds = ws.direction(study)
+    if ds is not None:
+        return ds
+    if not compute and session.original_source_layer(study) is None:
         return None
     ok, ds = run_study(handle, study, lambda s: s.directions("original"), cancel_key=cancel_key,
                        what="Refusal direction of the original" if compute else "Loading the stored refusal direction")
     if not ok:
         return None
-    ws.values[key] = ds
-    mark_original_direction(study, ds)
+    ws.keep_direction(study, ds)
     return ds
-
-
-# ----------------------------------------------------------------------------------------------
-# Compressed variants made on the Compress page, remembered in the run store
-# ----------------------------------------------------------------------------------------------
-
-def variants_record(handle: ModelHandle):
-    """A run-store study (one per model) listing the variants compressed on the Compress page, with
-    their compression reports and perplexities, so a restarted server still shows them."""
-    return run_store().create_study(f"dashboard variants · {handle.name}",
-                                    {"kind": "dashboard-variants", "model_fingerprint": handle.fingerprint})
-
-
-def remember_variant(handle: ModelHandle, v: Variant) -> None:
-    from core.store import cache_key
-    report = {k: val for k, val in v.report.items() if k not in ("module_sparsity", "module_bits")}
-    variants_record(handle).put_json(cache_key("variant", v.scheme), "dashboard compress",
-                                     {"scheme": v.scheme, "report": report, "perplexity": v.perplexity},
-                                     seconds=report.get("seconds"))
-
-
-def remembered_variants(handle: ModelHandle) -> dict[str, dict]:
-    """``{scheme: {"scheme", "report", "perplexity"}}`` stored by :func:`remember_variant`."""
-    rec = variants_record(handle)
-    out = {}
-    for key, e in rec.manifest["stages"].items():
-        if e.get("stage") == "dashboard compress" and rec.has(key):
-            d = rec.get_json(key)
-            out[d["scheme"]] = d
-    return out

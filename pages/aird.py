@@ -10,9 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._shared import (Variant, cancel_button, completed_key, current_workspace, get_study, guarded,
-                           is_completed, mark_completed, mark_original_direction, model_badge,
-                           original_source_layer, require_handle, run_study, settings_widgets, show_error)
+from core.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
+from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
+                           run_study, settings_widgets, show_error)
 
 CANCEL = "aird_cancelled"
 BUDGET_LAYERS = 6
@@ -23,7 +23,7 @@ ws = current_workspace(handle)
 model_badge(handle)
 st.markdown("**AIRD** re-induces the *original* model's refusal direction r̂ in a compressed model by editing "
             "the residual writers of a few layers: W′ = W + α r̂ r̂ᵀ W (our reconstruction of Chhabra & Khalili "
-            "2025, see `core/aird.py`). *merged* edits the weights (the edited matrices become dense); *adapter* "
+            "2025, see `core/aird/`). *merged* edits the weights (the edited matrices become dense); *adapter* "
             "leaves them untouched and applies the same edit at run time. Our addition, the *fitted "
             "re-alignment*, is a second rank-1 edit W + r̂ uᵀ of the MLP output before the source layer, with u "
             "solved in closed form on the bundled train prompts so that the compressed model's projections on r̂ "
@@ -67,28 +67,18 @@ if source_layer is not None:
     st.caption(f"The original's refusal direction comes from layer {source_layer}.")
 
 
-def with_aird(study, fn):
-    """Run ``fn(study)`` with this page's AIRD settings in the study spec (they are part of the repair's
-    cache key; the study folder — and every other stage stored in it — stays the same)."""
-    old = study.spec
-    study.spec = dataclasses.replace(old, **aird)
-    try:
-        return fn(study)
-    finally:
-        study.spec = old
-
-
 def gather(study):
-    def inner(s):
-        mark_original_direction(s, s.directions("original"))
-        rep = s.repair(scheme)
-        return {"original": s.evaluate("original"), "variant": s.evaluate(scheme), "drift": s.drift(scheme),
-                "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": s.budget(scheme, max_layers=BUDGET_LAYERS)}
-    return with_aird(study, inner)
+    """Every result the page shows, with this page's AIRD settings (part of the repair's cache key; the
+    study folder — and every other stage stored in it — stays the same)."""
+    s = study.with_spec(**aird)
+    mark_original_direction(s, s.directions("original"))
+    rep = s.repair(scheme)
+    return {"original": s.evaluate("original"), "variant": s.evaluate(scheme), "drift": s.drift(scheme),
+            "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": s.budget(scheme, max_layers=BUDGET_LAYERS)}
 
 
-memo_key = ("aird", study.record.id, scheme, tuple((k, str(v)) for k, v in aird.items()))
-done_key = completed_key("aird", study=study.record.id, scheme=scheme, settings=aird, budget=BUDGET_LAYERS)
+memo_key = ("aird", study.id, scheme, tuple((k, str(v)) for k, v in aird.items()))
+done_key = completed_key("aird", study=study.id, scheme=scheme, settings=aird, budget=BUDGET_LAYERS)
 results = ws.values.get(memo_key)
 auto = results is None and is_completed(study, done_key)  # stored: load it (computes nothing)
 clicked = st.button("Run AIRD", type="primary", disabled=results is not None or auto,
@@ -103,8 +93,7 @@ if clicked or auto:
     if ok:
         ws.values[memo_key] = results
         mark_completed(study, done_key, "aird", {"scheme": scheme, "settings": aird, "budget": BUDGET_LAYERS})
-        if scheme not in ws.variants and scheme in getattr(study, "_variants", {}):
-            ws.variants[scheme] = Variant(scheme, study._variants[scheme], study.compression_report(scheme))
+        ws.keep_variants_of(study)
         if clicked:
             st.rerun()  # redraw with the button disabled (a stored result was loaded with it disabled already)
 if st.session_state.get(CANCEL):
@@ -248,7 +237,7 @@ if ok:
                        mime="application/zip")
 dl_key = ("aird_zip", memo_key)
 if c2.button("Prepare the repaired model (safetensors folder)"):
-    if scheme not in getattr(study, "_variants", {}) and scheme not in ws.variants:
+    if scheme not in study.variants() and scheme not in ws.variants:
         show_error("The compressed variant is not in memory", f"`{scheme}` was computed in an earlier server run.",
                    "compress it again on the Compress page (the study's stored results are reused).")
     else:

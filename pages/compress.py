@@ -6,13 +6,11 @@ import streamlit as st
 
 from core import compression
 from core.compression import SchemeError, parse_scheme
-from core.evaluation import perplexity
-from core.prompts import bundled_text
-from pages._shared import (Variant, cancel_button, current_workspace, guarded, model_badge, progress_callback,
-                           remember_variant, remembered_variants, require_handle, show_error)
+from core.evaluation import PERPLEXITY_LABEL
+from core.session import remembered_variants
+from pages._shared import (cancel_button, current_workspace, guarded, model_badge, progress_callback, require_handle,
+                           show_error)
 
-PPL_MAX_LENGTH = 256  # perplexity window (tokens)
-PPL_CHARS = 4000  # first characters of the bundled text: keeps the evaluation a few seconds on CPU
 CANCEL = "compress_cancelled"
 
 st.title("Compress")
@@ -34,7 +32,8 @@ extra = st.text_input("Other schemes (comma-separated)", placeholder="e.g. magni
 st.caption("Wanda and SparseGPT calibrate on the bundled English text (the same variants the study pipeline "
            "and the CLI make, so their results are shared).")
 do_ppl = st.checkbox("Measure perplexity", value=True,
-                     help=f"on the first {PPL_CHARS:,} characters of the bundled English text, windows of {PPL_MAX_LENGTH} tokens")
+                     help=f"{PERPLEXITY_LABEL[0].upper()}{PERPLEXITY_LABEL[1:]}: the same number the study and "
+                          "README show")
 
 specs = list(picked) + [s.strip() for s in extra.split(",") if s.strip()]
 schemes, bad = [], []
@@ -51,24 +50,17 @@ def key_of(scheme: str) -> str:
 
 
 def original_ppl() -> float:
-    if "perplexity" not in ws.values:
-        cb = progress_callback("Perplexity of the original", cancel_key=CANCEL)
-        ws.values["perplexity"] = perplexity(handle, bundled_text()[:PPL_CHARS], max_length=PPL_MAX_LENGTH, progress=cb)
+    cb = progress_callback("Perplexity of the original", cancel_key=CANCEL)
+    try:
+        return ws.original_perplexity(handle, progress=cb)
+    finally:
         cb.bar.empty()
-    return ws.values["perplexity"]
 
 
 def run(scheme: str) -> None:
-    cb = progress_callback(f"Compressing with {scheme}", cancel_key=CANCEL)
-    small, rep = compression.apply(handle, scheme, progress=cb)
-    ppl = None
-    if do_ppl:
-        cb2 = progress_callback(f"Perplexity of {scheme}", cancel_key=CANCEL)
-        ppl = perplexity(small, bundled_text()[:PPL_CHARS], max_length=PPL_MAX_LENGTH, progress=cb2)
-    v = Variant(key_of(scheme), small, rep.to_dict(), ppl)
-    with ws.lock:
-        ws.variants[key_of(scheme)] = v
-    remember_variant(handle, v)
+    ws.compress(handle, scheme, perplexity=do_ppl,
+                progress=progress_callback(f"Compressing with {scheme}", cancel_key=CANCEL),
+                perplexity_progress=progress_callback(f"Perplexity of {scheme}", cancel_key=CANCEL) if do_ppl else None)
 
 
 todo = [s for s in dict.fromkeys(schemes) if key_of(s) not in ws.variants]
@@ -117,7 +109,7 @@ st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
                             "bits/weight": st.column_config.NumberColumn(format="%.2f"),
                             "stored MiB": st.column_config.NumberColumn(format="%.1f"),
                             "resident MiB": st.column_config.NumberColumn(format="%.1f"),
-                            "perplexity": st.column_config.NumberColumn(format="%.2f"),
+                            "perplexity": st.column_config.NumberColumn(format="%.2f", help=PERPLEXITY_LABEL),
                             "seconds": st.column_config.NumberColumn(format="%.1f")})
 st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory. "
            "Variants not in memory (made before a server restart) are re-created by clicking **Compress** with "
@@ -135,7 +127,5 @@ with st.expander("Accounting"):
 
 drop = st.multiselect("Free memory: remove variants", list(ws.variants))
 if drop and st.button("Remove"):
-    with ws.lock:
-        for key in drop:
-            ws.variants.pop(key, None)
+    ws.remove_variants(drop)
     st.rerun()

@@ -7,10 +7,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.compression import SchemeError, VALID_FORMS, parse_scheme
-from core.study import drift_cosine
-from pages._shared import (Variant, cancel_button, guarded, completed_key, current_workspace, get_study, is_completed,
-                           mark_completed, mark_original_direction, model_badge, require_handle, run_study,
-                           settings_widgets, show_error)
+from core.session import completed_key, is_completed, mark_completed, mark_original_direction
+from core.study import drift_cosine, evaluation_row
+from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
+                           run_study, settings_widgets, show_error)
 
 CANCEL = "drift_cancelled"
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
@@ -59,8 +59,8 @@ def gather(study, schemes):
     return out
 
 
-memo_key = ("drift", study.record.id, tuple(schemes))
-done_key = completed_key("drift", study=study.record.id, schemes=sorted(schemes))
+memo_key = ("drift", study.id, tuple(schemes))
+done_key = completed_key("drift", study=study.id, schemes=sorted(schemes))
 results = ws.values.get(memo_key)
 auto = results is None and is_completed(study, done_key)  # stored: load it (computes nothing)
 clicked = st.button("Run the drift study", type="primary", disabled=results is not None or auto,
@@ -77,9 +77,7 @@ if clicked or auto:
         mark_completed(study, done_key, "drift", {"schemes": schemes})
         mark_original_direction(study, results["original"]["directions"])
         # the study may have compressed new schemes: share them with the other pages
-        for s in schemes:
-            if s not in ws.variants and s in getattr(study, "_variants", {}):
-                ws.variants[s] = Variant(s, study._variants[s], study.compression_report(s))
+        ws.keep_variants_of(study)
         if clicked:
             st.rerun()  # redraw with the button disabled (a stored study was loaded with it disabled already)
 if st.session_state.get(CANCEL):
@@ -109,12 +107,13 @@ with box:
                       margin=dict(l=10, r=10, t=50, b=10), legend_title="variant")
     st.plotly_chart(fig, width="stretch", key="cosine_chart")
 
+    shown = {"refusal_harmful": "refusal (harmful)", "over_refusal_harmless": "over-refusal (harmless)",
+             "over_refusal_borderline": "over-refusal (borderline)", "perplexity": "perplexity",
+             "kl_to_original": "KL to original"}
+
     def ev_row(name: str, ev: dict) -> dict:
-        sets = ev["sets"]
-        return {"refusal (harmful)": sets["harmful"]["refusal_rate"],
-                "over-refusal (harmless)": sets["harmless"]["refusal_rate"],
-                "over-refusal (borderline)": sets.get("borderline", {}).get("refusal_rate"),
-                "perplexity": ev.get("perplexity"), "KL to original": ev.get("kl_to_original")}
+        row = evaluation_row(name, ev)
+        return {label: row[k] for k, label in shown.items()}
 
     def src_row(info: dict) -> dict:
         src, q = info["source"], info["quality"]

@@ -1,26 +1,19 @@
 """Steer page: one prompt through the original and compressed variants, with and without an
 intervention along the original model's refusal direction; per-token refusal scores."""
 
-import contextlib
 import html
 
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.directions import source
-from core.generation import generate
-from core.interventions import ablate, add, orthogonalize
-from core.judges import is_refusal
-from core.store import cache_key
-from core.judges import prefix_refusal_scores
+from core.interventions import INTERVENTIONS as STEERING
 from pages._shared import (ROLES, cancel_button, current_workspace, get_study, guarded, model_badge, progress_callback,
                            prompt_set, require_handle, settings_widgets, show_error, study_direction)
 
 CANCEL = "steer_cancelled"
 RESULTS = "steer_results"
-INTERVENTIONS = {"none": "None", "ablate": "Ablate the direction (every layer)",
-                 "add": "Add the direction (one layer × coefficient)",
-                 "orthogonalize": "Orthogonalized weights"}
+INTERVENTIONS = {name: i.label for name, i in STEERING.items()}
 
 st.title("Steer")
 handle = require_handle()
@@ -86,31 +79,12 @@ def variant_handle(name: str):
     return handle if name == "original" else ws.variants[name].handle
 
 
-def intervention(h):
-    if kind == "ablate":
-        return ablate(h, dirset.direction)
-    if kind == "add":
-        return add(h, dirset.direction, layer, coeff)
-    if kind == "orthogonalize":
-        return orthogonalize(h, dirset.direction)
-    return contextlib.nullcontext()
-
-
 def one(name: str, steered: bool) -> dict:
-    """Generate and score one (variant, steered?) cell; cached in the shared workspace."""
-    h = variant_handle(name)
-    params = [kind, coeff, layer] if steered else ["none"]
-    key = cache_key("steer-v1", h.fingerprint, prompt, max_new, params,
-                    dirset.metadata.get("harmful_sha") if steered and dirset else None)
-    if key in ws.values:
-        return ws.values[key]
-    ctx = intervention(h) if steered else contextlib.nullcontext()
-    with ctx:  # holds h.lock: other sessions wait, never see this steering
-        reply = generate(h, [prompt], max_new_tokens=max_new)[0]
-        tokens, scores = prefix_refusal_scores(h, prompt, reply)
-    out = {"reply": reply, "refusal": is_refusal(reply), "tokens": tokens, "scores": scores}
-    ws.values[key] = out
-    return out
+    """Generate and score one (variant, steered?) cell (kept in the shared workspace)."""
+    if not steered:
+        return ws.steered_reply(variant_handle(name), prompt, max_new)
+    return ws.steered_reply(variant_handle(name), prompt, max_new, kind, dirset.direction, layer=layer, coeff=coeff,
+                            direction_id=dirset.metadata.get("harmful_sha"))
 
 
 if st.button("Generate", type="primary", disabled=not ready):
@@ -153,7 +127,7 @@ res = st.session_state.get(RESULTS)
 if res and res["cells"]:
     with st.container(key="steer_results"):
         st.subheader("Generations")
-        label = INTERVENTIONS[res["kind"]] + (f" · c = {res['coeff']}, layer {res['layer']}" if res["kind"] == "add" else "")
+        label = INTERVENTIONS[res["kind"]] + (f" · c = {res['coeff']}, layer {res['layer']}" if STEERING[res["kind"]].uses_layer else "")
         st.caption(f"Prompt: *{res['prompt']}* · intervention: {label}")
         variant_names = list(dict.fromkeys(n for n, _ in res["cells"]))
         cols = st.columns(len(variant_names))

@@ -5,7 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import aird, aird_calibration
+from core import aird
+from core.aird import budget as aird_budget
+from core.aird import calibration as aird_calibration
 from core.aird import Repair, applied, merge, method_applied, rank1_edit
 from core.compression import apply as compress
 from core.generation import generate
@@ -100,7 +102,7 @@ def test_budget_curve_counts_the_realigned_writer(monkeypatch):
     c, _ = compress(o, "magnitude:0.5")
     d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
     rep = Repair(torch.randn(64), layers=[2, 3], alpha=1.0, source_layer=3, realign=torch.randn(d_in), realign_layer=1)
-    monkeypatch.setattr(aird, "refusal_rate", lambda h, prompts, max_new_tokens, **kw: (0.5, []))
+    monkeypatch.setattr(aird_budget, "refusal_rate", lambda h, prompts, max_new_tokens, **kw: (0.5, []))
     rows = aird.budget_curve(c, rep, ["a"], max_layers=2)
     assert [r["layers"] for r in rows] == [[3], [2, 3]]
     # k = 1 repairs block 3 only, but a merged repair still densifies the re-aligned MLP writer of block 1

@@ -108,3 +108,19 @@ def test_default_model_info_cli():
     assert "n_layers: 30" in out.stdout and "d_model: 576" in out.stdout
     assert "<|im_start|>assistant" in out.stdout
     assert time.time() - t0 < 120
+
+
+def test_linear_kind_answers_what_kind_of_linear_layer_a_module_is():
+    from transformers.pytorch_utils import Conv1D
+
+    from core.models import is_plain_linear, linear_kind
+
+    class Quantized(torch.nn.Linear):  # as bitsandbytes' Linear4bit / Linear8bitLt are
+        pass
+
+    class HQQLinear(torch.nn.Module):  # HQQ's layer is no nn.Linear, but is one
+        pass
+
+    kinds = {linear_kind(m): is_plain_linear(m) for m in (torch.nn.Linear(4, 3), Conv1D(3, 4), Quantized(4, 3),
+                                                           HQQLinear(), torch.nn.Embedding(5, 4))}
+    assert kinds == {"dense": True, "conv1d": True, "quantized": False, None: False}

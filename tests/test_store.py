@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import core.store as store_mod
-from core.store import RunStore, StoreError, StoreWarning, Study, cache_key
+import core.store_files as store_files_mod
+import core.study_record as study_record_mod
+from core.store import RunStore, StoreError, StoreWarning, StudyRecord, cache_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"model": "tiny", "schemes": ["wanda:0.5", "bnb-nf4"], "limit": 10}
@@ -32,19 +34,19 @@ def store(tmp_path: Path) -> RunStore:
 
 
 @pytest.fixture
-def study(store: RunStore) -> Study:
+def study(store: RunStore) -> StudyRecord:
     return store.create_study("Test study", SPEC)
 
 
-def visible_objects(st: Study) -> list[str]:
+def visible_objects(st: StudyRecord) -> list[str]:
     return sorted(p.name for p in st.objects.iterdir() if not p.name.startswith("."))
 
 
-def all_objects(st: Study) -> list[str]:
+def all_objects(st: StudyRecord) -> list[str]:
     return sorted(p.name for p in st.objects.iterdir())
 
 
-def referenced_objects(st: Study) -> list[str]:
+def referenced_objects(st: StudyRecord) -> list[str]:
     return sorted(e["path"].split("/")[1] for e in st.manifest["stages"].values())
 
 
@@ -81,7 +83,7 @@ def test_create_study_is_idempotent(store: RunStore) -> None:
     assert m["spec"] == SPEC and m["created"] <= m["updated"]
 
 
-def test_tensor_round_trip(study: Study) -> None:
+def test_tensor_round_trip(study: StudyRecord) -> None:
     base = torch.randn(6, 8)
     tensors = {
         "dirs": base,
@@ -106,7 +108,7 @@ def test_tensor_round_trip(study: Study) -> None:
     assert study.get_meta("t") == {"layers": 6}
 
 
-def test_json_table_folder_round_trip(study: Study, tmp_path: Path) -> None:
+def test_json_table_folder_round_trip(study: StudyRecord, tmp_path: Path) -> None:
     obj = {"rates": [0.1, 0.25], "nested": {"ü": "ok"}, "nan": float("nan"), "n": None}
     study.put_json("j", "evaluate", obj)
     got = study.get_json("j")
@@ -145,7 +147,7 @@ def test_json_table_folder_round_trip(study: Study, tmp_path: Path) -> None:
     assert not study.has("bad") and len(visible_objects(study)) == 3
 
 
-def test_overwrite_and_invalidate_remove_old_files(study: Study) -> None:
+def test_overwrite_and_invalidate_remove_old_files(study: StudyRecord) -> None:
     study.put_json("k", "s", 1)
     first = visible_objects(study)
     study.put_json("k", "s", 2)
@@ -161,7 +163,7 @@ def test_overwrite_and_invalidate_remove_old_files(study: Study) -> None:
 
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["object-rename", "manifest-rename"])
 def test_simulated_crash_between_write_and_rename(
-    store: RunStore, study: Study, monkeypatch: pytest.MonkeyPatch, fail_at: int
+    store: RunStore, study: StudyRecord, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
     """os.replace fails after the temp file is fully written: nothing half-done is visible."""
     study.put_tensors("keep", "s", {"w": torch.ones(4)})
@@ -242,7 +244,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def check_entry(st: Study, key: str) -> None:
+def check_entry(st: StudyRecord, key: str) -> None:
     """Every listed key reads back intact and matches the value its manifest meta records."""
     assert st.has(key), st.problem(key)
     e = st.entry(key)
@@ -316,7 +318,7 @@ def flip_bytes(path: Path, offset: int = -20) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupted_or_missing_files_are_detected(study: Study, tmp_path: Path) -> None:
+def test_corrupted_or_missing_files_are_detected(study: StudyRecord, tmp_path: Path) -> None:
     study.put_tensors("t", "directions", {"w": torch.randn(32, 32)})
     study.put_json("j", "evaluate", {"a": 1})
     study.put_table("p", "drift", pd.DataFrame({"x": range(100)}))
@@ -359,7 +361,7 @@ def test_corrupted_or_missing_files_are_detected(study: Study, tmp_path: Path) -
     assert again.has("t") and again.get_json("j") == {"a": 2}
 
 
-def test_valid_checksum_but_unparsable_file_fails_validation(study: Study) -> None:
+def test_valid_checksum_but_unparsable_file_fails_validation(study: StudyRecord) -> None:
     """has() parses files by format, not only by checksum."""
     import hashlib
 
@@ -378,7 +380,7 @@ def test_valid_checksum_but_unparsable_file_fails_validation(study: Study) -> No
         study.get_tensors("t")
 
 
-def test_malformed_manifest_entries_are_rejected(study: Study) -> None:
+def test_malformed_manifest_entries_are_rejected(study: StudyRecord) -> None:
     study.put_json("j", "s", 1)
     manifest = json.loads((study.path / "manifest.json").read_text())
     manifest["stages"]["evil"] = {**manifest["stages"]["j"], "key": "evil", "path": "../../x"}
@@ -395,7 +397,7 @@ def test_malformed_manifest_entries_are_rejected(study: Study) -> None:
 
 @pytest.mark.parametrize("content", [b"{ truncated", b"\xff\xfe\x00garbage", b"[]", None])
 def test_corrupt_or_missing_manifest_is_moved_aside(
-    store: RunStore, study: Study, content: bytes | None
+    store: RunStore, study: StudyRecord, content: bytes | None
 ) -> None:
     study.put_json("j", "s", {"a": 1})
     manifest = study.path / "manifest.json"
@@ -421,7 +423,7 @@ def test_corrupt_or_missing_manifest_is_moved_aside(
     assert store.list_studies()[0].problem is None
 
 
-def test_gc_keeps_live_temp_files_only(study: Study) -> None:
+def test_gc_keeps_live_temp_files_only(study: StudyRecord) -> None:
     study.put_json("j", "s", 1)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
@@ -440,12 +442,12 @@ def test_gc_keeps_live_temp_files_only(study: Study) -> None:
 # ----------------------------------------------------------------------------- concurrency
 
 
-def test_concurrent_threads_lose_no_entries(store: RunStore, study: Study) -> None:
+def test_concurrent_threads_lose_no_entries(store: RunStore, study: StudyRecord) -> None:
     errors: list[BaseException] = []
 
     def worker(t: int) -> None:
         try:
-            st = study if t % 2 else store.open(study.id)  # shared and separate Study objects
+            st = study if t % 2 else store.open(study.id)  # shared and separate StudyRecord objects
             for n in range(12):
                 st.put_json(f"t{t}-{n}", f"stage{t}", {"t": t, "n": n})
                 assert st.has(f"t{t}-{n}")
@@ -480,7 +482,7 @@ PROC_WRITER = textwrap.dedent(
 )
 
 
-def test_two_processes_lose_no_entries(store: RunStore, study: Study) -> None:
+def test_two_processes_lose_no_entries(store: RunStore, study: StudyRecord) -> None:
     start_at = time.time() + 0.4
     procs = [
         subprocess.Popen(
@@ -548,10 +550,11 @@ def test_list_delete_export(store: RunStore, tmp_path: Path) -> None:
 
 
 def test_module_never_uses_pickle() -> None:
-    source = Path(store_mod.__file__).read_text()
-    assert "pickle" not in source
-    assert "torch.load" not in source
-    assert "torch.save" not in source
+    for module in (store_mod, study_record_mod, store_files_mod):
+        source = Path(module.__file__).read_text()
+        assert "pickle" not in source
+        assert "torch.load" not in source
+        assert "torch.save" not in source
 
 
 def test_import_is_light() -> None:

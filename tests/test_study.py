@@ -153,3 +153,45 @@ def test_variant_selection_is_optional(tiny_folder, tmp_path):
     assert on.directions("magnitude:0.5").selected is not None and -1 <= d2["cosine_selected"] <= 1
     assert d2["variant"]["source"]["layer"] is not None
     assert d2["cosine_at_source"] == d["cosine_at_source"] and d2["cosine_per_layer"] == d["cosine_per_layer"]
+
+
+def test_observed_reports_only_this_threads_calls_and_with_spec_shares_the_folder(tiny_folder, tmp_path):
+    import threading
+
+    study = Study(_spec(tiny_folder, schemes=[], aird=None), tmp_path / "runs")
+    mine, theirs, stages = [], [], []
+    with study.observed(lambda s, d, t: mine.append(s), lambda s, sec: stages.append((s, sec))):
+        other = threading.Thread(target=lambda: study.evaluate("original"))  # another session's call
+        other.start()
+        other.join()
+        study.directions("original")
+    assert mine and all(s.startswith("directions original") for s in mine)  # not the other thread's evaluation
+    assert ("directions original", None) in stages and not any(s.startswith("evaluate") for s, _ in stages)
+    variant = study.variant("magnitude:0.5")
+
+    def cancel(stage, done, total):
+        raise Cancelled(stage)
+
+    with study.observed(lambda s, d, t: theirs.append(s)):
+        with pytest.raises(Cancelled), study.observed(cancel):  # the inner block's observer is the one told
+            study.evaluate("magnitude:0.5")
+    assert theirs == [] and study.variants() == {"magnitude:0.5": variant}
+    study.evaluate("magnitude:0.5")  # outside observed(): nobody is told, nothing raises
+
+    manual = study.with_spec(aird="manual", aird_alpha=1.0, aird_layers=[2])
+    assert manual.id == study.id and study.spec.aird is None  # same folder; this study's spec untouched
+    assert manual.repair("magnitude:0.5").alpha == 1.0 and manual.variants() == study.variants()
+    study.drop_variants(["magnitude:0.5"])
+    assert study.variants() == {} == manual.variants()
+
+
+def test_adopted_variant_is_not_compressed_again(tiny_folder, tmp_path):
+    from core.compression import apply
+
+    study = Study(_spec(tiny_folder, schemes=[], aird=None), tmp_path / "runs")
+    small, _ = apply(study.original, "magnitude:0.5")
+    study.adopt_variant("magnitude:0.5", small)
+    stages = []
+    with study.observed(on_stage=lambda s, sec: stages.append(s)):
+        assert study.variant("magnitude:0.5") is small
+    assert stages == []

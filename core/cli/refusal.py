@@ -4,7 +4,6 @@ optionally with a direction ablated / added / orthogonalized, or on a compressed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -50,7 +49,7 @@ def _compress(handle, spec: str):
 def run(args: argparse.Namespace) -> int:
     from core.directions import DirectionSet
     from core.generation import generate
-    from core.interventions import ablate, add, orthogonalize
+    from core.interventions import INTERVENTIONS, intervene
     from core.judges import is_refusal, refusal_scores
     from core.progress import tqdm_progress
     from core.prompts import resolve_prompt_arg
@@ -74,16 +73,13 @@ def run(args: argparse.Namespace) -> int:
         if ds.d_model != handle.d_model:
             raise ValueError(f"{dir_path} has d_model {ds.d_model}, the model has {handle.d_model}")
 
-    intervention = "none"
-    ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if args.ablate:
-        intervention, ctx = f"ablate {args.ablate}", ablate(handle, ds.direction)
-    elif args.add:
+    kind = next((k for k in ("ablate", "add", "orthogonalize") if getattr(args, k)), "none")
+    layer = None
+    intervention = "none" if ds is None else f"{kind} {dir_path}"
+    if INTERVENTIONS[kind].uses_layer:
         layer = ds.selected[1] if args.layer is None else args.layer
-        intervention, ctx = f"add {args.add} coeff {args.coeff} layer {layer}", add(handle, ds.direction, layer,
-                                                                                  args.coeff)
-    elif args.orthogonalize:
-        intervention, ctx = f"orthogonalize {args.orthogonalize}", orthogonalize(handle, ds.direction)
+        intervention += f" coeff {args.coeff} layer {layer}"
+    ctx = intervene(kind, handle, None if ds is None else ds.direction, layer=layer, coeff=args.coeff)
 
     t0 = time.perf_counter()
     with ctx:

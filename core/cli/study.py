@@ -144,7 +144,7 @@ def run_study(args: argparse.Namespace) -> int:
 
 def run_aird(args: argparse.Namespace) -> int:
     from core.aird import METHOD_LABELS, METHODS
-    from core.study import Study, measured_verdict
+    from core.study import Study, measured_verdict, method_row
 
     layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
     alpha = None if args.alpha == "auto" else float(args.alpha)
@@ -163,9 +163,9 @@ def run_aird(args: argparse.Namespace) -> int:
     rep = study.repair(args.scheme)
     original = study.evaluate("original")
     comparison = study.compare_methods(args.scheme, methods)
-    rows = [_method_row("original (uncompressed)", original)]
+    rows = [method_row("original (uncompressed)", original)]
     for m, ev in comparison.items():
-        rows.append(_method_row(METHOD_LABELS[m], ev))
+        rows.append(method_row(METHOD_LABELS[m], ev))
     print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
           + (f"{args.scheme} source: layer {drift['variant']['source']['layer']}; cosine of selected directions "
              f"{drift['cosine_selected']:.3f}" if drift.get("cosine_selected") is not None else
@@ -194,16 +194,3 @@ def run_aird(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
-
-
-def _method_row(label: str, ev: dict) -> dict:
-    if "error" in ev:
-        return {"method": label, "error": ev["error"][:60]}
-    sets = ev["sets"]
-    return {"method": label, "refusal_harmful": sets["harmful"]["refusal_rate"],
-            "over_refusal_harmless": sets["harmless"]["refusal_rate"],
-            "over_refusal_borderline": sets.get("borderline", {}).get("refusal_rate"),
-            "perplexity": ev["perplexity"], "kl_to_original": ev.get("kl_to_original"),
-            "parameters_changed": ev.get("parameters_changed"),
-            "density_before": (ev.get("density_before") or {}).get("density"),
-            "density_after": (ev.get("density_after") or {}).get("density")}

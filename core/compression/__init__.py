@@ -45,6 +45,80 @@ def _hqq_available() -> str | None:
     return availability()
 
 
+@dataclass
+class Compressed:
+    """What a method's ``apply`` returns: the compressed model, the calibration it used, a save note."""
+
+    model: object  # nn.Module
+    calibration: Calibration | None = None
+    save_note: str = ""
+
+
+Apply = Callable[[ModelHandle, Scheme, Sequence[Target], object, "Progress | None"], Compressed]
+
+
+def _copied(handle: ModelHandle, targets: Sequence[Target]) -> tuple[object, dict]:
+    """A deep copy of ``handle``'s model (no hooks attached: the lock is held) and its target modules by name."""
+    with handle.lock:
+        model = copy.deepcopy(handle.model)
+    named = dict(model.named_modules())
+    return model, {t.name: named[t.name] for t in targets}
+
+
+def _apply_bnb(handle, scheme, targets, calibration, progress) -> Compressed:
+    from core.compression.bnb import load_quantized
+
+    _report_progress(progress, 0, 1)
+    model = load_quantized(handle, scheme, targets)
+    _report_progress(progress, 1, 1)
+    return Compressed(model)
+
+
+def _apply_rtn(handle, scheme, targets, calibration, progress) -> Compressed:
+    from core.compression.quantization import rtn_quantize
+    from core.compression.targets import dense_weight, set_weight
+
+    model, mods = _copied(handle, targets)
+    for i, t in enumerate(targets):
+        deq, _ = rtn_quantize(dense_weight(mods[t.name]), scheme.bits, scheme.group, symmetric=scheme.symmetric)
+        set_weight(mods[t.name], deq)
+        _report_progress(progress, i + 1, len(targets))
+    return Compressed(model)
+
+
+def _apply_hqq(handle, scheme, targets, calibration, progress) -> Compressed:
+    from core.compression.hqq import quantize_modules
+
+    model, _ = _copied(handle, targets)
+    quantize_modules(model, targets, scheme, progress)
+    return Compressed(model, save_note="HQQLinear layers are not serialisable by save_pretrained; re-create from the parent")
+
+
+def _apply_magnitude(handle, scheme, targets, calibration, progress) -> Compressed:
+    from core.compression.pruning import check_nm, magnitude_prune
+    from core.compression.targets import dense_weight, set_weight
+
+    check_nm(targets, scheme.m)
+    model, mods = _copied(handle, targets)
+    for i, t in enumerate(targets):
+        set_weight(mods[t.name], magnitude_prune(dense_weight(mods[t.name]), scheme.sparsity, scheme.n, scheme.m))
+        _report_progress(progress, i + 1, len(targets))
+    return Compressed(model)
+
+
+def _apply_calibrated_pruning(handle, scheme, targets, calibration, progress) -> Compressed:
+    """Wanda and SparseGPT: block by block, from activations of the calibration text."""
+    from core.compression.calibration import resolve
+    from core.compression.pruning import prune_sequential
+    from core.models import find_blocks
+
+    calib = resolve(handle, calibration)
+    model, mods = _copied(handle, targets)
+    prune_sequential(model, find_blocks(model), mods, targets, calib, scheme.method,
+                     sparsity=scheme.sparsity, n=scheme.n, m=scheme.m, progress=progress)
+    return Compressed(model, calib)
+
+
 @dataclass(frozen=True)
 class SchemeInfo:
     """One registry entry: a method, its spec forms and examples, and whether it can run here."""
@@ -56,6 +130,7 @@ class SchemeInfo:
     description: str
     calibration: bool
     saveable: bool
+    apply: Apply
     check: Callable[[], str | None] = _always
 
     @property
@@ -71,25 +146,27 @@ class SchemeInfo:
 REGISTRY: dict[str, SchemeInfo] = {info.method: info for info in (
     SchemeInfo("bnb-int8", "quantization", "bnb-int8", ("bnb-int8",),
                "bitsandbytes LLM.int8 (8-bit rows with fp16 outlier decomposition), reloaded from source_dir",
-               False, True, _bnb_available),
+               False, True, _apply_bnb, _bnb_available),
     SchemeInfo("bnb-nf4", "quantization", "bnb-nf4", ("bnb-nf4",),
                "bitsandbytes 4-bit NormalFloat, blocks of 64, reloaded from source_dir", False, True,
-               _bnb_available),
+               _apply_bnb, _bnb_available),
     SchemeInfo("bnb-fp4", "quantization", "bnb-fp4", ("bnb-fp4",),
-               "bitsandbytes 4-bit float, blocks of 64, reloaded from source_dir", False, True, _bnb_available),
+               "bitsandbytes 4-bit float, blocks of 64, reloaded from source_dir", False, True, _apply_bnb,
+               _bnb_available),
     SchemeInfo("rtn", "quantization", "rtn:BITS[:GROUP][:sym]", ("rtn:8", "rtn:4:64", "rtn:3:64", "rtn:4:128:sym"),
                "round-to-nearest int-BITS per group (per row without GROUP), asymmetric unless :sym; "
-               "stored dequantized, plain torch", False, True),
+               "stored dequantized, plain torch", False, True, _apply_rtn),
     SchemeInfo("hqq", "quantization", "hqq:BITS[:GROUP]", ("hqq:4:64", "hqq:3:64", "hqq:8"),
                "Half-Quadratic Quantization via hqq's HQQLinear (optimised zero/scale)", False, False,
-               _hqq_available),
+               _apply_hqq, _hqq_available),
     SchemeInfo("magnitude", "pruning", "magnitude:SPARSITY | magnitude:N:M", ("magnitude:0.5", "magnitude:4:8"),
-               "zero the smallest |W| per weight matrix (or per group of M)", False, True),
+               "zero the smallest |W| per weight matrix (or per group of M)", False, True, _apply_magnitude),
     SchemeInfo("wanda", "pruning", "wanda:SPARSITY | wanda:N:M", ("wanda:0.5", "wanda:2:4"),
-               "Wanda: |W|·‖X‖ per output row from calibration activations, block by block", True, True),
+               "Wanda: |W|·‖X‖ per output row from calibration activations, block by block", True, True,
+               _apply_calibrated_pruning),
     SchemeInfo("sparsegpt", "pruning", "sparsegpt:SPARSITY | sparsegpt:N:M", ("sparsegpt:0.5", "sparsegpt:2:4"),
                "SparseGPT: OBS pruning with weight update from the calibration Hessian, block by block",
-               True, True),
+               True, True, _apply_calibrated_pruning),
 )}
 
 
@@ -105,11 +182,6 @@ def compressed_fingerprint(parent: ModelHandle, scheme: Scheme, calibration_sha:
     if targets is not None:
         h.update("|".join(t.name for t in targets).encode())
     return h.hexdigest()[:16]
-
-
-def _copy_model(parent: ModelHandle):
-    with parent.lock:  # no intervention hooks are attached while the lock is held
-        return copy.deepcopy(parent.model)
 
 
 def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
@@ -128,47 +200,10 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
         raise RuntimeError(f"{scheme} is not available here: {reason}")
     t0 = time.perf_counter()
     targets = select_targets(handle, modules)
-    calib = None
-    save_note = ""
-
-    if scheme.is_bnb:
-        from core.compression.bnb import load_quantized
-        _report_progress(progress, 0, 1)
-        model = load_quantized(handle, scheme, targets)
-        _report_progress(progress, 1, 1)
-    else:
-        model = _copy_model(handle)
-        named = dict(model.named_modules())
-        mods = {t.name: named[t.name] for t in targets}
-        if scheme.method == "rtn":
-            from core.compression.quantization import rtn_quantize
-            from core.compression.targets import dense_weight, set_weight
-            for i, t in enumerate(targets):
-                deq, _ = rtn_quantize(dense_weight(mods[t.name]), scheme.bits, scheme.group,
-                                      symmetric=scheme.symmetric)
-                set_weight(mods[t.name], deq)
-                _report_progress(progress, i + 1, len(targets))
-        elif scheme.method == "hqq":
-            from core.compression.hqq import quantize_modules
-            quantize_modules(model, targets, scheme, progress)
-            save_note = "HQQLinear layers are not serialisable by save_pretrained; re-create from the parent"
-        elif scheme.method == "magnitude":
-            from core.compression.pruning import check_nm, magnitude_prune
-            from core.compression.targets import dense_weight, set_weight
-            check_nm(targets, scheme.m)
-            for i, t in enumerate(targets):
-                set_weight(mods[t.name], magnitude_prune(dense_weight(mods[t.name]), scheme.sparsity,
-                                                         scheme.n, scheme.m))
-                _report_progress(progress, i + 1, len(targets))
-        else:
-            from core.compression.calibration import resolve
-            from core.compression.pruning import prune_sequential
-            from core.models import find_blocks
-            calib = resolve(handle, calibration)
-            prune_sequential(model, find_blocks(model), mods, targets, calib, scheme.method,
-                             sparsity=scheme.sparsity, n=scheme.n, m=scheme.m, progress=progress)
-        model.eval()
-        model.requires_grad_(False)
+    done = info.apply(handle, scheme, targets, calibration, progress)
+    model, calib = done.model, done.calibration
+    model.eval()
+    model.requires_grad_(False)
 
     seconds = time.perf_counter() - t0
     default_modules = modules is None
@@ -183,6 +218,6 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
     rep = build_report(parent_model=handle.model, model=model, targets=targets, scheme=scheme,
                        n_layers=handle.n_layers, model_name=handle.name, seconds=seconds,
                        calibration=calib.describe() if calib else None,
-                       saveable=info.saveable, save_note=save_note)
+                       saveable=info.saveable, save_note=done.save_note)
     new.meta["report"] = {k: v for k, v in rep.to_dict().items() if k not in ("module_sparsity", "module_bits")}
     return new, rep

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.models import ModelHandle, find_blocks, weight_as_out_in
+from core.models import ModelHandle, find_blocks, is_plain_linear, weight_as_out_in
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,6 @@ class Target:
     layer: int
     out_features: int
     in_features: int
-
-
-def is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (not a bnb/HQQ subclass) or a GPT-2 ``Conv1D``."""
-    return type(module) is nn.Linear or type(module).__name__ == "Conv1D"
 
 
 def _matcher(modules: "str | Sequence[str] | None"):

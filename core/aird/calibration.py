@@ -23,14 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from core.activations import BatchRunner, tokenize
-from core.aird import AIRDError, Repair, applied, unit
+from core.aird.repair import DEFAULT_ALPHAS, AIRDError, Repair, applied, unit
 from core.evaluation import kl_divergence
 from core.generation import generate_with_logits
 from core.judges import has_refusal_phrase, is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
 from core.progress import Progress, report
 
-DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 SEARCHES = ("scored", "generated")
 DEFAULT_CONFIRM = 3  # grid points generated after a scored search, besides the unrepaired model
 
