@@ -30,7 +30,7 @@ from core.memory import release
 from core.models import ModelHandle
 from core.progress import report
 from core.prompts import PromptSet, bundled, resolve_prompt_arg
-from core.store import RunStore, StudyRecord, cache_key
+from core.store import RunStore, StoreError, StudyRecord, cache_key
 from core.study_rows import drift_cosine, evaluation_row, measured_verdict, method_row, summary_rows
 from core.study_spec import LEGACY, StudySpec
 
@@ -284,7 +284,12 @@ class Study:
     def compression_report(self, scheme: str) -> dict:
         key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
         if not self.record.has(key):
-            self.variant(scheme)
+            handle = self.variant(scheme)
+            if not self.record.has(key):  # adopted: compressed elsewhere, its report travels with it
+                report = handle.meta.get("report")
+                if report is None:
+                    raise StoreError(f"the variant {scheme} was adopted without its compression report")
+                self.record.put_json(key, "compress", report, seconds=report.get("seconds"))
         return self.record.get_json(key)
 
     def directions(self, which: str = "original"):

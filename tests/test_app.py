@@ -348,3 +348,17 @@ def test_cancel_stops_the_running_action_after_the_page_cleared_its_notice(monke
     unrelated = shared.progress_callback("stage")
     shared.request_cancel("k")
     unrelated(1, 10)
+
+
+def test_home_demo_story_tells_the_three_steps(study_env):
+    at = open_page(study_env)
+    button(at, "Run the demo study").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    heads = [h.value for h in at.subheader]
+    assert heads[0] == "1. The model refuses harmful prompts and answers harmless ones"
+    assert heads[1].startswith("2. Compression (wanda:0.5) breaks it: refusal ")
+    assert heads[2].startswith("3. The repair (AIRD) brings it back: ")
+    # a second visit (new session) runs it again from the stored stages: the same story
+    again = open_page(study_env)
+    button(again, "Run the demo study").click().run()
+    assert [h.value for h in again.subheader] == heads

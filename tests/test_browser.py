@@ -107,3 +107,41 @@ def test_click_through_every_page(server):
             src = next(ARTIFACTS.glob(f"*-{shot}.png"), None)
             if src is not None:
                 shutil.copy(src, docs / f"screenshot-{shot}.png")
+
+
+def test_demo_story_and_its_html_export_open_offline(server, tmp_path):
+    """Home → *Run the demo study*: the three steps appear; the exported HTML file, opened in chromium
+    with every network request blocked, draws its three plots."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = ui.launch_browser(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url)
+        ui.wait_ready(page, ui.PAGES[0], timeout_s=300)
+        page.get_by_role("button", name="Run the demo study").click()
+        page.wait_for_selector(".st-key-demo_step3 h3, [data-testid='stAlert']", timeout=ui.ACTION_TIMEOUT_S * 1000)
+        ui.wait_idle(page)
+        assert ui.exception_boxes(page) == [] and page.locator("[data-testid='stAlert']").count() == 0, \
+            page.inner_text("body")[-2000:]
+        for step, title in ((1, "1. The model refuses"), (2, "2. Compression (wanda:0.5) breaks it"),
+                            (3, "3. The repair (AIRD) brings it back")):
+            section = page.locator(f".st-key-demo_step{step}")
+            assert title in section.locator("h3").first.inner_text()
+            assert section.locator("[data-testid='stPlotlyChart']").count() == 1
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "00-home-demo.png", full_page=True)
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download this story (HTML, opens offline)").click()
+        exported = tmp_path / "demo.html"
+        download.value.save_as(exported)
+
+        offline = browser.new_page()
+        blocked = []
+        offline.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                      else (blocked.append(route.request.url), route.abort()))
+        offline.goto(exported.as_uri())
+        offline.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+        assert offline.locator(".js-plotly-plot").count() == 3 and blocked == []
+        assert "2. Compression breaks it" in offline.inner_text("body")
+        browser.close()

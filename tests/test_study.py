@@ -194,4 +194,5 @@ def test_adopted_variant_is_not_compressed_again(tiny_folder, tmp_path):
     stages = []
     with study.observed(on_stage=lambda s, sec: stages.append(s)):
         assert study.variant("magnitude:0.5") is small
-    assert stages == []
+        report = study.compression_report("magnitude:0.5")  # the report travels with the adopted variant
+    assert stages == [] and report["scheme"] == "magnitude:0.5" and report["sparsity"] == pytest.approx(0.5, abs=0.02)
