@@ -75,7 +75,7 @@ def budget_figure(curve: list[dict], title: str = "AIRD budget curve") -> go.Fig
 
 def _fmt(v) -> str:
     if v is None:
-        return "–"
+        return "—"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
     return html.escape(str(v))

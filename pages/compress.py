@@ -119,7 +119,7 @@ fig = go.Figure()
 for key, v in entries.items():
     ls = v["report"]["layer_sparsity"]
     fig.add_scatter(x=list(range(len(ls))), y=ls, mode="lines+markers", name=key)
-fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", height=300, showlegend=True, margin=dict(l=10, r=10, t=30, b=10),
+fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", yaxis_range=[0, 1], height=300, showlegend=True, margin=dict(l=10, r=10, t=30, b=10),
                   title="Per-layer sparsity")
 st.plotly_chart(fig, width="stretch")
 with st.expander("Accounting"):
