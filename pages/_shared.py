@@ -88,6 +88,16 @@ def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tupl
     return False, None
 
 
+def show_table(df, *, decimals: dict[str, int] | None = None, default_decimals: int = 3, where=None, **kw) -> None:
+    """``st.dataframe`` of ``df`` for reading: a missing value shows as "—" (not "None"), float columns
+    rounded to ``decimals[column]`` (else ``default_decimals``) places; the data itself stays numeric."""
+    import pandas as pd
+
+    floats = {c: f"{{:.{(decimals or {}).get(c, default_decimals)}f}}" for c in df.columns
+              if pd.api.types.is_float_dtype(df[c])}
+    (where or st).dataframe(df.style.format(floats, na_rep="—"), **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # Progress with cancel
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import streamlit as st
 
 from core.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
-                           run_study, settings_widgets, show_error)
+                           run_study, settings_widgets, show_error, show_table)
 
 CANCEL = "aird_cancelled"
 BUDGET_LAYERS = 6
@@ -129,10 +129,7 @@ with box:
         if c in table.columns:
             table[c] = pd.to_numeric(table[c], errors="coerce")
     table["layers"] = table["layers"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else "")
-    st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
-                                ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)",
-                                 "perplexity", "KL to original")})
+    show_table(table, decimals={"α": 2, "densified weights": 0, "perplexity": 2}, hide_index=True, width="stretch")
     how_chosen = "auto-calibrated on val prompts" if rep.auto else "manual"
     fit = "" if rep.realign is None else f", re-alignment of layer {rep.realign_layer}'s MLP output"
     st.caption(f"Repair: layers {rep.layers}, α = {rep.alpha:g}{fit}, mode {rep.mode} ({how_chosen}); evaluated on "

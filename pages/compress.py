@@ -9,7 +9,7 @@ from core.compression import SchemeError, parse_scheme
 from core.evaluation import PERPLEXITY_LABEL
 from core.session import remembered_variants
 from pages._shared import (cancel_button, current_workspace, guarded, model_badge, progress_callback, require_handle,
-                           show_error)
+                           show_error, show_table)
 
 CANCEL = "compress_cancelled"
 
@@ -104,13 +104,9 @@ for key, v in entries.items():
                  "perplexity": v["perplexity"] if v["perplexity"] is not None else float("nan"),
                  "seconds": r["seconds"], "in memory": v["in memory"]})
 table = pd.DataFrame(rows)
-st.container(key="variants").dataframe(table, hide_index=True, width="stretch",
-             column_config={"sparsity": st.column_config.NumberColumn(format="%.3f"),
-                            "bits/weight": st.column_config.NumberColumn(format="%.2f"),
-                            "stored MiB": st.column_config.NumberColumn(format="%.1f"),
-                            "resident MiB": st.column_config.NumberColumn(format="%.1f"),
-                            "perplexity": st.column_config.NumberColumn(format="%.2f", help=PERPLEXITY_LABEL),
-                            "seconds": st.column_config.NumberColumn(format="%.1f")})
+show_table(table, decimals={"bits/weight": 2, "stored MiB": 1, "resident MiB": 1, "perplexity": 2, "seconds": 1},
+           where=st.container(key="variants"), hide_index=True, width="stretch",
+           column_config={"perplexity": st.column_config.NumberColumn(help=PERPLEXITY_LABEL)})
 st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory. "
            "Variants not in memory (made before a server restart) are re-created by clicking **Compress** with "
            "their scheme; their numbers come from the run store.")

@@ -10,7 +10,7 @@ from core.compression import SchemeError, VALID_FORMS, parse_scheme
 from core.session import completed_key, is_completed, mark_completed, mark_original_direction
 from core.study import drift_cosine, evaluation_row
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
-                           run_study, settings_widgets, show_error)
+                           run_study, settings_widgets, show_error, show_table)
 
 CANCEL = "drift_cancelled"
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
@@ -127,17 +127,16 @@ with box:
     for s, v in variants.items():
         rows.append({"model": s, **src_row(v["drift"]["variant"]), "cosine to original": drift_cosine(v["drift"]),
                      **ev_row(s, v["evaluation"]), "recoverability": v["drift"]["recoverability"]["level"]})
-    fmt = {c: st.column_config.NumberColumn(format="%.3f") for c in
-           ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
-            "over-refusal (borderline)", "perplexity", "KL to original")}
+    numeric = ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
+               "over-refusal (borderline)", "perplexity", "KL to original")
     st.subheader("Source layer, direction quality and refusal")
     if any(v["directions"].selected is None for v in variants.values()):
         st.caption("Variants without a source layer: their own direction was not selected (Evaluation settings); "
                    "their cosine is the original's direction against their candidate at the original's source.")
     df = pd.DataFrame(rows)
-    for c in fmt:
+    for c in numeric:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    st.dataframe(df, hide_index=True, width="stretch", column_config=fmt)
+    show_table(df, decimals={"perplexity": 2}, hide_index=True, width="stretch")
     st.caption("bypass = mean refusal score on harmful val prompts with the direction ablated (lower = the "
                "direction carries refusal); induce = on harmless prompts with it added (higher = stronger); KL = "
                "next-token KL on harmless prompts under ablation. Refusal rates on the test sets "
