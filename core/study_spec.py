@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from core.aird.calibration import Search
+from core.aird.repair import Mode
+
+Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration decides, always, never
 
 LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True}  # what a stored spec without the field ran
 
@@ -25,11 +31,11 @@ class StudySpec:
     limit: int | None = None
     max_new_tokens: int = 64
     aird: str | None = "auto"
-    aird_mode: str = "merged"
+    aird_mode: Mode = "merged"
     aird_alpha: float | None = None
     aird_layers: list[int] | None = None
-    aird_realign: str = "auto"
-    aird_search: str = "scored"  # calibration grid: scored (one forward, best points generated) | generated
+    aird_realign: Realign = "auto"
+    aird_search: Search = "scored"  # calibration grid: scored (one forward, best points generated) | generated
     selection_positions: list[int] | None = None  # None: every post-instruction position
     selection_screen: int | None = 12  # induce screened on this many val prompts (core.selection); None: exact
     variant_selection: bool = False  # select each variant's own direction too (its source layer); drift needs

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 
-from core.aird.repair import (AIRDError, Repair, applied, check_dense, copy_handle, edited_writers,
+from core.aird.repair import (AIRDError, Mode, Repair, applied, check_dense, copy_handle, edited_writers,
                               projection_restore, set_weight, writers)
 from core.interventions import intervene
 from core.models import ModelHandle, weight_as_out_in
@@ -30,7 +31,7 @@ def _none(original, compressed, repair, direction_raw) -> Iterator[ModelHandle]:
     yield compressed
 
 
-def _aird(mode: str):
+def _aird(mode: Mode):
     def apply(original, compressed, repair, direction_raw) -> Iterator[ModelHandle]:
         with applied(compressed, replace(repair, mode=mode)) as h:
             yield h
@@ -84,7 +85,9 @@ REPAIR_METHODS: dict[str, RepairMethod] = {m.name: m for m in (
     RepairMethod("activation-addition", "Activation addition of O's direction", _activation_addition,
                  lambda c, rep: c.d_model),
 )}
-METHODS = tuple(REPAIR_METHODS)
+Method = Literal["none", "aird-merged", "aird-adapter", "projection-restore", "dense-copy", "activation-addition"]
+METHODS: tuple[Method, ...] = get_args(Method)
+assert METHODS == tuple(REPAIR_METHODS)  # the type names every registered method, in order
 METHOD_LABELS = {name: m.label for name, m in REPAIR_METHODS.items()}
 
 
@@ -95,7 +98,7 @@ def _method(name: str) -> RepairMethod:
 
 
 @contextmanager
-def method_applied(method: str, original: ModelHandle, compressed: ModelHandle, repair: Repair,
+def method_applied(method: Method, original: ModelHandle, compressed: ModelHandle, repair: Repair,
                    direction_raw: torch.Tensor | None = None) -> Iterator[ModelHandle]:
     """Yield the model that ``method`` (one of :data:`METHODS`) produces from ``compressed``.
 
@@ -107,6 +110,6 @@ def method_applied(method: str, original: ModelHandle, compressed: ModelHandle, 
         yield h
 
 
-def changed_parameters(method: str, compressed: ModelHandle, repair: Repair) -> int:
+def changed_parameters(method: Method, compressed: ModelHandle, repair: Repair) -> int:
     """Number of stored numbers a method changes or adds relative to ``compressed``."""
     return _method(method).changed(compressed, repair)

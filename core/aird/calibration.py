@@ -19,18 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from core.activations import BatchRunner, tokenize
-from core.aird.repair import DEFAULT_ALPHAS, AIRDError, Repair, applied, unit
+from core.aird.repair import DEFAULT_ALPHAS, AIRDError, Mode, Repair, applied, unit
 from core.evaluation import kl_divergence
 from core.generation import generate_with_logits
 from core.judges import has_refusal_phrase, is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
 from core.progress import Progress, report
 
-SEARCHES = ("scored", "generated")
+Search = Literal["scored", "generated"]
+SEARCHES: tuple[Search, ...] = get_args(Search)
 DEFAULT_CONFIRM = 3  # grid points generated after a scored search, besides the unrepaired model
 
 
@@ -156,9 +158,9 @@ class _Measure:
 def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: int, *,
               sets: CalibrationSets | None = None, layer_sets: Sequence[Sequence[int]] | None = None,
               alphas: Sequence[float] = DEFAULT_ALPHAS, max_overrefusal_rise: float = 0.02,
-              kl_threshold: float = 0.1, gen_tokens: int = 24, mode: str = "merged",
+              kl_threshold: float = 0.1, gen_tokens: int = 24, mode: Mode = "merged",
               realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
-              original: ModelHandle | None = None, search: str = "scored", confirm: int = DEFAULT_CONFIRM,
+              original: ModelHandle | None = None, search: Search = "scored", confirm: int = DEFAULT_CONFIRM,
               original_logits: torch.Tensor | None = None, progress: Progress | None = None) -> Repair:
     """Choose S and α on validation prompts (module docstring: objective, ``search``, ``confirm``).
 

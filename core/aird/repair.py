@@ -11,13 +11,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from core.interventions import add_rank1, scale_writers
 from core.models import ModelHandle, is_plain_linear, weight_as_out_in
 
-MODES = ("merged", "adapter")
+Mode = Literal["merged", "adapter"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 REALIGN_ROLE = "mlp"  # the writer the fitted re-alignment edits, in block l*−1
 DEFAULT_RIDGE = 0.1  # ridge strength, relative to the mean input power tr(XᵀX)/d
@@ -82,7 +84,7 @@ class Repair:
     direction: torch.Tensor
     layers: list[int]
     alpha: float
-    mode: str = "merged"
+    mode: Mode = "merged"
     source_layer: int | None = None
     calibration: list[dict] = field(default_factory=list)
     auto: bool = False
@@ -185,7 +187,7 @@ def check_dense(handle: ModelHandle, layers: Sequence[int], what: str) -> None:
                         "on any layer type.")
 
 
-def mode_for(handle: ModelHandle, layers: Sequence[int], mode: str) -> str:
+def mode_for(handle: ModelHandle, layers: Sequence[int], mode: Mode) -> Mode:
     """The mode to use on ``handle``: ``mode``, except ``merged`` becomes ``adapter`` when a writer of
     ``layers`` is quantized storage (bitsandbytes/HQQ), where the adapter computes the same function."""
     return "adapter" if mode == "merged" and quantized_writer(handle, layers) is not None else mode
