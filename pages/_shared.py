@@ -95,7 +95,7 @@ def show_table(df, *, decimals: dict[str, int] | None = None, default_decimals: 
 
     floats = {c: f"{{:.{(decimals or {}).get(c, default_decimals)}f}}" for c in df.columns
               if pd.api.types.is_float_dtype(df[c])}
-    (where or st).dataframe(df.style.format(floats, na_rep="—"), **kw)
+    (where or st).dataframe(df.style.format(floats, na_rep="—"), placeholder="—", **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ with box:
         with st.expander("Calibration grid (val prompts)"):
             grid = pd.DataFrame([{k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in g.items()}
                                  for g in rep.calibration])
-            st.dataframe(grid, hide_index=True, width="stretch")
+            st.dataframe(grid, hide_index=True, width="stretch", placeholder="—")
 
     st.subheader("Example generations (harmful test prompts)")
     n_show = st.slider("Examples", 1, min(10, results["original"]["sets"]["harmful"]["n"]), 3)

@@ -24,7 +24,7 @@ with st.expander("Schemes and their spec forms"):
     st.dataframe(pd.DataFrame([{"method": i.method, "family": i.family, "form": i.form,
                                 "examples": ", ".join(i.examples), "calibration": i.calibration,
                                 "available": i.unavailable_reason or "yes", "description": i.description}
-                               for i in infos]), hide_index=True, width="stretch")
+                               for i in infos]), hide_index=True, width="stretch", placeholder="—")
 
 picked = st.multiselect("Schemes", available, default=[s for s in ("wanda:0.5",) if s in available],
                         help="one variant per scheme; add others below")

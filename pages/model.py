@@ -109,4 +109,4 @@ with st.expander("Residual writers per layer (found by structure)"):
         rows.append({"layer": layer, "attention out": type(w["attn"]).__name__,
                      "attention shape": "×".join(map(str, w["attn"].weight.shape)),
                      "MLP out": type(w["mlp"]).__name__, "MLP shape": "×".join(map(str, w["mlp"].weight.shape))})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—")

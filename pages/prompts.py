@@ -93,7 +93,7 @@ with st.container(key=f"prompts_{role}"):
             for s in SPLITS:
                 row[s] = splits[s].category_counts().get(cat, 0)
             rows.append(row)
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—")
     with right:
         if len(counts) > 1:
             fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": "category", "y": "prompts"},
@@ -106,4 +106,4 @@ with st.container(key=f"prompts_{role}"):
             split_of[p] = s
     preview = pd.DataFrame({"prompt": full.prompts, "category": full.categories,
                             "split": [split_of.get(p, "") for p in full.prompts]})
-    st.dataframe(preview.head(300), hide_index=True, width="stretch", height=280)
+    st.dataframe(preview.head(300), hide_index=True, width="stretch", placeholder="—", height=280)

@@ -31,7 +31,7 @@ if not infos:
 rows = [{"study": i.name, "id": i.id, "updated": i.updated.strftime("%Y-%m-%d %H:%M"), "entries": i.entries,
          "stages": ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in sorted(i.stages.items())),
          "MiB": i.size_bytes / 2**20, "problem": i.problem or ""} for i in infos]
-st.container(key="studies").dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+st.container(key="studies").dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—",
                                       column_config={"MiB": st.column_config.NumberColumn(format="%.1f")})
 
 by_id = {i.id: i for i in infos}
@@ -52,7 +52,7 @@ st.subheader("Stages")
 if table.empty:
     st.info("This study has no stored stage yet.")
 else:
-    st.dataframe(table.sort_values("done"), hide_index=True, width="stretch",
+    st.dataframe(table.sort_values("done"), hide_index=True, width="stretch", placeholder="—",
                  column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
 
 
