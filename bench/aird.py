@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
 from bench.compression import SCHEMES  # noqa: E402  (the registry's representative parameters)
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "aird.json"
 SHARED = ROOT.parent / "shared" / "benchmarks"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import RealignCaptures, write_results  # noqa: E402
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 
 def gap_closed(x: torch.Tensor, p_o: torch.Tensor, p_c: torch.Tensor, u: torch.Tensor) -> float:

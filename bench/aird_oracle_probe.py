@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import RealignCaptures, write_results  # noqa: E402
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 SCHEMES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "rtn:8", "rtn:4:64", "rtn:3:64", "hqq:4:64", "magnitude:0.5",
            "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8"]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 BENCH = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import write_results  # noqa: E402
-from core.cli import text_table  # noqa: E402
+from core.tables import text_table  # noqa: E402
 
 
 def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, int]:

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from core.study import summary_rows
+from core.tables import rows_table_html
 
 
 def drift_figure(results: dict) -> go.Figure:
@@ -71,21 +72,6 @@ def budget_figure(curve: list[dict], title: str = "AIRD budget curve") -> go.Fig
                       yaxis2=dict(title="weights densified", overlaying="y", side="right"),
                       template="plotly_white", height=380)
     return fig
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
-    return html.escape(str(v))
-
-
-def rows_table_html(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def html_report(results: dict, *, budget: dict[str, list[dict]] | None = None) -> str:

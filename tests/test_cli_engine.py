@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from core.cli import main, text_table
+from core.cli import main
+from core.tables import text_table
 from core.directions import DirectionSet
 from tiny import tiny_handle
 

@@ -8,7 +8,6 @@ import importlib
 import logging
 import pkgutil
 import sys
-from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(module, "register"):
             module.register(sub)
     return parser
-
-
-def text_table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table for the terminal: columns left-aligned, two spaces apart, no trailing blanks."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(heads)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in [[str(h) for h in heads], *cells])
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

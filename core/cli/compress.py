@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from core.cli import add_model_args, load_from_args, text_table
+from core.cli import add_model_args, load_from_args
+from core.tables import text_table
 
 
 def register(sub) -> None:

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from core.cli import add_model_args, text_table
+from core.cli import add_model_args
+from core.tables import text_table
 
 
 def _common(p: argparse.ArgumentParser) -> None:
