@@ -1,5 +1,6 @@
 """Whether a compressed model's refusal is recoverable (:func:`recoverability`, from projections on O's
-direction) and the verdict on a measured repair (:func:`repair_verdict`): the user-facing prose of AIRD."""
+direction) and the verdict on a measured repair (:func:`repair_verdict`); their prose is in
+:mod:`core.aird.messages`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import torch
 
 from core.activations import projection_stats
+from core.aird import messages
 
 
 def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict[str, torch.Tensor],
@@ -30,26 +32,12 @@ def recoverability(original_proj: dict[str, torch.Tensor], compressed_proj: dict
     gap = float(original_proj["harmful"][:, at].double().mean() - original_proj["harmless"][:, at].double().mean())
     moved = float(compressed_proj["harmless"][:, at].double().mean() - original_proj["harmless"][:, at].double().mean())
     shift = moved / gap if abs(gap) > 1e-6 else math.nan
-    if ratio >= good_ratio and float(d_c[at]) >= min_d and shift > max_harmless_shift:
-        verdict, level = (f"Partly recoverable by scaling alone: harmful and harmless prompts still separate along "
-                          f"the original refusal direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs "
-                          f"{float(d_o[at]):.2f} in the original), but harmless prompts moved {100 * shift:.0f}% of "
-                          "the way toward the harmful ones, so the compressed model already over-refuses, and "
-                          "amplifying r̂ raises their refusal too. AIRD's fitted re-alignment, which moves each "
-                          "prompt by what it contains, can pull them back; calibration uses it when it helps."), "partial"
-    elif ratio >= good_ratio and float(d_c[at]) >= min_d:
-        verdict, level = (f"Recoverable: harmful and harmless prompts still separate along the original refusal "
-                          f"direction at layer {at} (Cohen's d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f} in the "
-                          "original), so amplifying that component can restore refusal."), "recoverable"
-    elif ratio >= poor_ratio:
-        verdict, level = (f"Partly recoverable: the separation along the original direction at layer {at} shrank to "
-                          f"{100 * ratio:.0f}% of the original's (d {float(d_c[at]):.2f} vs {float(d_o[at]):.2f}); "
-                          "a repair will recover some refusal, and cost more over-refusal."), "partial"
+    if ratio >= good_ratio and float(d_c[at]) >= min_d:
+        level = "partial-shifted" if shift > max_harmless_shift else "recoverable"
     else:
-        verdict, level = (f"Not recoverable by a weight edit: compression removed most of the harmful/harmless "
-                          f"separation along the original direction at layer {at} (d {float(d_c[at]):.2f} vs "
-                          f"{float(d_o[at]):.2f}). Amplifying r̂ would push harmless prompts as much as harmful "
-                          "ones. Use a milder compression or keep this layer dense."), "unrecoverable"
+        level = "partial" if ratio >= poor_ratio else "unrecoverable"
+    verdict = messages.recoverability(level, at, float(d_c[at]), float(d_o[at]), ratio, shift)
+    level = "partial" if level == "partial-shifted" else level
     return {"cohens_d_original": d_o.tolist(), "cohens_d_compressed": d_c.tolist(), "layer": at,
             "ratio": ratio, "harmless_shift": shift, "level": level, "verdict": verdict}
 
@@ -77,26 +65,14 @@ def repair_verdict(diagnosis: dict, original: float, compressed: float, repaired
     the text says the compressed model itself is broken instead of blaming the layers after l*."""
     share = recovered_share(original, compressed, repaired)
     at, pred = diagnosis.get("layer"), diagnosis.get("level")
-    rates = (f"refusal on {set_name}: original {100 * original:.1f}%, compressed {100 * compressed:.1f}%, "
-             f"repaired {100 * repaired:.1f}%")
     if share is None:
         return {"level": "nothing lost", "recovered": None, "predicted": pred,
-                "verdict": f"Compression cost almost no refusal ({rates}); there was nothing to recover."}
+                "verdict": messages.nothing_lost(set_name, original, compressed, repaired)}
     level = "recovered" if share >= good else "partial" if share >= poor else "not recovered"
-    text = f"AIRD brought back {100 * share:.0f}% of the refusal lost to compression ({rates})."
     broken = perplexity_ratio is not None and perplexity_ratio >= BROKEN_PERPLEXITY_RATIO
-    if level == "not recovered" and broken:
-        text += (f" The compressed model's perplexity is {perplexity_ratio:.0f}× the original's: it no longer "
-                 "writes fluent text, so there is no refusal left to steer, and no edit along one direction "
-                 "repairs a broken model. Use a milder compression.")
-    elif level == "not recovered" and pred in ("recoverable", "partial"):
-        sep = (f" (Cohen's d {diagnosis['cohens_d_compressed'][at]:.2f} vs {diagnosis['cohens_d_original'][at]:.2f})"
-               if at is not None and "cohens_d_compressed" in diagnosis else "")
-        text += (f" The projections predicted more: harmful and harmless prompts still separate along the "
-                 f"original direction at layer {at}{sep}, yet amplifying that component barely restores refusal: "
-                 "most of the damage lies after the direction is written, in the layers that turn it into a "
-                 "refusal, which an edit along r̂ does not undo. Use a milder compression or keep the later "
-                 "layers dense.")
-    elif level == "recovered" and pred == "unrecoverable":
-        text += " The projections had predicted otherwise; the measurement is what counts."
+    separation = ((diagnosis["cohens_d_compressed"][at], diagnosis["cohens_d_original"][at])
+                  if at is not None and "cohens_d_compressed" in diagnosis else None)
+    text = messages.repair_outcome(level, pred, share, set_name, original, compressed, repaired,
+                                   perplexity_ratio=perplexity_ratio if broken else None, layer=at,
+                                   separation=separation)
     return {"level": level, "recovered": share, "predicted": pred, "verdict": text}
