@@ -88,14 +88,18 @@ def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tupl
     return False, None
 
 
-def show_table(df, *, decimals: dict[str, int] | None = None, default_decimals: int = 3, where=None, **kw) -> None:
+def show_table(df, *, decimals: dict[str, int] | None = None, default_decimals: int = 3, where=None,
+               column_config: dict | None = None, **kw) -> None:
     """``st.dataframe`` of ``df`` for reading: a missing value shows as "—" (not "None"), float columns
-    rounded to ``decimals[column]`` (else ``default_decimals``) places; the data itself stays numeric."""
+    rounded to ``decimals[column]`` (else ``default_decimals``) places by their column format (not a
+    pandas Styler: ~20 ms more per table); the data itself stays numeric."""
     import pandas as pd
 
-    floats = {c: f"{{:.{(decimals or {}).get(c, default_decimals)}f}}" for c in df.columns
-              if pd.api.types.is_float_dtype(df[c])}
-    (where or st).dataframe(df.style.format(floats, na_rep="—"), placeholder="—", **kw)
+    config = {c: st.column_config.NumberColumn(format=f"%.{(decimals or {}).get(c, default_decimals)}f")
+              for c in df.columns if pd.api.types.is_float_dtype(df[c])}
+    for c, extra in (column_config or {}).items():
+        config[c] = extra
+    (where or st).dataframe(df, placeholder="—", column_config=config, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ for key, v in entries.items():
 table = pd.DataFrame(rows)
 show_table(table, decimals={"bits/weight": 2, "stored MiB": 1, "resident MiB": 1, "perplexity": 2, "seconds": 1},
            where=st.container(key="variants"), hide_index=True, width="stretch",
-           column_config={"perplexity": st.column_config.NumberColumn(help=PERPLEXITY_LABEL)})
+           column_config={"perplexity": st.column_config.NumberColumn(format="%.2f", help=PERPLEXITY_LABEL)})
 st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory. "
            "Variants not in memory (made before a server restart) are re-created by clicking **Compress** with "
            "their scheme; their numbers come from the run store.")
