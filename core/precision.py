@@ -18,13 +18,13 @@ store bfloat16 (:func:`low_precision_cache`): attention reads its keys and value
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -133,23 +133,32 @@ def kv_dtype(handle) -> torch.dtype:
 
 
 
-class Bf16KVLayer(DynamicLayer):
-    """A growing cache layer that stores keys and values in bfloat16. Under bf16 autocast attention
-    (SDPA, or eager's matmuls) casts them to bf16 when it reads them, so storing them cast gives the
-    same attention, bit for bit, with half the memory and no re-cast of the whole cache per step."""
+@functools.cache
+def bf16_kv_layer() -> type:
+    """The class of a growing cache layer that stores keys and values in bfloat16 (made on first use:
+    importing ``transformers.cache_utils`` costs seconds, which no import of this module should pay).
+    Under bf16 autocast attention (SDPA, or eager's matmuls) casts keys and values to bf16 when it reads
+    them, so storing them cast gives the same attention, bit for bit, with half the memory and no
+    re-cast of the whole cache per step."""
+    from transformers.cache_utils import DynamicLayer
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.dtype = torch.bfloat16
-        self.keys, self.values = self.keys.to(self.dtype), self.values.to(self.dtype)
+    class Bf16KVLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.dtype = torch.bfloat16
+            self.keys, self.values = self.keys.to(self.dtype), self.values.to(self.dtype)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16), *args, **kwargs)
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            return super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16), *args, **kwargs)
+
+    return Bf16KVLayer
 
 
 def is_growing_layer(layer) -> bool:
     """Whether a cache layer is a plain growing one (transformers' ``DynamicLayer`` or its bf16 form)."""
-    return type(layer) in (DynamicLayer, Bf16KVLayer)
+    from transformers.cache_utils import DynamicLayer
+
+    return type(layer) in (DynamicLayer, bf16_kv_layer())
 
 
 def low_precision_cache(handle, cache):
@@ -158,9 +167,11 @@ def low_precision_cache(handle, cache):
     Returns ``cache``."""
     if cache is None or not _autocasts(handle) or not hasattr(cache, "layers"):
         return cache
+    from transformers.cache_utils import DynamicLayer
+
     for layer in cache.layers:
         if type(layer) is DynamicLayer:
-            layer.__class__ = Bf16KVLayer  # the same state; only initialization and update differ
+            layer.__class__ = bf16_kv_layer()  # the same state; only initialization and update differ
             if layer.is_initialized:
                 layer.dtype = torch.bfloat16
                 layer.keys, layer.values = layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)
