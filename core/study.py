@@ -411,8 +411,8 @@ class Study:
 
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
-        from core.aird import AIRDError, Repair, bundled_fit_prompts, fit_realignment, original_projection
-        from core.aird import CalibrationSets, calibrate, candidate_layer_sets
+        from core.aird import (AIRDError, CalibrationSets, Repair, bundled_fit_prompts, calibrate,
+                               candidate_layer_sets, fit_realignment, original_projection)
         from core.judges import last_logits
 
         s = self.spec

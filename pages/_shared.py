@@ -212,11 +212,7 @@ def require_handle() -> ModelHandle:
 
 def current_workspace(handle: ModelHandle | None = None) -> Workspace:
     handle = handle or require_handle()
-    return workspace(ws_key(handle))
-
-
-def ws_key(handle: ModelHandle) -> str:
-    return workspace_key(handle)
+    return workspace(workspace_key(handle))
 
 
 def model_badge(handle: ModelHandle) -> None:
@@ -304,7 +300,7 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
     boxes. Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
     from core.study_eta import for_study
 
-    ws = workspace(ws_key(handle) if handle is not None else "-")
+    ws = workspace(workspace_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
     cancelled = cancel_check(cancel_key)
     eta = Eta()

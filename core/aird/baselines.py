@@ -15,6 +15,7 @@ from core.aird.repair import (AIRDError, Mode, Repair, applied, check_dense, cop
 from core.interventions import intervene
 from core.models import ModelHandle, weight_as_out_in
 
+
 @dataclass(frozen=True)
 class RepairMethod:
     """A repair by name: ``apply(original, compressed, repair, direction_raw)`` yields the repaired model
