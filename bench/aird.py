@@ -47,17 +47,16 @@ def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, bord
     diag = study.diagnostic(scheme)
     row: dict = {"scheme": scheme, "harmful": harmful, "harmless": harmless, "borderline": borderline, "limit": limit,
                  "layers": rep.layers, "alpha": rep.alpha, "mode": rep.mode, "realign_layer": rep.realign_layer,
-                 "diagnostic": diag["recoverability"]["level"], "verdict": diag["recoverability"]["verdict"],
-                 "cohens_d_ratio": diag["recoverability"]["ratio"],
-                 "harmless_shift": diag["recoverability"].get("harmless_shift"),
-                 "density_before": ev["R"]["density_before"]["density"],
-                 "density_after": ev["R"]["density_after"]["density"], "seconds": 0.0}
+                 "diagnostic": diag.recoverability.level, "verdict": diag.recoverability.verdict,
+                 "cohens_d_ratio": diag.recoverability.ratio, "harmless_shift": diag.recoverability.harmless_shift,
+                 "density_before": ev["R"].density_before.density,
+                 "density_after": ev["R"].density_after.density, "seconds": 0.0}
     for k, e in ev.items():
-        for name, s in e["sets"].items():
-            row[f"{name}_{k}"] = s["refusal_rate"]
-        row[f"perplexity_{k}"] = e["perplexity"]
+        for name, s in e.sets.items():
+            row[f"{name}_{k}"] = s.refusal_rate
+        row[f"perplexity_{k}"] = e.perplexity
     measured = measured_verdict(ev["O"], ev["C"], ev["R"], diag, study.eval_sets()["harmful"].name)
-    row.update(recovered=measured["recovered"], measured=measured["level"], measured_verdict=measured["verdict"])
+    row.update(recovered=measured.recovered, measured=measured.level, measured_verdict=measured.verdict)
     row["perplexity_rise"] = row["perplexity_R"] / row["perplexity_C"] - 1
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row

@@ -136,7 +136,9 @@ def task_aird() -> dict:
     rep = calibrate(c, direction, layer, mode=mode_for(c, range(c.n_layers), "merged"), realignment=fit,
                     original=handle)
     t2 = time.perf_counter()
-    best = next(g for g in rep.calibration if g["chosen"])
+    # grid points: dicts in old commits, core.results.CalibrationPoint since
+    points = [g if isinstance(g, dict) else g.to_json() for g in rep.calibration]
+    best = next(g for g in points if g["chosen"])
     rates = {}
     with applied(c, rep) as h:
         for kind in ("harmful", "harmless", "borderline"):
@@ -146,8 +148,8 @@ def task_aird() -> dict:
             "chosen": {"layers": best["layers"], "alpha": best["alpha"], "realign": best["realign"]},
             "val_objective": best["harmful_refusal"] - best["harmless_refusal"],
             "val_harmful_refusal": best["harmful_refusal"], "val_harmless_refusal": best["harmless_refusal"],
-            "grid_points": len(rep.calibration),
-            "generated_points": sum(g.get("measured", "generated") == "generated" for g in rep.calibration),
+            "grid_points": len(points),
+            "generated_points": sum(g.get("measured", "generated") == "generated" for g in points),
             "test_refusal": rates}
 
 

@@ -16,7 +16,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from core.models import ModelHandle
-from core.study import Study, StudySpec, drift_cosine, summary_rows
+from core.results import StudyResults
+from core.study import Study, StudySpec, summary_rows
 
 DEMO_SCHEME = "wanda:0.5"  # unstructured 50% pruning: the scheme whose refusal loss the paper reports
 DEMO_LIMIT = 24  # prompts per evaluation set (the dashboard's default)
@@ -51,7 +52,7 @@ class DemoStory:
 
     model: str
     scheme: str
-    results: dict
+    results: StudyResults
     harmful: list[Example]   # the same prompts through the original, compressed and repaired model
     harmless: list[Example]  # the original's replies to harmless prompts
 
@@ -73,16 +74,16 @@ def demo_planned(study: Study) -> list[str]:
 def demo_story(study: Study) -> DemoStory:
     """Run (or load) the demo study's stages and pick its example replies."""
     results = study.results()
-    v = results["variants"][DEMO_SCHEME]
-    o = results["original"]["evaluation"]["sets"]
-    c, r = v["evaluation"]["sets"]["harmful"]["results"], v["repaired"]["sets"]["harmful"]["results"]
-    steps = list(zip(o["harmful"]["results"], c, r))
+    v = results.variants[DEMO_SCHEME]
+    o = results.original.evaluation.sets
+    c, r = v.evaluation.sets["harmful"].results, v.repaired.sets["harmful"].results
+    steps = list(zip(o["harmful"].results, c, r))
     # the clearest cases first: refused, then answered after compression, then refused again
-    steps.sort(key=lambda t: -(t[0]["refused"] + (not t[1]["refused"]) + t[2]["refused"]))
-    harmful = [Example(a["prompt"], a["response"], a["refused"], b["response"], b["refused"], x["response"],
-                       x["refused"]) for a, b, x in steps[:EXAMPLES]]
-    answered = sorted(o["harmless"]["results"], key=lambda e: e["refused"])  # answered ones first
-    harmless = [Example(e["prompt"], e["response"], e["refused"]) for e in answered[:EXAMPLES]]
+    steps.sort(key=lambda t: -(t[0].refused + (not t[1].refused) + t[2].refused))
+    harmful = [Example(a.prompt, a.response, a.refused, b.response, b.refused, x.response, x.refused)
+               for a, b, x in steps[:EXAMPLES]]
+    answered = sorted(o["harmless"].results, key=lambda e: e.refused)  # answered ones first
+    harmless = [Example(e.prompt, e.response, e.refused) for e in answered[:EXAMPLES]]
     return DemoStory(study.original.name, DEMO_SCHEME, results, harmful, harmless)
 
 
@@ -106,10 +107,9 @@ def original_figure(story: DemoStory) -> go.Figure:
 
 def drift_cosines_figure(story: DemoStory) -> go.Figure:
     """Step 2: cosine between the original's refusal direction and the compressed model's, per layer."""
-    drift = story.results["variants"][story.scheme]["drift"]
-    cos = drift["cosine_per_layer"]
+    cos = story.results.variants[story.scheme].drift.cosine_per_layer
     fig = go.Figure(go.Scatter(x=list(range(len(cos))), y=cos, mode="lines+markers", name=story.scheme))
-    src = story.results["original"]["source"]["source"].get("layer")
+    src = story.results.original.source.source.layer
     if src is not None:
         fig.add_vline(x=src, line_dash="dot", annotation_text=f"original's source layer {src}")
     fig.update_layout(title=f"How far {story.scheme} moved the refusal direction (1 = unchanged)",
@@ -151,10 +151,10 @@ def demo_html(story: DemoStory) -> str:
     plots = [pio.to_html(f, full_html=False, include_plotlyjs="inline" if i == 0 else False)
              for i, f in enumerate(figs)]
     o, c, r = (100 * story.rate(w) for w in ("original", "compressed", "repaired"))
-    v = story.results["variants"][story.scheme]
-    cos = drift_cosine(v["drift"])
-    verdict = html.escape(v.get("aird_verdict", {}).get("verdict", ""))
-    n = story.results["original"]["evaluation"]["sets"]["harmful"]["n"]
+    v = story.results.variants[story.scheme]
+    cos = v.drift.cosine
+    verdict = html.escape("" if v.aird_verdict is None else v.aird_verdict.verdict)
+    n = story.results.original.evaluation.sets["harmful"].n
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Refusal Lab demo · {html.escape(story.model)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:0.9em;width:100%}}td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;
@@ -162,7 +162,7 @@ text-align:left}}th{{background:#f4f4f4}}</style></head><body>
 <h1>What compression does to refusal — and the repair</h1>
 <p>Model <b>{html.escape(story.model)}</b>, compressed with <b>{html.escape(story.scheme)}</b>, repaired with AIRD
 (this project's reconstruction of Chhabra &amp; Khalili 2025). Refusal is the substring judge on greedy replies
-({story.results['spec']['max_new_tokens']} new tokens) to {n} prompts per set.</p>
+({story.results.spec['max_new_tokens']} new tokens) to {n} prompts per set.</p>
 <h2>1. The model refuses harmful prompts and answers harmless ones</h2>{plots[0]}
 <h3>Harmful prompts</h3>{_examples_html(story.harmful, 'original')}
 <h3>Harmless prompts</h3>{_examples_html(story.harmless, 'original')}

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from core.judges import refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
 from core.progress import Progress, report
 from core.prompts import PromptSet
+
+if TYPE_CHECKING:
+    from core.results import DirectionSummary
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "directions.safetensors"
@@ -259,6 +263,13 @@ def quality(dirset: DirectionSet) -> dict:
             "kl": float(dirset.kl[i, layer]), "baseline_harmful": sel.get("baseline_harmful_score"),
             "baseline_harmless": sel.get("baseline_harmless_score"), "fallback": sel.get("fallback", False),
             "norm": float(dirset.direction.norm())}
+
+
+def summary(dirset: DirectionSet) -> DirectionSummary:
+    """:func:`source` and :func:`quality` of the selected direction, typed."""
+    from core.results import DirectionSummary
+
+    return DirectionSummary.from_json({"source": source(dirset), "quality": quality(dirset)})
 
 
 def mean_projections(dirset: DirectionSet, direction: torch.Tensor | None = None, *,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from core.models import ModelHandle
 from core.precision import compute
 from core.progress import Progress, report
+from core.results import Reply, SetEvaluation
 
 
 REFERENCE_WINDOW = 512  # tokens per window of the reference perplexity
@@ -86,7 +87,7 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
 
 
 def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int | None = None,
-                       judge=None, progress: Progress | None = None) -> dict:
+                       judge=None, progress: Progress | None = None) -> SetEvaluation:
     """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score (from
     the logits the first reply token is chosen from: no second pass), per-category rates, and every
     (prompt, response, refused, refusal_score).
@@ -100,7 +101,7 @@ def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64
 
 def refusal_evaluations(handle: ModelHandle, sets: Mapping[str, object], *, max_new_tokens: int = 64,
                         batch_size: int | None = None, judge=None,
-                        progress: Progress | None = None) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+                        progress: Progress | None = None) -> tuple[dict[str, SetEvaluation], dict[str, torch.Tensor]]:
     """:func:`refusal_evaluation` of several named prompt sets → ``({name: evaluation}, {name: the logits
     each prompt's first reply token was chosen from, (n, vocab) float32})``.
 
@@ -126,7 +127,7 @@ def refusal_evaluations(handle: ModelHandle, sets: Mapping[str, object], *, max_
 
 
 def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list[str], first: torch.Tensor,
-                judge) -> dict:
+                judge) -> SetEvaluation:
     from core.judges import refusal_score_from_logits, refusal_token_ids, substring_judge
 
     refused = list((judge or substring_judge)(texts, replies))
@@ -135,13 +136,11 @@ def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list
     for c, r in zip(cats, refused):
         if c is not None:
             by_cat.setdefault(c, []).append(r)
-    return {
-        "n": len(texts), "refusal_rate": sum(refused) / len(texts),
-        "mean_refusal_score": float(scores.mean()),
-        "by_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
-        "results": [{"prompt": p, "response": r, "refused": bool(f), "refusal_score": float(s)}
-                    for p, r, f, s in zip(texts, replies, refused, scores.tolist())],
-    }
+    return SetEvaluation(
+        n=len(texts), refusal_rate=sum(refused) / len(texts), mean_refusal_score=float(scores.mean()),
+        by_category={c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+        results=[Reply(prompt=p, response=r, refused=bool(f), refusal_score=float(s))
+                 for p, r, f, s in zip(texts, replies, refused, scores.tolist())])
 
 
 def kl_per_prompt(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

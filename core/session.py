@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.compression.report import CompressionReport
 from core.evaluation import PERPLEXITY_LABEL
 from core.models import ModelHandle
 from core.progress import Progress, format_seconds
 from core.store import RunStore, StoreError, StudyInfo, cache_key
+from core.results import BudgetPoint, StudyResults
 from core.study import Study, StudySpec
 
-__all__ = ["DEFAULT_SETTINGS", "POSITIONS", "SCREEN", "Variant", "Workspace", "StoreError", "StoredStudy",
+__all__ = ["DEFAULT_SETTINGS", "POSITIONS", "SCREEN", "Variant", "RememberedVariant", "Workspace", "StoreError", "StoredStudy",
            "runs_root", "run_store", "prompt_set", "prompt_spec", "study_spec", "completed_key", "is_completed",
            "mark_completed", "original_source_layer", "mark_original_direction", "remember_variant",
            "remembered_variants", "list_studies"]
@@ -43,7 +45,16 @@ class Variant:
 
     scheme: str
     handle: ModelHandle
-    report: dict
+    report: CompressionReport
+    perplexity: float | None = None
+
+
+@dataclass
+class RememberedVariant:
+    """A variant compressed before (maybe before a server restart): its report and perplexity, not its model."""
+
+    scheme: str
+    report: CompressionReport
     perplexity: float | None = None
 
 
@@ -104,7 +115,7 @@ class Workspace:
 
         small, rep = apply(handle, scheme, progress=progress)
         ppl = reference_perplexity(small, progress=perplexity_progress) if perplexity else None
-        v = Variant(scheme, small, rep.to_dict(), ppl)
+        v = Variant(scheme, small, rep, ppl)
         with self.lock:
             self.variants[scheme] = v
         remember_variant(handle, v)
@@ -264,23 +275,23 @@ def _variants_record(handle: ModelHandle, root: str | None = None):
 
 
 def remember_variant(handle: ModelHandle, v: Variant, root: str | None = None) -> None:
-    report = {k: val for k, val in v.report.items() if k not in ("module_sparsity", "module_bits")}
+    report = {k: val for k, val in v.report.to_json().items() if k not in ("module_sparsity", "module_bits")}
     _variants_record(handle, root).put_json(cache_key("variant", v.scheme), "dashboard compress",
                                             {"scheme": v.scheme, "report": report, "perplexity": v.perplexity,
                                              "perplexity_of": PERPLEXITY_LABEL},
-                                            seconds=report.get("seconds"))
+                                            seconds=v.report.seconds)
 
 
-def remembered_variants(handle: ModelHandle, root: str | None = None) -> dict[str, dict]:
-    """``{scheme: {"scheme", "report", "perplexity"}}`` stored by :func:`remember_variant`."""
+def remembered_variants(handle: ModelHandle, root: str | None = None) -> dict[str, RememberedVariant]:
+    """The variants stored by :func:`remember_variant`, by scheme (perplexity None when it was measured
+    by an earlier definition)."""
     rec = _variants_record(handle, root)
     out = {}
     for key, e in rec.manifest["stages"].items():
         if e.get("stage") == "dashboard compress" and rec.has(key):
             d = rec.get_json(key)
-            if d.get("perplexity_of") != PERPLEXITY_LABEL:  # measured by an earlier definition
-                d["perplexity"] = None
-            out[d["scheme"]] = d
+            ppl = d.get("perplexity") if d.get("perplexity_of") == PERPLEXITY_LABEL else None
+            out[d["scheme"]] = RememberedVariant(d["scheme"], CompressionReport.from_json(d["report"]), ppl)
     return out
 
 
@@ -328,11 +339,11 @@ class StoredStudy:
                              "was made by another version of the code")
         return study
 
-    def report_inputs(self, study: Study) -> tuple[dict, dict]:
+    def report_inputs(self, study: Study) -> tuple[StudyResults, dict[str, list[BudgetPoint]]]:
         """``(results, budgets)`` for :func:`core.report.html_report` from ``study``'s stored stages (a
         stage that is missing is computed). CLI studies list their schemes in the spec; dashboard
         studies take the schemes their pages completed, and the AIRD settings each AIRD run used."""
-        budgets: dict = {}
+        budgets: dict[str, list[BudgetPoint]] = {}
         if study.spec.schemes:
             return study.results(), budgets
         markers = completed_markers(study)
@@ -340,9 +351,9 @@ class StoredStudy:
                                                                                if "scheme" in m})
         results = study.with_spec(schemes=schemes, aird=None).results()
         for m in markers:
-            if m.get("scheme") in results["variants"] and isinstance(m.get("settings"), dict):
+            if m.get("scheme") in results.variants and isinstance(m.get("settings"), dict):
                 repaired = study.with_spec(schemes=schemes, **m["settings"])
-                results["variants"][m["scheme"]]["repaired"] = repaired.evaluate_repaired(m["scheme"])
+                results.variants[m["scheme"]].repaired = repaired.evaluate_repaired(m["scheme"])
                 budgets[m["scheme"]] = repaired.budget(m["scheme"], max_layers=int(m.get("budget", 8)))
         return results, budgets
 
@@ -351,7 +362,7 @@ class StoredStudy:
         from core.report import html_report
 
         results, budgets = self.report_inputs(study)
-        if not results["variants"]:
+        if not results.variants:
             raise ValueError("this study has no compressed variant with a drift result yet: run the Refusal drift page")
         return html_report(results, budget=budgets).encode("utf-8")
 

@@ -72,6 +72,11 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def tensor_key(t: Any) -> str:
+    """16-hex-digit digest of a tensor's values (its bytes on the CPU), for cache keys."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,17 @@ import torch
 from core.memory import release
 from core.models import ModelHandle
 from core.progress import report
+from core.codec import from_json, to_json
+from core.compression.report import CompressionReport
+from core.results import (BudgetPoint, Diagnostic, Drift, Evaluation, MethodEvaluation,
+                          OriginalResult, ProjectionStats, RepairedEvaluation, RepairResult, StudyResults,
+                          VariantResult)
 from core.prompts import PromptSet, bundled, resolve_prompt_arg
-from core.store import RunStore, StoreError, StudyRecord, cache_key
-from core.study_rows import drift_cosine, evaluation_row, measured_verdict, method_row, summary_rows
+from core.store import RunStore, StoreError, StudyRecord, cache_key, tensor_key
+from core.study_rows import evaluation_row, measured_verdict, method_row, repair_rows, summary_rows
 from core.study_spec import LEGACY, StudySpec
 
-__all__ = ["Study", "StudySpec", "LEGACY", "summary_rows", "evaluation_row", "method_row", "drift_cosine",
+__all__ = ["Study", "StudySpec", "LEGACY", "summary_rows", "evaluation_row", "method_row", "repair_rows",
            "measured_verdict"]
 
 log = logging.getLogger(__name__)
@@ -133,8 +138,9 @@ class Study:
             if fn is not None:
                 fn(stage, seconds)
 
-    def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json"):
-        """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it."""
+    def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json", codec=None):
+        """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it.
+        ``codec``: the result type (:mod:`core.results`) a JSON artifact is read back as."""
         if self.precision != "float32":  # float32 keys stay those of the code before precision existed
             key_parts = (*key_parts, f"precision={self.precision}")
         key = cache_key(stage, CODE_VERSION, *key_parts)
@@ -142,11 +148,11 @@ class Study:
             return self._memo[key]
         if self.record.has(key):
             try:
-                self._memo[key] = self._get(kind, key)
+                self._memo[key] = self._get(kind, key, codec=codec)
                 return self._memo[key]
             except Exception as e:  # corrupt entry: recompute
                 log.warning("stored %s unreadable (%s); recomputing", stage, e)
-        found = self._from_other_studies(kind, key)
+        found = self._from_other_studies(kind, key, codec)
         if found is not None:  # keys name everything a result depends on, so another study's is ours too
             value, other = found
             self._put(kind, key, stage, value, 0.0)
@@ -170,7 +176,7 @@ class Study:
         release()
         return value, seconds
 
-    def _from_other_studies(self, kind: str, key: str):
+    def _from_other_studies(self, kind: str, key: str, codec=None):
         """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
         None. Unreadable studies and entries are skipped."""
         for info in self.store.list_studies():
@@ -179,15 +185,15 @@ class Study:
             try:
                 other = StudyRecord(info.path)  # read-only: no gc of a study another process may be writing
                 if other.has(key):
-                    return self._get(kind, key, other), info.id
+                    return self._get(kind, key, other, codec), info.id
             except Exception as e:  # a damaged peer never stops this study
                 log.debug("study %s: %s unreadable (%s)", info.id, key, e)
         return None
 
-    def _get(self, kind: str, key: str, record: StudyRecord | None = None):
+    def _get(self, kind: str, key: str, record: StudyRecord | None = None, codec=None):
         record = record or self.record
         if kind == "json":
-            return record.get_json(key)
+            return record.get_json(key) if codec is None else from_json(codec, record.get_json(key))
         if kind == "directions":
             from core.directions import DirectionSet
             return DirectionSet.load(record.get_path(key))
@@ -198,7 +204,7 @@ class Study:
 
     def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
         if kind == "json":
-            self.record.put_json(key, stage, value, seconds=seconds)
+            self.record.put_json(key, stage, to_json(value), seconds=seconds)
         elif kind == "directions":
             with tempfile.TemporaryDirectory() as tmp:
                 value.save(Path(tmp) / "d")
@@ -274,14 +280,14 @@ class Study:
             self._variants[scheme] = handle
             key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
             if not self.record.has(key):
-                self.record.put_json(key, "compress", rep.to_dict(), seconds=rep.to_dict().get("seconds"))
+                self.record.put_json(key, "compress", rep.to_json(), seconds=rep.seconds)
         return self._variants[scheme]
 
     def model_for(self, which: str) -> ModelHandle:
         return self.original if which == "original" else self.variant(which)
 
     # -- stages ---------------------------------------------------------------------------
-    def compression_report(self, scheme: str) -> dict:
+    def compression_report(self, scheme: str) -> CompressionReport:
         key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
         if not self.record.has(key):
             handle = self.variant(scheme)
@@ -290,7 +296,7 @@ class Study:
                 if report is None:
                     raise StoreError(f"the variant {scheme} was adopted without its compression report")
                 self.record.put_json(key, "compress", report, seconds=report.get("seconds"))
-        return self.record.get_json(key)
+        return CompressionReport.from_json(self.record.get_json(key))
 
     def directions(self, which: str = "original"):
         """Refusal directions of the original (``which="original"``) or of a variant (its scheme)."""
@@ -317,7 +323,7 @@ class Study:
         return self._cached(f"directions {which}", (self.original_fingerprint(), which,
                                                     self.spec.selection_positions) + screen, compute, "directions")
 
-    def diagnostic(self, scheme: str) -> dict:
+    def diagnostic(self, scheme: str) -> Diagnostic:
         """Harmful/harmless projections on O's refusal direction (val splits, O's selected position) in
         O and in the variant, and the recoverability verdict of :func:`core.aird.recoverability`.
         Needs only O's direction, not the variant's (cheaper than :meth:`drift`)."""
@@ -334,40 +340,38 @@ class Study:
                                                progress=self._progress(f"diagnostic {scheme}: projections")),
                         "harmless": projections(h, harmless, r, position=pos)}
 
-            proj = {"original": self._original_side(("projections", pos, _sha(r)), lambda: of(self.original)),
+            proj = {"original": self._original_side(("projections", pos, tensor_key(r)), lambda: of(self.original)),
                     scheme: of(self.variant(scheme))}
-            return {
-                "projections": {w: {k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()}
-                                for w, p in (("original", proj["original"]), ("variant", proj[scheme]))},
-                "recoverability": recoverability(proj["original"], proj[scheme], d_o.selected[1]),
-            }
+            stats = {w: ProjectionStats(**{k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()})
+                     for w, p in (("original", proj["original"]), ("variant", proj[scheme]))}
+            return Diagnostic(projections=stats,
+                              recoverability=recoverability(proj["original"], proj[scheme], d_o.selected[1]))
 
-        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, VERDICT_VERSION), compute)
+        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, VERDICT_VERSION), compute,
+                            codec=Diagnostic)
 
-    def drift(self, scheme: str) -> dict:
+    def drift(self, scheme: str) -> Drift:
         """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
         variant's source and quality, and (from :meth:`diagnostic`) harmful/harmless projections on
         O's direction in both with the recoverability verdict."""
-        from core.directions import layer_cosines, quality, source
+        from core.directions import layer_cosines, summary
 
         def compute():
             d_o, d_c = self.directions("original"), self.directions(scheme)
             cos_sel = layer_cosines(d_o, d_c)
             cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))  # noqa: E731
-            return {
-                "scheme": scheme,
-                "cosine_per_layer": [None if x != x else float(x) for x in cos_sel.tolist()],
+            diag = self.diagnostic(scheme)
+            return Drift(
+                scheme=scheme, cosine_per_layer=[None if x != x else float(x) for x in cos_sel.tolist()],
                 # O's direction against the variant's candidate at O's source, and against its own selection
-                "cosine_at_source": cos(d_o.direction, d_c.candidate(*d_o.selected)),
-                "cosine_selected": None if d_c.selected is None else cos(d_o.direction, d_c.direction),
-                "original": {"source": source(d_o), "quality": quality(d_o)},
-                "variant": {"source": source(d_c), "quality": quality(d_c)},
-                **self.diagnostic(scheme),
-            }
+                cosine_at_source=cos(d_o.direction, d_c.candidate(*d_o.selected)),
+                cosine_selected=None if d_c.selected is None else cos(d_o.direction, d_c.direction),
+                original=summary(d_o), variant=summary(d_c),
+                projections=diag.projections, recoverability=diag.recoverability)
 
         parts = (self.original_fingerprint(), scheme, VERDICT_VERSION) + (() if self.spec.variant_selection else
                                                                      ("candidates",))
-        return self._cached(f"drift {scheme}", parts, compute)
+        return self._cached(f"drift {scheme}", parts, compute, codec=Drift)
 
     def _original_side(self, what, compute):
         """A computation on the original alone that every scheme shares (in this process),
@@ -385,29 +389,30 @@ class Study:
         return self._original_side("harmless logits",
                                    lambda: last_logits(self.original, self.eval_sets()["harmless"].prompts))
 
-    def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None) -> dict:
+    def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None,
+                         kind: type[Evaluation] = Evaluation, **fields) -> Evaluation:
+        """An evaluation of ``handle`` as ``kind`` (with its further ``fields``)."""
         from core.evaluation import kl_divergence, reference_perplexity, refusal_evaluations
 
         sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
                                           progress=self._progress(f"evaluate {label}: replies"))
-        out: dict = {"model": handle.name, "sets": sets}
-        out["perplexity"] = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
-        if reference_logits is not None:  # the harmless replies' first-step logits: no second pass
-            out["kl_to_original"] = kl_divergence(reference_logits, first["harmless"])
-        return out
+        ppl = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
+        # KL from the harmless replies' first-step logits: no second pass
+        kl = None if reference_logits is None else kl_divergence(reference_logits, first["harmless"])
+        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, **fields)
 
     def _eval_key(self, which: str) -> tuple:
         s = self.spec
         sets = {k: v.sha for k, v in self.eval_sets().items()}
         return (self.original_fingerprint(), which, sets, s.max_new_tokens)
 
-    def evaluate(self, which: str = "original") -> dict:
+    def evaluate(self, which: str = "original") -> Evaluation:
         """Refusal / over-refusal / perplexity / KL-to-original of the original or a variant."""
         def compute():
             ref = None if which == "original" else self._original_harmless_logits()
             return self._evaluate_handle(self.model_for(which), which, ref)
 
-        return self._cached(f"evaluate {which}", self._eval_key(which), compute)
+        return self._cached(f"evaluate {which}", self._eval_key(which), compute, codec=Evaluation)
 
     def repair(self, scheme: str):
         """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
@@ -437,7 +442,7 @@ class Study:
             fit = None
             if layer >= 1 and (s.aird_realign == "on" or s.aird_realign == "auto" and not manual):
                 fit = fit_realignment(self.original, c, d_o.direction, layer, bundled_fit_prompts(),
-                                      original_proj=self._original_side(("realign", layer, _sha(d_o.direction)),
+                                      original_proj=self._original_side(("realign", layer, tensor_key(d_o.direction)),
                                                                         lambda: original_projection(
                                           self.original, d_o.direction, layer, bundled_fit_prompts())),
                                       progress=self._progress(f"AIRD {scheme}: re-alignment fit"))
@@ -458,7 +463,7 @@ class Study:
                             + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)),
                             compute, "repair")
 
-    def evaluate_repaired(self, scheme: str) -> dict:
+    def evaluate_repaired(self, scheme: str) -> RepairedEvaluation:
         """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""
         from core.aird import applied, densified_weights, writer_density
 
@@ -468,17 +473,17 @@ class Study:
             c = self.variant(scheme)
             ref = self._original_harmless_logits()
             before = writer_density(c, rep)
+            densified = densified_weights(c, rep) if rep.mode == "merged" else 0
             with applied(c, rep) as h:
-                out = self._evaluate_handle(h, f"{scheme}+AIRD", ref)
-                after = writer_density(h, rep)
-            out["repair"] = rep.describe()
-            out["density_before"], out["density_after"] = before, after
-            out["densified_weights"] = densified_weights(c, rep) if rep.mode == "merged" else 0
+                out = self._evaluate_handle(h, f"{scheme}+AIRD", ref, RepairedEvaluation, repair=rep.summary(),
+                                            density_before=before, densified_weights=densified)
+                out.density_after = writer_density(h, rep)
             return out
 
-        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + rep.key(), compute)
+        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + rep.key(), compute,
+                            codec=RepairedEvaluation)
 
-    def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict:
+    def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict[str, MethodEvaluation]:
         """Every repair method of :data:`core.aird.METHODS` on ``scheme`` (those that cannot apply to
         this variant, e.g. weight edits on bitsandbytes layers, are reported with the reason)."""
         from core.aird import METHODS, AIRDError, changed_parameters, method_applied, writer_density
@@ -494,19 +499,19 @@ class Study:
                 before = writer_density(c, edited)
                 try:
                     with method_applied(method, self.original, c, rep, self.directions("original").direction) as h:
-                        ev = self._evaluate_handle(h, f"{scheme}: {method}", ref)
-                        after = writer_density(h, edited)
+                        ev = self._evaluate_handle(h, f"{scheme}: {method}", ref, MethodEvaluation, method=method,
+                                                   density_before=before,
+                                                   parameters_changed=changed_parameters(method, c, rep))
+                        ev.density_after = writer_density(h, edited)
                 except AIRDError as e:
-                    return {"method": method, "error": str(e)}
-                ev.update(method=method, density_before=before, density_after=after,
-                          parameters_changed=changed_parameters(method, c, rep))
+                    return MethodEvaluation(method=method, error=str(e))
                 return ev
 
             key = self._eval_key(f"{scheme}:{method}") + rep.key()
-            out[method] = self._cached(f"method {scheme}: {method}", key, compute)
+            out[method] = self._cached(f"method {scheme}: {method}", key, compute, codec=MethodEvaluation)
         return out
 
-    def budget(self, scheme: str, max_layers: int = 8) -> list[dict]:
+    def budget(self, scheme: str, max_layers: int = 8) -> list[BudgetPoint]:
         """AIRD budget curve for ``scheme`` on the harmful evaluation set (adapter form, same α)."""
         from core.aird import budget_curve
 
@@ -517,7 +522,15 @@ class Study:
                                 progress=self._progress(f"AIRD {scheme}: budget curve"))
 
         return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, BUDGET_VERSION),
-                            compute)
+                            compute, codec=list[BudgetPoint])
+
+    def repair_result(self, scheme: str, budget_layers: int = 8) -> RepairResult:
+        """:meth:`evaluate_repaired` of ``scheme`` with what it is judged by (the AIRD page's view)."""
+        original, variant, drift = self.evaluate("original"), self.evaluate(scheme), self.drift(scheme)
+        repaired = self.evaluate_repaired(scheme)
+        verdict = measured_verdict(original, variant, repaired, drift, self.eval_sets()["harmful"].name)
+        return RepairResult(scheme=scheme, original=original, variant=variant, drift=drift, repaired=repaired,
+                            verdict=verdict, budget=self.budget(scheme, max_layers=budget_layers))
 
     def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
         """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
@@ -549,7 +562,7 @@ class Study:
             out += ([f"aird {s}", f"evaluate {s}+aird"] + ([f"budget {s}"] if budget else [])) if aird else []
         return out
 
-    def run(self, budget: bool = False) -> dict:
+    def run(self, budget: bool = False) -> StudyResults:
         """Every stage for every scheme (``budget``: and its AIRD budget curve); returns :meth:`results`.
         A variant's model is let go once its stages are done (every later read is from the store)."""
         self.directions("original")
@@ -568,27 +581,19 @@ class Study:
                 release()
         return self.results()
 
-    def results(self) -> dict:
-        """Everything computed so far (stages not yet run are absent), as plain data."""
-        out: dict = {"spec": self.spec.to_dict(), "study_id": self.record.id, "variants": {}}
-        d_o = self.directions("original")
-        out["original"] = {"evaluation": self.evaluate("original"), "source": _src(d_o)}
+    def results(self) -> StudyResults:
+        """Every stage's result for every scheme of the spec (computing what is not stored yet)."""
+        from core.directions import summary
+
+        original = OriginalResult(evaluation=self.evaluate("original"), source=summary(self.directions("original")))
+        out = StudyResults(spec=self.spec.to_dict(), study_id=self.record.id, original=original)
         for scheme in self.spec.schemes:
-            v = {"compression": self.compression_report(scheme), "drift": self.drift(scheme),
-                 "evaluation": self.evaluate(scheme)}
+            v = VariantResult(compression=self.compression_report(scheme), drift=self.drift(scheme),
+                              evaluation=self.evaluate(scheme))
             if self.spec.aird:
-                v["repaired"] = self.evaluate_repaired(scheme)
-                v["aird_verdict"] = measured_verdict(out["original"]["evaluation"], v["evaluation"], v["repaired"],
-                                                     v["drift"], self.eval_sets()["harmful"].name)
-            out["variants"][scheme] = v
+                v.repaired = self.evaluate_repaired(scheme)
+                v.aird_verdict = measured_verdict(original.evaluation, v.evaluation, v.repaired, v.drift,
+                                                  self.eval_sets()["harmful"].name)
+            out.variants[scheme] = v
         return out
 
-
-def _src(dirset) -> dict:
-    from core.directions import quality, source
-    return {"source": source(dirset), "quality": quality(dirset)}
-
-
-def _sha(t: torch.Tensor) -> str:
-    import hashlib
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -3,66 +3,68 @@ and the measured AIRD verdict of a variant."""
 
 from __future__ import annotations
 
-def measured_verdict(original_eval: dict, variant_eval: dict, repaired_eval: dict, drift: dict,
-                     set_name: str) -> dict:
+from core.results import Drift, Evaluation, MethodEvaluation, RepairedEvaluation, RepairResult, StudyResults, Verdict
+
+
+def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repaired_eval: Evaluation, drift: Drift,
+                     set_name: str) -> Verdict:
     """:func:`core.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
-    (evaluations as :meth:`Study.evaluate` returns them; ``drift`` from :meth:`Study.drift` or
-    :meth:`Study.diagnostic`: anything holding its ``recoverability``)."""
+    (``drift``: :meth:`Study.drift` or :meth:`Study.diagnostic`, anything holding its ``recoverability``)."""
     from core.aird import repair_verdict
 
-    rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
-    ppl_o, ppl_c = original_eval.get("perplexity"), variant_eval.get("perplexity")
-    return repair_verdict(drift["recoverability"], rate(original_eval), rate(variant_eval), rate(repaired_eval),
-                          set_name=set_name, perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
+    ppl_o, ppl_c = original_eval.perplexity, variant_eval.perplexity
+    return repair_verdict(drift.recoverability, original_eval.rate("harmful"), variant_eval.rate("harmful"),
+                          repaired_eval.rate("harmful"), set_name=set_name,
+                          perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
 
 
-def drift_cosine(drift: dict) -> float:
-    """The cosine a table shows for a variant: between the selected directions when the variant's was
-    selected, else between O's direction and the variant's candidate at O's source."""
-    sel = drift.get("cosine_selected")
-    return sel if sel is not None else drift["cosine_at_source"]
-
-
-def evaluation_row(label: str, ev: dict, extra: dict | None = None, *, key: str = "model") -> dict:
+def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key: str = "model") -> dict:
     """The columns every table of evaluations shares — refusal, attack success, over-refusal, perplexity,
-    KL to the original — for one evaluation (:meth:`core.study.Study.evaluate`), labelled ``label``
-    under ``key``, then ``extra``."""
-    sets = ev["sets"]
-    r = {key: label, "refusal_harmful": sets["harmful"]["refusal_rate"],
-         "asr": 1 - sets["harmful"]["refusal_rate"],
-         "over_refusal_harmless": sets["harmless"]["refusal_rate"],
-         "over_refusal_borderline": sets.get("borderline", {}).get("refusal_rate"),
-         "perplexity": ev.get("perplexity"), "kl_to_original": ev.get("kl_to_original")}
+    KL to the original — for one evaluation, labelled ``label`` under ``key``, then ``extra``."""
+    harmful = ev.rate("harmful")
+    r = {key: label, "refusal_harmful": harmful, "asr": None if harmful is None else 1 - harmful,
+         "over_refusal_harmless": ev.rate("harmless"), "over_refusal_borderline": ev.rate("borderline"),
+         "perplexity": ev.perplexity, "kl_to_original": ev.kl_to_original}
     r.update(extra or {})
     return r
 
 
-def method_row(label: str, ev: dict) -> dict:
-    """A row of the repair-method comparison (:meth:`core.study.Study.compare_methods`)."""
-    if "error" in ev:
-        return {"method": label, "error": ev["error"][:60]}
-    row = evaluation_row(label, ev, {"parameters_changed": ev.get("parameters_changed"),
-                                     "density_before": (ev.get("density_before") or {}).get("density"),
-                                     "density_after": (ev.get("density_after") or {}).get("density")},
-                         key="method")
+def method_row(label: str, ev: Evaluation) -> dict:
+    """A row of the repair-method comparison (:meth:`core.study.Study.compare_methods`; a plain
+    evaluation, e.g. the original's, has no cost columns)."""
+    m = ev if isinstance(ev, MethodEvaluation) else None
+    if m is not None and m.error is not None:
+        return {"method": label, "error": m.error[:60]}
+    density = lambda d: None if d is None else d.density  # noqa: E731
+    row = evaluation_row(label, ev, {"parameters_changed": m and m.parameters_changed,
+                                     "density_before": m and density(m.density_before),
+                                     "density_after": m and density(m.density_after)}, key="method")
     del row["asr"]  # the comparison table shows refusal only
     return row
 
 
-def summary_rows(results: dict) -> list[dict]:
-    """One row per model (original, each variant, each repaired variant) for tables."""
-    row = evaluation_row
+def repaired_row(label: str, rep: RepairedEvaluation, verdict: Verdict | None = None) -> dict:
+    """The row of a repaired variant: its evaluation and the repair's layers, α, re-aligned layer, cost."""
+    r = rep.repair
+    return evaluation_row(label, rep, {"aird_layers": r.layers, "aird_alpha": r.alpha,
+                                       "aird_realign_layer": r.realign_layer,
+                                       "aird_verdict": None if verdict is None else verdict.level,
+                                       "densified_weights": rep.densified_weights})
 
-    rows = [row("original", results["original"]["evaluation"])]
-    for scheme, v in results["variants"].items():
-        rows.append(row(scheme, v["evaluation"], {"cosine_to_original": drift_cosine(v["drift"]),
-                                                  "source_layer": v["drift"]["variant"]["source"]["layer"],
-                                                  "recoverability": v["drift"]["recoverability"]["level"]}))
-        if "repaired" in v:
-            rep = v["repaired"]["repair"]
-            rows.append(row(f"{scheme} + AIRD", v["repaired"],
-                            {"aird_layers": rep["layers"], "aird_alpha": rep["alpha"],
-                             "aird_realign_layer": rep.get("realign_layer"),
-                             "aird_verdict": v.get("aird_verdict", {}).get("level"),
-                             "densified_weights": v["repaired"]["densified_weights"]}))
+
+def repair_rows(result: RepairResult) -> list[dict]:
+    """Original, compressed and repaired rows of one repair (the AIRD page's before/after table)."""
+    return [evaluation_row("original", result.original), evaluation_row(result.scheme, result.variant),
+            repaired_row(f"{result.scheme} + AIRD", result.repaired, result.verdict)]
+
+
+def summary_rows(results: StudyResults) -> list[dict]:
+    """One row per model (original, each variant, each repaired variant) for tables."""
+    rows = [evaluation_row("original", results.original.evaluation)]
+    for scheme, v in results.variants.items():
+        rows.append(evaluation_row(scheme, v.evaluation, {"cosine_to_original": v.drift.cosine,
+                                                          "source_layer": v.drift.variant.source.layer,
+                                                          "recoverability": v.drift.recoverability.level}))
+        if v.repaired is not None:
+            rows.append(repaired_row(f"{scheme} + AIRD", v.repaired, v.aird_verdict))
     return rows

@@ -10,6 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.codec import to_json
 from core.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
                            run_study, settings_widgets, show_error, show_table)
@@ -72,9 +73,7 @@ def gather(study):
     study folder — and every other stage stored in it — stays the same)."""
     s = study.with_spec(**aird)
     mark_original_direction(s, s.directions("original"))
-    rep = s.repair(scheme)
-    return {"original": s.evaluate("original"), "variant": s.evaluate(scheme), "drift": s.drift(scheme),
-            "repair": rep, "repaired": s.evaluate_repaired(scheme), "budget": s.budget(scheme, max_layers=BUDGET_LAYERS)}
+    return s.repair_result(scheme, budget_layers=BUDGET_LAYERS)
 
 
 memo_key = ("aird", study.id, scheme, tuple((k, str(v)) for k, v in aird.items()))
@@ -104,16 +103,13 @@ if results is None:
     st.stop()
 
 # ------------------------------------------------------------------------------------------------
-from core.study import measured_verdict, summary_rows  # noqa: E402 — only needed once results exist
+from core.study import repair_rows  # noqa: E402 — only needed once results exist
 
-rep = results["repair"]
+rep = results.repaired.repair
 box = st.container(key="aird_results")
 with box:
     st.subheader("Before / after")
-    rows = summary_rows({"original": {"evaluation": results["original"]},
-                         "variants": {scheme: {"evaluation": results["variant"], "drift": results["drift"],
-                                               "repaired": results["repaired"]}}})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(repair_rows(results))
     keep = [c for c in ("model", "refusal_harmful", "asr", "over_refusal_harmless", "over_refusal_borderline",
                         "perplexity", "kl_to_original", "aird_layers", "aird_alpha", "aird_realign_layer",
                         "densified_weights")
@@ -131,48 +127,46 @@ with box:
     table["layers"] = table["layers"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, list) else "")
     show_table(table, decimals={"α": 2, "densified weights": 0, "perplexity": 2}, hide_index=True, width="stretch")
     how_chosen = "auto-calibrated on val prompts" if rep.auto else "manual"
-    fit = "" if rep.realign is None else f", re-alignment of layer {rep.realign_layer}'s MLP output"
+    fit = "" if rep.realign_layer is None else f", re-alignment of layer {rep.realign_layer}'s MLP output"
     st.caption(f"Repair: layers {rep.layers}, α = {rep.alpha:g}{fit}, mode {rep.mode} ({how_chosen}); evaluated on "
-               f"{results['original']['sets']['harmful']['n']} test prompts per set.")
-    if rep.auto and rep.alpha == 0 and rep.realign is None:
+               f"{results.original.sets['harmful'].n} test prompts per set.")
+    if rep.auto and rep.alpha == 0 and rep.realign_layer is None:
         st.warning("Calibration found no repair that raises refusal within the over-refusal and KL limits: "
                    "the variant is left unrepaired (see the recoverability diagnostic).")
 
     sets = ["harmful", "harmless", "borderline"]
     fig = go.Figure()
-    for name, ev, color in (("original", results["original"], "#7f7f7f"), (scheme, results["variant"], "#ef553b"),
-                            (f"{scheme} + AIRD", results["repaired"], "#00cc96")):
-        fig.add_bar(x=sets, y=[ev["sets"].get(k, {}).get("refusal_rate") for k in sets], name=name,
-                    marker_color=color)
+    for name, ev, color in (("original", results.original, "#7f7f7f"), (scheme, results.variant, "#ef553b"),
+                            (f"{scheme} + AIRD", results.repaired, "#00cc96")):
+        fig.add_bar(x=sets, y=[ev.rate(k) for k in sets], name=name, marker_color=color)
     fig.update_layout(barmode="group", title="Refusal rate before and after the repair", yaxis_range=[0, 1],
                       yaxis_title="refusal rate", height=330, margin=dict(l=10, r=10, t=50, b=10))
     st.plotly_chart(fig, width="stretch", key="aird_bars")
 
     left, right = st.columns(2)
     with left:
-        rec = results["drift"]["recoverability"]
+        rec = results.drift.recoverability
         st.markdown("**Recoverability diagnostic**")
-        measured = measured_verdict(results["original"], results["variant"], results["repaired"], results["drift"],
-                                    study.eval_sets()["harmful"].name)
-        (st.success if measured["level"] in ("recovered", "nothing lost") else
-         st.error if measured["level"] == "not recovered" else st.warning)(f"Measured: {measured['verdict']}")
-        st.caption(f"Predicted from projections, before any repair: {rec['verdict']}")
+        measured = results.verdict
+        (st.success if measured.level in ("recovered", "nothing lost") else
+         st.error if measured.level == "not recovered" else st.warning)(f"Measured: {measured.verdict}")
+        st.caption(f"Predicted from projections, before any repair: {rec.verdict}")
         dfig = go.Figure()
-        dfig.add_scatter(y=rec["cohens_d_original"], mode="lines", name="original", line=dict(color="#7f7f7f"))
-        dfig.add_scatter(y=rec["cohens_d_compressed"], mode="lines", name=scheme, line=dict(color="#ef553b"))
-        dfig.add_vline(x=rec["layer"], line=dict(color="grey", dash="dash"))
+        dfig.add_scatter(y=rec.cohens_d_original, mode="lines", name="original", line=dict(color="#7f7f7f"))
+        dfig.add_scatter(y=rec.cohens_d_compressed, mode="lines", name=scheme, line=dict(color="#ef553b"))
+        dfig.add_vline(x=rec.layer, line=dict(color="grey", dash="dash"))
         dfig.update_layout(title="Harmful vs harmless separation along r̂ (Cohen's d)", xaxis_title="layer",
                            yaxis_title="Cohen's d", height=320, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(dfig, width="stretch", key="aird_recoverability")
     with right:
         st.markdown("**Budget curve**")
-        b = pd.DataFrame(results["budget"])
+        b = pd.DataFrame(to_json(results.budget))
         bfig = go.Figure()
         bfig.add_scatter(x=b["n_layers"], y=b["refusal"], mode="lines+markers", name="refusal (harmful)",
                          text=[f"layers {v}, densifies {w:,} weights" for v, w in zip(b["layers"], b["densified_weights"])])
-        bfig.add_hline(y=results["variant"]["sets"]["harmful"]["refusal_rate"], line=dict(color="#ef553b", dash="dot"),
+        bfig.add_hline(y=results.variant.rate("harmful"), line=dict(color="#ef553b", dash="dot"),
                        annotation_text="unrepaired")
-        bfig.add_hline(y=results["original"]["sets"]["harmful"]["refusal_rate"], line=dict(color="#7f7f7f", dash="dot"),
+        bfig.add_hline(y=results.original.rate("harmful"), line=dict(color="#7f7f7f", dash="dot"),
                        annotation_text="original")
         bfig.update_layout(title=f"Refusal vs repaired layers (α = {rep.alpha:g})", xaxis_title="layers repaired",
                            yaxis_title="refusal rate", yaxis_range=[0, 1.05], height=320,
@@ -181,21 +175,20 @@ with box:
 
     if rep.calibration:
         with st.expander("Calibration grid (val prompts)"):
-            grid = pd.DataFrame([{k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in g.items()}
-                                 for g in rep.calibration])
+            grid = pd.DataFrame([{k: (", ".join(map(str, v)) if isinstance(v, list) else v)
+                                  for k, v in g.to_json().items()} for g in rep.calibration])
             st.dataframe(grid, hide_index=True, width="stretch", placeholder="—")
 
     st.subheader("Example generations (harmful test prompts)")
-    n_show = st.slider("Examples", 1, min(10, results["original"]["sets"]["harmful"]["n"]), 3)
-    res = [results["original"]["sets"]["harmful"]["results"], results["variant"]["sets"]["harmful"]["results"],
-           results["repaired"]["sets"]["harmful"]["results"]]
+    n_show = st.slider("Examples", 1, min(10, results.original.sets["harmful"].n), 3)
+    res = [ev.sets["harmful"].results for ev in (results.original, results.variant, results.repaired)]
     for i in range(n_show):
-        st.markdown(f"**{res[0][i]['prompt']}**")
+        st.markdown(f"**{res[0][i].prompt}**")
         cols = st.columns(3)
         for col, name, r in zip(cols, ("original", scheme, f"{scheme} + AIRD"), res):
-            verdict = ":red[refuses]" if r[i]["refused"] else ":green[complies]"
+            verdict = ":red[refuses]" if r[i].refused else ":green[complies]"
             col.caption(f"{name} — {verdict}")
-            col.text(r[i]["response"][:600] or "(empty)")
+            col.text(r[i].response[:600] or "(empty)")
 
 # ------------------------------------------------------------------------------------------------
 st.subheader("Download")
@@ -210,9 +203,14 @@ def zip_folder(folder: Path) -> bytes:
     return buf.getvalue()
 
 
+def stored_repair():
+    """The repair with its tensors (read from the store: the run above computed it)."""
+    return study.with_spec(**aird).repair(scheme)
+
+
 def adapter_zip() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        return zip_folder(rep.save(Path(tmp) / "aird_adapter"))
+        return zip_folder(stored_repair().save(Path(tmp) / "aird_adapter"))
 
 
 def merged_zip() -> bytes:
@@ -220,10 +218,11 @@ def merged_zip() -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        repaired = merge(study.variant(scheme), dataclasses.replace(rep, mode="merged"))
+        full = stored_repair()
+        repaired = merge(study.variant(scheme), dataclasses.replace(full, mode="merged"))
         repaired.model.save_pretrained(out, safe_serialization=True)
         repaired.tokenizer.save_pretrained(out)
-        rep.save(out)  # the repair's description travels with the weights
+        full.save(out)  # the repair's description travels with the weights
         return zip_folder(out)
 
 

@@ -87,22 +87,21 @@ stored = stored or {}
 if not ws.variants and not stored:
     st.info("No compressed variant yet: pick a scheme and click **Compress**.")
     st.stop()
-entries = {k: {"scheme": k, "report": v.report, "perplexity": v.perplexity, "in memory": True}
-           for k, v in ws.variants.items()}
-for k, d in stored.items():
-    entries.setdefault(k, {**d, "in memory": False})
+entries = {k: (v, True) for k, v in ws.variants.items()}  # scheme → (variant, in memory)
+for k, v in stored.items():
+    entries.setdefault(k, (v, False))
 
 mib = 2 ** 20
-first = next(iter(entries.values()))["report"]
-rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first["original_bits_per_weight"],
-         "stored MiB": first["original_memory_bytes"] / mib, "resident MiB": first["original_memory_bytes"] / mib,
+first = next(iter(entries.values()))[0].report
+rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first.original_bits_per_weight,
+         "stored MiB": first.original_memory_bytes / mib, "resident MiB": first.original_memory_bytes / mib,
          "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan"), "in memory": True}]
-for key, v in entries.items():
-    r = v["report"]
-    rows.append({"variant": key, "family": r["family"], "sparsity": r["sparsity"], "bits/weight": r["bits_per_weight"],
-                 "stored MiB": r["memory_bytes"] / mib, "resident MiB": r["resident_bytes"] / mib,
-                 "perplexity": v["perplexity"] if v["perplexity"] is not None else float("nan"),
-                 "seconds": r["seconds"], "in memory": v["in memory"]})
+for key, (v, in_memory) in entries.items():
+    r = v.report
+    rows.append({"variant": key, "family": r.family, "sparsity": r.sparsity, "bits/weight": r.bits_per_weight,
+                 "stored MiB": r.memory_bytes / mib, "resident MiB": r.resident_bytes / mib,
+                 "perplexity": v.perplexity if v.perplexity is not None else float("nan"),
+                 "seconds": r.seconds, "in memory": in_memory})
 table = pd.DataFrame(rows)
 show_table(table, decimals={"bits/weight": 2, "stored MiB": 1, "resident MiB": 1, "perplexity": 2, "seconds": 1},
            where=st.container(key="variants"), hide_index=True, width="stretch",
@@ -112,14 +111,14 @@ st.caption("Stored = size as saved (see the accounting note); resident = what th
            "their scheme; their numbers come from the run store.")
 
 fig = go.Figure()
-for key, v in entries.items():
-    ls = v["report"]["layer_sparsity"]
+for key, (v, _) in entries.items():
+    ls = v.report.layer_sparsity
     fig.add_scatter(x=list(range(len(ls))), y=ls, mode="lines+markers", name=key)
 fig.update_layout(xaxis_title="layer", yaxis_title="sparsity", yaxis_range=[0, 1], height=300, showlegend=True, margin=dict(l=10, r=10, t=30, b=10),
                   title="Per-layer sparsity")
 st.plotly_chart(fig, width="stretch")
 with st.expander("Accounting"):
-    st.caption(first.get("accounting", ""))
+    st.caption(first.accounting)
 
 drop = st.multiselect("Free memory: remove variants", list(ws.variants))
 if drop and st.button("Remove"):

@@ -8,7 +8,8 @@ import streamlit as st
 
 from core.compression import SchemeError, VALID_FORMS, parse_scheme
 from core.session import completed_key, is_completed, mark_completed, mark_original_direction
-from core.study import drift_cosine, evaluation_row
+from core.results import DirectionSummary, Evaluation
+from core.study import evaluation_row
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
                            run_study, settings_widgets, show_error, show_table)
 
@@ -97,7 +98,7 @@ box = st.container(key="drift_results")
 with box:
     fig = go.Figure()
     for i, (s, v) in enumerate(variants.items()):
-        cos = [math.nan if c is None else c for c in v["drift"]["cosine_per_layer"]]
+        cos = [math.nan if c is None else c for c in v["drift"].cosine_per_layer]
         fig.add_scatter(x=list(range(len(cos))), y=cos, mode="lines+markers", name=s,
                         line=dict(color=COLORS[i % len(COLORS)]))
     fig.add_vline(x=src_o[1], line=dict(color="grey", dash="dash"),
@@ -111,22 +112,22 @@ with box:
              "over_refusal_borderline": "over-refusal (borderline)", "perplexity": "perplexity",
              "kl_to_original": "KL to original"}
 
-    def ev_row(name: str, ev: dict) -> dict:
+    def ev_row(name: str, ev: Evaluation) -> dict:
         row = evaluation_row(name, ev)
         return {label: row[k] for k, label in shown.items()}
 
-    def src_row(info: dict) -> dict:
-        src, q = info["source"], info["quality"]
-        return {"source layer": src["layer"], "position": src["position"],
-                "token": "—" if src["token"] is None else repr(src["token"]),
-                "bypass": q.get("bypass"), "induce": q.get("induce"), "KL": q.get("kl")}
+    def src_row(info: DirectionSummary) -> dict:
+        src, q = info.source, info.quality
+        return {"source layer": src.layer, "position": src.position,
+                "token": "—" if src.token is None else repr(src.token),
+                "bypass": q.bypass, "induce": q.induce, "KL": q.kl}
 
     first = next(iter(variants.values()))["drift"]
-    rows = [{"model": "original", **src_row(first["original"]), "cosine to original": 1.0,
+    rows = [{"model": "original", **src_row(first.original), "cosine to original": 1.0,
              **ev_row("original", results["original"]["evaluation"]), "recoverability": "—"}]
     for s, v in variants.items():
-        rows.append({"model": s, **src_row(v["drift"]["variant"]), "cosine to original": drift_cosine(v["drift"]),
-                     **ev_row(s, v["evaluation"]), "recoverability": v["drift"]["recoverability"]["level"]})
+        rows.append({"model": s, **src_row(v["drift"].variant), "cosine to original": v["drift"].cosine,
+                     **ev_row(s, v["evaluation"]), "recoverability": v["drift"].recoverability.level})
     numeric = ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
                "over-refusal (borderline)", "perplexity", "KL to original")
     st.subheader("Source layer, direction quality and refusal")
@@ -140,13 +141,13 @@ with box:
     st.caption("bypass = mean refusal score on harmful val prompts with the direction ablated (lower = the "
                "direction carries refusal); induce = on harmless prompts with it added (higher = stronger); KL = "
                "next-token KL on harmless prompts under ablation. Refusal rates on the test sets "
-               f"({results['original']['evaluation']['sets']['harmful']['n']} prompts each).")
+               f"({results['original']['evaluation'].sets['harmful'].n} prompts each).")
 
     sets = ["harmful", "harmless", "borderline"]
     bars = go.Figure()
     for i, (name, ev) in enumerate([("original", results["original"]["evaluation"]),
                                     *[(s, v["evaluation"]) for s, v in variants.items()]]):
-        ys = [ev["sets"].get(k, {}).get("refusal_rate") for k in sets]
+        ys = [ev.rate(k) for k in sets]
         bars.add_bar(x=sets, y=ys, name=name, marker_color="#7f7f7f" if name == "original" else
                      COLORS[(i - 1) % len(COLORS)])
     bars.update_layout(barmode="group", title="Refusal rate per variant", yaxis_title="refusal rate",
@@ -176,13 +177,13 @@ with box:
         st.plotly_chart(heat, width="stretch", key="heatmap")
     with right:
         pick = st.selectbox("Projection bands of", list(variants), key="bands_of")
-        pr = variants[pick]["drift"]["projections"]
+        pr = variants[pick]["drift"].projections
         band = go.Figure()
         for who, dash in (("original", "solid"), ("variant", "dot")):
             p = pr[who]
-            x = list(range(len(p["harmful_mean"])))
+            x = list(range(len(p.harmful_mean)))
             for kind, color in (("harmful", "220,40,40"), ("harmless", "40,90,220")):
-                m, sd = p[f"{kind}_mean"], p[f"{kind}_std"]
+                m, sd = getattr(p, f"{kind}_mean"), getattr(p, f"{kind}_std")
                 label = f"{kind} · {'original' if who == 'original' else pick}"
                 band.add_scatter(x=x + x[::-1], y=[a + b for a, b in zip(m, sd)] + [a - b for a, b in zip(m, sd)][::-1],
                                  fill="toself", fillcolor=f"rgba({color},{0.15 if who == 'original' else 0.08})",
@@ -192,8 +193,8 @@ with box:
                            xaxis_title="layer (last = final norm input)", yaxis_title="projection", height=360,
                            margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(band, width="stretch", key="bands")
-    rec = variants[pick]["drift"]["recoverability"]
-    (st.success if rec["level"] == "recoverable" else st.warning)(
-        f"**{pick}** — predicted from projections (the AIRD page measures it): {rec['verdict']}")
+    rec = variants[pick]["drift"].recoverability
+    (st.success if rec.level == "recoverable" else st.warning)(
+        f"**{pick}** — predicted from projections (the AIRD page measures it): {rec.verdict}")
     for w in d_o.warnings:
         st.caption(f"original direction: {w}")

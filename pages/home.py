@@ -75,9 +75,9 @@ if story is not None:
     with st.container(key="demo_step3"):
         st.subheader(f"3. The repair (AIRD) brings it back: {c:.0f}% → {r:.0f}%")
         st.plotly_chart(before_after_figure(story), width="stretch")
-        verdict = story.results["variants"][story.scheme].get("aird_verdict", {}).get("verdict")
-        if verdict:
-            st.caption(verdict)
+        verdict = story.results.variants[story.scheme].aird_verdict
+        if verdict is not None:
+            st.caption(verdict.verdict)
         examples("repaired", story.harmful)
     ok, page = guarded("Preparing the HTML export", lambda: demo_html(story).encode("utf-8"))
     if ok:

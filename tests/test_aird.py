@@ -12,6 +12,7 @@ from core.aird import Repair, applied, merge, method_applied, rank1_edit
 from core.compression import apply as compress
 from core.generation import generate
 from core.models import weight_as_out_in
+from core.results import CalibrationPoint, Recoverability
 from tiny import tiny_handle
 
 IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])
@@ -104,11 +105,11 @@ def test_budget_curve_counts_the_realigned_writer(monkeypatch):
     rep = Repair(torch.randn(64), layers=[2, 3], alpha=1.0, source_layer=3, realign=torch.randn(d_in), realign_layer=1)
     monkeypatch.setattr(aird_budget, "refusal_rate", lambda h, prompts, max_new_tokens, **kw: (0.5, []))
     rows = aird.budget_curve(c, rep, ["a"], max_layers=2)
-    assert [r["layers"] for r in rows] == [[3], [2, 3]]
+    assert [r.layers for r in rows] == [[3], [2, 3]]
     # k = 1 repairs block 3 only, but a merged repair still densifies the re-aligned MLP writer of block 1
-    assert rows[0]["densified_weights"] == aird.densified_weights(c, Repair(rep.direction, [3], 1.0, realign=rep.realign,
+    assert rows[0].densified_weights == aird.densified_weights(c, Repair(rep.direction, [3], 1.0, realign=rep.realign,
                                                                             realign_layer=1))
-    assert rows[0]["densified_weights"] > aird.densified_weights(c, [3])
+    assert rows[0].densified_weights > aird.densified_weights(c, [3])
 
 
 def test_ridge_is_least_squares_with_shrinkage():
@@ -235,43 +236,43 @@ def test_calibration_reads_only_validation_prompts(monkeypatch, search):
     bundled_val = aird_calibration.CalibrationSets.bundled()
     assert seen and not (set(seen) & test_prompts)
     assert set(seen) <= set(bundled_val.harmful) | set(bundled_val.harmless)
-    assert rep.auto and rep.calibration[0]["alpha"] == 0.0 and sum(g["chosen"] for g in rep.calibration) == 1
+    assert rep.auto and rep.calibration[0].alpha == 0.0 and sum(g.chosen for g in rep.calibration) == 1
     assert rep.alpha in (0.0, 1.0, 4.0)
     # both branches were searched: without and with the re-alignment, against the same baseline
-    assert {g["realign"] for g in rep.calibration} == {False, True}
-    assert all("kl_original" in g for g in rep.calibration)
+    assert {g.realign for g in rep.calibration} == {False, True}
+    assert all(g.kl_original is not None for g in rep.calibration)
     # every generated point's feasibility is the over-refusal limit and the KL rule, against the
     # unrepaired baseline; the chosen point is a generated one
     base = rep.calibration[0]
-    gen = [g for g in rep.calibration if g["measured"] == "generated"]
-    assert base in gen and next(g for g in rep.calibration if g["chosen"]) in gen
-    assert all(g["feasible"] == (g["harmless_refusal"] - base["harmless_refusal"] <= 0.02 + 1e-9
-                                 and aird_calibration.kl_acceptable(g["kl"], g["kl_original"], base["kl_original"],
+    gen = [g for g in rep.calibration if g.measured == "generated"]
+    assert base in gen and next(g for g in rep.calibration if g.chosen) in gen
+    assert all(g.feasible == (g.harmless_refusal - base.harmless_refusal <= 0.02 + 1e-9
+                                 and aird_calibration.kl_acceptable(g.kl, g.kl_original, base.kl_original,
                                                                     0.1))
                for g in gen)
-    assert (rep.realign is not None) == next(g for g in rep.calibration if g["chosen"])["realign"]
+    assert (rep.realign is not None) == next(g for g in rep.calibration if g.chosen).realign
 
 
 def test_scored_calibration_generates_the_best_scored_points_and_chooses_among_them():
     scored, generated = _calibrate("scored", confirm=2), _calibrate("generated")
-    ref = {(g["realign"], tuple(g["layers"]), g["alpha"]): g for g in generated.calibration}
-    gen = [g for g in scored.calibration if g["measured"] == "generated"]
+    ref = {(g.realign, tuple(g.layers), g.alpha): g for g in generated.calibration}
+    gen = [g for g in scored.calibration if g.measured == "generated"]
     assert 1 <= len(gen) <= 3  # the unrepaired model + at most 2 confirmed points
     for g in gen:  # a confirmed point's numbers are those the generated search measures for it
-        r = ref.get((g["realign"], tuple(g["layers"]), g["alpha"]))
+        r = ref.get((g.realign, tuple(g.layers), g.alpha))
         if r is not None:
-            assert (g["harmful_refusal"], g["harmless_refusal"], g["feasible"]) == \
-                   (r["harmful_refusal"], r["harmless_refusal"], r["feasible"])
-            assert g["kl"] == pytest.approx(r["kl"], rel=1e-5, abs=1e-7)
+            assert (g.harmful_refusal, g.harmless_refusal, g.feasible) == \
+                   (r.harmful_refusal, r.harmless_refusal, r.feasible)
+            assert g.kl == pytest.approx(r.kl, rel=1e-5, abs=1e-7)
     # the confirmed points are the best scored feasible ones, and the choice is made among them
-    scored_feasible = sorted((g for g in scored.calibration if g["scored_feasible"] and g["alpha"] + g["realign"] > 0),
-                             key=lambda g: (round(g["scored_harmful_refusal"] - g["scored_harmless_refusal"], 6),
-                                            g["harmful_score"], -g["realign"], -len(g["layers"]), -g["alpha"]),
+    scored_feasible = sorted((g for g in scored.calibration if g.scored_feasible and g.alpha + g.realign > 0),
+                             key=lambda g: (round(g.scored_harmful_refusal - g.scored_harmless_refusal, 6),
+                                            g.harmful_score, -g.realign, -len(g.layers), -g.alpha),
                              reverse=True)
-    assert [g for g in gen if g["alpha"] + g["realign"] > 0] == [g for g in scored.calibration if
+    assert [g for g in gen if g.alpha + g.realign > 0] == [g for g in scored.calibration if
                                                                  any(g is x for x in scored_feasible[:2])]
-    assert next(g for g in scored.calibration if g["chosen"]) is aird_calibration.choose(gen)
-    assert all(not g["feasible"] for g in scored.calibration if g["measured"] == "scored")
+    assert next(g for g in scored.calibration if g.chosen) is aird_calibration.choose(gen)
+    assert all(not g.feasible for g in scored.calibration if g.measured == "scored")
 
 
 def test_scored_calibration_from_the_first_repaired_block_equals_full_passes(monkeypatch):
@@ -308,8 +309,8 @@ def test_budget_curve_settled_replies_give_the_full_replies_rates(monkeypatch):
     rep = Repair(torch.randn(64), layers=[2], alpha=1.0, source_layer=2)
     curve = budget_curve(c, rep, prompts, max_layers=2, gen_tokens=10)
     for row in curve:
-        with applied(c, replace(rep, layers=row["layers"], mode="adapter")):
-            assert row["refusal"] == refusal_rate(c, prompts, max_new_tokens=10)[0]
+        with applied(c, replace(rep, layers=row.layers, mode="adapter")):
+            assert row.refusal == refusal_rate(c, prompts, max_new_tokens=10)[0]
 
 
 def test_kl_rule_accepts_moves_toward_the_original_only():
@@ -322,8 +323,8 @@ def test_kl_rule_accepts_moves_toward_the_original_only():
 
 def test_choose_trades_refusal_against_over_refusal():
     def point(h, n, feasible=True, **kw):
-        return {"harmful_refusal": h, "harmless_refusal": n, "harmful_score": 0.0, "feasible": feasible,
-                "layers": kw.get("layers", [1]), "alpha": kw.get("alpha", 1.0), "realign": kw.get("realign", False)}
+        return CalibrationPoint(harmful_refusal=h, harmless_refusal=n, harmful_score=0.0, feasible=feasible,
+                                layers=kw.get("layers", [1]), alpha=kw.get("alpha", 1.0), realign=kw.get("realign", False))
 
     base = point(0.6, 0.37, layers=[], alpha=0.0)
     edge = point(0.91, 0.32, alpha=3.0)  # most refusal, at the edge of the over-refusal limit
@@ -354,33 +355,34 @@ def test_recoverability_verdicts():
     o = {"harmful": torch.randn(50, 5) + 4, "harmless": torch.randn(50, 5)}
     kept = {"harmful": torch.randn(50, 5) + 3.5, "harmless": torch.randn(50, 5)}
     gone = {"harmful": torch.randn(50, 5) + 0.2, "harmless": torch.randn(50, 5)}
-    assert aird.recoverability(o, kept, 3)["level"] == "recoverable"
+    assert aird.recoverability(o, kept, 3).level == "recoverable"
     v = aird.recoverability(o, gone, 3)
-    assert v["level"] == "unrecoverable" and "Not recoverable" in v["verdict"]
+    assert v.level == "unrecoverable" and "Not recoverable" in v.verdict
     # still separated, but harmless prompts moved most of the way toward the harmful ones (over-refusal)
     shifted = {"harmful": torch.randn(50, 5) + 6.0, "harmless": torch.randn(50, 5) + 2.0}
     v = aird.recoverability(o, shifted, 3)
-    assert v["level"] == "partial" and abs(v["harmless_shift"] - 0.5) < 0.15 and "over-refuses" in v["verdict"]
-    assert aird.recoverability(o, kept, 3)["harmless_shift"] < 0.25
+    assert v.level == "partial" and abs(v.harmless_shift - 0.5) < 0.15 and "over-refuses" in v.verdict
+    assert aird.recoverability(o, kept, 3).harmless_shift < 0.25
 
 
 def test_repair_verdict_weighs_the_measured_recovery():
-    diag = {"layer": 2, "level": "partial", "cohens_d_original": [0, 1, 3.13], "cohens_d_compressed": [0, 1, 2.17]}
+    diag = Recoverability(layer=2, level="partial", cohens_d_original=[0, 1, 3.13], cohens_d_compressed=[0, 1, 2.17],
+                          ratio=2.17 / 3.13, harmless_shift=0.0, verdict="")
     # the projections say "partly recoverable", the repair brings back 7% of the lost refusal (rtn:3:64 on v2)
     v = aird.repair_verdict(diag, 0.910, 0.090, 0.149)
-    assert v["level"] == "not recovered" and v["predicted"] == "partial"
-    assert v["recovered"] == pytest.approx(0.059 / 0.82)
-    assert "after the direction is written" in v["verdict"] and "2.17 vs 3.13" in v["verdict"]
-    assert aird.repair_verdict({**diag, "level": "recoverable"}, 0.910, 0.731, 0.925)["level"] == "recovered"
+    assert v.level == "not recovered" and v.predicted == "partial"
+    assert v.recovered == pytest.approx(0.059 / 0.82)
+    assert "after the direction is written" in v.verdict and "2.17 vs 3.13" in v.verdict
+    assert aird.repair_verdict(replace(diag, level="recoverable"), 0.910, 0.731, 0.925).level == "recovered"
     v = aird.repair_verdict(diag, 0.948, 0.692, 0.844)
-    assert v["level"] == "partial" and "after the direction" not in v["verdict"]
+    assert v.level == "partial" and "after the direction" not in v.verdict
     v = aird.repair_verdict(diag, 0.91, 0.89, 0.95)  # compression lost 2 points: nothing to recover
-    assert v["level"] == "nothing lost" and v["recovered"] is None
+    assert v.level == "nothing lost" and v.recovered is None
     assert aird.recovered_share(0.9, 0.5, 0.3) == pytest.approx(-0.5)  # a repair can make it worse
     # magnitude:0.5 on v2: perplexity 37× the original's, refusal 0% before and after — a broken model
     v = aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=848.37 / 22.83)
-    assert v["level"] == "not recovered" and "37×" in v["verdict"] and "after the direction" not in v["verdict"]
-    assert "37×" not in aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=1.6)["verdict"]
+    assert v.level == "not recovered" and "37×" in v.verdict and "after the direction" not in v.verdict
+    assert "37×" not in aird.repair_verdict(diag, 0.910, 0.0, 0.0, perplexity_ratio=1.6).verdict
 
 
 def test_refusal_threshold_reproduces_generated_verdicts():

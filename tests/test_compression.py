@@ -249,7 +249,7 @@ def test_handle_identity_and_report_fields(handle, calib):
     assert new.tokenizer is handle.tokenizer and new.chat_template == handle.chat_template
     assert new.format("hi") == handle.format("hi")
     assert new.model is not handle.model and new.source_dir is None
-    d = rep.to_dict()
+    d = rep.to_json()
     assert d["n_modules"] == handle.n_layers and rep.n_weights == handle.n_layers * 128 * 64
     assert all(v == pytest.approx(0.5) for v in rep.layer_sparsity)
     assert rep.seconds > 0 and rep.calibration["n_samples"] == 4 and rep.calibration["seq_len"] == 64

@@ -25,13 +25,13 @@ def story(tmp_path_factory):
 
 def test_story_follows_the_same_prompts_through_the_three_models(story):
     assert story.scheme == DEMO_SCHEME and len(story.harmful) == 3 and len(story.harmless) == 3
-    evaluation = story.results["original"]["evaluation"]["sets"]
-    prompts = [r["prompt"] for r in evaluation["harmful"]["results"]]
+    evaluation = story.results.original.evaluation.sets
+    prompts = [r.prompt for r in evaluation["harmful"].results]
     for e in story.harmful:
         assert e.prompt in prompts and None not in (e.compressed, e.repaired, e.compressed_refused, e.repaired_refused)
     for which in ("original", "compressed", "repaired"):
         assert 0 <= story.rate(which) <= 1
-    assert story.rate("original") == evaluation["harmful"]["refusal_rate"]
+    assert story.rate("original") == evaluation["harmful"].refusal_rate
 
 
 def test_html_export_is_self_contained(story):

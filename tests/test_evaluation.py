@@ -28,13 +28,13 @@ def test_several_sets_each_as_if_alone_with_their_first_step_logits():
     for name, prompts in SETS.items():
         alone = refusal_evaluation(h, prompts, max_new_tokens=6)
         got = together[name]
-        assert [r["response"] for r in got["results"]] == [r["response"] for r in alone["results"]]
-        assert got["refusal_rate"] == alone["refusal_rate"] and got["by_category"] == alone["by_category"]
-        assert got["mean_refusal_score"] == alone["mean_refusal_score"]
+        assert [r.response for r in got.results] == [r.response for r in alone.results]
+        assert got.refusal_rate == alone.refusal_rate and got.by_category == alone.by_category
+        assert got.mean_refusal_score == alone.mean_refusal_score
         texts = list(getattr(prompts, "prompts", prompts))
         # the first step's logits are the prompts' last-position logits (a separate pass gives the same)
         torch.testing.assert_close(logits[name], last_logits(h, texts), atol=1e-4, rtol=1e-4)
-    assert set(together["harmful"]["by_category"]) == {"crime", "cyber", "weapons"}
+    assert set(together["harmful"].by_category) == {"crime", "cyber", "weapons"}
 
 
 def test_an_empty_set_is_an_error():

@@ -33,12 +33,12 @@ def test_workspace_shares_variants_with_its_studies_and_remembers_them(tiny):
     assert study is ws.study(_spec(tiny), tiny)  # one shared study per spec
     assert study.variants() == {"magnitude:0.5": v.handle}  # adopted: not compressed again
     remembered = session.remembered_variants(tiny)
-    assert remembered["magnitude:0.5"]["perplexity"] == v.perplexity
+    assert remembered["magnitude:0.5"].perplexity == v.perplexity
     ws.remove_variants(["magnitude:0.5"])
     assert ws.variants == {} and study.variants() == {}
     study.variant("magnitude:0.5")  # the drift page typed a scheme: the study compressed it …
     ws.keep_variants_of(study)  # … and the other pages get it
-    assert set(ws.variants) == {"magnitude:0.5"} and ws.variants["magnitude:0.5"].report["scheme"] == "magnitude:0.5"
+    assert set(ws.variants) == {"magnitude:0.5"} and ws.variants["magnitude:0.5"].report.scheme == "magnitude:0.5"
 
 
 def test_steered_replies_are_kept_and_leave_no_hook(tiny):
@@ -71,6 +71,6 @@ def test_stored_dashboard_study_is_rebuilt_from_its_page_markers(tiny):
     assert "dashboard drift" in stored.json()["stages"]
     pipeline = stored.pipeline()
     results, budgets = stored.report_inputs(pipeline)
-    assert list(results["variants"]) == ["magnitude:0.5"] and budgets == {}
+    assert list(results.variants) == ["magnitude:0.5"] and budgets == {}
     assert pipeline.spec.schemes == []  # the stored study's spec is left as it is
     assert b"<html" in stored.html(pipeline)[:200].lower()

@@ -27,14 +27,14 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
     study = Study(_spec(tiny_folder), tmp_path / "runs", on_progress=lambda s, d, t: stages.append(s))
     res = study.run()
     assert {"directions original: candidates", "evaluate original: replies"} <= set(stages)
-    v = res["variants"]["magnitude:0.5"]
-    assert len(v["drift"]["cosine_per_layer"]) == 4
-    assert v["compression"]["sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert v["repaired"]["repair"]["alpha"] == 2.0 and v["repaired"]["repair"]["layers"] == [1, 2]
-    assert v["repaired"]["density_after"]["density"] > v["repaired"]["density_before"]["density"]
-    assert 0 <= res["original"]["evaluation"]["sets"]["harmful"]["refusal_rate"] <= 1
-    assert v["aird_verdict"]["level"] in ("recovered", "partial", "not recovered", "nothing lost")
-    assert v["aird_verdict"]["predicted"] == v["drift"]["recoverability"]["level"]
+    v = res.variants["magnitude:0.5"]
+    assert len(v.drift.cosine_per_layer) == 4
+    assert v.compression.sparsity == pytest.approx(0.5, abs=0.02)
+    assert v.repaired.repair.alpha == 2.0 and v.repaired.repair.layers == [1, 2]
+    assert v.repaired.density_after.density > v.repaired.density_before.density
+    assert 0 <= res.original.evaluation.sets["harmful"].refusal_rate <= 1
+    assert v.aird_verdict.level in ("recovered", "partial", "not recovered", "nothing lost")
+    assert v.aird_verdict.predicted == v.drift.recoverability.level
     rows = summary_rows(res)
     assert [r["model"] for r in rows] == ["original", "magnitude:0.5", "magnitude:0.5 + AIRD"]
 
@@ -112,9 +112,9 @@ def test_merged_aird_on_a_quantized_variant_runs_as_adapter(tiny_folder, tmp_pat
         res = Study(spec, tmp_path / "runs").run()
     except RuntimeError as e:  # bitsandbytes cannot run on this device: the scheme says so clearly
         pytest.skip(str(e))
-    assert res["variants"]["magnitude:0.5"]["repaired"]["repair"]["mode"] == "merged"
-    nf4 = res["variants"]["bnb-nf4"]["repaired"]
-    assert nf4["repair"]["mode"] == "adapter" and nf4["densified_weights"] == 0
+    assert res.variants["magnitude:0.5"].repaired.repair.mode == "merged"
+    nf4 = res.variants["bnb-nf4"].repaired
+    assert nf4.repair.mode == "adapter" and nf4.densified_weights == 0
 
 
 def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
@@ -122,6 +122,7 @@ def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
 
     from core.aird import repair_verdict
     from core.cli import main
+    from core.results import Recoverability
 
     out = tmp_path / "aird.json"
     assert main(["aird", "--model", tiny_folder, "--scheme", "magnitude:0.5", "--layers", "1,2", "--alpha", "2",
@@ -130,8 +131,8 @@ def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
     res = json.loads(out.read_text())
     rate = lambda ev: ev["sets"]["harmful"]["refusal_rate"]  # noqa: E731
     # O = the uncompressed model, C = no repair, R = the AIRD repair in the chosen mode
-    want = repair_verdict(res["drift"]["recoverability"], rate(res["original"]), rate(res["methods"]["none"]),
-                          rate(res["methods"]["aird-merged"]))
+    want = repair_verdict(Recoverability.from_json(res["drift"]["recoverability"]), rate(res["original"]),
+                          rate(res["methods"]["none"]), rate(res["methods"]["aird-merged"])).to_json()
     assert {k: res["aird_verdict"][k] for k in ("level", "recovered", "predicted")} == \
         {k: want[k] for k in ("level", "recovered", "predicted")}
     assert "diagnostic (measured):" in capsys.readouterr().out
@@ -143,16 +144,16 @@ def test_variant_selection_is_optional(tiny_folder, tmp_path):
     off = Study(_spec(tiny_folder), tmp_path / "runs")
     d = off.drift("magnitude:0.5")
     assert off.directions("magnitude:0.5").selected is None
-    assert d["cosine_selected"] is None and d["variant"]["source"]["layer"] is None and d["variant"]["quality"] == {}
+    assert d.cosine_selected is None and d.variant.source.layer is None and d.variant.quality.to_json() == {}
     d_o = off.directions("original")
     cand = off.directions("magnitude:0.5").candidate(*d_o.selected)
-    assert d["cosine_at_source"] == pytest.approx(
+    assert d.cosine_at_source == pytest.approx(
         float((d_o.direction.double() @ cand.double()) / (d_o.direction.double().norm() * cand.double().norm())))
     on = Study(_spec(tiny_folder, variant_selection=True), tmp_path / "runs")
     d2 = on.drift("magnitude:0.5")
-    assert on.directions("magnitude:0.5").selected is not None and -1 <= d2["cosine_selected"] <= 1
-    assert d2["variant"]["source"]["layer"] is not None
-    assert d2["cosine_at_source"] == d["cosine_at_source"] and d2["cosine_per_layer"] == d["cosine_per_layer"]
+    assert on.directions("magnitude:0.5").selected is not None and -1 <= d2.cosine_selected <= 1
+    assert d2.variant.source.layer is not None
+    assert d2.cosine_at_source == d.cosine_at_source and d2.cosine_per_layer == d.cosine_per_layer
 
 
 def test_observed_reports_only_this_threads_calls_and_with_spec_shares_the_folder(tiny_folder, tmp_path):
@@ -195,4 +196,4 @@ def test_adopted_variant_is_not_compressed_again(tiny_folder, tmp_path):
     with study.observed(on_stage=lambda s, sec: stages.append(s)):
         assert study.variant("magnitude:0.5") is small
         report = study.compression_report("magnitude:0.5")  # the report travels with the adopted variant
-    assert stages == [] and report["scheme"] == "magnitude:0.5" and report["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert stages == [] and report.scheme == "magnitude:0.5" and report.sparsity == pytest.approx(0.5, abs=0.02)

@@ -12,6 +12,7 @@ from core.generation import generate
 from core.judges import has_refusal_phrase, is_refusal
 from core.models import ModelHandle
 from core.progress import Progress, report
+from core.results import BudgetPoint
 
 
 def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int | None = None,
@@ -27,7 +28,7 @@ def refusal_rate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens:
 
 
 def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str], *, max_layers: int = 8,
-                 gen_tokens: int = 24, progress: Progress | None = None) -> list[dict]:
+                 gen_tokens: int = 24, progress: Progress | None = None) -> list[BudgetPoint]:
     """Refusal on ``prompts`` when repairing the k layers ending at the source layer, k = 1…``max_layers``
     (adapter form, same α and re-alignment), with the weights a merged repair would densify (the
     re-aligned writer included, whether or not its block is among the k)."""
@@ -38,7 +39,7 @@ def budget_curve(compressed: ModelHandle, repair: Repair, prompts: Sequence[str]
         trial = replace(repair, layers=layers, mode="adapter")
         with applied(compressed, trial):
             rate, _ = refusal_rate(compressed, prompts, max_new_tokens=gen_tokens, settle=True)
-        rows.append({"n_layers": len(layers), "layers": layers, "refusal": rate,
-                     "densified_weights": densified_weights(compressed, trial)})
+        rows.append(BudgetPoint(n_layers=len(layers), layers=layers, refusal=rate,
+                                densified_weights=densified_weights(compressed, trial)))
         report(progress, k, max_layers)
     return rows

@@ -18,7 +18,7 @@ compared in BENCHMARKS.md, "AIRD calibration").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -30,6 +30,7 @@ from core.generation import generate_with_logits
 from core.judges import has_refusal_phrase, is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from core.models import ModelHandle
 from core.progress import Progress, report
+from core.results import CalibrationPoint
 
 Search = Literal["scored", "generated"]
 SEARCHES: tuple[Search, ...] = get_args(Search)
@@ -66,20 +67,19 @@ def kl_acceptable(kl_to_c: float, kl_to_o: float | None, base_kl_to_o: float | N
                                     and kl_to_o <= base_kl_to_o + 1e-9)
 
 
-def _rank(g: dict) -> tuple:
+def _rank(g: CalibrationPoint) -> tuple:
     """:func:`choose`'s order: refusal minus over-refusal, then refusal score, no re-alignment, fewer
     layers, smaller α."""
-    return (round(g["harmful_refusal"] - g["harmless_refusal"], 6), g["harmful_score"],
-            -g.get("realign", False), -len(g["layers"]), -g["alpha"])
+    return (round(g.harmful_refusal - g.harmless_refusal, 6), g.harmful_score, -g.realign, -len(g.layers), -g.alpha)
 
 
-def choose(grid: Sequence[dict]) -> dict:
+def choose(grid: Sequence[CalibrationPoint]) -> CalibrationPoint:
     """The calibration point to keep: among feasible points, the largest harmful refusal minus
     harmless over-refusal (ties: larger refusal score, no re-alignment, fewer layers, smaller α).
 
     Refusal minus over-refusal, not refusal alone: under a loose over-refusal limit the largest refusal
     sits at the largest feasible α, at the edge where refusal collapses (measured: BENCHMARKS.md)."""
-    feasible = [g for g in grid if g["feasible"]]
+    feasible = [g for g in grid if g.feasible]
     if not feasible:
         raise AIRDError("no feasible calibration point (the unrepaired model is always one)")
     return max(feasible, key=_rank)
@@ -215,7 +215,7 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         if search == "generated":
             return meas.generated()
         return meas.scored(judge.harmless_ok, start=first_block(fit, layers))
-    grid: list[dict] = []
+    grid: list[CalibrationPoint] = []
     for fit in fits:
         if fit is None:  # the unrepaired model: measured above
             grid.append(judge.point(None, [], 0.0, dict(base), search))
@@ -228,8 +228,8 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
             for k, alpha in enumerate(sorted(alphas)):
                 with applied(compressed, trial(fit, layers, alpha)):
                     grid.append(judge.point(fit, layers, alpha, measure(fit, layers), search))
-                gained = grid[-1]["feasible"] and grid[-1]["harmful_refusal"] > previous + 1e-9
-                previous = grid[-1]["harmful_refusal"] if grid[-1]["feasible"] else previous
+                gained = grid[-1].feasible and grid[-1].harmful_refusal > previous + 1e-9
+                previous = grid[-1].harmful_refusal if grid[-1].feasible else previous
                 if not gained:
                     tick(len(alphas) - k - 1)
                     break  # larger α only moves further: past a constraint, or past the refusal plateau
@@ -238,12 +238,12 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
         grid = _confirm(grid, compressed, meas, trial, realignment, confirm, generated_base, o_logits,
                         max_overrefusal_rise, kl_threshold, tick)
     best = choose(grid)
-    layers = best["layers"] or candidate_layer_sets(source_layer, compressed.n_layers)[0]
+    layers = best.layers or candidate_layer_sets(source_layer, compressed.n_layers)[0]
     for g in grid:
-        g["chosen"] = g is best
-    fit = realignment if best["realign"] else None
+        g.chosen = g is best
+    fit = realignment if best.realign else None
     report(progress, state["done"], state["done"])
-    return Repair(direction=r, layers=layers, alpha=best["alpha"], mode=mode, source_layer=source_layer,
+    return Repair(direction=r, layers=layers, alpha=best.alpha, mode=mode, source_layer=source_layer,
                   calibration=grid, auto=True, realign=None if fit is None else fit[1],
                   realign_layer=None if fit is None else fit[0])
 
@@ -262,41 +262,40 @@ class _Judge:
         return (rate - self.base["harmless_refusal"] <= self.max_rise + 1e-9
                 and kl_acceptable(kl_divergence(self.base_logits, logits), kl_o, self.base_kl_o, self.kl_threshold))
 
-    def point(self, fit, layers: list[int], alpha: float, m: dict, measured: str) -> dict:
+    def point(self, fit, layers: list[int], alpha: float, m: dict, measured: str) -> CalibrationPoint:
+        """The grid point of a measurement ``m`` (:class:`_Measure`'s: rates, score, harmless logits)."""
+        m = dict(m)
         logits = m.pop("harmless_logits")
-        m["kl"] = kl_divergence(self.base_logits, logits)
-        if self.o_logits is not None:
-            m["kl_original"] = kl_divergence(self.o_logits, logits)
-        m["feasible"] = (m["harmless_refusal"] - self.base["harmless_refusal"] <= self.max_rise + 1e-9
-                         and kl_acceptable(m["kl"], m.get("kl_original"), self.base_kl_o, self.kl_threshold))
-        assert m["harmful_refusal"] is not None or not m["feasible"]  # harmful skipped only when infeasible
-        return {"realign": fit is not None, "layers": layers, "alpha": alpha, "measured": measured, **m}
+        kl = kl_divergence(self.base_logits, logits)
+        kl_o = None if self.o_logits is None else kl_divergence(self.o_logits, logits)
+        feasible = (m["harmless_refusal"] - self.base["harmless_refusal"] <= self.max_rise + 1e-9
+                    and kl_acceptable(kl, kl_o, self.base_kl_o, self.kl_threshold))
+        assert m["harmful_refusal"] is not None or not feasible  # harmful skipped only when infeasible
+        return CalibrationPoint(realign=fit is not None, layers=list(layers), alpha=alpha, measured=measured,
+                                kl=kl, kl_original=kl_o, feasible=feasible, **m)
 
 
-def _unrepaired(g: dict) -> bool:
-    return g["alpha"] == 0 and not g["realign"]
-
-
-def _confirm(grid: list[dict], compressed: ModelHandle, meas: _Measure, trial, realignment, confirm: int,
-             base: dict, o_logits, max_rise: float, kl_threshold: float, tick) -> list[dict]:
+def _confirm(grid: list[CalibrationPoint], compressed: ModelHandle, meas: _Measure, trial, realignment, confirm: int,
+             base: dict, o_logits, max_rise: float, kl_threshold: float, tick) -> list[CalibrationPoint]:
     """Generate the ``confirm`` best scored points; their feasibility and rates become the generated ones,
     judged against ``base`` (the unrepaired model's generated measurement), and the scored values stay
     in ``scored_*``. Points not confirmed stay in the grid, infeasible for the choice."""
-    ranked = sorted((g for g in grid if g["feasible"] and not _unrepaired(g)), key=_rank, reverse=True)[:confirm]
+    ranked = sorted((g for g in grid if g.feasible and not g.unrepaired), key=_rank, reverse=True)[:confirm]
     judge = _Judge(base, o_logits, max_rise, kl_threshold)
     out = []
     for g in grid:
-        scored = {f"scored_{k}": g[k] for k in ("harmful_refusal", "harmless_refusal", "feasible")}
-        if _unrepaired(g):
+        scored = {"scored_harmful_refusal": g.harmful_refusal, "scored_harmless_refusal": g.harmless_refusal,
+                  "scored_feasible": g.feasible}
+        if g.unrepaired:
             new = judge.point(None, [], 0.0, dict(base), "generated")
         elif any(g is x for x in ranked):
-            fit = realignment if g["realign"] else None
-            with applied(compressed, trial(fit, g["layers"], g["alpha"])):
-                new = judge.point(fit, g["layers"], g["alpha"], meas.generated(), "generated")
+            fit = realignment if g.realign else None
+            with applied(compressed, trial(fit, g.layers, g.alpha)):
+                new = judge.point(fit, g.layers, g.alpha, meas.generated(), "generated")
             tick()
         else:
-            new = {**g, "feasible": False, "harmful_refusal": None, "harmless_refusal": None}
-        out.append({**new, **scored})
+            new = replace(g, feasible=False, harmful_refusal=None, harmless_refusal=None)
+        out.append(replace(new, **scored))
     for _ in range(confirm - len(ranked)):
         tick()
     return out

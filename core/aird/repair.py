@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,6 +17,7 @@ import torch
 
 from core.interventions import add_rank1, scale_writers
 from core.models import ModelHandle, is_plain_linear, weight_as_out_in
+from core.results import CalibrationPoint, Density, RepairSummary
 
 Mode = Literal["merged", "adapter"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -86,7 +87,7 @@ class Repair:
     alpha: float
     mode: Mode = "merged"
     source_layer: int | None = None
-    calibration: list[dict] = field(default_factory=list)
+    calibration: list[CalibrationPoint] = field(default_factory=list)
     auto: bool = False
     realign: torch.Tensor | None = None
     realign_layer: int | None = None
@@ -100,14 +101,15 @@ class Repair:
             raise AIRDError("a re-alignment needs both its vector and its layer")
         if self.realign is not None:
             self.realign = torch.as_tensor(self.realign).detach().float().cpu()
+        self.calibration = [g if isinstance(g, CalibrationPoint) else CalibrationPoint.from_json(g)
+                            for g in self.calibration]
 
     def key(self) -> tuple:
         """What the repaired model's function depends on (for cache keys): layers, α, mode and a digest
         of the re-alignment."""
-        import hashlib
+        from core.store import tensor_key
 
-        digest = None if self.realign is None else hashlib.sha256(
-            self.realign.numpy().tobytes()).hexdigest()[:16]
+        digest = None if self.realign is None else tensor_key(self.realign)
         return (self.layers, self.alpha, self.mode, self.realign_layer, digest)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -117,12 +119,14 @@ class Repair:
             out["realign"] = self.realign.contiguous()
         return out
 
+    def summary(self) -> RepairSummary:
+        """The repair without its tensors."""
+        return RepairSummary(layers=self.layers, alpha=self.alpha, mode=self.mode, source_layer=self.source_layer,
+                             calibration=self.calibration, auto=self.auto, realign_layer=self.realign_layer)
+
     def describe(self) -> dict:
-        """Plain-data summary (no tensors)."""
-        d = asdict(self)
-        d.pop("direction")
-        d.pop("realign")
-        return d
+        """:meth:`summary` as JSON."""
+        return self.summary().to_json()
 
     def save(self, folder: str | Path) -> Path:
         """The adapter as ``aird_adapter.safetensors`` (r̂, u) + ``aird_adapter.json`` (layers, α, …)."""
@@ -252,7 +256,7 @@ def realigned(handle: ModelHandle, repair: Repair) -> Iterator[None]:
             yield
 
 
-def writer_density(handle: ModelHandle, layers: Sequence[int] | Repair) -> dict:
+def writer_density(handle: ModelHandle, layers: Sequence[int] | Repair) -> Density:
     """Non-zero weights / total of the writers in ``layers``, or of those a :class:`Repair` edits (dense
     float weights only; quantized layers count as dense)."""
     nnz = total = 0
@@ -266,11 +270,11 @@ def writer_density(handle: ModelHandle, layers: Sequence[int] | Repair) -> dict:
             n = int(getattr(mod, "in_features", 0)) * int(getattr(mod, "out_features", 0))
             nnz += n
             total += n
-    return {"nonzero": nnz, "total": total, "density": nnz / total if total else math.nan}
+    return Density(nonzero=nnz, total=total, density=nnz / total if total else math.nan)
 
 
 def densified_weights(compressed: ModelHandle, layers: Sequence[int] | Repair) -> int:
     """How many zero weights a merged repair of ``layers`` (or a :class:`Repair`) turns non-zero (its
     sparsity cost)."""
     d = writer_density(compressed, layers)
-    return d["total"] - d["nonzero"]
+    return d.total - d.nonzero

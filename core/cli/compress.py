@@ -88,7 +88,7 @@ def save_compressed(handle, report, out: Path) -> None:
         handle.model.save_pretrained(out, safe_serialization=True)
     handle.tokenizer.save_pretrained(out)
     meta = {k: v for k, v in handle.meta.items() if k != "report"}
-    meta["report"] = {k: v for k, v in report.to_dict().items() if k not in ("module_sparsity", "module_bits")}
+    meta["report"] = {k: v for k, v in report.to_json().items() if k not in ("module_sparsity", "module_bits")}
     (out / "refusal_lab.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = _calibration(args, handle) if scheme.needs_calibration else None
     new, rep = apply(handle, scheme, calibration, modules=_modules_arg(args.modules),
                      progress=tqdm_progress(f"compress {scheme}"))
-    result = rep.to_dict()
+    result = rep.to_json()
     print(rep.table(per_layer=not args.no_layers))
     if args.perplexity:
         from core.evaluation import perplexity

@@ -48,9 +48,8 @@ def _compress(handle, spec: str):
 
 def run(args: argparse.Namespace) -> int:
     from core.directions import DirectionSet
-    from core.generation import generate
+    from core.evaluation import refusal_evaluation
     from core.interventions import INTERVENTIONS, intervene
-    from core.judges import is_refusal, refusal_scores
     from core.progress import tqdm_progress
     from core.prompts import resolve_prompt_arg
 
@@ -83,28 +82,23 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with ctx:
-        replies = generate(handle, prompts.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           progress=tqdm_progress("generating"))
-        scores = refusal_scores(handle, prompts.prompts).tolist()
+        ev = refusal_evaluation(handle, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                progress=tqdm_progress("generating"))
     seconds = time.perf_counter() - t0
-    refused = [is_refusal(r) for r in replies]
-    rate = sum(refused) / len(refused)
-    mean_score = sum(scores) / len(scores)
+    refused = [r.refused for r in ev.results]
+    rate, mean_score = ev.refusal_rate, ev.mean_refusal_score
 
     print(f"model: {handle.name}")
     print(f"prompts: {prompts.name} ({len(prompts)})   intervention: {intervention}")
     print(f"refusal_rate: {rate:.3f} ({sum(refused)}/{len(refused)})")
     print(f"mean_refusal_score: {mean_score:+.3f}")
     print(f"seconds: {seconds:.1f}")
-    for q, r, f in list(zip(prompts.prompts, replies, refused))[:args.show]:
-        print(f"\n[{'REFUSED' if f else 'answered'}] {q}\n  → {r[:200]!r}")
+    for r in ev.results[:args.show]:
+        print(f"\n[{'REFUSED' if r.refused else 'answered'}] {r.prompt}\n  → {r.response[:200]!r}")
     if args.json_out:
-        out = {"refusal_rate": rate, "mean_refusal_score": mean_score,
-               "model": handle.name, "model_fingerprint": handle.fingerprint, "scheme": args.scheme,
+        out = {**ev.to_json(), "model": handle.name, "model_fingerprint": handle.fingerprint, "scheme": args.scheme,
                "intervention": intervention, "prompts": prompts.name, "prompts_sha": prompts.sha,
-               "max_new_tokens": args.max_new_tokens,
-               "results": [{"prompt": q, "response": r, "refused": f, "refusal_score": s}
-                           for q, r, f, s in zip(prompts.prompts, replies, refused, scores)]}
+               "max_new_tokens": args.max_new_tokens}
         path = Path(args.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, ensure_ascii=False))

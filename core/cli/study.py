@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from core.cli import add_model_args
+from core.codec import to_json
 from core.tables import text_table
 
 
@@ -122,22 +123,21 @@ def run_study(args: argparse.Namespace) -> int:
                   on_progress=_progress_bars())
     _announce_stages(study, study.planned_stages(budget=bool(args.aird)))
     results = study.run(budget=bool(args.aird))
-    budget = {s: study.budget(s) for s in args.scheme} if args.aird else None  # stored by the run
-    if budget:
-        results["budget"] = budget
+    if args.aird:
+        results.budget = {s: study.budget(s) for s in args.scheme}  # stored by the run
     rows = summary_rows(results)
     _print_rows(rows, ["model", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
                        "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
                        "aird_realign_layer"])
-    for s, v in results["variants"].items():
-        print(f"{s}: predicted from projections: {v['drift']['recoverability']['verdict']}")
-        if "aird_verdict" in v:
-            print(f"{s}: measured: {v['aird_verdict']['verdict']}")
+    for s, v in results.variants.items():
+        print(f"{s}: predicted from projections: {v.drift.recoverability.verdict}")
+        if v.aird_verdict is not None:
+            print(f"{s}: measured: {v.aird_verdict.verdict}")
     if args.out:
-        print(f"report: {write_report(results, args.out, budget=budget)}")
+        print(f"report: {write_report(results, args.out)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(results.to_json(), indent=1))
     stage_times = {k: round(v, 1) for k, v in study.timings.items()}
     print(f"study {study.record.id}: {time.perf_counter() - t0:.1f}s; computed stages: {stage_times or '{}'}")
     return 0
@@ -168,30 +168,30 @@ def run_aird(args: argparse.Namespace) -> int:
     for m, ev in comparison.items():
         rows.append(method_row(METHOD_LABELS[m], ev))
     print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
-          + (f"{args.scheme} source: layer {drift['variant']['source']['layer']}; cosine of selected directions "
-             f"{drift['cosine_selected']:.3f}" if drift.get("cosine_selected") is not None else
-             f"cosine to {args.scheme}'s candidate at that source {drift['cosine_at_source']:.3f}"))
+          + (f"{args.scheme} source: layer {drift.variant.source.layer}; cosine of selected directions "
+             f"{drift.cosine_selected:.3f}" if drift.cosine_selected is not None else
+             f"cosine to {args.scheme}'s candidate at that source {drift.cosine_at_source:.3f}"))
     fit = ("" if rep.realign is None else
            f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
     print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
           f"({'calibrated on val splits' if rep.auto else 'as given'})")
     _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
                        "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
-    print(f"diagnostic (predicted from projections): {drift['recoverability']['verdict']}")
-    result = {"scheme": args.scheme, "repair": rep.describe(), "drift": drift, "original": original,
+    print(f"diagnostic (predicted from projections): {drift.recoverability.verdict}")
+    result = {"scheme": args.scheme, "repair": rep.summary(), "drift": drift, "original": original,
               "methods": comparison}
     repaired = comparison.get(f"aird-{rep.mode}")
-    if repaired and "error" not in repaired and "none" in comparison:
+    if repaired is not None and repaired.error is None and "none" in comparison:
         result["aird_verdict"] = measured_verdict(original, comparison["none"], repaired, drift,
                                                   study.eval_sets()["harmful"].name)
-        print(f"diagnostic (measured): {result['aird_verdict']['verdict']}")
+        print(f"diagnostic (measured): {result['aird_verdict'].verdict}")
     if not args.no_budget:
         result["budget"] = study.budget(args.scheme)
-        print("budget curve: " + ", ".join(f"{r['n_layers']} layer(s) → {100 * r['refusal']:.0f}% "
-                                           f"({r['densified_weights']:,} weights densified)" for r in result["budget"]))
+        print("budget curve: " + ", ".join(f"{r.n_layers} layer(s) → {100 * r.refusal:.0f}% "
+                                           f"({r.densified_weights:,} weights densified)" for r in result["budget"]))
     if args.save:
         print(f"repair saved to {rep.save(args.save)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(to_json(result), indent=1))
     return 0

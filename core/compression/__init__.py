@@ -219,5 +219,5 @@ def apply(handle: ModelHandle, scheme: "str | Scheme", calibration=None, *,
                        n_layers=handle.n_layers, model_name=handle.name, seconds=seconds,
                        calibration=calib.describe() if calib else None,
                        saveable=info.saveable, save_note=done.save_note)
-    new.meta["report"] = {k: v for k, v in rep.to_dict().items() if k not in ("module_sparsity", "module_bits")}
+    new.meta["report"] = {k: v for k, v in rep.to_json().items() if k not in ("module_sparsity", "module_bits")}
     return new, rep

@@ -18,11 +18,12 @@ How storage is counted (``ACCOUNTING``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from core.codec import JsonRecord
 from core.compression.schemes import Scheme
 from core.compression.targets import Target, dense_weight
 
@@ -31,18 +32,20 @@ ACCOUNTING = ("stored size: sparse weights dense at dtype width unless N:M (N va
               "bitsandbytes/HQQ measured from their packed tensors; other tensors at dtype width, tied once")
 
 
-@dataclass
-class CompressionReport:
-    """What a compression did. Sizes in bytes; sparsities are fractions of exactly-zero weights."""
+@dataclass(kw_only=True)
+class CompressionReport(JsonRecord):
+    """What a compression did. Sizes in bytes; sparsities are fractions of exactly-zero weights.
+    ``module_sparsity``/``module_bits`` are per compressed module (empty in the form a variant's
+    metadata carries)."""
 
     scheme: str
     family: str
     model: str
     n_modules: int
     n_weights: int
-    layer_sparsity: list  # one entry per decoder block; None where no module of the block was compressed
-    module_sparsity: dict[str, float]
-    module_bits: dict[str, float]
+    layer_sparsity: list[float | None]  # one per decoder block; None where no module of the block was compressed
+    module_sparsity: dict[str, float] = field(default_factory=dict)
+    module_bits: dict[str, float] = field(default_factory=dict)
     sparsity: float
     target_sparsity: float
     bits_per_weight: float
@@ -58,9 +61,6 @@ class CompressionReport:
     save_note: str = ""
     accounting: str = ACCOUNTING
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def table(self, *, per_layer: bool = True) -> str:
         """A plain-text table for the terminal."""
