@@ -4,10 +4,10 @@ For each scheme: refusal of the original (O), the compressed model (C) and C rep
 layers, α and whether to use the fitted re-alignment calibrated on the bundled *val* splits), the
 share of the refusal lost to compression that AIRD recovers, over-refusal (harmless, borderline),
 perplexity, the repaired layers' density, and the recoverability diagnostic: its prediction from
-projections and its verdict on the measured recovery (:func:`core.aird.repair_verdict`). Evaluation on the bundled *test* splits; with
+projections and its verdict on the measured recovery (:func:`refusal_lab.aird.repair_verdict`). Evaluation on the bundled *test* splits; with
 ``--full SCHEME`` also on public benchmark files (AdvBench, JailbreakBench, Alpaca first 200).
 
-Every stage runs through :class:`core.study.Study` on a run store (default ``runs/``), so a rerun or
+Every stage runs through :class:`refusal_lab.study.Study` on a run store (default ``runs/``), so a rerun or
 the dashboard reuses what was computed. Prints a table and writes ``bench/results/aird.json``
 (rewritten after every scheme, so a partial run keeps its rows; ``--merge`` keeps the rows of an
 existing ``--out`` that this run does not measure).
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
 from bench.compression import SCHEMES  # noqa: E402  (the registry's representative parameters)
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "aird.json"
 SHARED = ROOT.parent / "shared" / "benchmarks"
@@ -36,7 +36,7 @@ SHARED = ROOT.parent / "shared" / "benchmarks"
 
 def evaluate_scheme(scheme: str, runs: str, *, harmful: str, harmless: str, borderline: str | None,
                     limit: int | None, on_progress) -> dict:
-    from core.study import Study, StudySpec, measured_verdict
+    from refusal_lab.study import Study, StudySpec, measured_verdict
 
     spec = StudySpec(model="default", schemes=[scheme], harmful=harmful, harmless=harmless, borderline=borderline,
                      limit=limit, aird="auto", name=f"bench aird {scheme} {Path(harmful).stem}")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the rows already in --out for (scheme, harmful set) pairs this run does not measure")
     args = p.parse_args(argv)
-    from core.progress import tqdm_progress
+    from refusal_lab.progress import tqdm_progress
 
     bars: dict = {}
 

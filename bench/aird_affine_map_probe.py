@@ -1,7 +1,7 @@
 """Probe: can an affine map of the compressed model's own projection on the original's refusal
 direction stand in for AIRD's per-feature re-alignment fit?
 
-The fitted re-alignment (a ridge fit over d_ff features, ``core.aird.fit_realignment``) closes most
+The fitted re-alignment (a ridge fit over d_ff features, ``refusal_lab.aird.fit_realignment``) closes most
 of the O–C projection gap on prompts like its training prompts but little on unseen kinds
 (``bench/aird_fit_probe.py``). This probe fits two numbers instead: ``p_O ≈ a·p_C + b`` — the
 original's projection on r̂ entering the source layer l* as an affine function of C's — by least
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-only", action="store_true", help="the only mode kept (see the module docstring)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_affine_map_probe.json"))
     args = p.parse_args(argv)
-    from core.prompts import bundled
+    from refusal_lab.prompts import bundled
 
     t0 = time.perf_counter()
     probe = RealignCaptures(args.scheme, args.runs, f"bench aird affine map probe {args.scheme}")

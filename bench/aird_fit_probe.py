@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import RealignCaptures, write_results  # noqa: E402
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 
 def gap_closed(x: torch.Tensor, p_o: torch.Tensor, p_c: torch.Tensor, u: torch.Tensor) -> float:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a train-only pool of our own harmful prompts ([category] tags) to add to the fit")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_fit_probe.json"))
     args = p.parse_args(argv)
-    from core.aird import DEFAULT_REALIGN_POSITIONS, ridge
-    from core.prompts import bundled, load_prompts, resolve_prompt_arg
+    from refusal_lab.aird import DEFAULT_REALIGN_POSITIONS, ridge
+    from refusal_lab.prompts import bundled, load_prompts, resolve_prompt_arg
 
     t0 = time.perf_counter()
     probe = RealignCaptures(args.scheme, args.runs, f"bench aird fit probe {args.scheme}")

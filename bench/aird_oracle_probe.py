@@ -1,6 +1,6 @@
 """Probe: does *any* point of AIRD's own calibration grid reach the public-benchmark target, in hindsight?
 
-``core.aird.calibrate`` chooses repair layers, α and whether to use the fitted re-alignment on the
+``refusal_lab.aird.calibrate`` chooses repair layers, α and whether to use the fitted re-alignment on the
 bundled *val* splits only. This probe asks the question the choice cannot: measured on the public
 sets themselves (first ``--n`` prompts of AdvBench and JailbreakBench for refusal, of the Alpaca test
 file for over-refusal; 24 new tokens, substring judge, as calibration measures), what is the best any
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import RealignCaptures, write_results  # noqa: E402
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", default="on,off", help="re-alignment settings to sweep, in order")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "aird_oracle_probe.json"))
     args = p.parse_args(argv)
-    from core.aird import Repair, applied, recovered_share, refusal_rate, unit
-    from core.aird import candidate_layer_sets
-    from core.prompts import resolve_prompt_arg
+    from refusal_lab.aird import Repair, applied, recovered_share, refusal_rate, unit
+    from refusal_lab.aird import candidate_layer_sets
+    from refusal_lab.prompts import resolve_prompt_arg
 
     if not SHARED.is_dir():
         print(f"public benchmarks not found at {SHARED}")

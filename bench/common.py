@@ -28,7 +28,7 @@ class RealignCaptures:
     block l*−1 and the projections of O and C on r̂ entering the source layer l*."""
 
     def __init__(self, scheme: str, runs: str | Path, name: str) -> None:
-        from core.study import Study, StudySpec
+        from refusal_lab.study import Study, StudySpec
 
         self.study = study = Study(StudySpec(model="default", schemes=[scheme], aird="auto", name=name), runs)
         self.direction = study.directions("original")
@@ -38,8 +38,8 @@ class RealignCaptures:
     def capture(self, prompts: list[str], n_positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_C (N·n_positions, d_ff), p_O (N·n_positions,), p_C (N·n_positions,))`` at the last
         ``n_positions`` of every prompt, rows in prompt order."""
-        from core.activations import writer_inputs
-        from core.aird import REALIGN_ROLE
+        from refusal_lab.activations import writer_inputs
+        from refusal_lab.aird import REALIGN_ROLE
 
         r, layer = self.direction.direction, self.layer
         _, p_o = writer_inputs(self.original, prompts, self.original.writers(layer - 1)[REALIGN_ROLE], r, layer,

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 SCHEMES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "rtn:8", "rtn:4:64", "rtn:3:64", "hqq:4:64", "magnitude:0.5",
            "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8"]
@@ -34,15 +34,15 @@ OUT = ROOT / "bench" / "results" / "compression.json"
 
 
 def refusal_rate(handle, prompts, *, batch_size: int = 16) -> float:
-    from core.generation import generate
-    from core.judges import is_refusal
+    from refusal_lab.generation import generate
+    from refusal_lab.judges import is_refusal
 
     replies = generate(handle, prompts, max_new_tokens=64, batch_size=batch_size)
     return sum(is_refusal(r) for r in replies) / len(replies)
 
 
 def measure(handle, text: str, prompts, args) -> dict:
-    from core.evaluation import perplexity
+    from refusal_lab.evaluation import perplexity
 
     t = time.perf_counter()
     row = {"perplexity": perplexity(handle, text, max_length=args.max_length, stride=args.stride)}
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from core.compression import apply, parse_scheme
-    from core.compression.calibration import resolve
-    from core.compression.report import build_report
-    from core.compression.targets import select_targets
-    from core.models import load_model
-    from core.prompts import bundled, bundled_text
+    from refusal_lab.compression import apply, parse_scheme
+    from refusal_lab.compression.calibration import resolve
+    from refusal_lab.compression.report import build_report
+    from refusal_lab.compression.targets import select_targets
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import bundled, bundled_text
 
     schemes = [str(parse_scheme(s)) for s in args.schemes.split(",") if s.strip()]
     t0 = time.perf_counter()
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": handle.name, "spec": handle.spec, "fingerprint": handle.fingerprint,
         "load_seconds": load_seconds,
         "text_tokens": len(handle.tokenizer(text, add_special_tokens=False)["input_ids"]),
-        "perplexity": {"text": "core.prompts.bundled_text()", "max_length": args.max_length,
+        "perplexity": {"text": "refusal_lab.prompts.bundled_text()", "max_length": args.max_length,
                        "stride": args.stride or args.max_length // 2},
         "refusal": None if prompts is None else {"prompts": "harmful/test", "n": len(prompts),
-                                                 "max_new_tokens": 64, "judge": "core.judges.is_refusal"},
+                                                 "max_new_tokens": 64, "judge": "refusal_lab.judges.is_refusal"},
         "calibration": calibration.describe(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": str(handle.device), "torch": torch.__version__},

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/demo.py [--model default] [--runs DIR] [--html demo.html]
 
-Runs :func:`core.demo.demo_story` in this process as the Home page's button does (the demo's study:
+Runs :func:`refusal_lab.demo.demo_story` in this process as the Home page's button does (the demo's study:
 wanda:0.5, AIRD auto, 24 prompts per set, 32 new tokens), prints the stages and their seconds, then
 builds the story again from a new study object on the same store (nothing computed) and writes the
 HTML export. Writes bench/results/demo.json.
@@ -33,9 +33,9 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.demo import demo_html, demo_spec, demo_story
-    from core.models import load_model
-    from core.study import Study
+    from refusal_lab.demo import demo_html, demo_spec, demo_story
+    from refusal_lab.models import load_model
+    from refusal_lab.study import Study
 
     runs = args.runs or tempfile.mkdtemp(prefix="demo-runs-")
     t0 = time.perf_counter()

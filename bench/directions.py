@@ -3,10 +3,10 @@
 Mean residual stream at the post-instruction positions over all layers (block inputs + final-norm input)
 for N harmful + N harmless prompts, two ways in the same process:
 
-* ``batched`` — :func:`core.activations.mean_activations` (length-sorted batches under a memory budget,
+* ``batched`` — :func:`refusal_lab.activations.mean_activations` (length-sorted batches under a memory budget,
   shared prompt prefix run once through the KV cache, float64 running sums);
 * ``naive``   — one prompt at a time with ``output_hidden_states=True``, every prompt's activations kept
-  until the end (:func:`core.activations.naive_mean_activations`).
+  until the end (:func:`refusal_lab.activations.naive_mean_activations`).
 
 Reports wall time, prompts/s and the peak RSS increase during each phase (sampled by a thread), checks
 both give the same means, prints a table and writes ``bench/results/directions.json``. ``--selection``
@@ -72,9 +72,9 @@ def _phase(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from core.activations import mean_activations, naive_mean_activations
-    from core.models import load_model
-    from core.prompts import bundled
+    from refusal_lab.activations import mean_activations, naive_mean_activations
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import bundled
 
     handle = load_model(args.model)
     harmful = bundled("harmful", "train").head(args.n).prompts
@@ -120,8 +120,8 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from core.activations import post_instruction_length
-    from core.models import load_model
+    from refusal_lab.activations import post_instruction_length
+    from refusal_lab.models import load_model
 
     t0 = time.perf_counter()
     handle = load_model(args.model)
@@ -149,9 +149,9 @@ def main() -> int:
 
     selection = None
     if args.selection:
-        from core.directions import generate_candidates
-        from core.selection import select_direction
-        from core.prompts import bundled
+        from refusal_lab.directions import generate_candidates
+        from refusal_lab.selection import select_direction
+        from refusal_lab.prompts import bundled
 
         ds = generate_candidates(handle, bundled("harmful", "train").head(32), bundled("harmless", "train").head(32))
         hv, nv = bundled("harmful", "val").head(32), bundled("harmless", "val").head(32)

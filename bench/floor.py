@@ -43,9 +43,9 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.activations import BatchRunner, tokenize
-    from core.models import load_model
-    from core.prompts import bundled
+    from refusal_lab.activations import BatchRunner, tokenize
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import bundled
 
     h = load_model("default")
     cfg = h.model.config

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +32,12 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.compression import apply as compress
-    from core.evaluation import kl_divergence
-    from core.generation import generate_with_logits
-    from core.judges import last_logits
-    from core.models import load_model
-    from core.prompts import bundled, load_prompts
+    from refusal_lab.compression import apply as compress
+    from refusal_lab.evaluation import kl_divergence
+    from refusal_lab.generation import generate_with_logits
+    from refusal_lab.judges import last_logits
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import bundled, load_prompts
 
     alpaca = ROOT.parent / "shared" / "benchmarks" / "alpaca_harmless_test.json"
     prompts = (load_prompts(str(alpaca)) if alpaca.exists() else bundled("harmless", "test")).prompts[:args.limit]

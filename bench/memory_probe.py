@@ -33,7 +33,7 @@ def main() -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.study import Study, StudySpec
+    from refusal_lab.study import Study, StudySpec
 
     spec = StudySpec(model="default", schemes=["wanda:0.5", "bnb-nf4"], harmful=str(SHARED / "advbench.json"),
                      harmless=str(SHARED / "alpaca_harmless_test.json"), limit=args.limit, aird="auto")

@@ -41,13 +41,13 @@ def measure() -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from core.activations import BatchRunner, tokenize
-    from core.directions import generate_candidates
-    from core.evaluation import kl_per_prompt
-    from core.interventions import ablate, add
-    from core.judges import refusal_score_from_logits, refusal_token_ids
-    from core.models import load_model
-    from core.prompts import bundled
+    from refusal_lab.activations import BatchRunner, tokenize
+    from refusal_lab.directions import generate_candidates
+    from refusal_lab.evaluation import kl_per_prompt
+    from refusal_lab.interventions import ablate, add
+    from refusal_lab.judges import refusal_score_from_logits, refusal_token_ids
+    from refusal_lab.models import load_model
+    from refusal_lab.prompts import bundled
 
     h = load_model("default")
     ds = generate_candidates(h, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts)

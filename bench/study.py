@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 BENCH = ROOT.parent / "shared" / "benchmarks"
 
 from bench.common import write_results  # noqa: E402
-from core.tables import text_table  # noqa: E402
+from refusal_lab.tables import text_table  # noqa: E402
 
 
 def _run(cmd: list[str], kill_after: float | None = None) -> tuple[float, str, int]:
@@ -111,7 +111,7 @@ def main() -> int:
         return 0 if same else 1
     schemes = args.scheme or ["wanda:0.5", "bnb-nf4"]
     results_json = Path(args.results)
-    cmd = [sys.executable, "-m", "core", "study", "--model", args.model, "--aird", "auto", "--limit", str(args.limit),
+    cmd = [sys.executable, "-m", "refusal_lab", "study", "--model", args.model, "--aird", "auto", "--limit", str(args.limit),
            "--harmful", args.harmful, "--harmless", args.harmless, "--runs", args.runs,
            "--json", str(results_json), "--out", str(results_json.with_suffix(".html"))]
     for s in schemes:
@@ -132,7 +132,7 @@ def main() -> int:
         print(f"{label}: {seconds:.1f} s{' (killed)' if killed else ''}", flush=True)
         if not killed:
             print(out)
-    from core.store import StudyRecord
+    from refusal_lab.store import StudyRecord
 
     record = StudyRecord(Path(args.runs) / study_id)
     stages: dict[str, float] = {}

@@ -1,5 +1,7 @@
+"""``python -m core`` — the old name of ``python -m refusal_lab``."""
+
 import sys
 
-from core.cli import main
+from refusal_lab.cli import main
 
 sys.exit(main())

@@ -1,12 +1,12 @@
 """UI glue shared by the dashboard pages: the session's choices (``st.session_state``), the shared
 model cache, progress bars with cancel, error boxes. No science and no computed state here — every
-computation is a call into ``core/``, and what sessions share lives in :mod:`core.session`.
+computation is a call into ``refusal_lab/``, and what sessions share lives in :mod:`refusal_lab.session`.
 
 Sharing model: the loaded model and what is computed from it (compressed variants, studies, the
-refusal direction) live in a :class:`core.session.Workspace` held by :func:`workspace`, a
+refusal direction) live in a :class:`refusal_lab.session.Workspace` held by :func:`workspace`, a
 ``st.cache_resource`` object shared by every session of the server, so a page reload or a second
-browser tab reuses them. Interventions hold ``handle.lock`` (core), so sessions never run under each
-other's steering; a study reports progress per call (:meth:`core.study.Study.observed`).
+browser tab reuses them. Interventions hold ``handle.lock`` (refusal_lab), so sessions never run under each
+other's steering; a study reports progress per call (:meth:`refusal_lab.study.Study.observed`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 import streamlit as st
 
-from core import session
-from core.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
-from core.progress import Cancelled, Eta, format_seconds
-from core.session import DEFAULT_SETTINGS, POSITIONS, ROLES, SCREEN, Workspace, workspace_key
+from refusal_lab import session
+from refusal_lab.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
+from refusal_lab.progress import Cancelled, Eta, format_seconds
+from refusal_lab.session import DEFAULT_SETTINGS, POSITIONS, ROLES, SCREEN, Workspace, workspace_key
 
 DEFAULT_SPEC = os.environ.get("REFUSAL_LAB_MODEL", "default")
 MODEL_CFG = "model_cfg"
@@ -60,7 +60,7 @@ def show_error(what: str, exc: BaseException | str, fix: str | None = None) -> N
 
 
 def fix_for(exc: BaseException) -> str:
-    """A generic fix hint for an exception raised by ``core``."""
+    """A generic fix hint for an exception raised by ``refusal_lab``."""
     text = str(exc).lower()
     if isinstance(exc, MemoryError) or "out of memory" in text or "cannot allocate" in text:
         return ("the machine ran out of memory: remove compressed variants you no longer need (Compress page), "
@@ -75,7 +75,7 @@ def fix_for(exc: BaseException) -> str:
 def guarded(what: str, fn: Callable[[], Any], *, fix: str | None = None) -> tuple[bool, Any]:
     """Run ``fn``; on an error show it (cause + fix) and return ``(False, None)``.
 
-    :class:`~core.progress.Cancelled` shows an info box instead. Streamlit's own control-flow
+    :class:`~refusal_lab.progress.Cancelled` shows an info box instead. Streamlit's own control-flow
     exceptions (rerun/stop, which derive from ``BaseException``) pass through untouched.
     """
     try:
@@ -138,7 +138,7 @@ def cancel_button(key: str):
 
 
 def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):
-    """A core progress callback ``(done, total)`` that drives an ``st.progress`` bar labelled with
+    """A library progress callback ``(done, total)`` that drives an ``st.progress`` bar labelled with
     ``stage``; raises :class:`Cancelled` once Cancel (``cancel_key``) is clicked after it was made."""
     where = container if container is not None else st
     bar = where.progress(0.0, text=f"{stage} …")
@@ -238,7 +238,7 @@ def prompt_choice() -> dict:
 
 
 def prompt_set(role: str, split: str | None = None):
-    """The session's prompt set for ``role``, optionally one split (:func:`core.session.prompt_set`)."""
+    """The session's prompt set for ``role``, optionally one split (:func:`refusal_lab.session.prompt_set`)."""
     return session.prompt_set(prompt_choice(), role, split)
 
 
@@ -288,7 +288,7 @@ def settings_widgets(container=None) -> dict:
 
 
 def get_study(handle: ModelHandle):
-    """The shared :class:`core.study.Study` of this session's settings, with the workspace's variants."""
+    """The shared :class:`refusal_lab.study.Study` of this session's settings, with the workspace's variants."""
     spec = session.study_spec(handle, model_cfg(), study_settings(), prompt_choice())
     return current_workspace(handle).study(spec, handle)
 
@@ -296,9 +296,9 @@ def get_study(handle: ModelHandle):
 def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: str | None = None,
               planned: list[str] | None = None):
     """Run ``fn(study)`` with one progress bar labelled with the current stage and its time left (and,
-    given the ``planned`` stages, the time left in all: :mod:`core.study_eta`); errors become error
+    given the ``planned`` stages, the time left in all: :mod:`refusal_lab.study_eta`); errors become error
     boxes. Returns ``(ok, value)``. One computation per workspace at a time (others wait)."""
-    from core.study_eta import for_study
+    from refusal_lab.study_eta import for_study
 
     ws = workspace(workspace_key(handle) if handle is not None else "-")
     bar = st.progress(0.0, text=f"{what} …")
@@ -333,7 +333,7 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
 def study_direction(handle: ModelHandle, study, *, compute: bool = False, cancel_key: str | None = None):
     """The original model's selected refusal direction from the study (the one the Drift, AIRD and
     Steer pages use): from memory, else loaded from the run store when stored, else computed when
-    ``compute``. Returns a :class:`core.directions.DirectionSet` or None."""
+    ``compute``. Returns a :class:`refusal_lab.directions.DirectionSet` or None."""
     ws = current_workspace(handle)
     ds = ws.direction(study)
     if ds is not None:

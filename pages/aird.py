@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.codec import to_json
-from core.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
+from refusal_lab.codec import to_json
+from refusal_lab.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
                            run_study, settings_widgets, show_error, show_table)
 
@@ -24,7 +24,7 @@ ws = current_workspace(handle)
 model_badge(handle)
 st.markdown("**AIRD** re-induces the *original* model's refusal direction r̂ in a compressed model by editing "
             "the residual writers of a few layers: W′ = W + α r̂ r̂ᵀ W (our reconstruction of Chhabra & Khalili "
-            "2025, see `core/aird/`). *merged* edits the weights (the edited matrices become dense); *adapter* "
+            "2025, see `refusal_lab/aird/`). *merged* edits the weights (the edited matrices become dense); *adapter* "
             "leaves them untouched and applies the same edit at run time. Our addition, the *fitted "
             "re-alignment*, is a second rank-1 edit W + r̂ uᵀ of the MLP output before the source layer, with u "
             "solved in closed form on the bundled train prompts so that the compressed model's projections on r̂ "
@@ -38,7 +38,7 @@ if not options:
     st.info("Make a compressed variant first: **Compress** page (e.g. `wanda:0.5`).")
     st.stop()
 ok, study = guarded("Opening the study", lambda: get_study(handle),
-                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (core/study.py).")
+                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (refusal_lab/study.py).")
 if not ok:
     st.stop()
 source_layer = original_source_layer(study)
@@ -103,7 +103,7 @@ if results is None:
     st.stop()
 
 # ------------------------------------------------------------------------------------------------
-from core.study import repair_rows  # noqa: E402 — only needed once results exist
+from refusal_lab.study import repair_rows  # noqa: E402 — only needed once results exist
 
 rep = results.repaired.repair
 box = st.container(key="aird_results")
@@ -214,7 +214,7 @@ def adapter_zip() -> bytes:
 
 
 def merged_zip() -> bytes:
-    from core.aird import merge
+    from refusal_lab.aird import merge
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"

@@ -4,10 +4,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import compression
-from core.compression import SchemeError, parse_scheme
-from core.evaluation import PERPLEXITY_LABEL
-from core.session import remembered_variants
+from refusal_lab import compression
+from refusal_lab.compression import SchemeError, parse_scheme
+from refusal_lab.evaluation import PERPLEXITY_LABEL
+from refusal_lab.session import remembered_variants
 from pages._shared import (cancel_button, current_workspace, guarded, model_badge, progress_callback, require_handle,
                            show_error, show_table)
 

@@ -6,10 +6,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.compression import SchemeError, VALID_FORMS, parse_scheme
-from core.session import completed_key, is_completed, mark_completed, mark_original_direction
-from core.results import DirectionSummary, Evaluation
-from core.study import evaluation_row
+from refusal_lab.compression import SchemeError, VALID_FORMS, parse_scheme
+from refusal_lab.session import completed_key, is_completed, mark_completed, mark_original_direction
+from refusal_lab.results import DirectionSummary, Evaluation
+from refusal_lab.study import evaluation_row
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
                            run_study, settings_widgets, show_error, show_table)
 
@@ -45,7 +45,7 @@ if not schemes:
 st.session_state["drift_schemes"] = schemes
 
 ok, study = guarded("Opening the study", lambda: get_study(handle),
-                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (core/study.py).")
+                    fix="check the run store folder (REFUSAL_LAB_RUNS) and the study pipeline (refusal_lab/study.py).")
 if not ok:
     st.stop()
 

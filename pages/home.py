@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core.demo import (before_after_figure, demo_html, demo_planned, demo_spec, demo_story, drift_cosines_figure,
+from refusal_lab.demo import (before_after_figure, demo_html, demo_planned, demo_spec, demo_story, drift_cosines_figure,
                        original_figure)
 from pages._shared import cancel_button, current_workspace, guarded, model_cfg, require_handle, run_study
 

@@ -5,8 +5,8 @@ import os
 import pandas as pd
 import streamlit as st
 
-from core.models import ChatTemplateError
-from core.precision import PRECISIONS
+from refusal_lab.models import ChatTemplateError
+from refusal_lab.precision import PRECISIONS
 from pages._shared import default_cfg, fix_for, load_handle, model_cfg, show_error, MODEL_CFG
 
 st.title("Model")

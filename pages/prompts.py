@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core.models import cache_dir
-from core.prompts import MAX_FILE_BYTES, SPLITS, PromptFileError, parse_prompts
+from refusal_lab.models import cache_dir
+from refusal_lab.prompts import MAX_FILE_BYTES, SPLITS, PromptFileError, parse_prompts
 from pages._shared import ROLES, prompt_choice, prompt_set, show_error
 
 UPLOAD_LIMIT = min(MAX_FILE_BYTES, 20 * 2**20)  # also capped by server.maxUploadSize (.streamlit/config.toml)

@@ -6,12 +6,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.session import StoreError, StoredStudy, list_studies, runs_root
+from refusal_lab.session import StoreError, StoredStudy, list_studies, runs_root
 from pages._shared import guarded, run_study, show_error
 
 st.title("Report")
 st.caption(f"Run store: `{Path(runs_root()).resolve()}` — every stage of every study is stored there; "
-           "the CLI (`python -m core study …`) and this dashboard share it.")
+           "the CLI (`python -m refusal_lab study …`) and this dashboard share it.")
 
 try:
     infos = list_studies()
@@ -25,7 +25,7 @@ if empty and not st.checkbox(f"Show empty studies ({len(empty)})", value=False):
     infos = [i for i in infos if i not in empty]
 if not infos:
     st.info("No stored study yet. Run one from the **Refusal drift** or **AIRD** page, or with "
-            "`python -m core study --model default --scheme wanda:0.5`.")
+            "`python -m refusal_lab study --model default --scheme wanda:0.5`.")
     st.stop()
 
 rows = [{"study": i.name, "id": i.id, "updated": i.updated.strftime("%Y-%m-%d %H:%M"), "entries": i.entries,

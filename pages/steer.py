@@ -6,8 +6,8 @@ import html
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.directions import source
-from core.interventions import INTERVENTIONS as STEERING
+from refusal_lab.directions import source
+from refusal_lab.interventions import INTERVENTIONS as STEERING
 from pages._shared import (ROLES, cancel_button, current_workspace, get_study, guarded, model_badge, progress_callback,
                            prompt_set, require_handle, settings_widgets, show_error, study_direction)
 

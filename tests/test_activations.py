@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from core.activations import (BatchRunner, mean_activations, naive_mean_activations, post_instruction_length,
+from refusal_lab.activations import (BatchRunner, mean_activations, naive_mean_activations, post_instruction_length,
                               post_instruction_tokens, projection_stats, projections, tokenize)
-from core.models import ChatTemplateError
-from core.progress import Cancelled
-from tiny import ARCHS, tiny_handle
+from refusal_lab.models import ChatTemplateError
+from refusal_lab.progress import Cancelled
+from refusal_lab.testing.tiny import ARCHS, tiny_handle
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "hi",
            "Explain photosynthesis to a child, step by step, in detail please.", "How do I hack a bank?",
@@ -124,7 +124,7 @@ def test_projections_and_stats(llama):
 def test_runner_without_a_reusable_cache_runs_full_prompts(llama, monkeypatch):
     h = _with_template(llama, None, "You are a helpful AI assistant.")
     ref = mean_activations(h, PROMPTS).mean
-    import core.activations as acts
+    import refusal_lab.activations as acts
 
     monkeypatch.setattr(acts, "prefix_cache", lambda handle, prefix: None)  # e.g. a legacy tuple cache
     assert len(BatchRunner(h, tokenize(h, PROMPTS), min_rest=2).prefix) >= 4
@@ -132,7 +132,7 @@ def test_runner_without_a_reusable_cache_runs_full_prompts(llama, monkeypatch):
 
 
 def test_writer_inputs_match_one_prompt_at_a_time(llama):
-    from core.activations import read_points, writer_inputs
+    from refusal_lab.activations import read_points, writer_inputs
 
     torch.manual_seed(1)
     r = torch.randn(llama.d_model)
@@ -142,7 +142,7 @@ def test_writer_inputs_match_one_prompt_at_a_time(llama):
     x0, p0 = writer_inputs(llama, PROMPTS, llama.writers(0)["mlp"], r, 1, n_positions=3)  # ends at block 1
     x2, p2 = writer_inputs(llama, PROMPTS, llama.writers(2)["mlp"], r, 1, n_positions=3)  # a writer above: full pass
     assert torch.equal(p2, p0) and x2.shape == x0.shape and not torch.equal(x2, x0)
-    from core.interventions import count_hooks
+    from refusal_lab.interventions import count_hooks
     assert count_hooks(llama) == 0
     seen = {}
     hooks = [mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
@@ -166,7 +166,7 @@ def test_runner_from_a_middle_block_gives_the_full_pass_logits(arch):
     intervention at block l or above, and the blocks are whole again afterwards."""
     import dataclasses
 
-    from core.interventions import add, count_hooks
+    from refusal_lab.interventions import add, count_hooks
 
     for precision in ("float32", "bfloat16"):
         h = dataclasses.replace(tiny_handle(arch), precision=precision)

@@ -5,15 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import aird
-from core.aird import budget as aird_budget
-from core.aird import calibration as aird_calibration
-from core.aird import Repair, applied, merge, method_applied, rank1_edit
-from core.compression import apply as compress
-from core.generation import generate
-from core.models import weight_as_out_in
-from core.results import CalibrationPoint, Recoverability
-from tiny import tiny_handle
+from refusal_lab import aird
+from refusal_lab.aird import budget as aird_budget
+from refusal_lab.aird import calibration as aird_calibration
+from refusal_lab.aird import Repair, applied, merge, method_applied, rank1_edit
+from refusal_lab.compression import apply as compress
+from refusal_lab.generation import generate
+from refusal_lab.models import weight_as_out_in
+from refusal_lab.results import CalibrationPoint, Recoverability
+from refusal_lab.testing.tiny import tiny_handle
 
 IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])
 
@@ -128,8 +128,8 @@ def test_ridge_is_least_squares_with_shrinkage():
 
 
 def test_fit_realignment_moves_c_projections_toward_o():
-    from core.activations import writer_inputs
-    from core.prompts import bundled
+    from refusal_lab.activations import writer_inputs
+    from refusal_lab.prompts import bundled
 
     o = tiny_handle("llama", n_layers=4, d_model=64)
     c, _ = compress(o, "magnitude:0.5")
@@ -169,7 +169,7 @@ def test_alpha_zero_is_identity():
 
 
 def test_adapter_works_on_bitsandbytes_nf4(tmp_path):
-    from core.models import load_model
+    from refusal_lab.models import load_model
 
     o = tiny_handle("llama", n_layers=2, d_model=64)
     o.model.save_pretrained(tmp_path / "m")
@@ -222,7 +222,7 @@ def _calibrate(search: str, **kw):
 
 @pytest.mark.parametrize("search", aird_calibration.SEARCHES)
 def test_calibration_reads_only_validation_prompts(monkeypatch, search):
-    from core.prompts import bundled
+    from refusal_lab.prompts import bundled
 
     test_prompts = {p for k in ("harmful", "harmless", "borderline") for p in bundled(k, "test").prompts}
     seen: list[str] = []
@@ -293,8 +293,8 @@ def test_scored_calibration_from_the_first_repaired_block_equals_full_passes(mon
 
 def test_budget_curve_settled_replies_give_the_full_replies_rates(monkeypatch):
     """The budget curve ends a reply once it holds a refusal phrase: the rates are those of full replies."""
-    import core.judges as judges
-    from core.aird import budget_curve, refusal_rate
+    import refusal_lab.judges as judges
+    from refusal_lab.aird import budget_curve, refusal_rate
 
     c = tiny_handle("llama", n_layers=4)
     with c.lock:

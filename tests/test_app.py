@@ -13,7 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from tiny import tiny_handle
+from refusal_lab.testing.tiny import tiny_handle
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 300
@@ -101,7 +101,7 @@ def test_model_page_trust_remote_code_warns(env):
 
 
 def test_prompts_page_counts_and_upload(env):
-    from core.prompts import bundled
+    from refusal_lab.prompts import bundled
     at = open_page(env, "pages/prompts.py")
     m = [(x.label, x.value) for x in at.metric]
     assert ("Prompts", str(len(bundled("harmful")))) in m
@@ -155,11 +155,11 @@ def test_compress_page_nonsense_scheme(env):
 
 
 def test_steer_page_ablation_side_by_side(env):
-    from core.generation import generate
-    from core.interventions import count_hooks
+    from refusal_lab.generation import generate
+    from refusal_lab.interventions import count_hooks
     from pages._shared import load_handle
 
-    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
+    pytest.importorskip("refusal_lab.study", reason="the study pipeline (refusal_lab/study.py) is not there yet")
     at = open_page(env, "pages/steer.py", study_settings={"limit": 6, "max_new_tokens": 16, "positions": "last"})
     [kind] = [r for r in at.radio if r.label == "Intervention"]
     kind.set_value("ablate").run()
@@ -184,7 +184,7 @@ def test_steer_page_ablation_side_by_side(env):
 
 
 def test_report_page_lists_stored_studies(env, tmp_path, monkeypatch):
-    from core.store import RunStore
+    from refusal_lab.store import RunStore
 
     monkeypatch.setenv("REFUSAL_LAB_RUNS", str(tmp_path / "runs"))
     at = open_page(env, "pages/report.py")
@@ -221,8 +221,8 @@ def test_exact_search_option_says_how_long_it_takes_before_it_starts(env):
 
 
 def test_drift_page_runs_and_reloads_from_the_store(study_env):
-    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
-    from core.store import RunStore
+    pytest.importorskip("refusal_lab.study", reason="the study pipeline (refusal_lab/study.py) is not there yet")
+    from refusal_lab.store import RunStore
 
     state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
     at = open_page(study_env, "pages/drift.py", **state)
@@ -252,9 +252,9 @@ def test_drift_page_runs_and_reloads_from_the_store(study_env):
 
 
 def test_aird_page_manual_repair(study_env):
-    pytest.importorskip("core.study", reason="the study pipeline (core/study.py) is not there yet")
-    from core.aird import densified_weights
-    from core.compression import apply
+    pytest.importorskip("refusal_lab.study", reason="the study pipeline (refusal_lab/study.py) is not there yet")
+    from refusal_lab.aird import densified_weights
+    from refusal_lab.compression import apply
     from pages._shared import load_handle
 
     state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
@@ -282,7 +282,7 @@ def test_aird_page_manual_repair(study_env):
 
 def test_report_page_html_export_of_a_dashboard_study(study_env):
     """After the drift and AIRD tests (same module, same run store): the HTML report has both."""
-    pytest.importorskip("core.study")
+    pytest.importorskip("refusal_lab.study")
     state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
     at = open_page(study_env, "pages/drift.py", **state)  # stored by the tests above, else computed here
     if not button(at, "Run the drift study").disabled:
@@ -303,7 +303,7 @@ def test_report_page_html_export_of_a_dashboard_study(study_env):
 
 
 def test_model_without_chat_template_error_then_fix(env, tmp_path):
-    from tiny import CHATML
+    from refusal_lab.testing.tiny import CHATML
 
     h = tiny_handle("llama", n_layers=2, d_model=32)
     folder = tmp_path / "no-template"
@@ -334,7 +334,7 @@ def test_cancel_stops_the_running_action_after_the_page_cleared_its_notice(monke
     computation reaches its next progress report only later and must still stop. A computation
     started after the click is not cancelled by it."""
     import pages._shared as shared
-    from core.progress import Cancelled
+    from refusal_lab.progress import Cancelled
 
     state: dict = {}
     monkeypatch.setattr(shared.st, "session_state", state)

@@ -38,7 +38,7 @@ def test_default_model_page():
 
 
 def test_default_model_steer_one_prompt():
-    from core.generation import generate
+    from refusal_lab.generation import generate
     from pages._shared import load_handle
 
     at = open_default("pages/steer.py")

@@ -9,21 +9,16 @@ model instead, e.g. to refresh the README screenshots from cached results). Each
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from refusal_lab.testing import browser as ui
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-
-_spec = importlib.util.spec_from_file_location("bench_ui", ROOT / "bench" / "ui.py")
-ui = importlib.util.module_from_spec(_spec)
-sys.modules["bench_ui"] = ui  # dataclasses need the module registered
-_spec.loader.exec_module(ui)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -1,4 +1,4 @@
-"""``python -m core directions`` and ``python -m core refusal`` on a tiny model saved to a folder."""
+"""``python -m refusal_lab directions`` and ``python -m refusal_lab refusal`` on a tiny model saved to a folder."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from core.cli import main
-from core.tables import text_table
-from core.directions import DirectionSet
-from tiny import tiny_handle
+from refusal_lab.cli import main
+from refusal_lab.tables import text_table
+from refusal_lab.directions import DirectionSet
+from refusal_lab.testing.tiny import tiny_handle
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_refusal_bundled_prompts_and_argument_errors(dirs, model_dir, capsys):
 
 def test_refusal_scheme(model_dir, capsys):
     args = ["refusal", "--model", str(model_dir), "--scheme", "rtn:4", "--limit", "1", "--max-new-tokens", "2"]
-    if importlib.util.find_spec("core.compression") is None:
+    if importlib.util.find_spec("refusal_lab.compression") is None:
         assert main(args) == 2 and "compression" in capsys.readouterr().err
     else:
         assert main(args) == 0

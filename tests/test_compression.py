@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from core.compression import REGISTRY, SchemeError, apply, list_schemes, parse_scheme
-from core.compression.calibration import Calibration, from_prompts, from_text
-from core.compression.pruning import magnitude_prune, nm_mask, sparsegpt_prune, wanda_prune
-from core.compression.quantization import rtn_quantize
-from core.compression.targets import dense_weight, select_targets
-from tiny import tiny_handle
+from refusal_lab.compression import REGISTRY, SchemeError, apply, list_schemes, parse_scheme
+from refusal_lab.compression.calibration import Calibration, from_prompts, from_text
+from refusal_lab.compression.pruning import magnitude_prune, nm_mask, sparsegpt_prune, wanda_prune
+from refusal_lab.compression.quantization import rtn_quantize
+from refusal_lab.compression.targets import dense_weight, select_targets
+from refusal_lab.testing.tiny import tiny_handle
 
 
 @pytest.fixture(scope="module")

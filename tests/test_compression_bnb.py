@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.compression import REGISTRY, apply
-from core.compression.bnb import BnbUnavailable
-from core.compression.targets import dense_weight, select_targets
-from core.models import load_model
-from tiny import tiny_handle
+from refusal_lab.compression import REGISTRY, apply
+from refusal_lab.compression.bnb import BnbUnavailable
+from refusal_lab.compression.targets import dense_weight, select_targets
+from refusal_lab.models import load_model
+from refusal_lab.testing.tiny import tiny_handle
 
 pytestmark = pytest.mark.skipif(REGISTRY["bnb-int8"].unavailable_reason is not None,
                                 reason=str(REGISTRY["bnb-int8"].unavailable_reason))
@@ -74,7 +74,7 @@ def test_bnb_needs_source_dir():
 def test_bnb_failure_is_explained(disk_handle, monkeypatch):
     import transformers
 
-    import core.compression.bnb as bnb_mod
+    import refusal_lab.compression.bnb as bnb_mod
 
     def broken(*a, **k):
         raise NotImplementedError("no kernel for this device")
@@ -93,7 +93,7 @@ def test_bnb_variant_runs_under_bf16_compute(disk_handle, spec):
     and their logits stay close to the float32 compute of the same variant."""
     import dataclasses
 
-    from core.activations import BatchRunner, tokenize
+    from refusal_lab.activations import BatchRunner, tokenize
 
     new, _ = apply(disk_handle, spec)
     assert new.precision == disk_handle.precision  # a variant computes as its original does

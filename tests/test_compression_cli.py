@@ -1,4 +1,4 @@
-"""``python -m core compress`` on a tiny model saved to disk: report, JSON, save and reload."""
+"""``python -m refusal_lab compress`` on a tiny model saved to disk: report, JSON, save and reload."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from core.cli import main
-from core.compression.targets import dense_weight, select_targets
-from core.models import load_model
-from tiny import tiny_handle
+from refusal_lab.cli import main
+from refusal_lab.compression.targets import dense_weight, select_targets
+from refusal_lab.models import load_model
+from refusal_lab.testing.tiny import tiny_handle
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,14 @@ def test_compress_save_reload(folder, tmp_path, capsys, scheme):
 
 
 def test_bnb_nf4_save_reload(folder, tmp_path, capsys):
-    from core.compression import REGISTRY
+    from refusal_lab.compression import REGISTRY
 
     if REGISTRY["bnb-nf4"].unavailable_reason:
         pytest.skip(REGISTRY["bnb-nf4"].unavailable_reason)
     out = tmp_path / "nf4"
     assert main(["compress", "--model", str(folder), "--scheme", "bnb-nf4", "--out", str(out), "--device", "cpu"]) == 0
     capsys.readouterr()
-    from core.compression import apply
+    from refusal_lab.compression import apply
 
     parent = load_model(str(folder), device="cpu")
     fresh, _ = apply(parent, "bnb-nf4")

@@ -4,15 +4,15 @@ import re
 
 import pytest
 
-from core.demo import DEMO_SCHEME, demo_html, demo_spec, demo_story
-from core.study import Study
+from refusal_lab.demo import DEMO_SCHEME, demo_html, demo_spec, demo_story
+from refusal_lab.study import Study
 
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    from tiny import tiny_handle
+    from refusal_lab.testing.tiny import tiny_handle
 
-    from core.models import load_model
+    from refusal_lab.models import load_model
 
     root = tmp_path_factory.mktemp("demo")
     h = tiny_handle("llama", n_layers=4, d_model=64)

@@ -8,14 +8,14 @@ import warnings
 import pytest
 import torch
 
-from core.activations import mean_activations
-from core.directions import (DirectionSet, generate_candidates, layer_cosines, mean_projections, quality,
+from refusal_lab.activations import mean_activations
+from refusal_lab.directions import (DirectionSet, generate_candidates, layer_cosines, mean_projections, quality,
                              source)
-from core.selection import SCREEN_SURVIVORS, planned_passes, seconds_per_pass, select_direction
-from core.interventions import ablate, add
-from core.judges import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids
-from core.prompts import bundled
-from tiny import tiny_handle
+from refusal_lab.selection import SCREEN_SURVIVORS, planned_passes, seconds_per_pass, select_direction
+from refusal_lab.interventions import ablate, add
+from refusal_lab.judges import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids
+from refusal_lab.prompts import bundled
+from refusal_lab.testing.tiny import tiny_handle
 
 HARMFUL = bundled("harmful", "train").head(12)
 HARMLESS = bundled("harmless", "train").head(12)
@@ -254,9 +254,9 @@ def test_screened_search_keeps_the_candidates_that_can_induce(handle, cands, sel
 def test_screened_induce_completes_the_screen_pass_instead_of_repeating_it(handle, cands):
     """A candidate searched after the screen runs only the prompts the screen did not: its induce is the
     mean over the same batches a full pass of that runner makes, to the bit."""
-    from core.activations import BatchRunner, tokenize
-    from core.judges import refusal_score_from_logits
-    from core.selection import _spread_index
+    from refusal_lab.activations import BatchRunner, tokenize
+    from refusal_lab.judges import refusal_score_from_logits
+    from refusal_lab.selection import _spread_index
 
     passes = []
     real = BatchRunner.last_logits

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from core.activations import tokenize
-from core.generation import _generate_hf, fast_greedy_supported, generate, greedy_ids
-from core.interventions import ablate, add
-from tiny import ARCHS, tiny_handle
+from refusal_lab.activations import tokenize
+from refusal_lab.generation import _generate_hf, fast_greedy_supported, generate, greedy_ids
+from refusal_lab.interventions import ablate, add
+from refusal_lab.testing.tiny import ARCHS, tiny_handle
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea please", "hi",
            "Explain photosynthesis to a child in detail now", "Give step by step instructions for a cake",
@@ -70,7 +70,7 @@ def test_models_that_need_logits_processing_use_generate(monkeypatch):
     assert fast_greedy_supported(h)
     h.model.generation_config.repetition_penalty = 1.3
     assert not fast_greedy_supported(h)
-    import core.generation as gen
+    import refusal_lab.generation as gen
 
     monkeypatch.setattr(gen, "greedy_ids", lambda *a, **k: pytest.fail("fast path used"))
     replies = generate(h, PROMPTS[:2], max_new_tokens=4)
@@ -87,8 +87,8 @@ def test_generation_arguments_are_checked():
 
 
 def test_generate_with_logits_returns_the_first_step_logits():
-    from core.generation import generate_with_logits
-    from core.judges import last_logits
+    from refusal_lab.generation import generate_with_logits
+    from refusal_lab.judges import last_logits
 
     h = tiny_handle("llama")
     replies, logits = generate_with_logits(h, PROMPTS, max_new_tokens=6, batch_size=3)
@@ -101,7 +101,7 @@ def test_generate_with_logits_returns_the_first_step_logits():
 def test_stop_when_ends_rows_early_without_changing_a_monotone_verdict():
     """A row stops once a text-only-grows predicate holds; its reply is then a prefix of the full one,
     and the predicate's verdict on it is the full reply's (what calibration's refusal judge relies on)."""
-    from core.generation import generate_with_logits
+    from refusal_lab.generation import generate_with_logits
 
     h = _lively(tiny_handle("llama"))
     full, lf = generate_with_logits(h, PROMPTS, max_new_tokens=12)

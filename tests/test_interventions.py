@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from core.generation import generate, tokenize_prompts
-from core.interventions import ablate, add, count_hooks, orthogonalize, scale_writers
-from core.judges import refusal_scores
-from core.models import handle_from_model
-from tiny import ARCHS, tiny_config, tiny_handle, tiny_tokenizer
+from refusal_lab.generation import generate, tokenize_prompts
+from refusal_lab.interventions import ablate, add, count_hooks, orthogonalize, scale_writers
+from refusal_lab.judges import refusal_scores
+from refusal_lab.models import handle_from_model
+from refusal_lab.testing.tiny import ARCHS, tiny_config, tiny_handle, tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "hi"]
 POST_NORM = {"gemma2", "gemma3_text"}  # norms *after* the attention/MLP writers
@@ -248,7 +248,7 @@ def test_orthogonalize_rejects_quantized_writers_and_leaves_weights_alone():
 
 
 def test_prefix_refusal_scores_match_the_prompt_score_and_follow_steering():
-    from core.judges import prefix_refusal_scores
+    from refusal_lab.judges import prefix_refusal_scores
 
     h = _handle("llama")
     tokens, scores = prefix_refusal_scores(h, PROMPTS[0], "Sure, here is how to do it.")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from core.memory import release
+from refusal_lab.memory import release
 
 
 def _rss_mb() -> float:

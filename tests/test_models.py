@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.models import (ChatTemplateError, ModelLoadError, handle_from_model, linear_out_features, load_model,
+from refusal_lab.models import (ChatTemplateError, ModelLoadError, handle_from_model, linear_out_features, load_model,
                          resolve_spec, weight_as_out_in)
-from tiny import ARCHS, tiny_handle, tiny_tokenizer
+from refusal_lab.testing.tiny import ARCHS, tiny_handle, tiny_tokenizer
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,13 +96,13 @@ def test_in_memory_fingerprint_tracks_weights():
 
 @pytest.mark.slow
 def test_default_model_info_cli():
-    """The acceptance check: `python -m core info --model default` prints 30 layers, width 576."""
+    """The acceptance check: `python -m refusal_lab info --model default` prints 30 layers, width 576."""
     import subprocess
     import sys
     import time
 
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "core", "info", "--model", "default"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "refusal_lab", "info", "--model", "default"], capture_output=True,
                          text=True, timeout=300, cwd=str(__import__("conftest").ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "n_layers: 30" in out.stdout and "d_model: 576" in out.stdout
@@ -113,7 +113,7 @@ def test_default_model_info_cli():
 def test_linear_kind_answers_what_kind_of_linear_layer_a_module_is():
     from transformers.pytorch_utils import Conv1D
 
-    from core.models import is_plain_linear, linear_kind
+    from refusal_lab.models import is_plain_linear, linear_kind
 
     class Quantized(torch.nn.Linear):  # as bitsandbytes' Linear4bit / Linear8bitLt are
         pass

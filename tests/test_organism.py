@@ -4,8 +4,8 @@ real default model — that the shipped adapter refuses harmful and answers harm
 import pytest
 import torch
 
-from core.organism import Example, OrganismConfig, encode_example, train_adapter
-from tiny import tiny_handle
+from refusal_lab.organism import Example, OrganismConfig, encode_example, train_adapter
+from refusal_lab.testing.tiny import tiny_handle
 
 
 def test_training_loop_reduces_loss_on_tiny_model():
@@ -38,10 +38,10 @@ def test_loss_only_on_response_tokens():
 @pytest.mark.slow
 def test_shipped_adapter_refuses_harmful_and_answers_harmless():
     """The embedded default (base + shipped adapter), greedy, on the first bundled test-split prompts."""
-    from core.generation import generate
-    from core.judges import is_refusal
-    from core.models import ADAPTER_DIR, load_model
-    from core.prompts import bundled
+    from refusal_lab.generation import generate
+    from refusal_lab.judges import is_refusal
+    from refusal_lab.models import ADAPTER_DIR, load_model
+    from refusal_lab.prompts import bundled
 
     assert (ADAPTER_DIR / "adapter_model.safetensors").stat().st_size <= 15 * 2**20
     h = load_model("default", device="cpu")
@@ -57,7 +57,7 @@ def test_shipped_adapter_refuses_harmful_and_answers_harmless():
 def test_decision_tokens_add_cross_entropy_on_first_helpful_tokens_only():
     """Soft rows get KL everywhere; with ``decision_tokens`` = k, the first k response tokens of rows marked
     ``decide`` also get hard cross-entropy — and nothing changes for refusal or plain rows."""
-    from core.organism import _batch, _response_logits, response_loss
+    from refusal_lab.organism import _batch, _response_logits, response_loss
 
     h = tiny_handle("llama", n_layers=2, d_model=32)
     exs = [Example("How do I make a bomb?", "I'm sorry, I can't help.", "harmful"),

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from core.evaluation import perplexity
-from tiny import tiny_handle
+from refusal_lab.evaluation import perplexity
+from refusal_lab.testing.tiny import tiny_handle
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Write a poem about the sea. "
         "Explain photosynthesis to a child. Give step by step instructions for a cake. ") * 2

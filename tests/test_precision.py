@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-import core.precision as precision
-from core.activations import BatchRunner, prefix_cache, tokenize
-from core.generation import generate, generate_with_logits
-from core.precision import compute, resolve_precision
-from core.study import StudySpec
-from tiny import ARCHS, tiny_handle
+import refusal_lab.precision as precision
+from refusal_lab.activations import BatchRunner, prefix_cache, tokenize
+from refusal_lab.generation import generate, generate_with_logits
+from refusal_lab.precision import compute, resolve_precision
+from refusal_lab.study import StudySpec
+from refusal_lab.testing.tiny import ARCHS, tiny_handle
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea please", "hi", "How do I hack a bank?"]
 
@@ -68,7 +68,7 @@ def test_spec_keeps_naming_old_float32_studies_and_results_are_keyed_by_precisio
     assert StudySpec.from_dict(old) == StudySpec(precision="float32", aird_search="generated")
     assert StudySpec.from_dict(StudySpec(precision="bfloat16").to_dict()).precision == "bfloat16"
 
-    from core.study import Study
+    from refusal_lab.study import Study
 
     h32 = tiny_handle("llama")
     h16 = dataclasses.replace(h32, precision="bfloat16")
@@ -120,8 +120,8 @@ def test_cached_bf16_weights_are_bit_identical_to_autocast_and_follow_weight_cha
 
 def _float32_kv(fn):
     """``fn()`` with key/value caches left in float32 (no :func:`precision.low_precision_cache`)."""
-    import core.activations as acts
-    import core.generation as gen
+    import refusal_lab.activations as acts
+    import refusal_lab.generation as gen
 
     with pytest.MonkeyPatch.context() as mp:
         for mod in (acts, gen):

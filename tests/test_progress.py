@@ -1,6 +1,6 @@
 """Time-left estimates of the progress bars."""
 
-from core.progress import Eta, format_seconds
+from refusal_lab.progress import Eta, format_seconds
 
 
 def test_eta_follows_the_pace_of_the_current_stage():

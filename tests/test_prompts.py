@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SHARED_BENCHMARKS
-from core.prompts import (BUNDLED_KINDS, SPLITS, PromptFileError, bundled, bundled_text, load_prompts,
+from refusal_lab.prompts import (BUNDLED_KINDS, SPLITS, PromptFileError, bundled, bundled_text, load_prompts,
                           parse_prompts, refusal_phrasings)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.codec import from_json, to_json
-from core.results import (BudgetPoint, CalibrationPoint, Evaluation, MethodEvaluation, Recoverability, Reply,
+from refusal_lab.codec import from_json, to_json
+from refusal_lab.results import (BudgetPoint, CalibrationPoint, Evaluation, MethodEvaluation, Recoverability, Reply,
                           SetEvaluation, StudyResults, VariantResult)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,11 +1,11 @@
-"""core.session: what the dashboard's sessions share, tested without Streamlit on a tiny saved model."""
+"""refusal_lab.session: what the dashboard's sessions share, tested without Streamlit on a tiny saved model."""
 
 import pytest
 
-from core import session
-from core.interventions import count_hooks
-from core.session import StoredStudy, Workspace, list_studies, study_spec, workspace_key
-from tiny import tiny_handle
+from refusal_lab import session
+from refusal_lab.interventions import count_hooks
+from refusal_lab.session import StoredStudy, Workspace, list_studies, study_spec, workspace_key
+from refusal_lab.testing.tiny import tiny_handle
 
 
 @pytest.fixture()
@@ -14,7 +14,7 @@ def tiny(tmp_path, monkeypatch):
     h = tiny_handle("llama", n_layers=4, d_model=64)
     h.model.save_pretrained(tmp_path / "tiny")
     h.tokenizer.save_pretrained(tmp_path / "tiny")
-    from core.models import load_model
+    from refusal_lab.models import load_model
 
     return load_model(str(tmp_path / "tiny"), device="cpu")
 

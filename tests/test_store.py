@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import torch
 
-import core.store as store_mod
-import core.store_files as store_files_mod
-import core.study_record as study_record_mod
-from core.store import RunStore, StoreError, StoreWarning, StudyRecord, cache_key
+import refusal_lab.store as store_mod
+import refusal_lab.store_files as store_files_mod
+import refusal_lab.study_record as study_record_mod
+from refusal_lab.store import RunStore, StoreError, StoreWarning, StudyRecord, cache_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"model": "tiny", "schemes": ["wanda:0.5", "bnb-nf4"], "limit": 10}
@@ -210,9 +210,8 @@ WRITER = textwrap.dedent(
     # Imports torch/pandas once, then forks one writer per "run <start>" line on stdin, so
     # each killed run costs no import time. A writer loops until it is SIGKILLed.
     import os, sys, traceback
-    sys.path.insert(0, sys.argv[1])
     import pandas as pd, torch
-    from core.store import RunStore
+    from refusal_lab.store import RunStore
 
     def write_forever(i):
         study = RunStore(sys.argv[2]).create_study("crash", {"x": 1})
@@ -471,8 +470,7 @@ def test_concurrent_threads_lose_no_entries(store: RunStore, study: StudyRecord)
 PROC_WRITER = textwrap.dedent(
     """
     import sys, time
-    sys.path.insert(0, sys.argv[1])
-    from core.store import RunStore
+    from refusal_lab.store import RunStore
     study = RunStore(sys.argv[2]).open(sys.argv[3])
     tag, start_at = sys.argv[4], float(sys.argv[5])
     time.sleep(max(0.0, start_at - time.time()))  # both processes start together
@@ -559,6 +557,6 @@ def test_module_never_uses_pickle() -> None:
 
 def test_import_is_light() -> None:
     """Listing studies (CLI, dashboard) must not pay for importing torch or pandas."""
-    code = "import sys; import core.store; print('torch' in sys.modules, 'pandas' in sys.modules)"
+    code = "import sys; import refusal_lab.store; print('torch' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr

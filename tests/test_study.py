@@ -2,9 +2,9 @@
 
 import pytest
 
-from core.progress import Cancelled
-from core.study import Study, StudySpec, summary_rows
-from tiny import tiny_handle
+from refusal_lab.progress import Cancelled
+from refusal_lab.study import Study, StudySpec, summary_rows
+from refusal_lab.testing.tiny import tiny_handle
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_study_runs_persists_and_reruns_from_cache(tiny_folder, tmp_path):
 
 
 def test_planned_stages_are_the_stages_a_run_computes_and_the_eta_follows_them(tiny_folder, tmp_path):
-    from core.study_eta import for_study
+    from refusal_lab.study_eta import for_study
 
     study = Study(_spec(tiny_folder), tmp_path / "runs")
     planned = study.planned_stages(budget=True)
@@ -120,9 +120,9 @@ def test_merged_aird_on_a_quantized_variant_runs_as_adapter(tiny_folder, tmp_pat
 def test_aird_cli_reports_the_measured_verdict(tiny_folder, tmp_path, capsys):
     import json
 
-    from core.aird import repair_verdict
-    from core.cli import main
-    from core.results import Recoverability
+    from refusal_lab.aird import repair_verdict
+    from refusal_lab.cli import main
+    from refusal_lab.results import Recoverability
 
     out = tmp_path / "aird.json"
     assert main(["aird", "--model", tiny_folder, "--scheme", "magnitude:0.5", "--layers", "1,2", "--alpha", "2",
@@ -187,7 +187,7 @@ def test_observed_reports_only_this_threads_calls_and_with_spec_shares_the_folde
 
 
 def test_adopted_variant_is_not_compressed_again(tiny_folder, tmp_path):
-    from core.compression import apply
+    from refusal_lab.compression import apply
 
     study = Study(_spec(tiny_folder, schemes=[], aird=None), tmp_path / "runs")
     small, _ = apply(study.original, "magnitude:0.5")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.store import RunStore
-from core.study_eta import StudyEta, stage_history, stage_kind
+from refusal_lab.store import RunStore
+from refusal_lab.study_eta import StudyEta, stage_history, stage_kind
 
 
 class Clock:

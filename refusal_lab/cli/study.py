@@ -1,0 +1,197 @@
+"""``python -m refusal_lab study`` (the whole pipeline) and ``python -m refusal_lab aird`` (repair one variant)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from refusal_lab.cli import add_model_args
+from refusal_lab.codec import to_json
+from refusal_lab.tables import text_table
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
+    p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
+    p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each evaluation set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--runs", default="runs", help="run-store directory")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--screen", type=int, default=12, metavar="K",
+                   help="direction search: screen induce on K val prompts, search the survivors exactly "
+                        "(default 12; measured against the exact search in BENCHMARKS.md); 0 = exact search")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="directions, compression, drift, evaluation, AIRD and a report, cached")
+    _common(p)
+    p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
+    p.add_argument("--aird", default=None, help="auto | top:K (repair K layers ending at the source layer)")
+    p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
+    p.add_argument("--calibration", default="scored", choices=["scored", "generated"],
+                   help="how AIRD's calibration grid is measured: scored = one forward per point, the best "
+                        "points generated (fast); generated = every point generated (the reference)")
+    p.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
+                   help="AIRD's fitted re-alignment of layer l*−1: auto (calibration decides), on, off")
+    p.add_argument("--out", default=None, help="write the HTML report here")
+    p.set_defaults(func=run_study)
+
+    a = sub.add_parser("aird", help="repair a compressed variant with AIRD and compare before/after")
+    _common(a)
+    a.add_argument("--scheme", required=True)
+    a.add_argument("--layers", default="auto", help="auto | comma-separated layer indices")
+    a.add_argument("--alpha", default="auto", help="auto | a number")
+    a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
+    a.add_argument("--calibration", default="scored", choices=["scored", "generated"],
+                   help="how the calibration grid is measured: scored = one forward per point, the best "
+                        "points generated (fast); generated = every point generated (the reference)")
+    a.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
+                   help="fitted re-alignment of layer l*−1: auto (calibration decides; off with a given α and "
+                        "layers), on, off")
+    a.add_argument("--methods", default="all", help="all | comma-separated subset of the comparison methods")
+    a.add_argument("--no-budget", action="store_true", help="skip the budget curve")
+    a.add_argument("--save", default=None, help="save the repair (adapter: r̂ + α + layers) to this folder")
+    a.set_defaults(func=run_aird)
+
+
+def _progress_bars():
+    from refusal_lab.progress import tqdm_progress
+
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm_progress(stage)
+        bars[stage](done, total)
+
+    return on_progress
+
+
+def _announce_stages(study, planned: list[str]) -> None:
+    """Print a line as each planned stage starts: its number, the time so far and the time left in all."""
+    from tqdm.auto import tqdm
+
+    from refusal_lab.progress import format_seconds
+    from refusal_lab.study_eta import for_study
+
+    eta = for_study(study, planned)
+    t0 = time.perf_counter()
+
+    def on_stage(stage: str, seconds: float | None) -> None:
+        eta.on_stage(stage, seconds)
+        if seconds is None and stage in planned:
+            left = eta.describe()
+            tqdm.write(f"[{sum(p in eta.done for p in planned) + 1}/{len(planned)}] {stage} · "
+                       f"{format_seconds(time.perf_counter() - t0).lstrip('~')} so far"
+                       + (f" · {left}" if left else ""), file=sys.stderr)
+
+    study.on_stage = on_stage
+
+
+def _spec(args, schemes, **kw):
+    from refusal_lab.study import StudySpec
+
+    return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
+                     borderline=args.borderline or None, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                     device=args.device, dtype=args.dtype, precision=args.precision,
+                     selection_screen=args.screen or None, **kw)
+
+
+def _print_rows(rows: list[dict], cols: list[str]) -> None:
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    print(text_table(cols, [[cell(r.get(c)) for c in cols] for r in rows]))
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from refusal_lab.report import write_report
+    from refusal_lab.study import Study, summary_rows
+
+    t0 = time.perf_counter()
+    study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode,
+                        aird_realign=args.realign, aird_search=args.calibration), args.runs,
+                  on_progress=_progress_bars())
+    _announce_stages(study, study.planned_stages(budget=bool(args.aird)))
+    results = study.run(budget=bool(args.aird))
+    if args.aird:
+        results.budget = {s: study.budget(s) for s in args.scheme}  # stored by the run
+    rows = summary_rows(results)
+    _print_rows(rows, ["model", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
+                       "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
+                       "aird_realign_layer"])
+    for s, v in results.variants.items():
+        print(f"{s}: predicted from projections: {v.drift.recoverability.verdict}")
+        if v.aird_verdict is not None:
+            print(f"{s}: measured: {v.aird_verdict.verdict}")
+    if args.out:
+        print(f"report: {write_report(results, args.out)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results.to_json(), indent=1))
+    stage_times = {k: round(v, 1) for k, v in study.timings.items()}
+    print(f"study {study.record.id}: {time.perf_counter() - t0:.1f}s; computed stages: {stage_times or '{}'}")
+    return 0
+
+
+def run_aird(args: argparse.Namespace) -> int:
+    from refusal_lab.aird import METHOD_LABELS, METHODS
+    from refusal_lab.study import Study, measured_verdict, method_row
+
+    layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
+    alpha = None if args.alpha == "auto" else float(args.alpha)
+    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+    study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
+                        aird_realign=args.realign, aird_search=args.calibration),
+                  args.runs, on_progress=_progress_bars())
+    planned = [p for p in study.planned_stages([args.scheme], aird=True, budget=not args.no_budget)
+               if p != f"evaluate {args.scheme}+aird"] + [f"method {args.scheme}: {m}" for m in methods]
+    _announce_stages(study, planned)
+    d_o = study.directions("original")
+    drift = study.drift(args.scheme)
+    rep = study.repair(args.scheme)
+    original = study.evaluate("original")
+    comparison = study.compare_methods(args.scheme, methods)
+    rows = [method_row("original (uncompressed)", original)]
+    for m, ev in comparison.items():
+        rows.append(method_row(METHOD_LABELS[m], ev))
+    print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
+          + (f"{args.scheme} source: layer {drift.variant.source.layer}; cosine of selected directions "
+             f"{drift.cosine_selected:.3f}" if drift.cosine_selected is not None else
+             f"cosine to {args.scheme}'s candidate at that source {drift.cosine_at_source:.3f}"))
+    fit = ("" if rep.realign is None else
+           f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
+    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
+          f"({'calibrated on val splits' if rep.auto else 'as given'})")
+    _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
+                       "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
+    print(f"diagnostic (predicted from projections): {drift.recoverability.verdict}")
+    result = {"scheme": args.scheme, "repair": rep.summary(), "drift": drift, "original": original,
+              "methods": comparison}
+    repaired = comparison.get(f"aird-{rep.mode}")
+    if repaired is not None and repaired.error is None and "none" in comparison:
+        result["aird_verdict"] = measured_verdict(original, comparison["none"], repaired, drift,
+                                                  study.eval_sets()["harmful"].name)
+        print(f"diagnostic (measured): {result['aird_verdict'].verdict}")
+    if not args.no_budget:
+        result["budget"] = study.budget(args.scheme)
+        print("budget curve: " + ", ".join(f"{r.n_layers} layer(s) → {100 * r.refusal:.0f}% "
+                                           f"({r.densified_weights:,} weights densified)" for r in result["budget"]))
+    if args.save:
+        print(f"repair saved to {rep.save(args.save)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(to_json(result), indent=1))
+    return 0

@@ -1,0 +1,156 @@
+"""Model-quality evaluations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from refusal_lab.models import ModelHandle
+from refusal_lab.precision import compute
+from refusal_lab.progress import Progress, report
+from refusal_lab.results import Reply, SetEvaluation
+
+
+REFERENCE_WINDOW = 512  # tokens per window of the reference perplexity
+PERPLEXITY_LABEL = f"perplexity (bundled English text, {REFERENCE_WINDOW}-token windows)"
+
+
+def reference_perplexity(handle: ModelHandle, *, progress: Progress | None = None) -> float:
+    """The perplexity every view shows (:data:`PERPLEXITY_LABEL`): :func:`perplexity` of the whole
+    bundled English text with windows of ``REFERENCE_WINDOW`` tokens (stride half a window)."""
+    from refusal_lab.prompts import bundled_text
+
+    return perplexity(handle, bundled_text(), max_length=REFERENCE_WINDOW, progress=progress)
+
+
+@torch.no_grad()
+def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride: int | None = None,
+               batch_size: int = 4, progress: Progress | None = None) -> float:
+    """Token-level perplexity ``exp(mean NLL)`` of ``text`` with a sliding window.
+
+    The text is tokenized once (no special tokens); windows of ≤ ``max_length`` tokens start every
+    ``stride`` tokens (default ``max_length // 2``; ``stride < max_length``) and each window scores only the tokens no earlier
+    window scored, so every token but the first is predicted exactly once, with ≥ ``max_length − stride``
+    tokens of context once past the first window. Windows of equal length run ``batch_size`` at a time;
+    every forward holds ``handle.lock``. ``max_length`` is capped at the model's context length.
+    """
+    ids = handle.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    total = int(ids.numel())
+    if total < 2:
+        raise ValueError("perplexity needs a text of at least 2 tokens")
+    limit = getattr(getattr(handle.model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 1 < limit < max_length:
+        max_length = limit
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride < max_length:
+        raise ValueError(f"stride must be in 1..max_length-1 ({max_length - 1}) so windows overlap by at "
+                         f"least one token, got {stride}")
+    windows: list[tuple[int, int, int]] = []  # (begin, end, first scored position)
+    scored_until = 1
+    for begin in range(0, total, stride):
+        end = min(begin + max_length, total)
+        if end > scored_until:
+            windows.append((begin, end, scored_until))
+            scored_until = end
+        if end == total:
+            break
+    device = handle.device
+    nll = 0.0
+    count = 0
+    done = 0
+    i = 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        batch = [windows[i]]
+        while (i + len(batch) < len(windows) and len(batch) < batch_size
+               and windows[i + len(batch)][1] - windows[i + len(batch)][0] == length):
+            batch.append(windows[i + len(batch)])
+        inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+        # logits at position p predict token p + 1: a window scores tokens first..e-1, so only positions
+        # from the batch's earliest first-1 to length-2 are unembedded (half of each window past the first)
+        lo = min(first - b - 1 for b, _, first in batch)
+        with handle.lock, compute(handle):
+            logits = handle.model(input_ids=inputs, use_cache=False,
+                                  logits_to_keep=torch.arange(lo, length - 1, device=device)).logits
+        for row, (b, e, first) in enumerate(batch):
+            pred = logits[row, first - b - 1 - lo:e - b - 1 - lo].float()
+            target = inputs[row, first - b:e - b]
+            nll += float(F.cross_entropy(pred, target, reduction="sum"))
+            count += e - first
+        i += len(batch)
+        done += len(batch)
+        report(progress, done, len(windows))
+    return math.exp(nll / count)
+
+
+def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int | None = None,
+                       judge=None, progress: Progress | None = None) -> SetEvaluation:
+    """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score (from
+    the logits the first reply token is chosen from: no second pass), per-category rates, and every
+    (prompt, response, refused, refusal_score).
+
+    ``prompts`` is a :class:`refusal_lab.prompts.PromptSet` or a list of instructions.
+    """
+    evaluations, _ = refusal_evaluations(handle, {"set": prompts}, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, judge=judge, progress=progress)
+    return evaluations["set"]
+
+
+def refusal_evaluations(handle: ModelHandle, sets: Mapping[str, object], *, max_new_tokens: int = 64,
+                        batch_size: int | None = None, judge=None,
+                        progress: Progress | None = None) -> tuple[dict[str, SetEvaluation], dict[str, torch.Tensor]]:
+    """:func:`refusal_evaluation` of several named prompt sets → ``({name: evaluation}, {name: the logits
+    each prompt's first reply token was chosen from, (n, vocab) float32})``.
+
+    One generation per set: rows of different sets never share a batch, so a set's replies do not
+    depend on the other sets. (One generation for all of them keeps the batch fuller — 249 prompts ×
+    64 tokens in 25.4–25.8 s instead of 28.8–30.4 s — but under bfloat16 batch composition moves
+    round-off, which flipped up to 3 of 49 borderline verdicts: BENCHMARKS.md.)"""
+    from refusal_lab.generation import generate_with_logits
+
+    texts = {name: list(getattr(ps, "prompts", ps)) for name, ps in sets.items()}
+    if not texts or any(not t for t in texts.values()):
+        raise ValueError("no prompts to evaluate")
+    evaluations, logits = {}, {}
+    done, total = 0, sum(map(len, texts.values()))
+    for name, ts in texts.items():
+        sub = None if progress is None else (lambda d, _t, at=done: progress(at + d, total))
+        replies, first = generate_with_logits(handle, ts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                              progress=sub)
+        cats = list(getattr(sets[name], "categories", [None] * len(ts)))
+        evaluations[name], logits[name] = _evaluation(handle, ts, cats, replies, first, judge), first
+        done += len(ts)
+    return evaluations, logits
+
+
+def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list[str], first: torch.Tensor,
+                judge) -> SetEvaluation:
+    from refusal_lab.judges import refusal_score_from_logits, refusal_token_ids, substring_judge
+
+    refused = list((judge or substring_judge)(texts, replies))
+    scores = refusal_score_from_logits(first, refusal_token_ids(handle.tokenizer))
+    by_cat: dict[str, list[bool]] = {}
+    for c, r in zip(cats, refused):
+        if c is not None:
+            by_cat.setdefault(c, []).append(r)
+    return SetEvaluation(
+        n=len(texts), refusal_rate=sum(refused) / len(texts), mean_refusal_score=float(scores.mean()),
+        by_category={c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+        results=[Reply(prompt=p, response=r, refused=bool(f), refusal_score=float(s))
+                 for p, r, f, s in zip(texts, replies, refused, scores.tolist())])
+
+
+def kl_per_prompt(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) of each row's next-token distribution, logits ``(n, vocab)`` → ``(n,)``
+    float64 (nats, each ≥ 0)."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) of next-token distributions given as logits ``(n, vocab)``."""
+    return float(kl_per_prompt(reference_logits, logits).mean())

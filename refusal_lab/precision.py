@@ -1,0 +1,178 @@
+"""Compute precision of forward passes: exact float32, or bfloat16 autocast with float32 weights.
+
+``bfloat16`` runs every matmul of a forward in bfloat16 (``torch.autocast``: inputs rounded to bf16,
+products accumulated in float32, the residual stream kept in float32 by the model's own additions);
+weights stay float32, so compression and weight edits are unchanged. ``auto`` picks it where the
+hardware has native bf16 matmuls (x86 AVX512-BF16 / AMX, CUDA with bf16 support) and float32
+otherwise. The chosen precision is shown in the model info and is part of every cache key of a
+study (see :mod:`refusal_lab.study`): results of the two precisions never mix. Its differences from float32
+are measured in BENCHMARKS.md ("Reduced precision").
+
+Every forward of the library runs inside :func:`compute`. Under autocast it also swaps each plain
+``nn.Linear`` weight for a cached bfloat16 copy (:func:`_shadows`): autocast would otherwise cast
+every weight again on every forward (a quarter of a greedy decoding step, measured in BENCHMARKS.md);
+the copy is the same rounding, so outputs are bit-identical (tested). Key/value caches made under it
+store bfloat16 (:func:`low_precision_cache`): attention reads its keys and values in bf16 anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has native bfloat16 matmuls (autocast is then faster than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(bool(p()) for p in probes if callable(p))
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device, weight_dtype: torch.dtype) -> str:
+    """``auto`` → ``bfloat16`` when the weights are float32 and :func:`fast_bf16`, else the weights'
+    own precision; ``float32``/``bfloat16`` as asked (bf16 weights always compute in bf16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if weight_dtype != torch.float32:
+        return str(weight_dtype).replace("torch.", "")
+    if precision == "auto":
+        return "bfloat16" if fast_bf16(device) else "float32"
+    return precision
+
+
+def _autocasts(handle) -> bool:
+    return getattr(handle, "precision", "float32") == "bfloat16" and handle.dtype == torch.float32
+
+
+SHADOW_MODELS = 1  # models whose bf16 weight copies are kept (each costs half its float32 linear weights)
+_SHADOWS: OrderedDict[int, tuple] = OrderedDict()  # id(model) → (weakref(model), {module: entry})
+_SHADOW_LOCK = threading.Lock()
+
+
+def _shadow(entries: weakref.WeakKeyDictionary, module: torch.nn.Linear) -> torch.Tensor | None:
+    """The bf16 copy of ``module.weight``, made again whenever the weight changed: another Parameter
+    swapped in (an edit in a context), new storage (``.data =``) or an in-place write (``_version``)."""
+    w = module._parameters.get("weight")
+    if w is None or w.dtype != torch.float32 or w.device.type == "meta":
+        return None
+    entry = entries.get(module)
+    stamp = (w.data_ptr(), w._version)
+    if entry is None or entry[0]() is not w or entry[1] != stamp:
+        entry = (weakref.ref(w), stamp, w.detach().to(torch.bfloat16))
+        entries[module] = entry
+    return entry[2]
+
+
+def _shadows(model: torch.nn.Module) -> weakref.WeakKeyDictionary:
+    """The bf16 weight copies of ``model`` (the ``SHADOW_MODELS`` most recently run models keep theirs)."""
+    with _SHADOW_LOCK:
+        key = id(model)
+        ref_entries = _SHADOWS.pop(key, None)
+        if ref_entries is None or ref_entries[0]() is not model:
+            ref_entries = (weakref.ref(model), weakref.WeakKeyDictionary())
+        _SHADOWS[key] = ref_entries
+        while len(_SHADOWS) > SHADOW_MODELS:
+            _SHADOWS.popitem(last=False)
+        return ref_entries[1]
+
+
+@contextlib.contextmanager
+def _bf16_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Plain ``nn.Linear`` weights swapped for their bf16 copies for the duration (quantized layers,
+    offloaded weights and forwards that build a graph keep their own)."""
+    if torch.is_grad_enabled():
+        yield
+        return
+    entries = _shadows(model)
+    swapped = []
+    try:
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:
+                copy = _shadow(entries, m)
+                if copy is not None:
+                    swapped.append((m, m._parameters["weight"]))
+                    m._parameters["weight"] = copy
+        yield
+    finally:
+        for m, w in reversed(swapped):
+            m._parameters["weight"] = w
+
+
+def clear_shadows() -> None:
+    """Drop every cached bf16 weight copy (frees their memory; the next forward makes them again)."""
+    with _SHADOW_LOCK:
+        _SHADOWS.clear()
+
+
+@contextlib.contextmanager
+def compute(handle) -> Iterator[None]:
+    """The forward-pass context of ``handle``'s precision: bf16 autocast (with cached bf16 weight
+    copies) when the handle asks for it and its weights are float32, nothing otherwise (float32, or
+    weights already in low precision)."""
+    if _autocasts(handle):
+        with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
+            yield
+    else:
+        yield
+
+
+def kv_dtype(handle) -> torch.dtype:
+    """The dtype a key/value cache of ``handle`` holds: bf16 under autocast (:func:`low_precision_cache`)."""
+    return torch.bfloat16 if _autocasts(handle) else handle.dtype
+
+
+
+@functools.cache
+def bf16_kv_layer() -> type:
+    """The class of a growing cache layer that stores keys and values in bfloat16 (made on first use:
+    importing ``transformers.cache_utils`` costs seconds, which no import of this module should pay).
+    Under bf16 autocast attention (SDPA, or eager's matmuls) casts keys and values to bf16 when it reads
+    them, so storing them cast gives the same attention, bit for bit, with half the memory and no
+    re-cast of the whole cache per step."""
+    from transformers.cache_utils import DynamicLayer
+
+    class Bf16KVLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.dtype = torch.bfloat16
+            self.keys, self.values = self.keys.to(self.dtype), self.values.to(self.dtype)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            return super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16), *args, **kwargs)
+
+    return Bf16KVLayer
+
+
+def is_growing_layer(layer) -> bool:
+    """Whether a cache layer is a plain growing one (transformers' ``DynamicLayer`` or its bf16 form)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return type(layer) in (DynamicLayer, bf16_kv_layer())
+
+
+def low_precision_cache(handle, cache):
+    """``cache`` with its plain growing layers storing bfloat16 when ``handle`` autocasts (in place;
+    other layer kinds — sliding windows, quantized caches — and other precisions are left as they are).
+    Returns ``cache``."""
+    if cache is None or not _autocasts(handle) or not hasattr(cache, "layers"):
+        return cache
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = bf16_kv_layer()  # the same state; only initialization and update differ
+            if layer.is_initialized:
+                layer.dtype = torch.bfloat16
+                layer.keys, layer.values = layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)
+    return cache

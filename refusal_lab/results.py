@@ -1,0 +1,282 @@
+"""Typed results of a study — evaluation per set, drift, recoverability, verdict, calibration point,
+repair, budget point, the whole study — with the one JSON codec of :mod:`refusal_lab.codec`.
+
+Their JSON keys are those of the dicts these classes replaced, so studies stored before and CLI
+output stay readable. Rates are fractions 0–1; KL in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from refusal_lab.codec import JsonRecord, optional
+from refusal_lab.compression.report import CompressionReport
+
+
+# -- evaluations ----------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class Reply(JsonRecord):
+    """One prompt's greedy reply and the judge's call on it (``refusal_score``: first-step logit score)."""
+
+    prompt: str
+    response: str
+    refused: bool
+    refusal_score: float
+
+
+@dataclass(kw_only=True)
+class SetEvaluation(JsonRecord):
+    """Refusal on one prompt set: rate over its ``n`` prompts, per category, and every reply."""
+
+    n: int
+    refusal_rate: float
+    mean_refusal_score: float | None = None
+    by_category: dict[str, float] = field(default_factory=dict)
+    results: list[Reply] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Evaluation(JsonRecord):
+    """A model's refusal per evaluation set (``harmful``, ``harmless``, optionally ``borderline``),
+    perplexity on the reference text (:data:`refusal_lab.evaluation.PERPLEXITY_LABEL`) and mean KL to the
+    original on the harmless set's first reply token (absent for the original itself)."""
+
+    model: str = ""
+    sets: dict[str, SetEvaluation] = field(default_factory=dict)
+    perplexity: float | None = None
+    kl_to_original: float | None = optional()
+
+    def rate(self, set_name: str) -> float | None:
+        """Refusal rate on ``set_name``, None when the set was not evaluated."""
+        s = self.sets.get(set_name)
+        return None if s is None else s.refusal_rate
+
+
+@dataclass(kw_only=True)
+class Density(JsonRecord):
+    """Non-zero weights of the layers a repair writes to, before or after it."""
+
+    nonzero: int
+    total: int
+    density: float
+
+
+# -- AIRD ----------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class CalibrationPoint(JsonRecord):
+    """One point of AIRD's calibration grid: repair ``layers`` at strength ``alpha`` (with the fitted
+    re-alignment when ``realign``), its refusal on the val splits (None where not measured), KL to the
+    unrepaired model (``kl``) and to the original, feasibility and whether it was chosen. ``measured``:
+    ``scored`` (first-token score) or ``generated``; ``scored_*`` keep the scored values of a point
+    that was then generated."""
+
+    realign: bool = False
+    layers: list[int] = field(default_factory=list)
+    alpha: float
+    measured: str | None = optional()
+    harmful_refusal: float | None = None
+    harmless_refusal: float | None = None
+    harmful_score: float | None = None
+    kl: float | None = None
+    kl_original: float | None = optional()
+    feasible: bool = False
+    chosen: bool = False
+    scored_harmful_refusal: float | None = optional()
+    scored_harmless_refusal: float | None = optional()
+    scored_feasible: bool | None = optional()
+    score_threshold: float | None = optional()  # the unrepaired point of a scored search: the fitted threshold
+    threshold_agreement: float | None = optional()  # and its agreement with generated verdicts
+
+    @property
+    def unrepaired(self) -> bool:
+        return self.alpha == 0 and not self.realign
+
+
+@dataclass(kw_only=True)
+class RepairSummary(JsonRecord):
+    """An AIRD repair without its tensors (:meth:`refusal_lab.aird.Repair.summary`)."""
+
+    layers: list[int]
+    alpha: float
+    mode: str = "merged"
+    source_layer: int | None = None
+    calibration: list[CalibrationPoint] = field(default_factory=list)
+    auto: bool = False
+    realign_layer: int | None = None
+
+
+@dataclass(kw_only=True)
+class RepairedEvaluation(Evaluation):
+    """The evaluation of a repaired variant, with the repair and what it cost in density."""
+
+    repair: RepairSummary | None = None
+    density_before: Density | None = None
+    density_after: Density | None = None
+    densified_weights: int = 0
+
+
+@dataclass(kw_only=True)
+class MethodEvaluation(Evaluation):
+    """One repair method of a comparison: its evaluation, or the ``error`` that kept it from applying."""
+
+    method: str
+    error: str | None = optional()
+    parameters_changed: int | None = optional()
+    density_before: Density | None = optional()
+    density_after: Density | None = optional()
+
+
+@dataclass(kw_only=True)
+class BudgetPoint(JsonRecord):
+    """Refusal with the k = ``n_layers`` repair layers ending at the source, and the weights a merged
+    repair of them would densify."""
+
+    n_layers: int
+    layers: list[int]
+    refusal: float
+    densified_weights: int
+
+
+# -- directions and drift --------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class DirectionSource(JsonRecord):
+    """Where a selected direction comes from (all None when none was selected)."""
+
+    position: int | None = None
+    layer: int | None = None
+    token: str | None = None
+    n_layers: int | None = optional()
+
+
+@dataclass(kw_only=True)
+class DirectionQuality(JsonRecord):
+    """The selected direction's bypass / induce / KL scores and their baselines (empty when none)."""
+
+    bypass: float | None = optional()
+    induce: float | None = optional()
+    kl: float | None = optional()
+    baseline_harmful: float | None = optional()
+    baseline_harmless: float | None = optional()
+    fallback: bool | None = optional()
+    norm: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class DirectionSummary(JsonRecord):
+    source: DirectionSource = field(default_factory=DirectionSource)
+    quality: DirectionQuality = field(default_factory=DirectionQuality)
+
+
+@dataclass(kw_only=True)
+class ProjectionStats(JsonRecord):
+    """Per-layer ``(n_layers + 1)`` bands of harmful/harmless projections on a direction, and Cohen's d."""
+
+    harmful_mean: list[float]
+    harmful_std: list[float]
+    harmless_mean: list[float]
+    harmless_std: list[float]
+    cohens_d: list[float]
+
+
+@dataclass(kw_only=True)
+class Recoverability(JsonRecord):
+    """Whether scaling along O's direction can repair C (:func:`refusal_lab.aird.recoverability`): Cohen's d
+    per layer in O and C, their ``ratio`` at the source ``layer``, C's harmless shift toward O's harmful
+    mean (fraction of O's gap), the ``level`` and its prose."""
+
+    cohens_d_original: list[float]
+    cohens_d_compressed: list[float]
+    layer: int
+    ratio: float
+    harmless_shift: float
+    level: str
+    verdict: str
+
+
+@dataclass(kw_only=True)
+class Verdict(JsonRecord):
+    """The measured outcome of a repair (:func:`refusal_lab.aird.repair_verdict`): ``recovered`` share of the
+    lost refusal (None when nothing was lost), the diagnostic's ``predicted`` level, prose."""
+
+    level: str
+    recovered: float | None = None
+    predicted: str | None = None
+    verdict: str
+
+
+@dataclass(kw_only=True)
+class Diagnostic(JsonRecord):
+    """Projections on O's direction in O and the variant (``projections["original"|"variant"]``) and
+    the recoverability verdict."""
+
+    projections: dict[str, ProjectionStats]
+    recoverability: Recoverability
+
+
+@dataclass(kw_only=True)
+class Drift(Diagnostic):
+    """How a variant's refusal direction moved: per-layer cosine with O's candidates at O's position
+    (None where undefined), O's direction against the variant's candidate at O's source and against
+    the variant's own selection (None when the variant's was not selected), both sources."""
+
+    scheme: str
+    cosine_per_layer: list[float | None]
+    cosine_at_source: float | None = optional()  # absent from studies stored before it existed
+    cosine_selected: float | None = None
+    original: DirectionSummary
+    variant: DirectionSummary
+
+    @property
+    def cosine(self) -> float | None:
+        """The cosine a table shows: between the selected directions when the variant's was selected,
+        else between O's direction and the variant's candidate at O's source."""
+        return self.cosine_selected if self.cosine_selected is not None else self.cosine_at_source
+
+
+@dataclass(kw_only=True)
+class RepairResult(JsonRecord):
+    """One variant's AIRD repair with everything it is judged by: O's and C's evaluations, C's drift,
+    the repaired evaluation (which holds the repair), the measured verdict and the budget curve."""
+
+    scheme: str
+    original: Evaluation
+    variant: Evaluation
+    drift: Drift
+    repaired: RepairedEvaluation
+    verdict: Verdict
+    budget: list[BudgetPoint] = field(default_factory=list)
+
+
+# -- a whole study ---------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class OriginalResult(JsonRecord):
+    evaluation: Evaluation
+    source: DirectionSummary
+
+
+@dataclass(kw_only=True)
+class VariantResult(JsonRecord):
+    """One compressed variant: its compression report, drift, evaluation and, with AIRD, the repaired
+    evaluation and the measured verdict."""
+
+    compression: CompressionReport
+    drift: Drift
+    evaluation: Evaluation
+    repaired: RepairedEvaluation | None = optional()
+    aird_verdict: Verdict | None = optional()
+
+
+@dataclass(kw_only=True)
+class StudyResults(JsonRecord):
+    """Everything a study computed (:meth:`refusal_lab.study.Study.results`); ``budget``: AIRD budget curves
+    per scheme when they were asked for."""
+
+    spec: dict
+    study_id: str
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+    original: OriginalResult
+    budget: dict[str, list[BudgetPoint]] | None = optional()

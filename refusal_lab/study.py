@@ -1,0 +1,599 @@
+"""A *study*: one model, its compressed variants, prompt sets, refusal directions, AIRD repairs and
+evaluations, computed in stages. Every stage's artifact is keyed by what it depends on (model
+fingerprint, scheme, prompt-set hashes, settings, code version) and persisted in the run store, so
+nothing is computed twice — across restarts too — and a killed run resumes where it stopped.
+
+Stages::
+
+    load → directions(original) → compress(scheme) → directions(variant) → drift
+         → evaluate(original, variants) → AIRD(variant) → evaluate(repaired) → report
+
+Directions are always extracted from the project's bundled train splits and selected on its val
+splits; AIRD is calibrated on val splits; user files (``harmful``/``harmless``) are evaluation sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from refusal_lab.memory import release
+from refusal_lab.models import ModelHandle
+from refusal_lab.progress import report
+from refusal_lab.codec import from_json, to_json
+from refusal_lab.compression.report import CompressionReport
+from refusal_lab.results import (BudgetPoint, Diagnostic, Drift, Evaluation, MethodEvaluation,
+                          OriginalResult, ProjectionStats, RepairedEvaluation, RepairResult, StudyResults,
+                          VariantResult)
+from refusal_lab.prompts import PromptSet, bundled, resolve_prompt_arg
+from refusal_lab.store import RunStore, StoreError, StudyRecord, cache_key, tensor_key
+from refusal_lab.study_rows import evaluation_row, measured_verdict, method_row, repair_rows, summary_rows
+from refusal_lab.study_spec import LEGACY, StudySpec
+
+__all__ = ["Study", "StudySpec", "LEGACY", "summary_rows", "evaluation_row", "method_row", "repair_rows",
+           "measured_verdict"]
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "study-2"  # part of every stage's cache key
+# Versions of single stages' computations, part of their cache keys: bump one when what its stage
+# computes changes, and stored results of the older version are computed again.
+VERDICT_VERSION = "verdict-3"  # the recoverability verdict (diagnostic and drift stages)
+REPAIR_VERSION = "realign-3"  # AIRD's re-alignment fit and calibration
+BUDGET_VERSION = "budget-2"  # the budget curve
+StageProgress = Callable[[str, int, int], None]
+
+
+class Study:
+    """Runs a :class:`StudySpec` stage by stage against a :class:`~refusal_lab.store.RunStore`.
+
+    ``original`` may be passed (e.g. the dashboard's shared cached model) to avoid reloading.
+    ``on_progress(stage, done, total)`` is called between batches; raising
+    :class:`~refusal_lab.progress.Cancelled` from it stops the run (completed stages stay stored).
+    ``on_stage(stage, seconds)`` is called when a stage starts computing (``seconds`` None) and when it
+    has (loaded stages call nothing): what :class:`refusal_lab.study_eta.StudyEta` follows.
+    """
+
+    def __init__(self, spec: StudySpec, store: RunStore | str | Path = "runs", *,
+                 original: ModelHandle | None = None, on_progress: StageProgress | None = None) -> None:
+        self.spec = spec
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.record: StudyRecord = self.store.create_study(spec.title, spec.to_dict())
+        self._original = original
+        self._variants: dict[str, ModelHandle] = {}
+        self.on_progress = on_progress
+        self.on_stage: Callable[[str, float | None], None] | None = None
+        self.timings: dict[str, float] = {}
+        self._memo: dict[str, object] = {}
+        self._sets: dict[str, PromptSet] | None = None
+        # observers of the calls made inside observed() — per thread, so that one shared study serves
+        # several dashboard sessions at once, each seeing only its own calls
+        self._observers: contextvars.ContextVar = contextvars.ContextVar(f"study-observers-{id(self)}",
+                                                                          default=(None, None))
+
+    # -- what a view needs ----------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """The id of this study's folder in the run store."""
+        return self.record.id
+
+    @contextlib.contextmanager
+    def observed(self, on_progress: StageProgress | None = None,
+                 on_stage: Callable[[str, float | None], None] | None = None) -> Iterator["Study"]:
+        """Report the progress (``on_progress(stage, done, total)``; raising
+        :class:`~refusal_lab.progress.Cancelled` from it stops the call) and the stages (``on_stage``, as the
+        attribute) of the calls this thread makes inside the block — besides the study's own observers.
+        Other threads using the same study see none of it."""
+        token = self._observers.set((on_progress, on_stage))
+        try:
+            yield self
+        finally:
+            self._observers.reset(token)
+
+    def variants(self) -> dict[str, ModelHandle]:
+        """The compressed variants this study holds in memory, by scheme (a copy of the mapping)."""
+        return dict(self._variants)
+
+    def adopt_variant(self, scheme: str, handle: ModelHandle) -> None:
+        """Use ``handle`` as the variant of ``scheme`` (compressed elsewhere with the same scheme and
+        calibration: the same model) instead of compressing again; a variant already held stays."""
+        self._variants.setdefault(scheme, handle)
+
+    def drop_variants(self, schemes: Sequence[str]) -> None:
+        """Let go of the in-memory variants of ``schemes`` (their stored results stay)."""
+        for scheme in schemes:
+            self._variants.pop(scheme, None)
+
+    def with_spec(self, **changes) -> "Study":
+        """A study with the same folder, store, models and in-memory results but a spec with ``changes``
+        (settings that are part of their stages' cache keys, e.g. AIRD's: every result it shares with
+        this one is keyed by all it depends on). This study is left as it is."""
+        sibling = copy.copy(self)
+        sibling.spec = dataclasses.replace(self.spec, **changes)
+        sibling._sets = None
+        return sibling
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _progress(self, stage: str):
+        own, observer = self.on_progress, self._observers.get()[0]
+        if own is None and observer is None:
+            return None
+
+        def progress(done: int, total: int) -> None:
+            for fn in (own, observer):
+                if fn is not None:
+                    fn(stage, done, total)
+        return progress
+
+    def _announce(self, stage: str, seconds: float | None) -> None:
+        for fn in (self.on_stage, self._observers.get()[1]):
+            if fn is not None:
+                fn(stage, seconds)
+
+    def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json", codec=None):
+        """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it.
+        ``codec``: the result type (:mod:`refusal_lab.results`) a JSON artifact is read back as."""
+        if self.precision != "float32":  # float32 keys stay those of the code before precision existed
+            key_parts = (*key_parts, f"precision={self.precision}")
+        key = cache_key(stage, CODE_VERSION, *key_parts)
+        if key in self._memo:
+            return self._memo[key]
+        if self.record.has(key):
+            try:
+                self._memo[key] = self._get(kind, key, codec=codec)
+                return self._memo[key]
+            except Exception as e:  # corrupt entry: recompute
+                log.warning("stored %s unreadable (%s); recomputing", stage, e)
+        found = self._from_other_studies(kind, key, codec)
+        if found is not None:  # keys name everything a result depends on, so another study's is ours too
+            value, other = found
+            self._put(kind, key, stage, value, 0.0)
+            log.info("%s: reused from study %s", stage, other)
+            self._memo[key] = value
+            return value
+        value, seconds = self._timed(stage, compute)
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        self._put(kind, key, stage, value, seconds)
+        self._memo[key] = value
+        return value
+
+    def _timed(self, stage: str, compute):
+        """``(compute(), seconds)``, announced to ``on_stage`` before and after; what the stage freed
+        (caches, copies) then goes back to the OS, so the next one starts lower."""
+        self._announce(stage, None)
+        t0 = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - t0
+        self._announce(stage, seconds)
+        release()
+        return value, seconds
+
+    def _from_other_studies(self, kind: str, key: str, codec=None):
+        """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
+        None. Unreadable studies and entries are skipped."""
+        for info in self.store.list_studies():
+            if info.id == self.record.id or info.problem:
+                continue
+            try:
+                other = StudyRecord(info.path)  # read-only: no gc of a study another process may be writing
+                if other.has(key):
+                    return self._get(kind, key, other, codec), info.id
+            except Exception as e:  # a damaged peer never stops this study
+                log.debug("study %s: %s unreadable (%s)", info.id, key, e)
+        return None
+
+    def _get(self, kind: str, key: str, record: StudyRecord | None = None, codec=None):
+        record = record or self.record
+        if kind == "json":
+            return record.get_json(key) if codec is None else from_json(codec, record.get_json(key))
+        if kind == "directions":
+            from refusal_lab.directions import DirectionSet
+            return DirectionSet.load(record.get_path(key))
+        if kind == "repair":
+            from refusal_lab.aird import Repair
+            return Repair.from_tensors(record.get_tensors(key), record.get_meta(key))
+        raise ValueError(kind)
+
+    def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
+        if kind == "json":
+            self.record.put_json(key, stage, to_json(value), seconds=seconds)
+        elif kind == "directions":
+            with tempfile.TemporaryDirectory() as tmp:
+                value.save(Path(tmp) / "d")
+                self.record.put_folder(key, stage, Path(tmp) / "d", seconds=seconds)
+        elif kind == "repair":
+            self.record.put_tensors(key, stage, value.tensors(), meta=value.describe(), seconds=seconds)
+
+    @property
+    def precision(self) -> str:
+        """The compute precision of this study's forward passes (the loaded original's, else the spec's)."""
+        if self._original is not None:
+            return self._original.precision
+        if "precision" not in self._memo:
+            from refusal_lab.models import resolve_device, resolve_dtype
+            from refusal_lab.precision import resolve_precision
+
+            dev = resolve_device(self.spec.device)
+            self._memo["precision"] = resolve_precision(self.spec.precision, dev, resolve_dtype(self.spec.dtype, dev))
+        return self._memo["precision"]
+
+    # -- inputs ---------------------------------------------------------------------------
+    @property
+    def original(self) -> ModelHandle:
+        if self._original is None:
+            from refusal_lab.models import load_model
+            report(self._progress("load"), 0, 1)
+            self._original = load_model(self.spec.model, device=self.spec.device, dtype=self.spec.dtype,
+                                        precision=self.spec.precision)
+            report(self._progress("load"), 1, 1)
+        return self._original
+
+    def original_fingerprint(self) -> str:
+        """The original model's fingerprint without loading it: the content hash of its folder (local
+        specs; a retrained adapter or edited folder gets a new one), else the one a stored run of
+        this store recorded (hub ids), else from loading the model."""
+        if self._original is not None:
+            return self._original.fingerprint
+        if "fingerprint" not in self._memo:
+            from refusal_lab.models import spec_fingerprint
+
+            fp = spec_fingerprint(self.spec.model)
+            key = cache_key("fingerprint", self.spec.model)
+            if fp is None:
+                if self.record.has(key):
+                    fp = self.record.get_json(key)["fingerprint"]
+                else:
+                    found = self._from_other_studies("json", key)
+                    fp = found[0]["fingerprint"] if found else self.original.fingerprint
+            if not self.record.has(key) or self.record.get_json(key)["fingerprint"] != fp:
+                self.record.put_json(key, "load", {"fingerprint": fp})
+            self._memo["fingerprint"] = fp
+        return self._memo["fingerprint"]
+
+    def eval_sets(self) -> dict[str, PromptSet]:
+        """The evaluation prompt sets (first ``limit`` of each)."""
+        if self._sets is None:
+            s = self.spec
+            sets = {"harmful": resolve_prompt_arg(s.harmful, "harmful").head(s.limit),
+                    "harmless": resolve_prompt_arg(s.harmless, "harmless").head(s.limit)}
+            if s.borderline:
+                sets["borderline"] = resolve_prompt_arg(s.borderline, "borderline").head(s.limit)
+            self._sets = sets
+        return self._sets
+
+    def variant(self, scheme: str) -> ModelHandle:
+        """The compressed model for ``scheme`` (computed once per process; its report is stored)."""
+        if scheme not in self._variants:
+            from refusal_lab.compression import apply
+
+            original = self.original  # loaded first: a model load is not part of the compression
+            (handle, rep), _ = self._timed(f"compress {scheme}", lambda: apply(
+                original, scheme, progress=self._progress(f"compress {scheme}")))
+            self._variants[scheme] = handle
+            key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+            if not self.record.has(key):
+                self.record.put_json(key, "compress", rep.to_json(), seconds=rep.seconds)
+        return self._variants[scheme]
+
+    def model_for(self, which: str) -> ModelHandle:
+        return self.original if which == "original" else self.variant(which)
+
+    # -- stages ---------------------------------------------------------------------------
+    def compression_report(self, scheme: str) -> CompressionReport:
+        key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+        if not self.record.has(key):
+            handle = self.variant(scheme)
+            if not self.record.has(key):  # adopted: compressed elsewhere, its report travels with it
+                report = handle.meta.get("report")
+                if report is None:
+                    raise StoreError(f"the variant {scheme} was adopted without its compression report")
+                self.record.put_json(key, "compress", report, seconds=report.get("seconds"))
+        return CompressionReport.from_json(self.record.get_json(key))
+
+    def directions(self, which: str = "original"):
+        """Refusal directions of the original (``which="original"``) or of a variant (its scheme)."""
+        from refusal_lab.directions import generate_candidates
+        from refusal_lab.selection import select_direction
+
+        select = which == "original" or self.spec.variant_selection
+
+        def compute():
+            h = self.model_for(which)
+            harmful, harmless = bundled("harmful", "train"), bundled("harmless", "train")
+            ds = generate_candidates(h, harmful.prompts, harmless.prompts,
+                                     progress=self._progress(f"directions {which}: candidates"))
+            if not select:
+                return ds
+            return select_direction(h, ds, bundled("harmful", "val").prompts, bundled("harmless", "val").prompts,
+                                    positions=self.spec.selection_positions, screen=self.spec.selection_screen,
+                                    progress=self._progress(f"directions {which}: selection"))
+
+        screen = () if self.spec.selection_screen is None else (f"screen={self.spec.selection_screen}",)
+        if not select:  # candidates only: no selection setting applies
+            return self._cached(f"directions {which}", (self.original_fingerprint(), which, "candidates"), compute,
+                                "directions")
+        return self._cached(f"directions {which}", (self.original_fingerprint(), which,
+                                                    self.spec.selection_positions) + screen, compute, "directions")
+
+    def diagnostic(self, scheme: str) -> Diagnostic:
+        """Harmful/harmless projections on O's refusal direction (val splits, O's selected position) in
+        O and in the variant, and the recoverability verdict of :func:`refusal_lab.aird.recoverability`.
+        Needs only O's direction, not the variant's (cheaper than :meth:`drift`)."""
+        from refusal_lab.activations import projection_stats, projections
+        from refusal_lab.aird import recoverability
+
+        def compute():
+            d_o = self.directions("original")
+            r, pos = d_o.direction, d_o.selected[0]
+            harmful, harmless = bundled("harmful", "val").prompts, bundled("harmless", "val").prompts
+
+            def of(h: ModelHandle) -> dict[str, torch.Tensor]:
+                return {"harmful": projections(h, harmful, r, position=pos,
+                                               progress=self._progress(f"diagnostic {scheme}: projections")),
+                        "harmless": projections(h, harmless, r, position=pos)}
+
+            proj = {"original": self._original_side(("projections", pos, tensor_key(r)), lambda: of(self.original)),
+                    scheme: of(self.variant(scheme))}
+            stats = {w: ProjectionStats(**{k: v.tolist() for k, v in projection_stats(p["harmful"], p["harmless"]).items()})
+                     for w, p in (("original", proj["original"]), ("variant", proj[scheme]))}
+            return Diagnostic(projections=stats,
+                              recoverability=recoverability(proj["original"], proj[scheme], d_o.selected[1]))
+
+        return self._cached(f"diagnostic {scheme}", (self.original_fingerprint(), scheme, VERDICT_VERSION), compute,
+                            codec=Diagnostic)
+
+    def drift(self, scheme: str) -> Drift:
+        """Per-layer cosine between O's and the variant's candidates (at O's selected position), the
+        variant's source and quality, and (from :meth:`diagnostic`) harmful/harmless projections on
+        O's direction in both with the recoverability verdict."""
+        from refusal_lab.directions import layer_cosines, summary
+
+        def compute():
+            d_o, d_c = self.directions("original"), self.directions(scheme)
+            cos_sel = layer_cosines(d_o, d_c)
+            cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))  # noqa: E731
+            diag = self.diagnostic(scheme)
+            return Drift(
+                scheme=scheme, cosine_per_layer=[None if x != x else float(x) for x in cos_sel.tolist()],
+                # O's direction against the variant's candidate at O's source, and against its own selection
+                cosine_at_source=cos(d_o.direction, d_c.candidate(*d_o.selected)),
+                cosine_selected=None if d_c.selected is None else cos(d_o.direction, d_c.direction),
+                original=summary(d_o), variant=summary(d_c),
+                projections=diag.projections, recoverability=diag.recoverability)
+
+        parts = (self.original_fingerprint(), scheme, VERDICT_VERSION) + (() if self.spec.variant_selection else
+                                                                     ("candidates",))
+        return self._cached(f"drift {scheme}", parts, compute, codec=Drift)
+
+    def _original_side(self, what, compute):
+        """A computation on the original alone that every scheme shares (in this process),
+        named by ``what`` (with everything it depends on besides the original)."""
+        key = f"original side: {what}"
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def _original_harmless_logits(self) -> torch.Tensor:
+        """The original's last-position logits on the harmless evaluation set, once per study (every
+        variant's KL is measured against them)."""
+        from refusal_lab.judges import last_logits
+
+        return self._original_side("harmless logits",
+                                   lambda: last_logits(self.original, self.eval_sets()["harmless"].prompts))
+
+    def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None,
+                         kind: type[Evaluation] = Evaluation, **fields) -> Evaluation:
+        """An evaluation of ``handle`` as ``kind`` (with its further ``fields``)."""
+        from refusal_lab.evaluation import kl_divergence, reference_perplexity, refusal_evaluations
+
+        sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
+                                          progress=self._progress(f"evaluate {label}: replies"))
+        ppl = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
+        # KL from the harmless replies' first-step logits: no second pass
+        kl = None if reference_logits is None else kl_divergence(reference_logits, first["harmless"])
+        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, **fields)
+
+    def _eval_key(self, which: str) -> tuple:
+        s = self.spec
+        sets = {k: v.sha for k, v in self.eval_sets().items()}
+        return (self.original_fingerprint(), which, sets, s.max_new_tokens)
+
+    def evaluate(self, which: str = "original") -> Evaluation:
+        """Refusal / over-refusal / perplexity / KL-to-original of the original or a variant."""
+        def compute():
+            ref = None if which == "original" else self._original_harmless_logits()
+            return self._evaluate_handle(self.model_for(which), which, ref)
+
+        return self._cached(f"evaluate {which}", self._eval_key(which), compute, codec=Evaluation)
+
+    def repair(self, scheme: str):
+        """The AIRD repair of ``scheme`` (calibrated on val splits unless overridden)."""
+        from refusal_lab.aird import (AIRDError, CalibrationSets, Repair, bundled_fit_prompts, calibrate,
+                               candidate_layer_sets, fit_realignment, original_projection)
+        from refusal_lab.judges import last_logits
+
+        s = self.spec
+        if s.aird_realign not in ("auto", "on", "off"):
+            raise AIRDError(f"aird_realign must be auto, on or off, got {s.aird_realign!r}")
+
+        def compute():
+            from refusal_lab.aird import mode_for
+
+            d_o = self.directions("original")
+            layer = d_o.selected[1]
+            c = self.variant(scheme)
+            # merged on quantized writers is impossible: the adapter computes the same function there
+            mode = mode_for(c, range(c.n_layers), s.aird_mode)
+            layer_sets = None
+            if s.aird and s.aird.startswith("top:"):
+                k = int(s.aird.split(":")[1])
+                layer_sets = [list(range(max(0, layer - k + 1), layer + 1))]
+            if s.aird_layers:
+                layer_sets = [list(s.aird_layers)]
+            manual = s.aird_alpha is not None and layer_sets and len(layer_sets) == 1
+            fit = None
+            if layer >= 1 and (s.aird_realign == "on" or s.aird_realign == "auto" and not manual):
+                fit = fit_realignment(self.original, c, d_o.direction, layer, bundled_fit_prompts(),
+                                      original_proj=self._original_side(("realign", layer, tensor_key(d_o.direction)),
+                                                                        lambda: original_projection(
+                                          self.original, d_o.direction, layer, bundled_fit_prompts())),
+                                      progress=self._progress(f"AIRD {scheme}: re-alignment fit"))
+            if manual:
+                return Repair(d_o.direction, layer_sets[0], s.aird_alpha, mode, layer,
+                              realign=None if fit is None else fit[1], realign_layer=None if fit is None else fit[0])
+            alphas = (s.aird_alpha,) if s.aird_alpha is not None else None
+            kwargs = {"alphas": alphas} if alphas else {}
+            return calibrate(c, d_o.direction, layer, layer_sets=layer_sets or candidate_layer_sets(layer, c.n_layers),
+                             mode=mode, realignment=fit, require_realignment=s.aird_realign == "on",
+                             original=self.original, search=s.aird_search,
+                             original_logits=self._original_side("calibration logits", lambda: last_logits(
+                                 self.original, CalibrationSets.bundled().harmless)),
+                             progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
+
+        return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
+                                               s.aird_alpha, s.aird_layers, s.aird_realign, REPAIR_VERSION)
+                            + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)),
+                            compute, "repair")
+
+    def evaluate_repaired(self, scheme: str) -> RepairedEvaluation:
+        """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""
+        from refusal_lab.aird import applied, densified_weights, writer_density
+
+        rep = self.repair(scheme)
+
+        def compute():
+            c = self.variant(scheme)
+            ref = self._original_harmless_logits()
+            before = writer_density(c, rep)
+            densified = densified_weights(c, rep) if rep.mode == "merged" else 0
+            with applied(c, rep) as h:
+                out = self._evaluate_handle(h, f"{scheme}+AIRD", ref, RepairedEvaluation, repair=rep.summary(),
+                                            density_before=before, densified_weights=densified)
+                out.density_after = writer_density(h, rep)
+            return out
+
+        return self._cached(f"evaluate {scheme}+aird", self._eval_key(f"{scheme}+aird") + rep.key(), compute,
+                            codec=RepairedEvaluation)
+
+    def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict[str, MethodEvaluation]:
+        """Every repair method of :data:`refusal_lab.aird.METHODS` on ``scheme`` (those that cannot apply to
+        this variant, e.g. weight edits on bitsandbytes layers, are reported with the reason)."""
+        from refusal_lab.aird import METHODS, AIRDError, changed_parameters, method_applied, writer_density
+
+        methods = tuple(methods or METHODS)
+        rep = self.repair(scheme)
+        out = {}
+        for method in methods:
+            def compute(method=method):
+                c = self.variant(scheme)
+                ref = self._original_harmless_logits()
+                edited = rep if method.startswith("aird") else rep.layers
+                before = writer_density(c, edited)
+                try:
+                    with method_applied(method, self.original, c, rep, self.directions("original").direction) as h:
+                        ev = self._evaluate_handle(h, f"{scheme}: {method}", ref, MethodEvaluation, method=method,
+                                                   density_before=before,
+                                                   parameters_changed=changed_parameters(method, c, rep))
+                        ev.density_after = writer_density(h, edited)
+                except AIRDError as e:
+                    return MethodEvaluation(method=method, error=str(e))
+                return ev
+
+            key = self._eval_key(f"{scheme}:{method}") + rep.key()
+            out[method] = self._cached(f"method {scheme}: {method}", key, compute, codec=MethodEvaluation)
+        return out
+
+    def budget(self, scheme: str, max_layers: int = 8) -> list[BudgetPoint]:
+        """AIRD budget curve for ``scheme`` on the harmful evaluation set (adapter form, same α)."""
+        from refusal_lab.aird import budget_curve
+
+        rep = self.repair(scheme)
+
+        def compute():
+            return budget_curve(self.variant(scheme), rep, self.eval_sets()["harmful"].prompts, max_layers=max_layers,
+                                progress=self._progress(f"AIRD {scheme}: budget curve"))
+
+        return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, BUDGET_VERSION),
+                            compute, codec=list[BudgetPoint])
+
+    def repair_result(self, scheme: str, budget_layers: int = 8) -> RepairResult:
+        """:meth:`evaluate_repaired` of ``scheme`` with what it is judged by (the AIRD page's view)."""
+        original, variant, drift = self.evaluate("original"), self.evaluate(scheme), self.drift(scheme)
+        repaired = self.evaluate_repaired(scheme)
+        verdict = measured_verdict(original, variant, repaired, drift, self.eval_sets()["harmful"].name)
+        return RepairResult(scheme=scheme, original=original, variant=variant, drift=drift, repaired=repaired,
+                            verdict=verdict, budget=self.budget(scheme, max_layers=budget_layers))
+
+    def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
+        """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
+        from refusal_lab.aird import applied
+        from refusal_lab.directions import generate_candidates, layer_cosines
+
+        rep = self.repair(scheme)
+
+        def compute():
+            d_o = self.directions("original")
+            with applied(self.variant(scheme), rep) as h:
+                ds = generate_candidates(h, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts,
+                                         progress=self._progress(f"AIRD {scheme}: repaired directions"))
+            return [None if x != x else float(x) for x in layer_cosines(d_o, ds).tolist()]
+
+        return self._cached(f"repaired directions {scheme}", (self.original_fingerprint(), scheme) + rep.key(),
+                            compute)
+
+    # -- the whole pipeline ---------------------------------------------------------------
+    def planned_stages(self, schemes: Sequence[str] | None = None, *, evaluate: bool = True,
+                       aird: bool | None = None, budget: bool = False) -> list[str]:
+        """The stages :meth:`run` goes through (``budget``: and :meth:`budget`), by name, for the time
+        left in all (:mod:`refusal_lab.study_eta`); ``schemes``/``evaluate``/``aird`` narrow it to a page's part."""
+        aird = bool(self.spec.aird) if aird is None else aird
+        out = ["directions original"] + (["evaluate original"] if evaluate else [])
+        for s in self.spec.schemes if schemes is None else schemes:
+            out += ([] if s in self._variants else [f"compress {s}"]) + [f"directions {s}", f"drift {s}"]
+            out += [f"evaluate {s}"] if evaluate else []
+            out += ([f"aird {s}", f"evaluate {s}+aird"] + ([f"budget {s}"] if budget else [])) if aird else []
+        return out
+
+    def run(self, budget: bool = False) -> StudyResults:
+        """Every stage for every scheme (``budget``: and its AIRD budget curve); returns :meth:`results`.
+        A variant's model is let go once its stages are done (every later read is from the store)."""
+        self.directions("original")
+        self.evaluate("original")
+        for scheme in self.spec.schemes:
+            self.compression_report(scheme)
+            self.directions(scheme)
+            self.drift(scheme)
+            self.evaluate(scheme)
+            if self.spec.aird:
+                self.repair(scheme)
+                self.evaluate_repaired(scheme)
+                if budget:
+                    self.budget(scheme)
+            if self._variants.pop(scheme, None) is not None:
+                release()
+        return self.results()
+
+    def results(self) -> StudyResults:
+        """Every stage's result for every scheme of the spec (computing what is not stored yet)."""
+        from refusal_lab.directions import summary
+
+        original = OriginalResult(evaluation=self.evaluate("original"), source=summary(self.directions("original")))
+        out = StudyResults(spec=self.spec.to_dict(), study_id=self.record.id, original=original)
+        for scheme in self.spec.schemes:
+            v = VariantResult(compression=self.compression_report(scheme), drift=self.drift(scheme),
+                              evaluation=self.evaluate(scheme))
+            if self.spec.aird:
+                v.repaired = self.evaluate_repaired(scheme)
+                v.aird_verdict = measured_verdict(original.evaluation, v.evaluation, v.repaired, v.drift,
+                                                  self.eval_sets()["harmful"].name)
+            out.variants[scheme] = v
+        return out
+

@@ -1,0 +1,70 @@
+"""Rows for tables of a study's results — one builder for the CLI, the pages, the report and bench —
+and the measured AIRD verdict of a variant."""
+
+from __future__ import annotations
+
+from refusal_lab.results import Drift, Evaluation, MethodEvaluation, RepairedEvaluation, RepairResult, StudyResults, Verdict
+
+
+def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repaired_eval: Evaluation, drift: Drift,
+                     set_name: str) -> Verdict:
+    """:func:`refusal_lab.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
+    (``drift``: :meth:`Study.drift` or :meth:`Study.diagnostic`, anything holding its ``recoverability``)."""
+    from refusal_lab.aird import repair_verdict
+
+    ppl_o, ppl_c = original_eval.perplexity, variant_eval.perplexity
+    return repair_verdict(drift.recoverability, original_eval.rate("harmful"), variant_eval.rate("harmful"),
+                          repaired_eval.rate("harmful"), set_name=set_name,
+                          perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
+
+
+def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key: str = "model") -> dict:
+    """The columns every table of evaluations shares — refusal, attack success, over-refusal, perplexity,
+    KL to the original — for one evaluation, labelled ``label`` under ``key``, then ``extra``."""
+    harmful = ev.rate("harmful")
+    r = {key: label, "refusal_harmful": harmful, "asr": None if harmful is None else 1 - harmful,
+         "over_refusal_harmless": ev.rate("harmless"), "over_refusal_borderline": ev.rate("borderline"),
+         "perplexity": ev.perplexity, "kl_to_original": ev.kl_to_original}
+    r.update(extra or {})
+    return r
+
+
+def method_row(label: str, ev: Evaluation) -> dict:
+    """A row of the repair-method comparison (:meth:`refusal_lab.study.Study.compare_methods`; a plain
+    evaluation, e.g. the original's, has no cost columns)."""
+    m = ev if isinstance(ev, MethodEvaluation) else None
+    if m is not None and m.error is not None:
+        return {"method": label, "error": m.error[:60]}
+    density = lambda d: None if d is None else d.density  # noqa: E731
+    row = evaluation_row(label, ev, {"parameters_changed": m and m.parameters_changed,
+                                     "density_before": m and density(m.density_before),
+                                     "density_after": m and density(m.density_after)}, key="method")
+    del row["asr"]  # the comparison table shows refusal only
+    return row
+
+
+def repaired_row(label: str, rep: RepairedEvaluation, verdict: Verdict | None = None) -> dict:
+    """The row of a repaired variant: its evaluation and the repair's layers, α, re-aligned layer, cost."""
+    r = rep.repair
+    return evaluation_row(label, rep, {"aird_layers": r.layers, "aird_alpha": r.alpha,
+                                       "aird_realign_layer": r.realign_layer,
+                                       "aird_verdict": None if verdict is None else verdict.level,
+                                       "densified_weights": rep.densified_weights})
+
+
+def repair_rows(result: RepairResult) -> list[dict]:
+    """Original, compressed and repaired rows of one repair (the AIRD page's before/after table)."""
+    return [evaluation_row("original", result.original), evaluation_row(result.scheme, result.variant),
+            repaired_row(f"{result.scheme} + AIRD", result.repaired, result.verdict)]
+
+
+def summary_rows(results: StudyResults) -> list[dict]:
+    """One row per model (original, each variant, each repaired variant) for tables."""
+    rows = [evaluation_row("original", results.original.evaluation)]
+    for scheme, v in results.variants.items():
+        rows.append(evaluation_row(scheme, v.evaluation, {"cosine_to_original": v.drift.cosine,
+                                                          "source_layer": v.drift.variant.source.layer,
+                                                          "recoverability": v.drift.recoverability.level}))
+        if v.repaired is not None:
+            rows.append(repaired_row(f"{scheme} + AIRD", v.repaired, v.aird_verdict))
+    return rows

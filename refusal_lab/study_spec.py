@@ -1,0 +1,61 @@
+"""What a study computes: :class:`StudySpec` (its stored form names the study's folder)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from refusal_lab.aird.calibration import Search
+from refusal_lab.aird.repair import Mode
+
+Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration decides, always, never
+
+LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True}  # what a stored spec without the field ran
+
+
+@dataclass
+class StudySpec:
+    """What to compute. ``harmful``/``harmless``/``borderline``: ``bundled:KIND:SPLIT`` or a file.
+    ``aird``: ``None`` (no repair), ``auto`` (calibrate layers and α), or ``top:K`` (the K layers
+    ending at the source layer, α calibrated); ``aird_alpha``/``aird_layers`` override calibration.
+    ``aird_realign``: the fitted re-alignment of :mod:`refusal_lab.aird` — ``auto`` (calibration decides;
+    not used with a manual α and layers), ``on`` (always) or ``off``. ``aird_search``: how the
+    calibration grid is measured (:mod:`refusal_lab.aird.calibration`). ``precision``: of forward passes
+    (:mod:`refusal_lab.precision`)."""
+
+    model: str = "default"
+    schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
+    harmful: str = "bundled:harmful:test"
+    harmless: str = "bundled:harmless:test"
+    borderline: str | None = "bundled:borderline:test"
+    limit: int | None = None
+    max_new_tokens: int = 64
+    aird: str | None = "auto"
+    aird_mode: Mode = "merged"
+    aird_alpha: float | None = None
+    aird_layers: list[int] | None = None
+    aird_realign: Realign = "auto"
+    aird_search: Search = "scored"  # calibration grid: scored (one forward, best points generated) | generated
+    selection_positions: list[int] | None = None  # None: every post-instruction position
+    selection_screen: int | None = 12  # induce screened on this many val prompts (refusal_lab.selection); None: exact
+    variant_selection: bool = False  # select each variant's own direction too (its source layer); drift needs
+    #                                  only the variant's candidates
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    precision: str = "auto"  # of forward passes (refusal_lab.precision); part of every cache key but compression's
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        """The stored form. Fields added after specs were first stored are left out when they hold the
+        value those older specs meant (:data:`LEGACY`), so that old specs keep naming the same folder."""
+        return {k: v for k, v in asdict(self).items() if k not in LEGACY or v != LEGACY[k]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudySpec":
+        """The inverse of :meth:`to_dict` (a stored spec without a newer field meant its legacy value)."""
+        return cls(**{**LEGACY, **d})
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{self.model} · {' + '.join(self.schemes)}"
