@@ -6,7 +6,9 @@ Layout of a store (default ``runs/``)::
       <slug>-<spechash>/          one study (see :meth:`RunStore.create_study`)
         manifest.json             spec, timestamps and one entry per cached artifact
         spec.json                 the study spec, written once (used to rebuild a corrupt manifest)
-        objects/                  artifacts, named ``<sha256(key)[:16]>-<nonce>.<ext>``
+        objects/                  artifacts, named ``<sha256(key)[:16]>-<nonce>.<ext>``, each with its
+                                  entry record ``<name>.entry.json`` (a copy of its manifest entry)
+        orphans/                  files a damaged manifest's rebuild found no record for (kept, never deleted)
         .lock                     OS file lock guarding manifest read-modify-write
 
 An artifact is addressed by a *cache key* chosen by the caller (see :func:`cache_key`) and
@@ -15,7 +17,8 @@ tagged with the *stage* that produced it. Manifest entry (``manifest["stages"][k
     {"stage": str, "key": str, "kind": "tensors" | "json" | "table" | "folder",
      "path": "objects/...",                      # the file (or folder) holding the artifact
      "files": [{"path": "objects/...", "sha256": hex, "bytes": int}, ...],
-     "done_at": ISO-8601 UTC, "seconds": float | None, "meta": {...}}
+     "done_at": ISO-8601 UTC, "seconds": float | None, "meta": {...},
+     "entry_sha256": hex}                         # seal: sha256 of the entry's other fields
 
 Crash safety: each artifact is written under a hidden temporary name, flushed and fsync'ed,
 then renamed (``os.replace``) to a fresh unique name; the manifest is rewritten the same way
@@ -23,8 +26,13 @@ then renamed (``os.replace``) to a fresh unique name; the manifest is rewritten 
 only lists complete, checksummed files; the interrupted entry is simply absent, and leftovers
 are removed by :meth:`StudyRecord.gc` (run whenever a study is opened).
 
-Integrity: :meth:`StudyRecord.has` is true only if every file of the entry exists, matches its
-sha256 and parses (safetensors header, JSON, Parquet footer). ``get_*`` re-check the sha256
+Integrity: :meth:`StudyRecord.has` is true only if the entry's seal holds (so no value a result
+depends on — its meta, e.g. an AIRD repair's α — was edited) and every file of the entry exists,
+matches its sha256 and parses (safetensors header, JSON, Parquet footer). The index can be lost
+without the data: a missing or corrupt manifest is rebuilt from the objects' records, and an entry
+that is missing or fails its seal is restored from its object's record when that is intact; gc
+records a write killed between its record and the manifest, and never deletes what a damaged index
+no longer lists (``orphans/``). ``get_*`` re-check the sha256
 of the bytes they read and raise :class:`StoreError` with a clear message otherwise, so the
 caller recomputes. Tensors are stored as safetensors only; no code path here deserialises
 arbitrary Python objects.

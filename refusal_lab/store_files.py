@@ -133,6 +133,31 @@ def json_bytes(obj: Any, what: str) -> bytes:
         raise StoreError(f"{what} is not JSON-serialisable: {e}") from e
 
 
+ENTRY = ".entry.json"  # suffix of an object's entry record: <object name>.entry.json
+ORPHANS = "orphans"  # objects kept aside when a damaged manifest could not be rebuilt around them
+
+
+def entry_digest(entry: dict) -> str:
+    """sha256 of a manifest entry's canonical JSON, its own ``entry_sha256`` left out: every value a
+    result depends on (key, kind, files and their checksums, meta) is covered."""
+    body = {k: v for k, v in entry.items() if k != "entry_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def sealed(entry: dict) -> dict:
+    """``entry`` with its ``entry_sha256``."""
+    return {**entry, "entry_sha256": entry_digest(entry)}
+
+
+def seal_problem(entry: dict) -> str | None:
+    """Why a sealed entry cannot be trusted (it was modified), or None; entries written before seals
+    existed carry none and are taken as they are."""
+    want = entry.get("entry_sha256")
+    if want is None:
+        return None
+    return None if want == entry_digest(entry) else "its manifest entry was modified (checksum mismatch)"
+
+
 def validate_format(path: Path) -> str | None:
     """Parse ``path`` according to its extension; return a problem description or None."""
     suffix = path.suffix.lower()

@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refusal_lab.store_files import (FORMAT_VERSION, KINDS, MANIFEST, OBJECTS, SPEC, TMP, StoreError, StoreWarning,
-                             atomic_write_bytes, fsync, json_bytes, key_hash, lock_for, pid_alive, racy, remove, sha256_file,
-                             tmp_name, tree_size, utc_now, validate_format)
+from refusal_lab.store_files import (ENTRY, FORMAT_VERSION, KINDS, MANIFEST, OBJECTS, ORPHANS, SPEC, TMP, StoreError,
+                                     StoreWarning, atomic_write_bytes, fsync, json_bytes, key_hash, lock_for, pid_alive,
+                                     racy, remove, seal_problem, sealed, sha256_file, tmp_name, tree_size, utc_now,
+                                     validate_format)
 
 if TYPE_CHECKING:  # heavy imports stay lazy: listing studies needs neither torch nor pandas
     import pandas
@@ -127,7 +128,8 @@ class StudyRecord:
         return data
 
     def _rebuild(self, problem: str) -> dict:
-        """Move a corrupt manifest aside and write an empty one (lock must be held)."""
+        """Move a corrupt manifest aside and write a new one from the objects' own entry records (lock
+        must be held): nothing intact is lost; objects no record vouches for go to ``orphans/``."""
         p = self.path / MANIFEST
         moved = ""
         if p.exists():
@@ -143,9 +145,18 @@ class StudyRecord:
         except Exception:
             if (self.path / SPEC).exists():
                 problem += "; spec.json is unreadable too, spec reset to {}"
+        stages = self._records()
+        kept = {e["path"].split("/")[1] for e in stages.values()}
+        aside = [q for q in self.objects.iterdir() if not q.name.startswith(TMP)
+                 and q.name.removesuffix(ENTRY) not in kept]
+        if aside:
+            (self.path / ORPHANS).mkdir(exist_ok=True)
+            for q in aside:
+                os.replace(q, self.path / ORPHANS / q.name)
         warnings.warn(
-            f"study {self.id}: {problem}{moved}; rebuilt an empty manifest "
-            "(cached stages will be recomputed)",
+            f"study {self.id}: {problem}{moved}; rebuilt the manifest from the objects' entry records: "
+            f"{len(stages)} cached stage(s) kept" + (f", {len(aside)} file(s) no record vouches for kept in "
+                                                       f"{ORPHANS}/" if aside else ""),
             StoreWarning,
             stacklevel=4,
         )
@@ -157,10 +168,43 @@ class StudyRecord:
             "spec": spec,
             "created": now,
             "updated": now,
-            "stages": {},
+            "stages": stages,
         }
         atomic_write_bytes(p, json_bytes(data, "manifest"))
         return data
+
+    def _record(self, path: Path) -> dict | None:
+        """The sealed entry an object's record holds, when it and every file it lists are intact."""
+        try:
+            e = json.loads(path.read_bytes().decode("utf-8"))
+            ok = (isinstance(e, dict) and "entry_sha256" in e and seal_problem(e) is None
+                  and e.get("path") == f"{OBJECTS}/{path.name.removesuffix(ENTRY)}" and e.get("kind") in KINDS
+                  and isinstance(e.get("files"), list) and isinstance(e.get("key"), str))
+            if ok and not any(self._file_problem(f["path"], f["sha256"]) for f in e["files"]):
+                return e
+        except (OSError, ValueError, TypeError, KeyError, StoreError):
+            pass
+        return None
+
+    def _records(self, pattern: str = "*") -> dict[str, dict]:
+        """Intact entry records of ``objects/<pattern>``, the newest per key."""
+        out: dict[str, dict] = {}
+        for path in sorted(self.objects.glob(pattern + ENTRY)):
+            e = self._record(path)
+            if e is not None and (e["key"] not in out or e.get("done_at", "") > out[e["key"]].get("done_at", "")):
+                out[e["key"]] = e
+        return out
+
+    def _recover(self, key: str) -> bool:
+        """Put ``key``'s entry back into the manifest from its object's record (the manifest lost it or
+        was modified); whether an intact one was found."""
+        found = self._records(f"{key_hash(key)}-*").get(key)
+        if found is None:
+            return False
+        self._update(lambda m: m["stages"].__setitem__(key, found))
+        warnings.warn(f"study {self.id}: the manifest entry of stage {found.get('stage')!r} was missing or "
+                      "modified; restored it from the object's own record", StoreWarning, stacklevel=4)
+        return True
 
     def _update(self, mutate: Callable[[dict], Any]) -> Any:
         """Read-modify-write the manifest under the lock; returns what ``mutate`` returns."""
@@ -193,6 +237,8 @@ class StudyRecord:
             and all(isinstance(f, dict) and "path" in f and "sha256" in f for f in e["files"])
         ):
             raise StoreError(f"study {self.id}: manifest entry for key {key!r} is malformed")
+        if (sealed_problem := seal_problem(e)) is not None:
+            raise StoreError(f"study {self.id}: key {key!r}: {sealed_problem}")
         if kind is not None and e["kind"] != kind:
             raise StoreError(
                 f"study {self.id}: key {key!r} holds {e['kind']}, not {kind} "
@@ -223,7 +269,14 @@ class StudyRecord:
         return problem
 
     def problem(self, key: str) -> str | None:
-        """Why ``key`` cannot be used (missing entry, missing/corrupt file), or None if valid."""
+        """Why ``key`` cannot be used (missing entry, missing/corrupt file), or None if valid. An entry
+        the manifest lost or that was modified is restored from its object's record when that is intact."""
+        found = self._problem(key)
+        if found is not None and self._recover(key):
+            return self._problem(key)
+        return found
+
+    def _problem(self, key: str) -> str | None:
         try:
             e = self._entry_or_error(key)
             if e["kind"] == "folder" and not self._resolve(e["path"]).is_dir():
@@ -281,7 +334,7 @@ class StudyRecord:
                 for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
                     fsync(d)
                 fsync(tmp)
-            entry = {
+            entry = sealed({
                 "stage": stage,
                 "key": key,
                 "kind": kind,
@@ -290,10 +343,11 @@ class StudyRecord:
                 "done_at": utc_now(),
                 "seconds": None if seconds is None else float(seconds),
                 "meta": meta,
-            }
+            })
             with self._lock.hold():  # rename under the lock so gc() never sees it half-done
                 os.replace(tmp, final)
-                fsync(self.objects)
+                # the object's own record: the manifest can be rebuilt from the records
+                atomic_write_bytes(self.objects / (final_name + ENTRY), json_bytes(entry, "entry record"))
 
                 def record(m: dict) -> Any:
                     old = m["stages"].get(key)
@@ -306,10 +360,10 @@ class StudyRecord:
             remove(tmp)
             if not committed:
                 remove(final)
+                remove(self.objects / (final_name + ENTRY))
             raise
         if isinstance(old, dict) and isinstance(old.get("path"), str) and old["path"] != entry["path"]:
-            with contextlib.suppress(StoreError):
-                remove(self._resolve(old["path"]))
+            self._remove_object(old["path"])
 
     def put_tensors(
         self,
@@ -454,10 +508,18 @@ class StudyRecord:
         """Forget ``key`` and delete its files; returns whether it was present."""
         key_hash(key)
         old = self._update(lambda m: m["stages"].pop(key, None))
+        for path in self.objects.glob(f"{key_hash(key)}-*{ENTRY}"):  # every version: none may come back
+            self._remove_object(f"{OBJECTS}/{path.name.removesuffix(ENTRY)}")
         if isinstance(old, dict) and isinstance(old.get("path"), str):
-            with contextlib.suppress(StoreError):
-                remove(self._resolve(old["path"]))
+            self._remove_object(old["path"])
         return old is not None
+
+    def _remove_object(self, rel: str) -> None:
+        """Delete an object and its record (superseded or invalidated)."""
+        with contextlib.suppress(StoreError):
+            path = self._resolve(rel)
+            remove(path.with_name(path.name + ENTRY))
+            remove(path)
 
     def gc(self) -> int:
         """Delete unreferenced objects and temp files of dead writers; returns how many.
@@ -468,6 +530,13 @@ class StudyRecord:
         removed = 0
         with self._lock.hold():
             data = self._load_locked()
+            # a write killed between its object's record and the manifest update is complete: record it
+            unrecorded = {k: e for k, e in self._records().items() if k not in data["stages"]}
+            if unrecorded:
+                data["stages"].update(unrecorded)
+                data["updated"] = utc_now()
+                atomic_write_bytes(self.path / MANIFEST, json_bytes(data, "manifest"))
+                self._remember(data)
             referenced = set()
             for e in data["stages"].values():
                 if isinstance(e, dict) and isinstance(e.get("path"), str):
@@ -477,7 +546,7 @@ class StudyRecord:
                     pid = p.name[len(TMP) :].split("-", 1)[0]
                     if pid.isdigit() and pid_alive(int(pid)):
                         continue
-                elif p.name in referenced:
+                elif p.name.removesuffix(ENTRY) in referenced:
                     continue
                 remove(p)
                 removed += 1

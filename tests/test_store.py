@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import textwrap
 import threading
 import time
 import zipfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +25,7 @@ import refusal_lab.store as store_mod
 import refusal_lab.store_files as store_files_mod
 import refusal_lab.study_record as study_record_mod
 from refusal_lab.store import RunStore, StoreError, StoreWarning, StudyRecord, cache_key
+from refusal_lab.store_files import ENTRY, sealed
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"model": "tiny", "schemes": ["wanda:0.5", "bnb-nf4"], "limit": 10}
@@ -39,11 +42,12 @@ def study(store: RunStore) -> StudyRecord:
 
 
 def visible_objects(st: StudyRecord) -> list[str]:
-    return sorted(p.name for p in st.objects.iterdir() if not p.name.startswith("."))
+    """The objects (not temp files, not their entry records)."""
+    return sorted(p.name for p in st.objects.iterdir() if not p.name.startswith(".") and not p.name.endswith(ENTRY))
 
 
 def all_objects(st: StudyRecord) -> list[str]:
-    return sorted(p.name for p in st.objects.iterdir())
+    return sorted(p.name for p in st.objects.iterdir() if not p.name.endswith(ENTRY))
 
 
 def referenced_objects(st: StudyRecord) -> list[str]:
@@ -209,7 +213,7 @@ WRITER = textwrap.dedent(
     """
     # Imports torch/pandas once, then forks one writer per "run <start>" line on stdin, so
     # each killed run costs no import time. A writer loops until it is SIGKILLed.
-    import os, sys, traceback
+    import os, sys, tempfile, traceback
     import pandas as pd, torch
     from refusal_lab.store import RunStore
 
@@ -217,8 +221,13 @@ WRITER = textwrap.dedent(
         study = RunStore(sys.argv[2]).create_study("crash", {"x": 1})
         print("started", os.getpid(), flush=True)
         while True:  # keys are reused so overwrites are exercised too
-            key, kind = f"k{i % 40}", i % 3
-            if kind == 0:
+            key, kind = f"k{i % 40}", i % 4
+            if kind == 3:  # a folder of two files, e.g. a saved model
+                with tempfile.TemporaryDirectory() as d:
+                    open(os.path.join(d, "a.json"), "w").write(str(i))
+                    open(os.path.join(d, "b.bin"), "wb").write(bytes([i % 256]) * 4096)
+                    study.put_folder(key, "folder", d, {"i": i})
+            elif kind == 0:
                 study.put_tensors(key, "tensors", {"w": torch.full((64, 64), float(i))}, {"i": i})
             elif kind == 1:
                 study.put_json(key, "json", {"i": i, "pad": "x" * 2000}, {"i": i})
@@ -255,6 +264,9 @@ def check_entry(st: StudyRecord, key: str) -> None:
         assert w.shape == (64, 64) and bool((w == float(i)).all())
     elif e["kind"] == "json":
         assert st.get_json(key) == {"i": i, "pad": "x" * 2000}
+    elif e["kind"] == "folder":
+        folder = st.get_path(key)
+        assert (folder / "a.json").read_text() == str(i) and (folder / "b.bin").read_bytes() == bytes([i % 256]) * 4096
     else:
         df = st.get_table(key)
         assert len(df) == 200 and (df["i"] == i).all()
@@ -372,6 +384,7 @@ def test_valid_checksum_but_unparsable_file_fails_validation(study: StudyRecord)
     sha = hashlib.sha256(garbage).hexdigest()
     manifest = json.loads((study.path / "manifest.json").read_text())
     manifest["stages"]["t"]["files"][0]["sha256"] = sha
+    manifest["stages"]["t"] = sealed(manifest["stages"]["t"])  # a consistent entry, only its file unparsable
     (study.path / "manifest.json").write_text(json.dumps(manifest))
     assert not study.has("t")
     assert "not a valid safetensors file" in (study.problem("t") or "")
@@ -384,6 +397,7 @@ def test_malformed_manifest_entries_are_rejected(study: StudyRecord) -> None:
     manifest = json.loads((study.path / "manifest.json").read_text())
     manifest["stages"]["evil"] = {**manifest["stages"]["j"], "key": "evil", "path": "../../x"}
     manifest["stages"]["evil"]["files"] = [{"path": "objects/../../../etc/passwd", "sha256": "0"}]
+    manifest["stages"]["evil"] = sealed(manifest["stages"]["evil"])  # sealed: the path check is what refuses it
     manifest["stages"]["junk"] = "not a dict"
     (study.path / "manifest.json").write_text(json.dumps(manifest))
     assert study.has("j")
@@ -395,7 +409,7 @@ def test_malformed_manifest_entries_are_rejected(study: StudyRecord) -> None:
 
 
 @pytest.mark.parametrize("content", [b"{ truncated", b"\xff\xfe\x00garbage", b"[]", None])
-def test_corrupt_or_missing_manifest_is_moved_aside(
+def test_corrupt_or_missing_manifest_is_rebuilt_from_the_objects_records(
     store: RunStore, study: StudyRecord, content: bytes | None
 ) -> None:
     study.put_json("j", "s", {"a": 1})
@@ -407,16 +421,17 @@ def test_corrupt_or_missing_manifest_is_moved_aside(
 
     infos = store.list_studies()  # listing never raises
     assert [i.id for i in infos] == [study.id] and infos[0].problem
-    with pytest.warns(StoreWarning, match="rebuilt an empty manifest"):
+    with pytest.warns(StoreWarning, match="rebuilt the manifest from the objects' entry records: 1 cached"):
         reopened = RunStore(store.root).open(study.id)
-    assert reopened.keys() == [] and not reopened.has("j")
+    # nothing is lost to a damaged index: the stage is back, read from its checksummed object
+    assert reopened.keys() == ["j"] and reopened.has("j") and reopened.get_json("j") == {"a": 1}
     assert reopened.spec == SPEC and reopened.name == "Test study"  # restored from spec.json
     aside = list(study.path.glob("manifest.json.corrupt-*"))
     assert len(aside) == (0 if content is None else 1)
     if content is not None:
         assert aside[0].read_bytes() == content
-    assert json.loads(manifest.read_text())["stages"] == {}
-    assert visible_objects(reopened) == []  # the orphaned object was collected
+    assert list(json.loads(manifest.read_text())["stages"]) == ["j"]
+    assert len(visible_objects(reopened)) == 1 and not (study.path / "orphans").exists()
     reopened.put_json("j", "s", {"a": 2})
     assert reopened.get_json("j") == {"a": 2}
     assert store.list_studies()[0].problem is None
@@ -560,3 +575,74 @@ def test_import_is_light() -> None:
     code = "import sys; import refusal_lab.store; print('torch' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def _fill(study: StudyRecord, tmp: Path) -> dict:
+    """One stored artifact of each kind; what each must read back as."""
+    folder = tmp / "model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"layers": 4}')
+    (folder / "weights.bin").write_bytes(b"\x01" * 1000)
+    study.put_tensors("t", "directions", {"w": torch.arange(6.0)}, {"alpha": 2.0, "layers": [1, 2]})
+    study.put_json("j", "evaluate", {"rate": 0.75})
+    study.put_table("tab", "table", pd.DataFrame({"x": [1, 2, 3]}))
+    study.put_folder("f", "folder", folder)
+    return {"t": ("tensors", {"alpha": 2.0, "layers": [1, 2]}), "j": ("json", {"rate": 0.75}),
+            "tab": ("table", [1, 2, 3]), "f": ("folder", '{"layers": 4}')}
+
+
+def _read(study: StudyRecord, key: str, kind: str):
+    if kind == "tensors":
+        assert torch.equal(study.get_tensors(key)["w"], torch.arange(6.0))
+        return study.get_meta(key)
+    if kind == "json":
+        return study.get_json(key)
+    if kind == "table":
+        return study.get_table(key)["x"].tolist()
+    return (study.get_path(key) / "config.json").read_text()
+
+
+FAULTS = {"truncate": lambda b: b[: len(b) // 2], "delete": None,
+          "flip": lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0x55]) + b[len(b) // 2 + 1:],
+          "tamper alpha": lambda b: b.replace(b'"alpha": 2.0', b'"alpha": 9.0')}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_injection_never_deletes_intact_objects_nor_returns_tampered_values(tmp_path, fault) -> None:
+    """Every file of a study (manifest, spec, each object and each object's record), one fault at a time:
+    reopened, every stage reads back its true value or is unavailable (then recomputed) — never a
+    tampered one — and every object the fault did not touch is still there (objects/ or orphans/)."""
+    probe = RunStore(tmp_path / "probe").create_study("Test study", SPEC)
+    _fill(probe, tmp_path / "p")
+    def files(st: StudyRecord) -> dict[str, Path]:  # role (the path without its random nonce) → file
+        return {re.sub(r"-[0-9a-f]{8}(?=\.)", "", p.relative_to(st.path).as_posix()): p
+                for p in st.path.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+    targets = sorted(files(probe))
+    assert len(targets) >= 11  # manifest, spec, 4 objects (+1 file in the folder), 4 records
+    for i, rel in enumerate(targets):
+        store = RunStore(tmp_path / f"s{i}")
+        study = store.create_study("Test study", SPEC)
+        want = _fill(study, tmp_path / f"m{i}")
+        target = files(study)[rel]
+        data = target.read_bytes()
+        if FAULTS[fault] is None:
+            target.unlink()
+        elif (new := FAULTS[fault](data)) != data:
+            target.write_bytes(new)
+        else:
+            continue  # this fault does not apply to this file
+        before = {p.name: p.read_bytes() for p in study.objects.rglob("*") if p.is_file()
+                  and p != target and not p.name.startswith(".")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StoreWarning)
+            reopened = RunStore(store.root).open(study.id)
+            for key, (kind, value) in want.items():
+                if reopened.has(key):
+                    assert _read(reopened, key, kind) == value, (rel, key)
+                else:
+                    with pytest.raises(StoreError):
+                        _read(reopened, key, kind)
+        after = {p.name: p.read_bytes() for p in study.path.rglob("*") if p.is_file()}
+        for name, content in before.items():
+            assert after.get(name) == content, f"{fault} of {rel}: intact {name} was lost"
