@@ -19,7 +19,6 @@ import contextvars
 import copy
 import dataclasses
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from refusal_lab.memory import release
 from refusal_lab.models import ModelHandle
 from refusal_lab.progress import report
-from refusal_lab.codec import from_json, to_json
+from refusal_lab.artifacts import KINDS
 from refusal_lab.compression.report import CompressionReport
 from refusal_lab.results import (BudgetPoint, Diagnostic, Drift, Evaluation, MethodEvaluation,
                           OriginalResult, ProjectionStats, RepairedEvaluation, RepairResult, StudyResults,
@@ -141,9 +140,7 @@ class Study:
     def _cached(self, stage: str, key_parts: tuple, compute, kind: str = "json", codec=None):
         """Return the stored artifact for ``(stage, key_parts)`` or compute, store and return it.
         ``codec``: the result type (:mod:`refusal_lab.results`) a JSON artifact is read back as."""
-        if self.precision != "float32":  # float32 keys stay those of the code before precision existed
-            key_parts = (*key_parts, f"precision={self.precision}")
-        key = cache_key(stage, CODE_VERSION, *key_parts)
+        key = cache_key(stage, CODE_VERSION, *key_parts, *self.numerics)
         if key in self._memo:
             return self._memo[key]
         if self.record.has(key):
@@ -191,26 +188,26 @@ class Study:
         return None
 
     def _get(self, kind: str, key: str, record: StudyRecord | None = None, codec=None):
-        record = record or self.record
-        if kind == "json":
-            return record.get_json(key) if codec is None else from_json(codec, record.get_json(key))
-        if kind == "directions":
-            from refusal_lab.directions import DirectionSet
-            return DirectionSet.load(record.get_path(key))
-        if kind == "repair":
-            from refusal_lab.aird import Repair
-            return Repair.from_tensors(record.get_tensors(key), record.get_meta(key))
-        raise ValueError(kind)
+        return KINDS[kind].read(record or self.record, key, codec)
 
     def _put(self, kind: str, key: str, stage: str, value, seconds: float) -> None:
-        if kind == "json":
-            self.record.put_json(key, stage, to_json(value), seconds=seconds)
-        elif kind == "directions":
-            with tempfile.TemporaryDirectory() as tmp:
-                value.save(Path(tmp) / "d")
-                self.record.put_folder(key, stage, Path(tmp) / "d", seconds=seconds)
-        elif kind == "repair":
-            self.record.put_tensors(key, stage, value.tensors(), meta=value.describe(), seconds=seconds)
+        KINDS[kind].write(self.record, key, stage, value, seconds)
+
+    @property
+    def numerics(self) -> tuple[str, ...]:
+        """Cache-key parts for what changes numbers besides the inputs — compute precision, weight dtype,
+        device type — each only when it is not the float32-on-CPU default (whose keys stay those of the
+        code before these parts existed)."""
+        if self._original is not None:
+            dtype, device = self._original.dtype, self._original.device
+        else:
+            from refusal_lab.models import resolve_device, resolve_dtype
+
+            device = resolve_device(self.spec.device)
+            dtype = resolve_dtype(self.spec.dtype, device)
+        parts = {"precision": self.precision, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
+        default = {"precision": "float32", "dtype": "float32", "device": "cpu"}
+        return tuple(f"{k}={v}" for k, v in parts.items() if v != default[k])
 
     @property
     def precision(self) -> str:
@@ -278,7 +275,7 @@ class Study:
             (handle, rep), _ = self._timed(f"compress {scheme}", lambda: apply(
                 original, scheme, progress=self._progress(f"compress {scheme}")))
             self._variants[scheme] = handle
-            key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+            key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme, *self.numerics)
             if not self.record.has(key):
                 self.record.put_json(key, "compress", rep.to_json(), seconds=rep.seconds)
         return self._variants[scheme]
@@ -288,7 +285,7 @@ class Study:
 
     # -- stages ---------------------------------------------------------------------------
     def compression_report(self, scheme: str) -> CompressionReport:
-        key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme)
+        key = cache_key("compress", CODE_VERSION, self.original_fingerprint(), scheme, *self.numerics)
         if not self.record.has(key):
             handle = self.variant(scheme)
             if not self.record.has(key):  # adopted: compressed elsewhere, its report travels with it
