@@ -134,15 +134,32 @@ class DirectionSet:
         folder = Path(folder)
         if not (folder / TENSORS_FILE).exists() or not (folder / META_FILE).exists():
             raise FileNotFoundError(f"{folder} is not a direction set (expected {TENSORS_FILE} and {META_FILE})")
-        meta = json.loads((folder / META_FILE).read_text())
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            positions = [int(p) for p in meta["positions"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder / META_FILE} is damaged ({type(e).__name__}: {e})") from None
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder}: direction set format {meta['format_version']} is newer than this code")
-        t = load_file(str(folder / TENSORS_FILE))
+        try:
+            t = load_file(str(folder / TENSORS_FILE))
+            names = ("candidates", "mean_harmful", "mean_harmless", "bypass", "induce", "kl")
+            tensors = {k: t[k] for k in names}
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"{folder / TENSORS_FILE} is damaged ({type(e).__name__}: {e})") from None
+        n_pos, n_layers = tensors["candidates"].shape[:2]
+        if len(positions) != n_pos:
+            raise ValueError(f"{folder}: {META_FILE} lists {len(positions)} positions, the tensors hold {n_pos}")
         sel = meta.get("selected")
-        return cls(candidates=t["candidates"], mean_harmful=t["mean_harmful"], mean_harmless=t["mean_harmless"],
-                   positions=[int(p) for p in meta["positions"]], bypass=t["bypass"], induce=t["induce"],
-                   kl=t["kl"], selected=(int(sel[0]), int(sel[1])) if sel else None,
-                   metadata=meta.get("metadata", {}))
+        if sel:
+            try:
+                sel = (int(sel[0]), int(sel[1]))
+            except (ValueError, TypeError, IndexError):
+                raise ValueError(f"{folder / META_FILE}: selected {sel!r} is not (position, layer)") from None
+            if sel[0] not in positions or not 0 <= sel[1] < n_layers:
+                raise ValueError(f"{folder / META_FILE}: selected {list(sel)} is outside the candidates (positions "
+                                 f"{positions}, layers 0–{n_layers - 1})")
+        return cls(**tensors, positions=positions, selected=sel or None, metadata=meta.get("metadata", {}))
 
 
 def _json_default(o):

@@ -149,6 +149,8 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
     are free the next prompts are prefilled and join the running batch (continuous batching)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     ids = [list(s) for s in ids]
     if any(not s for s in ids):
         raise ValueError("a prompt has no tokens")

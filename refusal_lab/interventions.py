@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import nn
 
@@ -72,10 +74,11 @@ def _out_hook(fn):
 def _layers(handle: ModelHandle, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(handle.n_layers))
-    out = sorted({int(layer) % handle.n_layers if int(layer) < 0 else int(layer) for layer in layers})
-    if any(not 0 <= layer < handle.n_layers for layer in out):
-        raise ValueError(f"layers must be in [0, {handle.n_layers})")
-    return out
+    n = handle.n_layers
+    given = [int(layer) for layer in layers]
+    if any(not -n <= layer < n for layer in given):  # -1 … -n count from the end; nothing wraps around
+        raise ValueError(f"layers must be in [0, {n}) (or [-{n}, -1] from the end), got {given}")
+    return sorted({layer + n if layer < 0 else layer for layer in given})
 
 
 @contextmanager
@@ -126,6 +129,8 @@ def ablate(handle: ModelHandle, direction: torch.Tensor, layers: Iterable[int] |
 def add(handle: ModelHandle, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Activation addition: ``x ← x + coeff·vector`` at the input of block ``layer``, every position.
     ``vector`` ``(d_model,)`` is used as is (not normalised), as in the anchor."""
+    if not math.isfinite(float(coeff)):
+        raise ValueError(f"the coefficient must be a finite number, got {coeff}")
     v = _as_vector(handle, vector, unit=False) * float(coeff)
     block = handle.blocks[_layers(handle, [layer])[0]]
     cache: dict[torch.dtype, torch.Tensor] = {}

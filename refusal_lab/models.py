@@ -57,10 +57,20 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
+    """``auto`` → cuda when available, else cpu; a device this machine does not have is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: CUDA is not available on this machine; use auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ModelLoadError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
@@ -269,9 +279,12 @@ class ModelHandle:
 # ----------------------------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:
-    """sha256 of a file, memoised in the cache keyed by (path, size, mtime)."""
+    """sha256 of a file, memoised in the cache keyed by (path, inode, size, mtime, ctime): a file replaced
+    by another of the same size with its mtime set back still gets a new inode or ctime (the kernel
+    sets ctime on every change; no user call can set it back)."""
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+                         .encode()).hexdigest()[:32]
     memo = cache_dir() / "digests" / key
     if memo.exists():
         return memo.read_text().strip()
@@ -333,9 +346,13 @@ def gguf_to_folder(gguf_path: Path) -> Path:
         return out
     log.info("converting %s to a safetensors folder in %s (once)", gguf_path.name, out)
     tmp = out.with_name(out.name + ".tmp")
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # the gguf reader raises struct/value/key errors on a damaged file
+        raise ModelLoadError(f"{gguf_path}: not a readable GGUF model ({type(e).__name__}: {e}); is the file "
+                             "complete?") from None
     # The weights are already dequantized to float32; drop the GGUF quantizer so it saves as plain.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
@@ -411,6 +428,65 @@ def spec_fingerprint(spec: str) -> str | None:
     return folder_fingerprint(source) if isinstance(source, Path) else None
 
 
+def check_source(source: Path | str, spec: str, trust_remote_code: bool) -> bool:
+    """Refuse, before any weight is read, what would load something other than the user meant or run
+    code they did not allow: a folder without safetensors weights (pickle checkpoints are never
+    loaded), a config that declares its own code (``auto_map``) without ``trust_remote_code``, a hub id
+    while offline with no cached copy (instead of minutes of retries). Returns whether the hub may not
+    be asked (offline, or the hub files are cached)."""
+    if isinstance(source, Path):
+        if not any(source.glob("*.safetensors")) and (any(source.glob("*.bin")) or any(source.glob("*.pt"))):
+            raise ModelLoadError(f"{source} holds only pickle checkpoints (*.bin / *.pt), which Refusal Lab never "
+                                 "loads: convert them to safetensors (save_pretrained(..., safe_serialization=True))")
+        try:
+            config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{source}/config.json is unreadable ({e})") from None
+        if config.get("auto_map") and not trust_remote_code:
+            raise ModelLoadError(f"{spec!r} declares its own model code (auto_map in config.json); it is not run "
+                                 "unless you pass --trust-remote-code (only for repositories you trust)")
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
+    if not cached and (os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable()):
+        raise ModelLoadError(f"{spec!r} is a hub id, this machine is offline (no connection to the Hugging Face "
+                             "hub, or HF_HUB_OFFLINE is set) and the Hugging Face cache has no copy of it: use a "
+                             "local folder or .gguf file, or load it once while online")
+    return cached and bool(os.environ.get("HF_HUB_OFFLINE"))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (one try, no retries)."""
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """A chat template given as ``inline:<Jinja>``, as Jinja text (it holds ``{{`` or ``{%``), or as the
+    path of a file holding one — which must then exist (a mistyped path is an error, never a template)."""
+    if not value:
+        return None
+    if value.startswith("inline:"):
+        return value[len("inline:"):]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"chat template file {value!r} not found (an inline template is written "
+                             "inline:<Jinja>)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"chat template file {value!r} cannot be read as UTF-8 text ({e})") from None
+
+
 def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                trust_remote_code: bool = False, chat_template: str | None = None,
                system_prompt: str | None = None, precision: str = "auto") -> ModelHandle:
@@ -428,10 +504,15 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
     dt = resolve_dtype(dtype, dev)
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    chat_template = resolve_chat_template(chat_template)  # before the load: a typo fails in no time
     source, name = resolve_spec(spec)
+    local_only = check_source(source, spec, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
+        # safetensors only: a pickle checkpoint (pytorch_model.bin) is never unpickled
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, local_files_only=local_only)
     except OSError as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}. Offline? Hub ids need the network on first "
                              "use; a local folder or .gguf file does not.") from e
@@ -442,8 +523,6 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if chat_template and Path(chat_template).expanduser().is_file():
-        chat_template = Path(chat_template).expanduser().read_text()
     source_dir = Path(source) if isinstance(source, Path) else None
     fingerprint = folder_fingerprint(source_dir) if source_dir else hashlib.sha256(
         f"{spec}|{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ TEXT_COLUMNS = ("instruction", "goal", "prompt", "behavior", "behaviour", "forbi
 MAX_PROMPT_CHARS = 4000
 MAX_FILE_BYTES = 50 * 1024 * 1024
 _TAG = re.compile(r"^\[([^\]]{1,40})\]\s+(.*)$")
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 class PromptFileError(ValueError):
@@ -56,12 +58,11 @@ class PromptSet:
 
     @property
     def sha(self) -> str:
-        """Content hash (16 hex chars) — part of every cache key that depends on these prompts."""
-        h = hashlib.sha256()
-        for p in self.prompts:
-            h.update(p.encode())
-            h.update(b"\0")
-        return h.hexdigest()[:16]
+        """Content hash (16 hex chars) of the prompts and their categories — part of every cache key that
+        depends on them. JSON-encoded: no two different sets share an encoding (a NUL inside a prompt
+        is escaped, not a separator)."""
+        text = json.dumps([self.prompts, self.categories], ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def head(self, n: int | None) -> "PromptSet":
         """The first ``n`` prompts (all when ``n`` is None)."""
@@ -91,7 +92,19 @@ def _dedupe(name: str, prompts: list[str], cats: list[str | None]) -> tuple[list
     return out_p, out_c
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at line breaks only (\\n, \\r\\n, \\r) — not at U+2028, \\x1c or \\x85, which
+    :meth:`str.splitlines` also splits at and which can sit inside one prompt."""
+    return _NEWLINE.split(text)
+
+
 def _validate(name: str, prompts: list[str], cats: list[str | None], source: str) -> PromptSet:
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptFileError(f"{source}: prompt {i + 1} holds an invalid character ({e.reason}: "
+                                  f"{p[e.start]!r}); fix the file") from None
     prompts = [p.strip() for p in prompts]
     keep = [i for i, p in enumerate(prompts) if p]
     prompts, cats = [prompts[i] for i in keep], [cats[i] for i in keep]
@@ -106,12 +119,27 @@ def _validate(name: str, prompts: list[str], cats: list[str | None], source: str
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise PromptFileError(f"{path}: file not found")
-    if path.stat().st_size > MAX_FILE_BYTES:
+    """The file's text: a regular file (not a folder, FIFO or device) of at most ``MAX_FILE_BYTES``,
+    counted by the bytes actually read (a device reports size 0), in UTF-8."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise PromptFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot read it ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise PromptFileError(f"{path}: is a folder; give a prompt file (.txt, .csv, .json, .jsonl)")
+    if not stat.S_ISREG(mode):
+        raise PromptFileError(f"{path}: not a regular file (a pipe or device?); give a prompt file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:
         raise PromptFileError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB")
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
 
@@ -126,7 +154,8 @@ def _pick_column(columns: list[str], column: str | None, source: str) -> str:
         if cand in lower:
             return lower[cand]
     raise PromptFileError(f"{source}: cannot tell which column holds the prompts among {columns}; "
-                          f"name one of {list(TEXT_COLUMNS)} or pass column=…")
+                          f"name one of {list(TEXT_COLUMNS)}, or name the column (--column on the "
+                          "command line, the column box on the Prompts page)")
 
 
 def _from_records(records: list, column: str | None, source: str) -> tuple[list[str], list[str | None]]:
@@ -135,13 +164,17 @@ def _from_records(records: list, column: str | None, source: str) -> tuple[list[
     if not all(isinstance(r, dict) for r in records):
         raise PromptFileError(f"{source}: expected a list of strings or of objects")
     columns = list(dict.fromkeys(k for r in records for k in r))
+    if None in columns:  # csv.DictReader puts the fields beyond the header under None
+        row = next(i for i, r in enumerate(records) if None in r)
+        raise PromptFileError(f"{source}: row {row + 1} has more fields than the header (an unquoted comma in "
+                              "the text?); put the text in double quotes")
     col = _pick_column(columns, column, source)
     cat_col = next((c for c in columns if c.lower() in ("category", "categories", "semantic_category")), None)
     prompts, cats = [], []
     for i, r in enumerate(records):
         v = r.get(col)
-        if v is None:
-            continue
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise PromptFileError(f"{source}: record {i + 1} has no {col!r} (a missing field?); fix or remove it")
         if not isinstance(v, str):
             raise PromptFileError(f"{source}: record {i + 1} has a non-text {col!r}")
         prompts.append(v)
@@ -161,7 +194,7 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
     fmt = fmt.lower().lstrip(".")
     if fmt == "txt":
         prompts, cats = [], []
-        for line in text.splitlines():
+        for line in _lines(text):
             m = _TAG.match(line.strip())
             prompts.append(m.group(2) if m else line)
             cats.append(m.group(1) if m else None)
@@ -179,6 +212,8 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
             data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{source}: malformed JSON at line {e.lineno}: {e.msg}") from e
+        except RecursionError:
+            raise PromptFileError(f"{source}: JSON nested too deeply to be a prompt list") from None
         if isinstance(data, dict):  # {"data": [...]} or {"prompts": [...]}
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -189,12 +224,14 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
         prompts, cats = _from_records(data, column, source)
     elif fmt == "jsonl":
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise PromptFileError(f"{source}: malformed JSON on line {n}: {e.msg}") from e
+                except RecursionError:
+                    raise PromptFileError(f"{source}: line {n}: JSON nested too deeply") from None
         prompts, cats = _from_records(records, column, source)
     else:
         raise PromptFileError(f"{source}: unsupported format {fmt!r}; use .txt, .csv, .json or .jsonl")
@@ -258,12 +295,13 @@ def refusal_phrasings() -> list[str]:
     return [line.strip() for line in (ASSETS / "refusals.txt").read_text().splitlines() if line.strip()]
 
 
-def resolve_prompt_arg(arg: str | None, default_kind: str, default_split: str = "test") -> PromptSet:
+def resolve_prompt_arg(arg: str | None, default_kind: str, default_split: str = "test", *,
+                       column: str | None = None) -> PromptSet:
     """A CLI/page prompt argument: None → bundled ``default_kind/default_split``; ``bundled:KIND[:SPLIT]``
-    → a bundled set; otherwise a file path or ``hf:`` id."""
+    → a bundled set; otherwise a file path or ``hf:`` id (``column``: its text column)."""
     if arg is None:
         return bundled(default_kind, default_split)
     if arg.startswith("bundled:"):
         _, kind, *rest = arg.split(":")
         return bundled(kind, rest[0] if rest else None)
-    return load_prompts(arg)
+    return load_prompts(arg, column=column)

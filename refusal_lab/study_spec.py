@@ -46,6 +46,24 @@ class StudySpec:
     precision: str = "auto"  # of forward passes (refusal_lab.precision); part of every cache key but compression's
     name: str = ""
 
+    def __post_init__(self) -> None:
+        """Impossible values are refused here, whatever the caller (CLI, page, library)."""
+        import math
+
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be ≥ 1 (or None for every prompt), got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        top = self.aird is not None and self.aird.startswith("top:")
+        if self.aird not in (None, "auto", "manual") and not (top and self.aird[4:].isdigit() and int(self.aird[4:]) >= 1):
+            raise ValueError(f"aird must be None, auto, manual or top:K with K ≥ 1, got {self.aird!r}")
+        if self.aird_alpha is not None and not (math.isfinite(self.aird_alpha) and self.aird_alpha >= 0):
+            raise ValueError(f"aird_alpha must be a finite number ≥ 0, got {self.aird_alpha}")
+        if self.aird_layers is not None and (not self.aird_layers or min(self.aird_layers) < 0):
+            raise ValueError(f"aird_layers must be layer indices ≥ 0, got {self.aird_layers}")
+        if self.selection_screen is not None and self.selection_screen < 0:
+            raise ValueError(f"selection_screen must be ≥ 0 (or None), got {self.selection_screen}")
+
     def to_dict(self) -> dict:
         """The stored form. Fields added after specs were first stored are left out when they hold the
         value those older specs meant (:data:`LEGACY`), so that old specs keep naming the same folder."""

@@ -117,6 +117,39 @@ def test_prompts_page_counts_and_upload(env):
     assert at.metric[4].value == "2"  # categories x, y
 
 
+BAD_UPLOADS = [  # (file name, content, words of the error box)
+    ("comma.csv", b"prompt,category\nHow do I bake bread, quickly?,food\n", "more fields than the header"),
+    ("missing.csv", b"prompt,category\nHow do I bake bread?,food\n,food\n", "record 2 has no"),
+    ("nocolumn.csv", b"foo,bar\nHow do I bake bread?,x\n", "column box"),
+    ("surrogate.json", b'["Lone \\ud800 surrogate"]', "invalid character"),
+    ("nested.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("numbers.json", b"[1, 2, 3]", "list of strings or of objects"),
+    ("latin1.txt", "caf\xe9\n".encode("latin-1"), "Not UTF-8"),
+    ("empty.txt", b"", "no prompts found"),
+    ("long.txt", b"x" * 100_000, "characters"),
+]
+
+
+@pytest.mark.parametrize("name,content,words", BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_prompts_page_hostile_uploads_show_an_error_box(env, name, content, words):
+    at = open_page(env, "pages/prompts.py")
+    at.radio(key="source_harmful").set_value("Upload a file").run()
+    at.file_uploader(key="upload_harmful").set_value((name, content, "application/octet-stream")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    errs = errors(at)
+    assert errs and words in errs[0], errs
+    assert at.session_state["prompt_choice"]["harmful"] == {"source": "bundled"}  # previous set kept
+
+
+def test_prompts_page_upload_keeps_separators_inside_a_line(env):
+    at = open_page(env, "pages/prompts.py")
+    at.radio(key="source_harmful").set_value("Upload a file").run()
+    text = "one\u2028still one\ntwo\x85still two\n".encode()
+    at.file_uploader(key="upload_harmful").set_value(("sep.txt", text, "text/plain")).run()
+    assert not at.exception and not errors(at)
+    assert at.session_state["prompt_choice"]["harmful"]["n"] == 2
+
+
 def test_prompts_page_malformed_upload_is_an_error(env):
     at = open_page(env, "pages/prompts.py")
     at.radio(key="prompts_role").set_value("harmless").run()

@@ -4,14 +4,23 @@
 from __future__ import annotations
 
 import argparse
+
+from refusal_lab.cli.args import DTYPES, device
 import importlib
 import logging
 import pkgutil
 import sys
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see <prog> --help)``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m refusal_lab", description="Refusal Lab command line")
+    parser = Parser(prog="python -m refusal_lab", description="Refusal Lab command line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -24,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model options every command shares."""
     p.add_argument("--model", default="default", help="default | smollm2-base | HF id | folder | file.gguf")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default="auto", type=device, help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = float32 on CPU, bfloat16 on GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="of forward passes: auto = bfloat16 autocast (float32 weights and accumulation) where "
                         "the hardware has native bf16 matmuls, else float32 (exact)")
@@ -48,14 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from refusal_lab.models import ModelLoadError
     from refusal_lab.progress import Cancelled
 
     try:
         return int(args.func(args) or 0)
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, Cancelled):
         print("cancelled", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 — the boundary: one line, never a traceback (-v shows it)
+        if args.verbose:
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: its message, prefixed by its type where the message alone is unclear
+    (errors this project raises carry their own wording)."""
+    from refusal_lab.models import ModelLoadError
+    from refusal_lab.store import StoreError
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    own = isinstance(e, (ModelLoadError, StoreError, ValueError, FileNotFoundError, PermissionError))
+    return text if own else f"{type(e).__name__}: {text}"

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from refusal_lab.cli.args import count
 from refusal_lab.cli import add_model_args, load_from_args
 from refusal_lab.tables import text_table
 
@@ -26,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--calibration", default="text",
                    help="Wanda/SparseGPT calibration: 'text' (bundled English prose), 'harmless' (bundled "
                         "harmless train prompts) or a .txt file of prose")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
-    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calib-samples", type=count(1), default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-len", type=count(2), default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--perplexity", action="store_true",
                    help="also measure perplexity on the bundled English text before and after")
     p.add_argument("--out", type=Path, default=None, help="save the compressed model to this folder")
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and not info.saveable:
         raise ValueError(f"{scheme} cannot be saved ({info.description}: HQQLinear layers are not serialisable "
                          "with save_pretrained); drop --out, or use rtn:4:64 / bnb-nf4 for a saveable 4-bit model")
+    if args.out is not None and Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise ValueError(f"--out {args.out} already exists; give a new (or empty) folder")
     handle = load_from_args(args)
     calibration = _calibration(args, handle) if scheme.needs_calibration else None
     new, rep = apply(handle, scheme, calibration, modules=_modules_arg(args.modules),

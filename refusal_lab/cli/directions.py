@@ -6,6 +6,7 @@ import argparse
 import math
 import time
 
+from refusal_lab.cli.args import count, number
 from refusal_lab.cli import add_model_args, load_from_args
 
 
@@ -22,27 +23,27 @@ def register(sub) -> None:
     p.add_argument("--harmless", default=None, help="harmless prompts for candidates (default bundled harmless train)")
     p.add_argument("--harmful-val", default=None, help="harmful prompts for selection (default bundled harmful val)")
     p.add_argument("--harmless-val", default=None, help="harmless prompts for selection (default bundled harmless val)")
-    p.add_argument("--n-train", type=int, default=128, help="use the first N prompts of each candidate set (128)")
-    p.add_argument("--n-val", type=int, default=32, help="use the first N prompts of each selection set (32)")
+    p.add_argument("--n-train", type=count(1), default=128, help="use the first N prompts of each candidate set (128)")
+    p.add_argument("--n-val", type=count(1), default=32, help="use the first N prompts of each selection set (32)")
     p.add_argument("--positions", nargs="+", default=["all"],
                    help="post-instruction positions to evaluate, as negative offsets (e.g. -1 -2), or 'all'")
-    p.add_argument("--max-layer-frac", type=float, default=0.8, help="only layers < frac * n_layers (0.8)")
-    p.add_argument("--kl-threshold", type=float, default=0.1, help="keep candidates with KL below this (0.1)")
-    p.add_argument("--kl-relaxation", type=float, nargs="*", default=[0.25, 0.5, 1.0],
+    p.add_argument("--max-layer-frac", type=number(0.0, 1.0, open_low=True), default=0.8, help="only layers < frac * n_layers (0.8)")
+    p.add_argument("--kl-threshold", type=number(0.0), default=0.1, help="keep candidates with KL below this (0.1)")
+    p.add_argument("--kl-relaxation", type=number(0.0), nargs="*", default=[0.25, 0.5, 1.0],
                    help="KL thresholds tried in turn when no candidate passes --kl-threshold, before the "
                         "lowest-bypass fallback (default 0.25 0.5 1.0; give none for the strict anchor)")
-    p.add_argument("--induce-threshold", type=float, default=0.0,
+    p.add_argument("--induce-threshold", type=number(), default=0.0,
                    help="keep candidates whose induce score exceeds this (0.0)")
     p.add_argument("--no-filter", action="store_true",
                    help="do not drop harmful prompts the model does not refuse / harmless ones it refuses")
     p.add_argument("--exhaustive", action="store_true",
                    help="score KL and induce for every candidate (full grid; slower, same selection)")
-    p.add_argument("--screen", type=int, default=None, metavar="K",
+    p.add_argument("--screen", type=count(0), default=None, metavar="K",
                    help="approximate: screen induce (and, at the fallback, bypass) on K val prompts and search "
                         "exactly only the candidates that may pass (see BENCHMARKS.md for its agreement)")
     p.add_argument("--skip-selection", action="store_true", help="only extract the candidates")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: memory budget)")
-    p.add_argument("--top", type=int, default=8, help="rows in the printed table (8)")
+    p.add_argument("--batch-size", type=count(1), default=None, help="prompts per forward (default: memory budget)")
+    p.add_argument("--top", type=count(1), default=8, help="rows in the printed table (8)")
     p.set_defaults(func=run)
 
 

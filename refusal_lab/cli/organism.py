@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from refusal_lab.cli.args import count, number
 from refusal_lab.cli import add_model_args, load_from_args
 
 
@@ -15,24 +16,24 @@ def register(sub) -> None:
     osub = p.add_subparsers(dest="organism_command", required=True)
     t = osub.add_parser("train", help="train the LoRA refusal adapter on the bundled train splits")
     t.add_argument("--out", default=None, help="adapter folder (default: refusal_lab/assets/organism)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--steps", type=count(1), default=None, help="optimizer steps (default 100)")
+    t.add_argument("--seed", type=count(0), default=None)
+    t.add_argument("--lr", type=number(0.0, open_low=True), default=None)
+    t.add_argument("--rank", type=count(1), default=None)
     t.add_argument("--soft-distillation", action=argparse.BooleanOptionalAction, default=None,
                    help="match the base model's full distribution on helpful answers (KL) instead of its "
                    "greedy tokens (default: on)")
     t.add_argument("--plain-anchor", action=argparse.BooleanOptionalAction, default=None,
                    help="also match the base model (KL) on its own answers as plain text "
                    "(keeps perplexity; default: on)")
-    t.add_argument("--answer-batch-size", type=int, default=None,
+    t.add_argument("--answer-batch-size", type=count(1), default=None,
                    help="prompts per batch when generating the base model's answers (default 64)")
-    t.add_argument("--helpful-repeat", type=int, default=None,
+    t.add_argument("--helpful-repeat", type=count(0), default=None,
                    help="times each harmless/borderline example appears per epoch (default 1)")
     t.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="also self-distil the train-only pool of short everyday tasks "
                    "(refusal_lab/assets/prompts/tasks.txt; default: on)")
-    t.add_argument("--decision-tokens", type=int, default=None,
+    t.add_argument("--decision-tokens", type=count(1), default=None,
                    help="with --soft-distillation: also hard cross-entropy on the first N tokens of helpful "
                    "answers (default 3)")
     t.set_defaults(func=run_train)
@@ -41,9 +42,9 @@ def register(sub) -> None:
     e.add_argument("--sets", nargs="+", default=["bundled:harmful:test", "bundled:harmless:test",
                                                  "bundled:borderline:test"],
                    help="prompt sets: bundled:KIND:SPLIT or files (.json/.jsonl/.csv/.txt), NAME=SPEC to rename")
-    e.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
-    e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: sized by memory, ≤ 128)")
+    e.add_argument("--limit", type=count(1), default=None, help="first N prompts of each set")
+    e.add_argument("--max-new-tokens", type=count(1), default=64)
+    e.add_argument("--batch-size", type=count(1), default=None, help="prompts decoded together (default: sized by memory, ≤ 128)")
     e.add_argument("--adapter", default=None, help="merge this peft adapter folder into the model first "
                    "(e.g. a candidate from `organism train --out`)")
     e.add_argument("--json", default=None, help="write the results here")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from refusal_lab.cli.args import count, number
 from refusal_lab.cli import add_model_args, load_from_args
 
 
@@ -17,20 +18,21 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompts", default=None,
                    help="FILE (.txt/.csv/.json/.jsonl) | bundled:KIND[:SPLIT] (default bundled:harmful:test)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: as many as 1 GiB of KV cache holds, ≤ 128)")
+    p.add_argument("--column", default=None, help="the text column of a CSV/JSON prompt file (default: detected)")
+    p.add_argument("--limit", type=count(1), default=None, help="only the first N prompts")
+    p.add_argument("--max-new-tokens", type=count(1), default=64)
+    p.add_argument("--batch-size", type=count(1), default=None, help="prompts decoded together (default: as many as 1 GiB of KV cache holds, ≤ 128)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ablate", metavar="DIR", default=None, help="ablate the selected direction of DIR at every layer")
     g.add_argument("--add", metavar="DIR", default=None, help="add the selected direction of DIR (see --coeff, --layer)")
     g.add_argument("--orthogonalize", metavar="DIR", default=None,
                    help="orthogonalize the weights against the selected direction of DIR")
-    p.add_argument("--coeff", type=float, default=1.0, help="coefficient for --add (1.0)")
-    p.add_argument("--layer", type=int, default=None, help="layer for --add (default: the direction's own layer)")
+    p.add_argument("--coeff", type=number(), default=1.0, help="coefficient for --add (1.0)")
+    p.add_argument("--layer", type=count(0), default=None, help="layer for --add (default: the direction's own layer)")
     # Hook for compressed variants (refusal_lab.compression): parse_scheme(spec) + apply(handle, scheme).
     p.add_argument("--scheme", default=None, help="evaluate a compressed variant, e.g. rtn:4 or wanda:0.5")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON to this file")
-    p.add_argument("--show", type=int, default=3, help="print this many example replies (3)")
+    p.add_argument("--show", type=count(0), default=3, help="print this many example replies (3)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.add is None and (args.layer is not None or args.coeff != 1.0):
         raise ValueError("--coeff and --layer only apply with --add DIR")
-    prompts = resolve_prompt_arg(args.prompts, "harmful", "test").head(args.limit)
+    prompts = resolve_prompt_arg(args.prompts, "harmful", "test", column=args.column).head(args.limit)
     dir_path = args.ablate or args.add or args.orthogonalize
     ds = DirectionSet.load(dir_path) if dir_path else None
     if ds is not None and ds.selected is None:
@@ -66,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if args.scheme:
         handle, _ = _compress(handle, args.scheme)
     if ds is not None:
+        if ds.d_model != handle.d_model:
+            raise ValueError(f"{dir_path} has d_model {ds.d_model}, the model has {handle.d_model}")
         if ds.metadata.get("model_fingerprint") not in (parent_fp, handle.fingerprint):
             print(f"note: {dir_path} was extracted from another model "
                   f"({ds.metadata.get('model', '?')}, {ds.metadata.get('model_fingerprint', '?')})", file=sys.stderr)
-        if ds.d_model != handle.d_model:
-            raise ValueError(f"{dir_path} has d_model {ds.d_model}, the model has {handle.d_model}")
 
     kind = next((k for k in ("ablate", "add", "orthogonalize") if getattr(args, k)), "none")
     layer = None

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from refusal_lab.cli.args import aird_spec, alpha, count, layer_list
 from refusal_lab.cli import add_model_args
 from refusal_lab.codec import to_json
 from refusal_lab.tables import text_table
@@ -18,11 +19,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
     p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
     p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of each evaluation set")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=count(1), default=None, help="first N prompts of each evaluation set")
+    p.add_argument("--max-new-tokens", type=count(1), default=64)
     p.add_argument("--runs", default="runs", help="run-store directory")
     p.add_argument("--json", default=None, help="write the results as JSON here")
-    p.add_argument("--screen", type=int, default=12, metavar="K",
+    p.add_argument("--screen", type=count(0), default=12, metavar="K",
                    help="direction search: screen induce on K val prompts, search the survivors exactly "
                         "(default 12; measured against the exact search in BENCHMARKS.md); 0 = exact search")
 
@@ -31,7 +32,7 @@ def register(sub) -> None:
     p = sub.add_parser("study", help="directions, compression, drift, evaluation, AIRD and a report, cached")
     _common(p)
     p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
-    p.add_argument("--aird", default=None, help="auto | top:K (repair K layers ending at the source layer)")
+    p.add_argument("--aird", default=None, type=aird_spec, help="auto | top:K (repair K layers ending at the source layer)")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
     p.add_argument("--calibration", default="scored", choices=["scored", "generated"],
                    help="how AIRD's calibration grid is measured: scored = one forward per point, the best "
@@ -44,8 +45,8 @@ def register(sub) -> None:
     a = sub.add_parser("aird", help="repair a compressed variant with AIRD and compare before/after")
     _common(a)
     a.add_argument("--scheme", required=True)
-    a.add_argument("--layers", default="auto", help="auto | comma-separated layer indices")
-    a.add_argument("--alpha", default="auto", help="auto | a number")
+    a.add_argument("--layers", default=None, type=layer_list, help="auto | comma-separated layer indices")
+    a.add_argument("--alpha", default=None, type=alpha, help="auto | a number")
     a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
     a.add_argument("--calibration", default="scored", choices=["scored", "generated"],
                    help="how the calibration grid is measured: scored = one forward per point, the best "
@@ -147,8 +148,7 @@ def run_aird(args: argparse.Namespace) -> int:
     from refusal_lab.aird import METHOD_LABELS, METHODS
     from refusal_lab.study import Study, measured_verdict, method_row
 
-    layers = None if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
-    alpha = None if args.alpha == "auto" else float(args.alpha)
+    layers, alpha = args.layers, args.alpha  # parsed: None = auto
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     bad = [m for m in methods if m not in METHODS]
     if bad:
