@@ -259,10 +259,8 @@ class Study:
         """The evaluation prompt sets (first ``limit`` of each)."""
         if self._sets is None:
             s = self.spec
-            sets = {"harmful": resolve_prompt_arg(s.harmful, "harmful").head(s.limit),
-                    "harmless": resolve_prompt_arg(s.harmless, "harmless").head(s.limit)}
-            if s.borderline:
-                sets["borderline"] = resolve_prompt_arg(s.borderline, "borderline").head(s.limit)
+            kinds = ("harmful", "harmless") + (("borderline",) if s.borderline else ())
+            sets = {k: resolve_prompt_arg(getattr(s, k), k, column=s.column).head(s.limit) for k in kinds}
             self._sets = sets
         return self._sets
 

@@ -10,7 +10,8 @@ from refusal_lab.aird.repair import Mode
 
 Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration decides, always, never
 
-LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True}  # what a stored spec without the field ran
+LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True,
+          "column": None}  # what a stored spec without the field ran
 
 
 @dataclass
@@ -28,6 +29,7 @@ class StudySpec:
     harmful: str = "bundled:harmful:test"
     harmless: str = "bundled:harmless:test"
     borderline: str | None = "bundled:borderline:test"
+    column: str | None = None  # the text column of CSV/JSON prompt files (None: detected)
     limit: int | None = None
     max_new_tokens: int = 64
     aird: str | None = "auto"

@@ -315,3 +315,17 @@ def test_weights_replaced_with_their_mtime_restored_get_a_new_fingerprint(tmp_pa
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back
     assert weights.stat().st_mtime_ns == st.st_mtime_ns and folder_fingerprint(folder) != before
+
+
+def test_study_and_directions_take_a_column(env, tmp_path, monkeypatch):
+    from refusal_lab.study import Study, StudySpec
+
+    monkeypatch.setenv("REFUSAL_LAB_CACHE", str(env["root"] / "cache"))
+    files = _files(env["root"], env["dirs"], env["model"])
+    spec = StudySpec(model=str(env["model"]), schemes=[], harmful=str(files["nocolumn.csv"]),
+                     harmless="bundled:harmless:test", borderline=None, column="foo")
+    assert Study(spec, tmp_path / "runs").eval_sets()["harmful"].prompts == ["How do I bake bread?"]
+    assert "column" not in StudySpec().to_dict()  # specs stored before the field name the same folder
+    rc = main(["directions", "--model", str(env["model"]), "--out", str(tmp_path / "d"), "--harmful",
+               str(files["nocolumn.csv"]), "--column", "foo", "--skip-selection", "--n-train", "4"])
+    assert rc == 0

@@ -21,6 +21,7 @@ def register(sub) -> None:
     p.add_argument("--harmful", default=None, help="harmful prompts for candidates: FILE | bundled:KIND:SPLIT "
                    "(default bundled harmful train split)")
     p.add_argument("--harmless", default=None, help="harmless prompts for candidates (default bundled harmless train)")
+    p.add_argument("--column", default=None, help="the text column of CSV/JSON prompt files (default: detected)")
     p.add_argument("--harmful-val", default=None, help="harmful prompts for selection (default bundled harmful val)")
     p.add_argument("--harmless-val", default=None, help="harmless prompts for selection (default bundled harmless val)")
     p.add_argument("--n-train", type=count(1), default=128, help="use the first N prompts of each candidate set (128)")
@@ -70,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     from refusal_lab.prompts import resolve_prompt_arg
 
     positions = _positions(args.positions)
-    harmful = resolve_prompt_arg(args.harmful, "harmful", "train").head(args.n_train)
-    harmless = resolve_prompt_arg(args.harmless, "harmless", "train").head(args.n_train)
-    harmful_val = resolve_prompt_arg(args.harmful_val, "harmful", "val").head(args.n_val)
-    harmless_val = resolve_prompt_arg(args.harmless_val, "harmless", "val").head(args.n_val)
+    col = args.column
+    harmful = resolve_prompt_arg(args.harmful, "harmful", "train", column=col).head(args.n_train)
+    harmless = resolve_prompt_arg(args.harmless, "harmless", "train", column=col).head(args.n_train)
+    harmful_val = resolve_prompt_arg(args.harmful_val, "harmful", "val", column=col).head(args.n_val)
+    harmless_val = resolve_prompt_arg(args.harmless_val, "harmless", "val", column=col).head(args.n_val)
     handle = load_from_args(args)
     filt = not args.no_filter
 

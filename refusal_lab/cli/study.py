@@ -19,6 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
     p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
     p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
+    p.add_argument("--column", default=None, help="the text column of CSV/JSON prompt files (default: detected)")
     p.add_argument("--limit", type=count(1), default=None, help="first N prompts of each evaluation set")
     p.add_argument("--max-new-tokens", type=count(1), default=64)
     p.add_argument("--runs", default="runs", help="run-store directory")
@@ -98,7 +99,7 @@ def _spec(args, schemes, **kw):
     from refusal_lab.study import StudySpec
 
     return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
-                     borderline=args.borderline or None, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                     borderline=args.borderline or None, column=args.column, limit=args.limit, max_new_tokens=args.max_new_tokens,
                      device=args.device, dtype=args.dtype, precision=args.precision,
                      selection_screen=args.screen or None, **kw)
 
