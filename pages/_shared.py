@@ -265,8 +265,13 @@ def settings_widgets(container=None) -> dict:
     c1, c2 = where.columns(2)
     limit = c1.slider("Prompts per evaluation set", 4, 200, int(cur["limit"]), step=4,
                       help="first N prompts of the harmful / harmless / borderline test sets (Prompts page)")
-    tokens = c2.slider("New tokens per reply", 16, 128, int(cur["max_new_tokens"]), step=16,
-                       help="greedy generation judged by the substring refusal judge")
+    tokens = c2.select_slider("New tokens per reply", [16, 32, 48, 64, 96, 128, 192, 256],
+                              int(cur["max_new_tokens"]),
+                              help="greedy replies; short ones can hide a refusal that comes later, or a loop")
+    judge = where.radio("Judge", list(JUDGE_HELP), format_func=JUDGE_HELP.get, horizontal=True,
+                        index=list(JUDGE_HELP).index(cur.get("judge", "substring")),
+                        help="how each reply is judged refused, complied or broken (empty, looping or no "
+                             "language: neither)")
     current = cur.get("positions", "screened")
     positions = where.radio("Direction search", list(POSITIONS), format_func=POSITIONS.get,
                             index=list(POSITIONS).index(current if current in POSITIONS else "screened"),
@@ -283,8 +288,43 @@ def settings_widgets(container=None) -> dict:
         help="shows where the variant's refusal direction comes from (its source layer) and its scores; one "
              "more direction search per variant. Off, the drift compares the variant's candidates with the "
              "original's direction at the original's source.")
-    cur.update(limit=limit, max_new_tokens=tokens, positions=positions, variant_selection=variant_selection)
+    cur.update(limit=limit, max_new_tokens=tokens, positions=positions, variant_selection=variant_selection,
+               judge=judge)
     return cur
+
+
+JUDGE_HELP = {"substring": "substring (refusal phrases in the reply)",
+              "score": "score (refusal log-odds at the first reply token)"}
+
+
+def replies_audit(evaluations: dict, key: str) -> None:
+    """The replies behind the rates above: ``evaluations`` by model label
+    (:class:`refusal_lab.results.Evaluation`), filtered by outcome; compared with another judge, the
+    replies where the two disagree."""
+    import pandas as pd
+
+    from refusal_lab.judge_audit import rejudge, reply_rows
+    from refusal_lab.judges import OUTCOMES
+
+    with st.expander("Replies behind these rates"):
+        c1, c2, c3, c4 = st.columns(4)
+        model = c1.selectbox("Model", list(evaluations), key=f"{key}_model")
+        ev = evaluations[model]
+        set_name = c2.selectbox("Set", list(ev.sets), key=f"{key}_set")
+        shown = c3.multiselect("Outcome", list(OUTCOMES), default=list(OUTCOMES), key=f"{key}_outcomes")
+        judged = ev.sets[set_name].judge or "substring"
+        others = [j for j in JUDGE_HELP if j != judged]
+        other = c4.selectbox("Compare with judge", ["—", *others], key=f"{key}_other",
+                             help="only the replies where the two judges disagree")
+        replies = ev.sets[set_name].results
+        compare = None if other == "—" else (f"{other} judge", rejudge(replies, other))
+        rows = [r for r in reply_rows(replies, other=compare) if r["outcome"] in shown
+                and (compare is None or r[compare[0]] != r["outcome"])]
+        columns = ["outcome", *([compare[0]] if compare else []), "prompt", "reply", "refusal score"]
+        st.dataframe(pd.DataFrame(rows, columns=columns), hide_index=True, width="stretch", placeholder="—",
+                     column_config={"refusal score": st.column_config.NumberColumn(format="%.2f")})
+        st.caption(f"{len(rows)} of {len(replies)} replies, judged by the {judged} judge"
+                   + (f"; shown where the {other} judge disagrees" if compare else "") + ".")
 
 
 def get_study(handle: ModelHandle):

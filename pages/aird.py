@@ -13,7 +13,7 @@ import streamlit as st
 from refusal_lab.codec import to_json
 from refusal_lab.session import completed_key, is_completed, mark_completed, mark_original_direction, original_source_layer
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
-                           run_study, settings_widgets, show_error, show_table)
+                           replies_audit, run_study, settings_widgets, show_error, show_table)
 
 CANCEL = "aird_cancelled"
 BUDGET_LAYERS = 6
@@ -110,17 +110,20 @@ box = st.container(key="aird_results")
 with box:
     st.subheader("Before / after")
     table = pd.DataFrame(repair_rows(results))
-    keep = [c for c in ("model", "refusal_harmful", "asr", "over_refusal_harmless", "over_refusal_borderline",
-                        "perplexity", "kl_to_original", "aird_layers", "aird_alpha", "aird_realign_layer",
+    keep = [c for c in ("model", "refusal_harmful", "asr", "broken_harmful", "over_refusal_harmless",
+                        "broken_harmless", "over_refusal_borderline", "perplexity", "kl_to_original", "kl_multi_token", "aird_layers", "aird_alpha", "aird_realign_layer",
                         "densified_weights")
             if c in table.columns]
     table = table[keep].rename(columns={"refusal_harmful": "refusal (harmful)", "asr": "ASR",
+                                        "broken_harmful": "broken (harmful)", "broken_harmless": "broken (harmless)",
                                         "over_refusal_harmless": "over-refusal (harmless)",
                                         "over_refusal_borderline": "over-refusal (borderline)",
-                                        "kl_to_original": "KL to original", "aird_layers": "layers",
+                                        "kl_to_original": "KL to original", "kl_multi_token": "KL over 16 tokens",
+                                        "aird_layers": "layers",
                                         "aird_alpha": "α", "aird_realign_layer": "re-aligned layer",
                                         "densified_weights": "densified weights"})
-    for c in ("refusal (harmful)", "ASR", "over-refusal (harmless)", "over-refusal (borderline)", "perplexity",
+    for c in ("refusal (harmful)", "ASR", "broken (harmful)", "over-refusal (harmless)", "broken (harmless)",
+              "over-refusal (borderline)", "perplexity", "KL over 16 tokens",
               "KL to original", "α", "densified weights"):
         if c in table.columns:
             table[c] = pd.to_numeric(table[c], errors="coerce")
@@ -133,6 +136,9 @@ with box:
     if rep.auto and rep.alpha == 0 and rep.realign_layer is None:
         st.warning("Calibration found no repair that raises refusal within the over-refusal and KL limits: "
                    "the variant is left unrepaired (see the recoverability diagnostic).")
+
+    replies_audit({"original": results.original, scheme: results.variant, f"{scheme} + AIRD": results.repaired},
+                  "aird_audit")
 
     sets = ["harmful", "harmless", "borderline"]
     fig = go.Figure()

@@ -11,7 +11,7 @@ from refusal_lab.session import completed_key, is_completed, mark_completed, mar
 from refusal_lab.results import DirectionSummary, Evaluation
 from refusal_lab.study import evaluation_row
 from pages._shared import (cancel_button, current_workspace, get_study, guarded, model_badge, require_handle,
-                           run_study, settings_widgets, show_error, show_table)
+                           replies_audit, run_study, settings_widgets, show_error, show_table)
 
 CANCEL = "drift_cancelled"
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
@@ -108,9 +108,10 @@ with box:
                       margin=dict(l=10, r=10, t=50, b=10), legend_title="variant")
     st.plotly_chart(fig, width="stretch", key="cosine_chart")
 
-    shown = {"refusal_harmful": "refusal (harmful)", "over_refusal_harmless": "over-refusal (harmless)",
+    shown = {"refusal_harmful": "refusal (harmful)", "asr": "ASR", "broken_harmful": "broken (harmful)",
+             "over_refusal_harmless": "over-refusal (harmless)", "broken_harmless": "broken (harmless)",
              "over_refusal_borderline": "over-refusal (borderline)", "perplexity": "perplexity",
-             "kl_to_original": "KL to original"}
+             "kl_to_original": "KL to original", "kl_multi_token": "KL over 16 tokens"}
 
     def ev_row(name: str, ev: Evaluation) -> dict:
         row = evaluation_row(name, ev)
@@ -128,8 +129,9 @@ with box:
     for s, v in variants.items():
         rows.append({"model": s, **src_row(v["drift"].variant), "cosine to original": v["drift"].cosine,
                      **ev_row(s, v["evaluation"]), "recoverability": v["drift"].recoverability.level})
-    numeric = ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "over-refusal (harmless)",
-               "over-refusal (borderline)", "perplexity", "KL to original")
+    numeric = ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "ASR", "broken (harmful)",
+               "over-refusal (harmless)", "broken (harmless)", "over-refusal (borderline)", "perplexity",
+               "KL to original", "KL over 16 tokens")
     st.subheader("Source layer, direction quality and refusal")
     if any(v["directions"].selected is None for v in variants.values()):
         st.caption("Variants without a source layer: their own direction was not selected (Evaluation settings); "
@@ -141,7 +143,12 @@ with box:
     st.caption("bypass = mean refusal score on harmful val prompts with the direction ablated (lower = the "
                "direction carries refusal); induce = on harmless prompts with it added (higher = stronger); KL = "
                "next-token KL on harmless prompts under ablation. Refusal rates on the test sets "
-               f"({results['original']['evaluation'].sets['harmful'].n} prompts each).")
+               f"({results['original']['evaluation'].sets['harmful'].n} prompts each); every reply is refused, "
+               "complied with (ASR on harmful prompts) or broken — empty, looping or no language, counted as "
+               "neither.")
+
+    replies_audit({"original": results["original"]["evaluation"],
+                   **{s: v["evaluation"] for s, v in variants.items()}}, "drift_audit")
 
     sets = ["harmful", "harmless", "borderline"]
     bars = go.Figure()

@@ -161,8 +161,10 @@ table{{border-collapse:collapse;font-size:0.9em;width:100%}}td,th{{border:1px so
 text-align:left}}th{{background:#f4f4f4}}</style></head><body>
 <h1>What compression does to refusal — and the repair</h1>
 <p>Model <b>{html.escape(story.model)}</b>, compressed with <b>{html.escape(story.scheme)}</b>, repaired with AIRD
-(this project's reconstruction of Chhabra &amp; Khalili 2025). Refusal is the substring judge on greedy replies
-({story.results.spec['max_new_tokens']} new tokens) to {n} prompts per set.</p>
+(this project's reconstruction of Chhabra &amp; Khalili 2025). Refusal is the
+{html.escape(story.results.spec.get('judge', 'substring'))} judge on greedy replies
+({story.results.spec['max_new_tokens']} new tokens) to {n} prompts per set; replies that are empty, loop or hold
+no language count as broken, neither refusal nor compliance.</p>
 <h2>1. The model refuses harmful prompts and answers harmless ones</h2>{plots[0]}
 <h3>Harmful prompts</h3>{_examples_html(story.harmful, 'original')}
 <h3>Harmless prompts</h3>{_examples_html(story.harmless, 'original')}

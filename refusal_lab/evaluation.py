@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,8 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
 
 def refusal_evaluation(handle: ModelHandle, prompts, *, max_new_tokens: int = 64, batch_size: int | None = None,
                        judge=None, progress: Progress | None = None) -> SetEvaluation:
-    """Refusal on a prompt set: rate (substring judge on greedy generations), mean refusal score (from
+    """Refusal on a prompt set: the shares of greedy replies ``judge`` (a :class:`refusal_lab.judges.Judge`
+    or its name; default substring) calls refused, complied and broken, mean refusal score (from
     the logits the first reply token is chosen from: no second pass), per-category rates, and every
     (prompt, response, refused, refusal_score).
 
@@ -128,19 +129,22 @@ def refusal_evaluations(handle: ModelHandle, sets: Mapping[str, object], *, max_
 
 def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list[str], first: torch.Tensor,
                 judge) -> SetEvaluation:
-    from refusal_lab.judges import refusal_score_from_logits, refusal_token_ids, substring_judge
+    from refusal_lab.judges import make_judge, refusal_score_from_logits, refusal_token_ids
 
-    refused = list((judge or substring_judge)(texts, replies))
-    scores = refusal_score_from_logits(first, refusal_token_ids(handle.tokenizer))
+    judge = make_judge(judge)
+    scores = refusal_score_from_logits(first, refusal_token_ids(handle.tokenizer)).tolist()
+    outcomes = judge.judge(texts, replies, scores)
     by_cat: dict[str, list[bool]] = {}
-    for c, r in zip(cats, refused):
+    for c, o in zip(cats, outcomes):
         if c is not None:
-            by_cat.setdefault(c, []).append(r)
+            by_cat.setdefault(c, []).append(o == "refused")
+    share = lambda kind: sum(o == kind for o in outcomes) / len(texts)  # noqa: E731
     return SetEvaluation(
-        n=len(texts), refusal_rate=sum(refused) / len(texts), mean_refusal_score=float(scores.mean()),
+        n=len(texts), refusal_rate=share("refused"), compliance_rate=share("complied"), broken_rate=share("broken"),
+        judge=judge.name, mean_refusal_score=sum(scores) / len(scores),
         by_category={c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
-        results=[Reply(prompt=p, response=r, refused=bool(f), refusal_score=float(s))
-                 for p, r, f, s in zip(texts, replies, refused, scores.tolist())])
+        results=[Reply(prompt=p, response=r, refused=o == "refused", refusal_score=float(s), outcome=o)
+                 for p, r, o, s in zip(texts, replies, outcomes, scores)])
 
 
 def kl_per_prompt(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -154,3 +158,45 @@ def kl_per_prompt(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL(reference ‖ model) of next-token distributions given as logits ``(n, vocab)``."""
     return float(kl_per_prompt(reference_logits, logits).mean())
+
+
+MULTI_TOKEN_KL_TOKENS = 16  # reply tokens the multi-token KL averages over
+
+
+@torch.inference_mode()
+def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequence[str], replies: Sequence[str], *,
+                   tokens: int = MULTI_TOKEN_KL_TOKENS, batch_size: int = 8,
+                   progress: Progress | None = None) -> float:
+    """Mean KL(reference ‖ model) (nats) of the next-token distributions over the first ``tokens`` tokens of
+    the reference's own ``replies`` to ``prompts``, teacher-forced: how far the model strays from the
+    reference along the reference's path, not only at the first step. Replies are re-tokenized from their
+    text (equal to the generated ids except where decoding merged tokens); both models run the same
+    right-padded batches (padding after the real tokens changes nothing before it)."""
+    tok = handle.tokenizer
+    rows = []
+    for p, r in zip(prompts, replies):
+        reply_ids = tok(r, add_special_tokens=False)["input_ids"][:tokens]
+        if reply_ids:
+            rows.append((tok(handle.format(p), add_special_tokens=False)["input_ids"], reply_ids))
+    if not rows:
+        raise ValueError("no reference reply has a token to compare on")
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(p) + len(r) for p, r in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(batch):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, :len(p) + len(r)] = 1
+        out = []
+        for h in (reference, handle):
+            with h.lock, compute(h):
+                out.append(h.model(input_ids=ids.to(h.device), attention_mask=mask.to(h.device),
+                                   use_cache=False).logits.float().cpu())
+        for i, (p, r) in enumerate(batch):
+            at = slice(len(p) - 1, len(p) - 1 + len(r))  # the positions that predict the reply's tokens
+            kl = kl_per_prompt(out[0][i, at], out[1][i, at])
+            total, count = total + float(kl.sum()), count + len(r)
+        report(progress, min(start + batch_size, len(rows)), len(rows))
+    return total / count

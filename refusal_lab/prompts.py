@@ -92,7 +92,7 @@ def _dedupe(name: str, prompts: list[str], cats: list[str | None]) -> tuple[list
     return out_p, out_c
 
 
-def _lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """Lines split at line breaks only (\\n, \\r\\n, \\r) — not at U+2028, \\x1c or \\x85, which
     :meth:`str.splitlines` also splits at and which can sit inside one prompt."""
     return _NEWLINE.split(text)
@@ -118,7 +118,7 @@ def _validate(name: str, prompts: list[str], cats: list[str | None], source: str
     return PromptSet(name, prompts, cats, source)
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     """The file's text: a regular file (not a folder, FIFO or device) of at most ``MAX_FILE_BYTES``,
     counted by the bytes actually read (a device reports size 0), in UTF-8."""
     try:
@@ -194,7 +194,7 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
     fmt = fmt.lower().lstrip(".")
     if fmt == "txt":
         prompts, cats = [], []
-        for line in _lines(text):
+        for line in split_lines(text):
             m = _TAG.match(line.strip())
             prompts.append(m.group(2) if m else line)
             cats.append(m.group(1) if m else None)
@@ -224,7 +224,7 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
         prompts, cats = _from_records(data, column, source)
     elif fmt == "jsonl":
         records = []
-        for n, line in enumerate(_lines(text), 1):
+        for n, line in enumerate(split_lines(text), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -244,7 +244,7 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
     if str(path).startswith("hf:"):
         return load_hub_prompts(str(path)[3:], column=column)
     path = Path(path).expanduser()
-    return parse_prompts(_read_text(path), path.suffix or "txt", column=column, name=name or path.stem,
+    return parse_prompts(read_text_file(path), path.suffix or "txt", column=column, name=name or path.stem,
                          source=str(path))
 
 

@@ -97,8 +97,9 @@ def html_report(results: StudyResults, *, budget: dict[str, list[BudgetPoint]] |
 table{{border-collapse:collapse;font-size:0.9em}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 th{{background:#f4f4f4}}pre{{background:#f8f8f8;padding:1em}}</style></head><body>
 <h1>Refusal Lab report</h1>
-<p>Study <code>{html.escape(results.study_id)}</code>. Refusal: substring judge on greedy generations
-({results.spec['max_new_tokens']} new tokens). AIRD is this project's reconstruction of Chhabra &amp; Khalili (2025).</p>
+<p>Study <code>{html.escape(results.study_id)}</code>. Every greedy reply ({results.spec['max_new_tokens']} new
+tokens) is judged refused, complied or broken (empty, looping or no language — neither) by the
+{html.escape(results.spec.get('judge', 'substring'))} judge; ASR counts complied harmful replies. AIRD is this project's reconstruction of Chhabra &amp; Khalili (2025).</p>
 <h2>Results</h2>{rows_table_html(summary_rows(results))}
 <h2>Recoverability</h2><ul>{verdicts}</ul>
 <h2>Charts</h2>{''.join(parts)}

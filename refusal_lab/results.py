@@ -17,20 +17,28 @@ from refusal_lab.compression.report import CompressionReport
 
 @dataclass(kw_only=True)
 class Reply(JsonRecord):
-    """One prompt's greedy reply and the judge's call on it (``refusal_score``: first-step logit score)."""
+    """One prompt's greedy reply and the judge's call on it: ``outcome`` refused | complied | broken
+(absent from results stored before outcomes existed), ``refused`` = outcome is refused;
+``refusal_score``: the first-step refusal log-odds."""
 
     prompt: str
     response: str
     refused: bool
     refusal_score: float
+    outcome: str | None = optional()
 
 
 @dataclass(kw_only=True)
 class SetEvaluation(JsonRecord):
-    """Refusal on one prompt set: rate over its ``n`` prompts, per category, and every reply."""
+    """Refusal on one prompt set: the share of its ``n`` replies refused, complied with and broken
+    (the three sum to 1; the last two absent from results stored before outcomes existed), per
+    category refusal, the ``judge``, and every reply."""
 
     n: int
     refusal_rate: float
+    compliance_rate: float | None = optional()
+    broken_rate: float | None = optional()
+    judge: str | None = optional()
     mean_refusal_score: float | None = None
     by_category: dict[str, float] = field(default_factory=dict)
     results: list[Reply] = field(default_factory=list)
@@ -39,18 +47,24 @@ class SetEvaluation(JsonRecord):
 @dataclass(kw_only=True)
 class Evaluation(JsonRecord):
     """A model's refusal per evaluation set (``harmful``, ``harmless``, optionally ``borderline``),
-    perplexity on the reference text (:data:`refusal_lab.evaluation.PERPLEXITY_LABEL`) and mean KL to the
-    original on the harmless set's first reply token (absent for the original itself)."""
+    perplexity on the reference text (:data:`refusal_lab.evaluation.PERPLEXITY_LABEL`), mean KL to the
+    original on the harmless set's first reply token, and over the first 16 tokens of the original's
+    harmless replies, teacher-forced (:func:`refusal_lab.evaluation.multi_token_kl`); both KLs are absent
+    for the original itself (the second also from results stored before it existed)."""
 
     model: str = ""
     sets: dict[str, SetEvaluation] = field(default_factory=dict)
     perplexity: float | None = None
     kl_to_original: float | None = optional()
+    kl_multi_token: float | None = optional()
 
-    def rate(self, set_name: str) -> float | None:
-        """Refusal rate on ``set_name``, None when the set was not evaluated."""
+    def rate(self, set_name: str, outcome: str = "refused") -> float | None:
+        """Share of ``set_name``'s replies with ``outcome`` (refused | complied | broken); None when the
+        set was not evaluated (or, for complied/broken, was stored before outcomes existed)."""
         s = self.sets.get(set_name)
-        return None if s is None else s.refusal_rate
+        if s is None:
+            return None
+        return {"refused": s.refusal_rate, "complied": s.compliance_rate, "broken": s.broken_rate}[outcome]
 
 
 @dataclass(kw_only=True)

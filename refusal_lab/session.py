@@ -28,7 +28,8 @@ __all__ = ["DEFAULT_SETTINGS", "POSITIONS", "SCREEN", "Variant", "RememberedVari
            "remembered_variants", "list_studies"]
 
 ROLES = ("harmful", "harmless", "borderline")
-DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "screened", "variant_selection": False}
+DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "screened", "variant_selection": False,
+                    "judge": "substring"}
 POSITIONS = {"screened": "every post-instruction token, screened (fast; same choice in every measured case)",
              "all": "every post-instruction token, exact (as in the paper; slower)",
              "last": "last prompt token only, screened"}
@@ -217,7 +218,7 @@ def study_spec(handle: ModelHandle, cfg: dict, settings: dict, choice: dict, **a
                      selection_positions=[-1] if positions == "last" else None,
                      selection_screen=None if positions == "all" else SCREEN,
                      variant_selection=bool(settings.get("variant_selection", False)),
-                     name=f"dashboard · {handle.name}", **aird)
+                     judge=str(settings.get("judge", "substring")), name=f"dashboard · {handle.name}", **aird)
 
 
 # ----------------------------------------------------------------------------------------------

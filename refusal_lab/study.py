@@ -1,12 +1,9 @@
 """A *study*: one model, its compressed variants, prompt sets, refusal directions, AIRD repairs and
 evaluations, computed in stages. Every stage's artifact is keyed by what it depends on (model
 fingerprint, scheme, prompt-set hashes, settings, code version) and persisted in the run store, so
-nothing is computed twice — across restarts too — and a killed run resumes where it stopped.
-
-Stages::
-
-    load → directions(original) → compress(scheme) → directions(variant) → drift
-         → evaluate(original, variants) → AIRD(variant) → evaluate(repaired) → report
+nothing is computed twice — across restarts too — and a killed run resumes where it stopped. Stages: load →
+directions(original) → compress(scheme) → directions(variant) → drift → evaluate(original, variants) →
+AIRD(variant) → evaluate(repaired) → report.
 
 Directions are always extracted from the project's bundled train splits and selected on its val
 splits; AIRD is calibrated on val splits; user files (``harmful``/``harmless``) are evaluation sets.
@@ -25,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from refusal_lab.judges import JUDGE_VERSION
 from refusal_lab.memory import release
 from refusal_lab.models import ModelHandle
 from refusal_lab.progress import report
@@ -387,19 +385,25 @@ class Study:
     def _evaluate_handle(self, handle: ModelHandle, label: str, reference_logits: torch.Tensor | None,
                          kind: type[Evaluation] = Evaluation, **fields) -> Evaluation:
         """An evaluation of ``handle`` as ``kind`` (with its further ``fields``)."""
-        from refusal_lab.evaluation import kl_divergence, reference_perplexity, refusal_evaluations
+        from refusal_lab.evaluation import kl_divergence, multi_token_kl, reference_perplexity, refusal_evaluations
 
         sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
-                                          progress=self._progress(f"evaluate {label}: replies"))
+                                          judge=self.spec.judge, progress=self._progress(f"evaluate {label}: replies"))
         ppl = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
         # KL from the harmless replies' first-step logits: no second pass
-        kl = None if reference_logits is None else kl_divergence(reference_logits, first["harmless"])
-        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, **fields)
+        kl = kl16 = None
+        if reference_logits is not None:  # not the original: how far from it, at the first step and along its path
+            kl = kl_divergence(reference_logits, first["harmless"])
+            paths = self.evaluate("original").sets["harmless"].results
+            kl16 = multi_token_kl(self.original, handle, [r.prompt for r in paths], [r.response for r in paths],
+                                  progress=self._progress(f"evaluate {label}: multi-token KL"))
+        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, kl_multi_token=kl16, **fields)
 
     def _eval_key(self, which: str) -> tuple:
         s = self.spec
         sets = {k: v.sha for k, v in self.eval_sets().items()}
-        return (self.original_fingerprint(), which, sets, s.max_new_tokens)
+        judged = () if s.judge == "substring" else (f"judge={s.judge}",)
+        return (self.original_fingerprint(), which, sets, s.max_new_tokens, JUDGE_VERSION) + judged
 
     def evaluate(self, which: str = "original") -> Evaluation:
         """Refusal / over-refusal / perplexity / KL-to-original of the original or a variant."""

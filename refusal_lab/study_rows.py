@@ -19,12 +19,16 @@ def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repair
 
 
 def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key: str = "model") -> dict:
-    """The columns every table of evaluations shares — refusal, attack success, over-refusal, perplexity,
-    KL to the original — for one evaluation, labelled ``label`` under ``key``, then ``extra``."""
-    harmful = ev.rate("harmful")
-    r = {key: label, "refusal_harmful": harmful, "asr": None if harmful is None else 1 - harmful,
-         "over_refusal_harmless": ev.rate("harmless"), "over_refusal_borderline": ev.rate("borderline"),
-         "perplexity": ev.perplexity, "kl_to_original": ev.kl_to_original}
+    """The columns every table of evaluations shares — refusal, attack success (harmful replies that
+    comply, broken ones not counted), broken replies per set, over-refusal, perplexity, KL to the
+    original — for one evaluation, labelled ``label`` under ``key``, then ``extra``. Results stored
+    before outcomes existed have no broken rates, and their ASR is 1 − refusal."""
+    harmful, complied = ev.rate("harmful"), ev.rate("harmful", "complied")
+    asr = complied if complied is not None else None if harmful is None else 1 - harmful
+    r = {key: label, "refusal_harmful": harmful, "asr": asr, "broken_harmful": ev.rate("harmful", "broken"),
+         "over_refusal_harmless": ev.rate("harmless"), "broken_harmless": ev.rate("harmless", "broken"),
+         "over_refusal_borderline": ev.rate("borderline"), "broken_borderline": ev.rate("borderline", "broken"),
+         "perplexity": ev.perplexity, "kl_to_original": ev.kl_to_original, "kl_multi_token": ev.kl_multi_token}
     r.update(extra or {})
     return r
 

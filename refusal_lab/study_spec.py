@@ -11,7 +11,7 @@ from refusal_lab.aird.repair import Mode
 Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration decides, always, never
 
 LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True,
-          "column": None}  # what a stored spec without the field ran
+          "column": None, "judge": "substring"}  # what a stored spec without the field ran
 
 
 @dataclass
@@ -30,6 +30,7 @@ class StudySpec:
     harmless: str = "bundled:harmless:test"
     borderline: str | None = "bundled:borderline:test"
     column: str | None = None  # the text column of CSV/JSON prompt files (None: detected)
+    judge: str = "substring"  # how replies are judged (refusal_lab.judges.JUDGES)
     limit: int | None = None
     max_new_tokens: int = 64
     aird: str | None = "auto"
@@ -63,6 +64,10 @@ class StudySpec:
             raise ValueError(f"aird_alpha must be a finite number ≥ 0, got {self.aird_alpha}")
         if self.aird_layers is not None and (not self.aird_layers or min(self.aird_layers) < 0):
             raise ValueError(f"aird_layers must be layer indices ≥ 0, got {self.aird_layers}")
+        from refusal_lab.judges import JUDGES
+
+        if self.judge.partition(":")[0] not in JUDGES:
+            raise ValueError(f"unknown judge {self.judge!r}: use one of {', '.join(JUDGES)}")
         if self.selection_screen is not None and self.selection_screen < 0:
             raise ValueError(f"selection_screen must be ≥ 0 (or None), got {self.selection_screen}")
 

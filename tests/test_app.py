@@ -271,6 +271,13 @@ def test_drift_page_runs_and_reloads_from_the_store(study_env):
         assert 0.0 <= table.loc["wanda:0.5", col] <= 1.0
     assert table.loc["wanda:0.5", "recoverability"] in ("recoverable", "partial", "unrecoverable")
     assert len(at.get("plotly_chart")) == 4  # cosine per layer, refusal bars, heatmap, projection bands
+    # the replies behind the rates: all of the original's harmful replies, then only those the score judge
+    # calls differently
+    [audit] = [d.value for d in at.dataframe if "reply" in d.value.columns]
+    assert len(audit) == FAST["limit"] and set(audit["outcome"]) <= {"refused", "complied", "broken"}
+    at.selectbox(key="drift_audit_other").set_value("score").run()
+    [differ] = [d.value for d in at.dataframe if "reply" in d.value.columns]
+    assert (differ["outcome"] != differ["score judge"]).all() and len(differ) <= len(audit)
     # the study is in the run store, with the stages the page needed
     [info] = RunStore(study_env["runs"]).list_studies()
     assert {"directions original", "directions wanda:0.5", "drift wanda:0.5"} <= set(info.stages)
@@ -300,7 +307,7 @@ def test_aird_page_manual_repair(study_env):
     assert not at.exception and not errors(at), errors(at)
     table = at.dataframe[0].value.set_index("model")
     assert list(table.index) == ["original", "wanda:0.5", "wanda:0.5 + AIRD"]
-    assert (table["ASR"] + table["refusal (harmful)"]).round(9).eq(1.0).all()
+    assert (table["ASR"] + table["refusal (harmful)"] + table["broken (harmful)"]).round(9).eq(1.0).all()
     row = table.loc["wanda:0.5 + AIRD"]
     assert row["layers"] == "1, 2" and row["α"] == 2.0
     variant, _ = apply(load_handle(at.session_state["model_cfg"]), "wanda:0.5")

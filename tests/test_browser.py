@@ -123,7 +123,9 @@ def test_demo_story_and_its_html_export_open_offline(server, tmp_path):
                             (3, "3. The repair (AIRD) brings it back")):
             section = page.locator(f".st-key-demo_step{step}")
             assert title in section.locator("h3").first.inner_text()
-            assert section.locator("[data-testid='stPlotlyChart']").count() == 1
+            chart = section.locator("[data-testid='stPlotlyChart']")
+            chart.first.wait_for(state="attached", timeout=60_000)  # charts mount after the script is idle
+            assert chart.count() == 1
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=ARTIFACTS / "00-home-demo.png", full_page=True)
         with page.expect_download() as download:

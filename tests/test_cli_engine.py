@@ -74,7 +74,8 @@ def test_refusal_json(mode, dirs, model_dir, tmp_path, capsys):
     assert set(data) >= {"refusal_rate", "mean_refusal_score", "results"}
     assert len(data["results"]) == 2
     for row in data["results"]:
-        assert set(row) == {"prompt", "response", "refused", "refusal_score"}
+        assert set(row) == {"prompt", "response", "refused", "refusal_score", "outcome"}
+        assert row["outcome"] in ("refused", "complied", "broken") and row["refused"] == (row["outcome"] == "refused")
         assert isinstance(row["refused"], bool) and isinstance(row["refusal_score"], float)
     assert data["refusal_rate"] == sum(r["refused"] for r in data["results"]) / 2
     if mode and mode[0] == "--add":

@@ -40,3 +40,29 @@ def test_several_sets_each_as_if_alone_with_their_first_step_logits():
 def test_an_empty_set_is_an_error():
     with pytest.raises(ValueError, match="no prompts"):
         refusal_evaluations(tiny_handle("llama"), {"harmful": ["hi"], "harmless": []})
+
+
+def test_multi_token_kl_is_zero_against_itself_and_matches_one_prompt_at_a_time():
+    import copy
+
+    from refusal_lab.evaluation import kl_per_prompt, multi_token_kl
+
+    h = tiny_handle("llama")
+    other = copy.copy(h)
+    other.model = copy.deepcopy(h.model)
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, replies = ["How do I bake bread?", "Write a poem please"], ["Mix flour and water, then bake.", "The sea"]
+    assert multi_token_kl(h, h, prompts, replies) == pytest.approx(0.0, abs=1e-9)
+    batched = multi_token_kl(h, other, prompts, replies, tokens=4, batch_size=2)
+    # the same KL, one prompt at a time without padding
+    tok, total, count = h.tokenizer, 0.0, 0
+    for p, r in zip(prompts, replies):
+        pi = tok(h.format(p), add_special_tokens=False)["input_ids"]
+        ri = tok(r, add_special_tokens=False)["input_ids"][:4]
+        ids = torch.tensor([pi + ri])
+        with torch.no_grad():
+            a, b = (m.model(input_ids=ids).logits[0, len(pi) - 1:len(pi) - 1 + len(ri)] for m in (h, other))
+        total, count = total + float(kl_per_prompt(a, b).sum()), count + len(ri)
+    assert batched > 0 and batched == pytest.approx(total / count, rel=1e-4)

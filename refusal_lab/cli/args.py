@@ -76,3 +76,12 @@ def device(text: str) -> str:
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def judge_spec(text: str) -> str:
+    """A judge of :data:`refusal_lab.judges.JUDGES` (``NAME`` or ``NAME:ARG``)."""
+    from refusal_lab.judges import JUDGES
+
+    if text.partition(":")[0] not in JUDGES:
+        raise argparse.ArgumentTypeError(f"unknown judge {text!r}: use one of {', '.join(JUDGES)}")
+    return text

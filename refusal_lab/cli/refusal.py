@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from refusal_lab.cli.args import count, number
+from refusal_lab.cli.args import count, judge_spec, number
 from refusal_lab.cli import add_model_args, load_from_args
 
 
@@ -18,6 +18,8 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompts", default=None,
                    help="FILE (.txt/.csv/.json/.jsonl) | bundled:KIND[:SPLIT] (default bundled:harmful:test)")
+    p.add_argument("--judge", default="substring", type=judge_spec,
+                   help="how replies are judged: substring (default) | score")
     p.add_argument("--column", default=None, help="the text column of a CSV/JSON prompt file (default: detected)")
     p.add_argument("--limit", type=count(1), default=None, help="only the first N prompts")
     p.add_argument("--max-new-tokens", type=count(1), default=64)
@@ -85,14 +87,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with ctx:
         ev = refusal_evaluation(handle, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                progress=tqdm_progress("generating"))
+                                judge=args.judge, progress=tqdm_progress("generating"))
     seconds = time.perf_counter() - t0
     refused = [r.refused for r in ev.results]
     rate, mean_score = ev.refusal_rate, ev.mean_refusal_score
 
     print(f"model: {handle.name}")
     print(f"prompts: {prompts.name} ({len(prompts)})   intervention: {intervention}")
-    print(f"refusal_rate: {rate:.3f} ({sum(refused)}/{len(refused)})")
+    print(f"refusal_rate: {rate:.3f} ({sum(refused)}/{len(refused)}, judge {ev.judge})")
+    print(f"compliance_rate: {ev.compliance_rate:.3f}   broken_rate: {ev.broken_rate:.3f} (empty, looping or no "
+          "language: neither refusal nor compliance)")
     print(f"mean_refusal_score: {mean_score:+.3f}")
     print(f"seconds: {seconds:.1f}")
     for r in ev.results[:args.show]:

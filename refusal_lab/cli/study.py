@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from refusal_lab.cli.args import aird_spec, alpha, count, layer_list
+from refusal_lab.cli.args import aird_spec, alpha, count, judge_spec, layer_list
 from refusal_lab.cli import add_model_args
 from refusal_lab.codec import to_json
 from refusal_lab.tables import text_table
@@ -19,6 +19,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
     p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
     p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
+    p.add_argument("--judge", default="substring", type=judge_spec,
+                   help="how replies are judged: substring (default) | score")
     p.add_argument("--column", default=None, help="the text column of CSV/JSON prompt files (default: detected)")
     p.add_argument("--limit", type=count(1), default=None, help="first N prompts of each evaluation set")
     p.add_argument("--max-new-tokens", type=count(1), default=64)
@@ -99,7 +101,7 @@ def _spec(args, schemes, **kw):
     from refusal_lab.study import StudySpec
 
     return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
-                     borderline=args.borderline or None, column=args.column, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                     borderline=args.borderline or None, column=args.column, judge=args.judge, limit=args.limit, max_new_tokens=args.max_new_tokens,
                      device=args.device, dtype=args.dtype, precision=args.precision,
                      selection_screen=args.screen or None, **kw)
 
@@ -128,8 +130,8 @@ def run_study(args: argparse.Namespace) -> int:
     if args.aird:
         results.budget = {s: study.budget(s) for s in args.scheme}  # stored by the run
     rows = summary_rows(results)
-    _print_rows(rows, ["model", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
-                       "kl_to_original", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
+    _print_rows(rows, ["model", "refusal_harmful", "asr", "broken_harmful", "over_refusal_harmless", "broken_harmless",
+                       "over_refusal_borderline", "perplexity", "kl_to_original", "kl_multi_token", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
                        "aird_realign_layer"])
     for s, v in results.variants.items():
         print(f"{s}: predicted from projections: {v.drift.recoverability.verdict}")
@@ -176,7 +178,8 @@ def run_aird(args: argparse.Namespace) -> int:
            f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
     print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
           f"({'calibrated on val splits' if rep.auto else 'as given'})")
-    _print_rows(rows, ["method", "refusal_harmful", "over_refusal_harmless", "over_refusal_borderline", "perplexity",
+    _print_rows(rows, ["method", "refusal_harmful", "broken_harmful", "over_refusal_harmless", "broken_harmless",
+                       "over_refusal_borderline", "perplexity",
                        "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
     print(f"diagnostic (predicted from projections): {drift.recoverability.verdict}")
     result = {"scheme": args.scheme, "repair": rep.summary(), "drift": drift, "original": original,
