@@ -1,6 +1,7 @@
 """Judges: three outcomes, the registry, the `judge` command (agreement, κ, bad input)."""
 
 import json
+import re
 
 import pytest
 
@@ -69,8 +70,57 @@ def test_judge_command_bad_input_is_one_line(tmp_path, capfd, content, name, wor
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
 
 
-def test_judge_command_unknown_judge(tmp_path, capfd):
+def test_judge_command_unknown_judge(tmp_path, capfd):  # not a registered judge
     f = _jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "reply": "x"}])
     with pytest.raises(SystemExit) as e:
-        main(["judge", "--replies", str(f), "--judge", "classifier:nope"])
+        main(["judge", "--replies", str(f), "--judge", "oracle"])
     assert e.value.code == 2 and "unknown judge" in capfd.readouterr().err
+
+
+def _classifier(folder, labels):
+    """A tiny random-weight BERT sequence classifier with ``labels`` (index → name), saved with a tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from refusal_lab.testing.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+                     pad_token_id=tok.pad_token_id or 0)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_classifier_judge_plumbing(tmp_path):
+    from refusal_lab.model_judges import ClassifierJudge
+
+    folder = _classifier(tmp_path / "clf", ["normal", "REFUSAL"])
+    judge = make_judge(f"classifier:{folder}")
+    assert judge.name == f"classifier:{folder}" and judge._refusal == 1  # found in id2label
+    outcomes = judge.judge(["p"] * 4, REPLIES)
+    assert outcomes[2:] == ["broken", "broken"] and set(outcomes[:2]) <= {"refused", "complied"}
+    assert ClassifierJudge(str(folder), "normal")._refusal == 0  # named explicitly
+    with pytest.raises(ValueError, match="has no label 'maybe'"):
+        ClassifierJudge(str(folder), "maybe")
+    plain = _classifier(tmp_path / "plain", ["LABEL_0", "LABEL_1"])
+    with pytest.raises(ValueError, match="cannot tell which label"):
+        ClassifierJudge(str(plain))
+    with pytest.raises(ValueError, match="not a trained sequence classifier"):  # a causal LM's folder
+        h = tiny_handle("llama")
+        h.model.save_pretrained(tmp_path / "lm")
+        h.tokenizer.save_pretrained(tmp_path / "lm")
+        ClassifierJudge(str(tmp_path / "lm"))
+
+
+@pytest.mark.parametrize("spec,words", [("classifier:{tmp}/nope", "not a model spec"),
+                                        ("classifier:{plain}", "cannot tell which label")])
+def test_judge_command_classifier_errors(tmp_path, capfd, spec, words):
+    plain = _classifier(tmp_path / "plain", ["LABEL_0", "LABEL_1"])
+    f = _jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "reply": "Sure, here it is."}])
+    capfd.readouterr()
+    assert main(["judge", "--replies", str(f), "--judge", spec.format(tmp=tmp_path, plain=plain)]) == 2
+    err = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines()
+           if line.strip() and not re.search(r"\d+%\||it/s\]", line)]  # progress bars share stderr
+    assert len(err) == 1 and words in err[0], err

@@ -16,7 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("judge", help="judge replies from a file; agreement with labels or another judge")
     p.add_argument("--replies", required=True, help="JSONL or CSV with columns prompt, reply (optional label)")
     p.add_argument("--judge", action="append", type=judge_spec, default=None,
-                   help="substring (default) | score (needs --model); repeat to compare judges")
+                   help="substring (default) | score (needs --model) | classifier:HUB_ID_OR_FOLDER[@LABEL]; repeat to compare judges")
     p.add_argument("--json", default=None, help="write every judged reply and the agreement figures here")
     p.add_argument("--show-disagreements", action="store_true", help="print the replies the judges disagree on")
     add_model_args(p)
