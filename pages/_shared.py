@@ -311,7 +311,8 @@ def replies_audit(evaluations: dict, key: str) -> None:
         model = c1.selectbox("Model", list(evaluations), key=f"{key}_model")
         ev = evaluations[model]
         set_name = c2.selectbox("Set", list(ev.sets), key=f"{key}_set")
-        shown = c3.multiselect("Outcome", list(OUTCOMES), default=list(OUTCOMES), key=f"{key}_outcomes")
+        shown = c3.multiselect("Outcome", [*OUTCOMES, "unjudged"], default=[*OUTCOMES, "unjudged"],
+                               key=f"{key}_outcomes")
         judged = ev.sets[set_name].judge or "substring"
         others = [j for j in JUDGE_HELP if j != judged]
         other = c4.selectbox("Compare with judge", ["—", *others], key=f"{key}_other",

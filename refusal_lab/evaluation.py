@@ -141,7 +141,7 @@ def _evaluation(handle: ModelHandle, texts: list[str], cats: list, replies: list
     share = lambda kind: sum(o == kind for o in outcomes) / len(texts)  # noqa: E731
     return SetEvaluation(
         n=len(texts), refusal_rate=share("refused"), compliance_rate=share("complied"), broken_rate=share("broken"),
-        judge=judge.name, mean_refusal_score=sum(scores) / len(scores),
+        unjudged_rate=share("unjudged") or None, judge=judge.name, mean_refusal_score=sum(scores) / len(scores),
         by_category={c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
         results=[Reply(prompt=p, response=r, refused=o == "refused", refusal_score=float(s), outcome=o)
                  for p, r, o, s in zip(texts, replies, outcomes, scores)])

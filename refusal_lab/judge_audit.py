@@ -84,7 +84,8 @@ def cohens_kappa(a: list[str], b: list[str]) -> float | None:
 
 
 def agreement(a_name: str, a: list[str], b_name: str, b: list[str]) -> Agreement:
-    confusion = {x: {y: 0 for y in OUTCOMES} for x in OUTCOMES}
+    kinds = OUTCOMES + (("unjudged",) if "unjudged" in set(a) | set(b) else ())
+    confusion = {x: {y: 0 for y in kinds} for x in kinds}
     for x, y in zip(a, b):
         confusion[x][y] += 1
     return Agreement(a=a_name, b=b_name, n=len(a), agreement=sum(x == y for x, y in zip(a, b)) / len(a),

@@ -2,7 +2,8 @@
 (:mod:`refusal_lab.degeneration`: empty, looping or no language) — given by a :class:`Judge` picked by
 name from :data:`JUDGES` (:func:`make_judge`): ``substring`` (refusal phrases in the text, the default),
 ``score`` (the refusal-token log-odds at the first reply position), ``classifier:SPEC[@LABEL]`` (a
-sequence classifier, :mod:`refusal_lab.model_judges`). Also here: the refusal score itself,
+sequence classifier) and ``llm:SPEC`` (a chat model asked with a fixed rubric; an answer that is not one
+of the three words is ``unjudged``, counted apart): :mod:`refusal_lab.model_judges`. Also here: the refusal score itself,
 from next-token probabilities."""
 
 from __future__ import annotations
@@ -142,8 +143,14 @@ def _classifier(arg: str) -> Judge:
     return classifier_judge(arg)
 
 
+def _llm(arg: str) -> Judge:
+    from refusal_lab.model_judges import llm_judge
+
+    return llm_judge(arg)
+
+
 JUDGES: dict[str, Callable[[str], Judge]] = {"substring": lambda arg: SubstringJudge(), "score": lambda arg: ScoreJudge(),
-                                             "classifier": _classifier}
+                                             "classifier": _classifier, "llm": _llm}
 
 
 def make_judge(spec: str | Judge | None) -> Judge:

@@ -31,13 +31,15 @@ class Reply(JsonRecord):
 @dataclass(kw_only=True)
 class SetEvaluation(JsonRecord):
     """Refusal on one prompt set: the share of its ``n`` replies refused, complied with and broken
-    (the three sum to 1; the last two absent from results stored before outcomes existed), per
+    (the three sum to 1 — with ``unjudged_rate``, present only when an llm judge gave answers it could not
+    parse; the last two absent from results stored before outcomes existed), per
     category refusal, the ``judge``, and every reply."""
 
     n: int
     refusal_rate: float
     compliance_rate: float | None = optional()
     broken_rate: float | None = optional()
+    unjudged_rate: float | None = optional()  # an llm judge's answers that were none of the three words
     judge: str | None = optional()
     mean_refusal_score: float | None = None
     by_category: dict[str, float] = field(default_factory=dict)
@@ -64,7 +66,8 @@ class Evaluation(JsonRecord):
         s = self.sets.get(set_name)
         if s is None:
             return None
-        return {"refused": s.refusal_rate, "complied": s.compliance_rate, "broken": s.broken_rate}[outcome]
+        return {"refused": s.refusal_rate, "complied": s.compliance_rate, "broken": s.broken_rate,
+                "unjudged": s.unjudged_rate}[outcome]
 
 
 @dataclass(kw_only=True)

@@ -124,3 +124,29 @@ def test_judge_command_classifier_errors(tmp_path, capfd, spec, words):
     err = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines()
            if line.strip() and not re.search(r"\d+%\||it/s\]", line)]  # progress bars share stderr
     assert len(err) == 1 and words in err[0], err
+
+
+def test_llm_judge_parses_strictly(monkeypatch, tmp_path):
+    from refusal_lab import generation
+    from refusal_lab.model_judges import LLMJudge, parse_verdict
+
+    assert [parse_verdict(a) for a in ("REFUSED", " complied.", "Broken", "REFUSED!", "I think REFUSED", "")] == \
+        ["refused", "complied", "broken", "unjudged", "unjudged", "unjudged"]
+    h = tiny_handle("llama")
+    h.model.save_pretrained(tmp_path / "chat")
+    h.tokenizer.save_pretrained(tmp_path / "chat")
+    judge = LLMJudge(str(tmp_path / "chat"))
+    answers = iter(["REFUSED", "complied.", "maybe"])
+    asked = []
+    monkeypatch.setattr(generation, "generate", lambda handle, asks, max_new_tokens: (
+        asked.extend(asks), [next(answers) for _ in asks])[1])
+    replies = ["I can't.", "Sure, here.", "Hmm, let me think about it.", ""]
+    assert judge.judge(["p1", "p2", "p3", "p4"], replies) == ["refused", "complied", "unjudged", "broken"]
+    assert len(asked) == 3 and "Request:\np1" in asked[0] and "Reply:\nI can't." in asked[0]  # broken ones not asked
+    # an evaluation counts unparseable answers apart: the three rates and the unjudged share sum to 1
+    from refusal_lab.evaluation import refusal_evaluation
+
+    answers = iter(["REFUSED", "whatever", "COMPLIED"] * 10)
+    ev = refusal_evaluation(h, ["a b c", "d e f", "g h i"], max_new_tokens=4, judge=judge)
+    total = ev.refusal_rate + ev.compliance_rate + ev.broken_rate + (ev.unjudged_rate or 0)
+    assert total == pytest.approx(1) and ev.judge == f"llm:{tmp_path / 'chat'}"

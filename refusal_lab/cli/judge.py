@@ -16,7 +16,8 @@ def register(sub) -> None:
     p = sub.add_parser("judge", help="judge replies from a file; agreement with labels or another judge")
     p.add_argument("--replies", required=True, help="JSONL or CSV with columns prompt, reply (optional label)")
     p.add_argument("--judge", action="append", type=judge_spec, default=None,
-                   help="substring (default) | score (needs --model) | classifier:HUB_ID_OR_FOLDER[@LABEL]; repeat to compare judges")
+                   help="substring (default) | score (needs --model) | classifier:HUB_ID_OR_FOLDER[@LABEL] | llm:MODEL; "
+                        "repeat to compare judges")
     p.add_argument("--json", default=None, help="write every judged reply and the agreement figures here")
     p.add_argument("--show-disagreements", action="store_true", help="print the replies the judges disagree on")
     add_model_args(p)
@@ -40,16 +41,17 @@ def run(args: argparse.Namespace) -> int:
         outcomes = make_judge(name).judge([r.prompt for r in records], [r.reply for r in records], scores)
         for r, o in zip(records, outcomes):
             r.outcomes[name] = o
-    rows = [[name] + [str(sum(r.outcomes[name] == o for r in records)) for o in OUTCOMES] for name in names]
-    print(text_table(["judge", *OUTCOMES], rows))
+    kinds = OUTCOMES + (("unjudged",) if any("unjudged" in r.outcomes.values() for r in records) else ())
+    rows = [[name] + [str(sum(r.outcomes[name] == o for r in records)) for o in kinds] for name in names]
+    print(text_table(["judge", *kinds], rows))
     sides = ([("label", [r.label for r in records])] if all(r.label for r in records) else []) + \
         [(n, [r.outcomes[n] for r in records]) for n in names]
     pairs = [agreement(a, xa, b, xb) for i, (a, xa) in enumerate(sides) for b, xb in sides[i + 1:]]
     for ag in pairs:
         kappa = "—" if ag.kappa is None else f"{ag.kappa:.3f}"
         print(f"\n{ag.a} vs {ag.b}: agreement {100 * ag.agreement:.1f}% of {ag.n}, Cohen's κ {kappa}")
-        print(text_table([f"{ag.a} \\ {ag.b}", *OUTCOMES],
-                         [[x, *(str(ag.confusion[x][y]) for y in OUTCOMES)] for x in OUTCOMES]))
+        print(text_table([f"{ag.a} \\ {ag.b}", *ag.confusion],
+                         [[x, *(str(n) for n in row.values())] for x, row in ag.confusion.items()]))
     if args.show_disagreements:
         for r in records:
             said = {**({"label": r.label} if r.label else {}), **r.outcomes}

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--prompts", default=None,
                    help="FILE (.txt/.csv/.json/.jsonl) | bundled:KIND[:SPLIT] (default bundled:harmful:test)")
     p.add_argument("--judge", default="substring", type=judge_spec,
-                   help="how replies are judged: substring (default) | score | classifier:HUB_ID_OR_FOLDER[@LABEL]")
+                   help="how replies are judged: substring (default) | score | classifier:HUB_ID_OR_FOLDER[@LABEL] | llm:MODEL")
     p.add_argument("--column", default=None, help="the text column of a CSV/JSON prompt file (default: detected)")
     p.add_argument("--limit", type=count(1), default=None, help="only the first N prompts")
     p.add_argument("--max-new-tokens", type=count(1), default=64)

@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
     p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
     p.add_argument("--judge", default="substring", type=judge_spec,
-                   help="how replies are judged: substring (default) | score | classifier:HUB_ID_OR_FOLDER[@LABEL]")
+                   help="how replies are judged: substring (default) | score | classifier:HUB_ID_OR_FOLDER[@LABEL] | llm:MODEL")
     p.add_argument("--column", default=None, help="the text column of CSV/JSON prompt files (default: detected)")
     p.add_argument("--limit", type=count(1), default=None, help="first N prompts of each evaluation set")
     p.add_argument("--max-new-tokens", type=count(1), default=64)
