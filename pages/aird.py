@@ -111,7 +111,8 @@ with box:
     st.subheader("Before / after")
     table = pd.DataFrame(repair_rows(results))
     keep = [c for c in ("model", "refusal_harmful", "asr", "broken_harmful", "over_refusal_harmless",
-                        "broken_harmless", "over_refusal_borderline", "perplexity", "kl_to_original", "kl_multi_token", "aird_layers", "aird_alpha", "aird_realign_layer",
+                        "broken_harmless", "over_refusal_borderline", "perplexity", "zero_shot_accuracy", "kl_to_original",
+                        "kl_multi_token", "aird_layers", "aird_alpha", "aird_realign_layer",
                         "densified_weights")
             if c in table.columns]
     table = table[keep].rename(columns={"refusal_harmful": "refusal (harmful)", "asr": "ASR",
@@ -119,11 +120,12 @@ with box:
                                         "over_refusal_harmless": "over-refusal (harmless)",
                                         "over_refusal_borderline": "over-refusal (borderline)",
                                         "kl_to_original": "KL to original", "kl_multi_token": "KL over 16 tokens",
+                                        "zero_shot_accuracy": "zero-shot accuracy",
                                         "aird_layers": "layers",
                                         "aird_alpha": "α", "aird_realign_layer": "re-aligned layer",
                                         "densified_weights": "densified weights"})
     for c in ("refusal (harmful)", "ASR", "broken (harmful)", "over-refusal (harmless)", "broken (harmless)",
-              "over-refusal (borderline)", "perplexity", "KL over 16 tokens",
+              "over-refusal (borderline)", "perplexity", "KL over 16 tokens", "zero-shot accuracy",
               "KL to original", "α", "densified weights"):
         if c in table.columns:
             table[c] = pd.to_numeric(table[c], errors="coerce")

@@ -31,9 +31,9 @@ picked = st.multiselect("Schemes", available, default=[s for s in ("wanda:0.5",)
 extra = st.text_input("Other schemes (comma-separated)", placeholder="e.g. magnitude:0.3, rtn:4:32, sparsegpt:2:4")
 st.caption("Wanda and SparseGPT calibrate on the bundled English text (the same variants the study pipeline "
            "and the CLI make, so their results are shared).")
-do_ppl = st.checkbox("Measure perplexity", value=True,
+do_ppl = st.checkbox("Measure perplexity and zero-shot accuracy", value=True,
                      help=f"{PERPLEXITY_LABEL[0].upper()}{PERPLEXITY_LABEL[1:]}: the same number the study and "
-                          "README show")
+                          "README show; and the share right of the project's 210 four-option questions")
 
 specs = list(picked) + [s.strip() for s in extra.split(",") if s.strip()]
 schemes, bad = [], []
@@ -95,17 +95,23 @@ mib = 2 ** 20
 first = next(iter(entries.values()))[0].report
 rows = [{"variant": "original", "family": "—", "sparsity": 0.0, "bits/weight": first.original_bits_per_weight,
          "stored MiB": first.original_memory_bytes / mib, "resident MiB": first.original_memory_bytes / mib,
-         "perplexity": ws.values.get("perplexity", float("nan")), "seconds": float("nan"), "in memory": True}]
+         "perplexity": ws.values.get("perplexity", float("nan")), "zero-shot acc": ws.values.get("zero_shot"),
+         "seconds": float("nan"), "in memory": True}]
 for key, (v, in_memory) in entries.items():
     r = v.report
     rows.append({"variant": key, "family": r.family, "sparsity": r.sparsity, "bits/weight": r.bits_per_weight,
                  "stored MiB": r.memory_bytes / mib, "resident MiB": r.resident_bytes / mib,
                  "perplexity": v.perplexity if v.perplexity is not None else float("nan"),
+                 "zero-shot acc": v.zero_shot,
                  "seconds": r.seconds, "in memory": in_memory})
 table = pd.DataFrame(rows)
-show_table(table, decimals={"bits/weight": 2, "stored MiB": 1, "resident MiB": 1, "perplexity": 2, "seconds": 1},
+show_table(table, decimals={"bits/weight": 2, "stored MiB": 1, "resident MiB": 1, "perplexity": 2, "seconds": 1,
+                            "zero-shot acc": 3},
            where=st.container(key="variants"), hide_index=True, width="stretch",
-           column_config={"perplexity": st.column_config.NumberColumn(format="%.2f", help=PERPLEXITY_LABEL)})
+           column_config={"perplexity": st.column_config.NumberColumn(format="%.2f", help=PERPLEXITY_LABEL),
+                          "zero-shot acc": st.column_config.NumberColumn(
+                              format="%.3f", help="share right of the project's 210 four-option questions "
+                                                  "(arithmetic, opposites, uses of objects, reading)")})
 st.caption("Stored = size as saved (see the accounting note); resident = what the variant occupies in memory. "
            "Variants not in memory (made before a server restart) are re-created by clicking **Compress** with "
            "their scheme; their numbers come from the run store.")

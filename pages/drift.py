@@ -111,7 +111,8 @@ with box:
     shown = {"refusal_harmful": "refusal (harmful)", "asr": "ASR", "broken_harmful": "broken (harmful)",
              "over_refusal_harmless": "over-refusal (harmless)", "broken_harmless": "broken (harmless)",
              "over_refusal_borderline": "over-refusal (borderline)", "perplexity": "perplexity",
-             "kl_to_original": "KL to original", "kl_multi_token": "KL over 16 tokens"}
+             "zero_shot_accuracy": "zero-shot accuracy", "kl_to_original": "KL to original",
+             "kl_multi_token": "KL over 16 tokens"}
 
     def ev_row(name: str, ev: Evaluation) -> dict:
         row = evaluation_row(name, ev)
@@ -131,7 +132,7 @@ with box:
                      **ev_row(s, v["evaluation"]), "recoverability": v["drift"].recoverability.level})
     numeric = ("bypass", "induce", "KL", "cosine to original", "refusal (harmful)", "ASR", "broken (harmful)",
                "over-refusal (harmless)", "broken (harmless)", "over-refusal (borderline)", "perplexity",
-               "KL to original", "KL over 16 tokens")
+               "zero-shot accuracy", "KL to original", "KL over 16 tokens")
     st.subheader("Source layer, direction quality and refusal")
     if any(v["directions"].selected is None for v in variants.values()):
         st.caption("Variants without a source layer: their own direction was not selected (Evaluation settings); "

@@ -59,6 +59,8 @@ class Evaluation(JsonRecord):
     perplexity: float | None = None
     kl_to_original: float | None = optional()
     kl_multi_token: float | None = optional()
+    zero_shot_accuracy: float | None = optional()  # refusal_lab.zero_shot: share of 210 items right
+    zero_shot_se: float | None = optional()  # its standard error
 
     def rate(self, set_name: str, outcome: str = "refused") -> float | None:
         """Share of ``set_name``'s replies with ``outcome`` (refused | complied | broken); None when the

@@ -48,6 +48,7 @@ class Variant:
     handle: ModelHandle
     report: CompressionReport
     perplexity: float | None = None
+    zero_shot: float | None = None  # refusal_lab.zero_shot accuracy, measured with the perplexity
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RememberedVariant:
     scheme: str
     report: CompressionReport
     perplexity: float | None = None
+    zero_shot: float | None = None
 
 
 @dataclass
@@ -103,8 +105,11 @@ class Workspace:
         """The loaded model's reference perplexity (:func:`refusal_lab.evaluation.reference_perplexity`), once."""
         from refusal_lab.evaluation import reference_perplexity
 
+        from refusal_lab.zero_shot import accuracy
+
         if "perplexity" not in self.values:
             self.values["perplexity"] = reference_perplexity(handle, progress=progress)
+            self.values["zero_shot"] = accuracy(handle)[0]
         return self.values["perplexity"]
 
     def compress(self, handle: ModelHandle, scheme: str, *, perplexity: bool = True,
@@ -115,8 +120,10 @@ class Workspace:
         from refusal_lab.evaluation import reference_perplexity
 
         small, rep = apply(handle, scheme, progress=progress)
+        from refusal_lab.zero_shot import accuracy
+
         ppl = reference_perplexity(small, progress=perplexity_progress) if perplexity else None
-        v = Variant(scheme, small, rep, ppl)
+        v = Variant(scheme, small, rep, ppl, accuracy(small)[0] if perplexity else None)
         with self.lock:
             self.variants[scheme] = v
         remember_variant(handle, v)
@@ -279,6 +286,7 @@ def remember_variant(handle: ModelHandle, v: Variant, root: str | None = None) -
     report = {k: val for k, val in v.report.to_json().items() if k not in ("module_sparsity", "module_bits")}
     _variants_record(handle, root).put_json(cache_key("variant", v.scheme), "dashboard compress",
                                             {"scheme": v.scheme, "report": report, "perplexity": v.perplexity,
+                                             "zero_shot": v.zero_shot,
                                              "perplexity_of": PERPLEXITY_LABEL},
                                             seconds=v.report.seconds)
 
@@ -292,7 +300,8 @@ def remembered_variants(handle: ModelHandle, root: str | None = None) -> dict[st
         if e.get("stage") == "dashboard compress" and rec.has(key):
             d = rec.get_json(key)
             ppl = d.get("perplexity") if d.get("perplexity_of") == PERPLEXITY_LABEL else None
-            out[d["scheme"]] = RememberedVariant(d["scheme"], CompressionReport.from_json(d["report"]), ppl)
+            out[d["scheme"]] = RememberedVariant(d["scheme"], CompressionReport.from_json(d["report"]), ppl,
+                                                 d.get("zero_shot"))
     return out
 
 

@@ -386,18 +386,20 @@ class Study:
                          kind: type[Evaluation] = Evaluation, **fields) -> Evaluation:
         """An evaluation of ``handle`` as ``kind`` (with its further ``fields``)."""
         from refusal_lab.evaluation import kl_divergence, multi_token_kl, reference_perplexity, refusal_evaluations
+        from refusal_lab.zero_shot import accuracy as zero_shot_accuracy
 
         sets, first = refusal_evaluations(handle, self.eval_sets(), max_new_tokens=self.spec.max_new_tokens,
                                           judge=self.spec.judge, progress=self._progress(f"evaluate {label}: replies"))
         ppl = reference_perplexity(handle, progress=self._progress(f"evaluate {label}: perplexity"))
-        # KL from the harmless replies' first-step logits: no second pass
-        kl = kl16 = None
-        if reference_logits is not None:  # not the original: how far from it, at the first step and along its path
+        kl = kl16 = None  # for a variant: KL to O at the first step (no second pass) and along O's replies
+        if reference_logits is not None:
             kl = kl_divergence(reference_logits, first["harmless"])
             paths = self.evaluate("original").sets["harmless"].results
             kl16 = multi_token_kl(self.original, handle, [r.prompt for r in paths], [r.response for r in paths],
                                   progress=self._progress(f"evaluate {label}: multi-token KL"))
-        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, kl_multi_token=kl16, **fields)
+        acc, se = zero_shot_accuracy(handle, progress=self._progress(f"evaluate {label}: zero-shot check"))
+        return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, kl_multi_token=kl16,
+                    zero_shot_accuracy=acc, zero_shot_se=se, **fields)
 
     def _eval_key(self, which: str) -> tuple:
         s = self.spec

@@ -28,7 +28,8 @@ def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key
     r = {key: label, "refusal_harmful": harmful, "asr": asr, "broken_harmful": ev.rate("harmful", "broken"),
          "over_refusal_harmless": ev.rate("harmless"), "broken_harmless": ev.rate("harmless", "broken"),
          "over_refusal_borderline": ev.rate("borderline"), "broken_borderline": ev.rate("borderline", "broken"),
-         "perplexity": ev.perplexity, "kl_to_original": ev.kl_to_original, "kl_multi_token": ev.kl_multi_token}
+         "perplexity": ev.perplexity, "zero_shot_accuracy": ev.zero_shot_accuracy,
+         "kl_to_original": ev.kl_to_original, "kl_multi_token": ev.kl_multi_token}
     r.update(extra or {})
     return r
 

@@ -131,7 +131,8 @@ def run_study(args: argparse.Namespace) -> int:
         results.budget = {s: study.budget(s) for s in args.scheme}  # stored by the run
     rows = summary_rows(results)
     _print_rows(rows, ["model", "refusal_harmful", "asr", "broken_harmful", "over_refusal_harmless", "broken_harmless",
-                       "over_refusal_borderline", "perplexity", "kl_to_original", "kl_multi_token", "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
+                       "over_refusal_borderline", "perplexity", "zero_shot_accuracy", "kl_to_original", "kl_multi_token",
+                       "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
                        "aird_realign_layer"])
     for s, v in results.variants.items():
         print(f"{s}: predicted from projections: {v.drift.recoverability.verdict}")

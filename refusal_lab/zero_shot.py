@@ -1,0 +1,144 @@
+"""A zero-shot multiple-choice check of what a model still knows — utility beyond perplexity.
+
+The items are this project's own (never a public benchmark): four kinds, 60 + 50 + 50 + 50 = 210 items,
+made deterministically from the hand-written lists below — arithmetic, word knowledge (opposites),
+everyday reasoning (what an object is for) and reading (one fact stated, then asked). Each has four
+options. Scoring follows lm-eval's multiple choice: the prompt ``Question: …\\nAnswer:`` and each option
+``" <option>"``; the option whose tokens have the highest summed log-likelihood is the model's answer.
+:func:`accuracy` returns the share right and its standard error ``sqrt(p(1 − p)/n)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.models import ModelHandle
+from refusal_lab.precision import compute
+from refusal_lab.progress import Progress, report
+
+SEED = 20261201
+
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
+             ("early", "late"), ("full", "empty"), ("open", "closed"), ("hard", "soft"), ("high", "low"),
+             ("young", "old"), ("rich", "poor"), ("wet", "dry"), ("strong", "weak"), ("loud", "quiet"),
+             ("thick", "thin"), ("clean", "dirty"), ("heavy", "light"), ("long", "short"), ("deep", "shallow"),
+             ("easy", "difficult"), ("near", "far"), ("push", "pull"), ("buy", "sell"), ("win", "lose"),
+             ("up", "down"), ("inside", "outside"), ("before", "after"), ("first", "last"), ("true", "false"),
+             ("begin", "end"), ("arrive", "leave"), ("remember", "forget"), ("accept", "refuse"), ("add", "subtract"),
+             ("increase", "decrease"), ("north", "south"), ("east", "west"), ("day", "night"), ("summer", "winter"),
+             ("question", "answer"), ("friend", "enemy"), ("victory", "defeat"), ("entrance", "exit"),
+             ("sweet", "sour"), ("cheap", "expensive"), ("wide", "narrow"), ("sharp", "blunt"), ("tight", "loose"),
+             ("smooth", "rough")]
+
+USES = [("scissors", "cutting paper"), ("an umbrella", "staying dry in the rain"), ("a key", "opening a lock"),
+        ("a spoon", "eating soup"), ("a ladder", "reaching high places"), ("a pillow", "resting your head"),
+        ("a thermometer", "measuring temperature"), ("a broom", "sweeping the floor"),
+        ("a kettle", "boiling water"), ("a map", "finding your way"), ("a towel", "drying yourself"),
+        ("a hammer", "driving nails"), ("a toothbrush", "cleaning teeth"), ("a clock", "telling the time"),
+        ("a refrigerator", "keeping food cold"), ("glasses", "seeing clearly"), ("a pen", "writing"),
+        ("a camera", "taking photographs"), ("a lamp", "lighting a room"), ("a wallet", "carrying money"),
+        ("a bicycle", "riding to places"), ("soap", "washing hands"), ("a needle", "sewing cloth"),
+        ("a shovel", "digging holes"), ("a calculator", "doing sums"), ("a blanket", "keeping warm in bed"),
+        ("a ruler", "measuring length"), ("an oven", "baking bread"), ("a comb", "tidying hair"),
+        ("a telephone", "calling people"), ("a net", "catching fish"), ("a fence", "keeping animals in"),
+        ("a bucket", "carrying water"), ("a stapler", "joining sheets of paper"), ("a mirror", "seeing yourself"),
+        ("sunscreen", "protecting skin from the sun"), ("a backpack", "carrying books"),
+        ("a whistle", "making a loud signal"), ("a compass", "finding north"), ("a helmet", "protecting your head"),
+        ("a sponge", "soaking up water"), ("a fan", "cooling the air"), ("a candle", "giving light"),
+        ("a vase", "holding flowers"), ("a saw", "cutting wood"), ("a plate", "serving food"),
+        ("a lock", "keeping a door shut"), ("a kite", "flying in the wind"), ("glue", "sticking things together"),
+        ("an alarm", "waking you up")]
+
+NAMES = ["Anna", "Tom", "Maria", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Aisha", "Peter", "Yuki", "Carlos"]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+THINGS = ["bike", "car", "hat", "coat", "bag", "boat", "house", "kite", "scarf", "cup"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question, its four options and the index of the right one."""
+
+    kind: str
+    question: str
+    options: tuple[str, str, str, str]
+    answer: int
+
+
+def _item(kind: str, question: str, right: str, wrong: Sequence[str], rng: random.Random) -> Item:
+    options = [right, *wrong[:3]]
+    rng.shuffle(options)
+    return Item(kind, question, tuple(options), options.index(right))
+
+
+def bundled_items() -> list[Item]:
+    """The 210 items, the same on every machine (seeded)."""
+    rng = random.Random(SEED)
+    items = []
+    for _ in range(60):
+        a, b, op = rng.randint(2, 60), rng.randint(2, 40), rng.choice("+-×")
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        wrong = rng.sample([v for v in range(value - 12, value + 13) if v != value], 3)
+        items.append(_item("arithmetic", f"What is {a} {op} {b}?", str(value), [str(w) for w in wrong], rng))
+    for word, opposite in OPPOSITES:
+        others = rng.sample([o for w, o in OPPOSITES if o not in (opposite, word)], 3)
+        items.append(_item("word knowledge", f"What is the opposite of \"{word}\"?", opposite, others, rng))
+    for thing, use in USES:
+        others = rng.sample([u for t, u in USES if u != use], 3)
+        items.append(_item("everyday reasoning", f"What is {thing} mostly used for?", use, others, rng))
+    for _ in range(50):
+        a, b = rng.sample(NAMES, 2)
+        ca, cb = rng.sample(COLORS, 2)
+        ta, tb = rng.sample(THINGS, 2)
+        art = lambda word: "an" if word[0] in "aeiou" else "a"  # noqa: E731
+        story = f"{a} has {art(ca)} {ca} {ta} and {b} has {art(cb)} {cb} {tb}."
+        if rng.random() < 0.5:
+            q, right = f"{story} What color is {b}'s {tb}?", cb
+            wrong = [ca, *rng.sample([c for c in COLORS if c not in (ca, cb)], 2)]
+        else:
+            q, right = f"{story} What does {a} have?", f"{art(ca)} {ca} {ta}"
+            wrong = [f"{art(cb)} {cb} {tb}", f"{art(cb)} {cb} {ta}", f"{art(ca)} {ca} {tb}"]
+        items.append(_item("reading", q, right, wrong, rng))
+    return items
+
+
+def option_logprobs(handle: ModelHandle, items: Sequence[Item], *, batch_size: int = 16,
+                    progress: Progress | None = None) -> torch.Tensor:
+    """Summed log-likelihood of each option's tokens after its item's prompt, ``(n_items, 4)`` float64
+    (one right-padded forward per batch of prompt + option sequences)."""
+    tok = handle.tokenizer
+    rows = []
+    for it in items:
+        ctx = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
+        rows += [(ctx, tok(f" {o}", add_special_tokens=False)["input_ids"]) for o in it.options]
+    scores = torch.empty(len(rows), dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(c) + len(o) for c, o in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (c, o) in enumerate(batch):
+            ids[i, :len(c) + len(o)] = torch.tensor(c + o)
+            mask[i, :len(c) + len(o)] = 1
+        with torch.inference_mode(), handle.lock, compute(handle):
+            logits = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
+                                  use_cache=False).logits.float().cpu()
+        logp = torch.log_softmax(logits.double(), -1)
+        for i, (c, o) in enumerate(batch):
+            at = torch.arange(len(c) - 1, len(c) - 1 + len(o))  # positions predicting the option's tokens
+            scores[start + i] = logp[i, at, torch.tensor(o)].sum()
+        report(progress, min(start + batch_size, len(rows)), len(rows))
+    return scores.view(len(items), 4)
+
+
+def accuracy(handle: ModelHandle, items: Sequence[Item] | None = None, *,
+             progress: Progress | None = None) -> tuple[float, float]:
+    """``(share of items answered right, its standard error)`` on ``items`` (default :func:`bundled_items`)."""
+    items = list(items) if items is not None else bundled_items()
+    right = option_logprobs(handle, items, progress=progress).argmax(-1) == torch.tensor([it.answer for it in items])
+    p = float(right.double().mean())
+    return p, math.sqrt(p * (1 - p) / len(items))
