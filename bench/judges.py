@@ -2,7 +2,8 @@
 score judges, and their agreement (Cohen's κ), for the default model, the untouched base model and
 wanda:0.5 of the default, on the bundled test splits and on the public sets in ../shared/benchmarks.
 
-    .venv/bin/python bench/judges.py [--tokens 64] [--out bench/results/judges.json]
+    .venv/bin/python bench/judges.py [--tokens 64] [--models default,smollm2-base,wanda] [--sets bundled|all]
+                                     [--out bench/results/judges.json]
 
 One generation per (model, set): both judges read the same greedy replies (the score judge the
 first-position refusal log-odds the generation already computed). Measured only: nothing here chose a
@@ -38,13 +39,17 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--models", default="default,smollm2-base,wanda", help="of default, smollm2-base, wanda")
+    ap.add_argument("--sets", default="all", choices=["all", "bundled"])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "judges.json"))
     args = ap.parse_args()
     sets = {name: resolve_prompt_arg(spec, "harmful").head(200 if "Alpaca" in name else None)
-            for name, spec in SETS.items() if spec.startswith("bundled:") or Path(spec).exists()}
+            for name, spec in SETS.items() if spec.startswith("bundled:")
+            or (args.sets == "all" and Path(spec).exists())}
     default = load_model("default")
-    models = {"default": lambda: default, "smollm2-base": lambda: load_model("smollm2-base"),
-              "default · wanda:0.5": lambda: apply(default, "wanda:0.5")[0]}
+    known = {"default": ("default", lambda: default), "smollm2-base": ("smollm2-base", lambda: load_model("smollm2-base")),
+             "wanda": ("default · wanda:0.5", lambda: apply(default, "wanda:0.5")[0])}
+    models = dict(known[m] for m in args.models.split(","))
     rows, table = [], []
     for model_name, make in models.items():
         t0 = time.perf_counter()

@@ -13,9 +13,14 @@ def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repair
     from refusal_lab.aird import repair_verdict
 
     ppl_o, ppl_c = original_eval.perplexity, variant_eval.perplexity
-    return repair_verdict(drift.recoverability, original_eval.rate("harmful"), variant_eval.rate("harmful"),
-                          repaired_eval.rate("harmful"), set_name=set_name,
-                          perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
+    verdict = repair_verdict(drift.recoverability, original_eval.rate("harmful"), variant_eval.rate("harmful"),
+                             repaired_eval.rate("harmful"), set_name=set_name,
+                             perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
+    broken = [ev.rate("harmful", "broken") for ev in (original_eval, variant_eval, repaired_eval)]
+    if all(b is not None for b in broken) and any(broken):  # refusals count only readable replies: say so
+        verdict.verdict += (" Broken replies (neither refusal nor compliance) on {}: original {:.0%}, compressed "
+                            "{:.0%}, repaired {:.0%}.".format(set_name, *broken))
+    return verdict
 
 
 def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key: str = "model") -> dict:
