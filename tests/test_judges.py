@@ -150,3 +150,16 @@ def test_llm_judge_parses_strictly(monkeypatch, tmp_path):
     ev = refusal_evaluation(h, ["a b c", "d e f", "g h i"], max_new_tokens=4, judge=judge)
     total = ev.refusal_rate + ev.compliance_rate + ev.broken_rate + (ev.unjudged_rate or 0)
     assert total == pytest.approx(1) and ev.judge == f"llm:{tmp_path / 'chat'}"
+
+
+def test_organism_evaluate_reports_three_outcomes(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path / "cache"))
+    h = tiny_handle("llama")
+    h.model.save_pretrained(tmp_path / "m")
+    h.tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "o.json"
+    assert main(["organism", "evaluate", "--model", str(tmp_path / "m"), "--sets", "bundled:harmful:test",
+                 "--limit", "3", "--max-new-tokens", "3", "--json", str(out)]) == 0
+    [s] = json.loads(out.read_text())["sets"].values()
+    assert s["refusal_rate"] + s["compliance_rate"] + s["broken_rate"] == pytest.approx(1) and s["judge"] == "substring"
+    assert {r["outcome"] for r in s["results"]} <= {"refused", "complied", "broken"}

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from refusal_lab.cli.args import count, number
+from refusal_lab.cli.args import count, judge_spec, number
 from refusal_lab.cli import add_model_args, load_from_args
 
 
@@ -47,6 +47,8 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=count(1), default=None, help="prompts decoded together (default: sized by memory, ≤ 128)")
     e.add_argument("--adapter", default=None, help="merge this peft adapter folder into the model first "
                    "(e.g. a candidate from `organism train --out`)")
+    e.add_argument("--judge", default="substring", type=judge_spec,
+                   help="how replies are judged: substring (default) | score | classifier:… | llm:…")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=run_evaluate)
 
@@ -71,8 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from refusal_lab.generation import generate
-    from refusal_lab.judges import is_refusal
+    from refusal_lab.evaluation import refusal_evaluation
     from refusal_lab.progress import tqdm_progress
     from refusal_lab.prompts import bundled_text, resolve_prompt_arg
 
@@ -88,15 +89,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         prompts = resolve_prompt_arg(spec, "harmful").head(args.limit)
         name = name or prompts.name
         t0 = time.perf_counter()
-        replies = generate(handle, prompts.prompts, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, progress=tqdm_progress(name))
-        refused = [is_refusal(r) for r in replies]
-        rate = sum(refused) / len(refused)
-        results["sets"][name] = {"source": spec, "n": len(refused), "refusal_rate": rate,
-                                 "seconds": round(time.perf_counter() - t0, 1),
-                                 "results": [{"prompt": p, "response": r, "refused": f}
-                                             for p, r, f in zip(prompts.prompts, replies, refused)]}
-        print(f"{name:40s} n={len(refused):4d} refusal={100 * rate:5.1f}%", flush=True)
+        ev = refusal_evaluation(handle, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                judge=args.judge, progress=tqdm_progress(name))
+        results["sets"][name] = {"source": spec, **ev.to_json(), "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name:40s} n={ev.n:4d} refusal={100 * ev.refusal_rate:5.1f}% complied={100 * ev.compliance_rate:5.1f}% "
+              f"broken={100 * ev.broken_rate:5.1f}%", flush=True)
     try:
         from refusal_lab.evaluation import perplexity
 
