@@ -268,10 +268,7 @@ def settings_widgets(container=None) -> dict:
     tokens = c2.select_slider("New tokens per reply", [16, 32, 48, 64, 96, 128, 192, 256],
                               int(cur["max_new_tokens"]),
                               help="greedy replies; short ones can hide a refusal that comes later, or a loop")
-    judge = where.radio("Judge", list(JUDGE_HELP), format_func=JUDGE_HELP.get, horizontal=True,
-                        index=list(JUDGE_HELP).index(cur.get("judge", "substring")),
-                        help="how each reply is judged refused, complied or broken (empty, looping or no "
-                             "language: neither)")
+    judge = judge_widgets(where, cur.get("judge", "substring"))
     current = cur.get("positions", "screened")
     positions = where.radio("Direction search", list(POSITIONS), format_func=POSITIONS.get,
                             index=list(POSITIONS).index(current if current in POSITIONS else "screened"),
@@ -295,6 +292,30 @@ def settings_widgets(container=None) -> dict:
 
 JUDGE_HELP = {"substring": "substring (refusal phrases in the reply)",
               "score": "score (refusal log-odds at the first reply token)"}
+MODEL_JUDGE = "a model (classifier or LLM)"
+
+
+def judge_widgets(where, saved: str) -> str:
+    """The judge of the evaluation settings: substring, score, or a model judge given by its spec
+    (``classifier:…`` / ``llm:…``, loaded when the evaluation runs); a malformed spec keeps ``saved``."""
+    options = [*JUDGE_HELP, "model"]
+    kind = saved if saved in JUDGE_HELP else "model"
+    pick = where.radio("Judge", options, index=options.index(kind), horizontal=True,
+                       format_func={**JUDGE_HELP, "model": MODEL_JUDGE}.get,
+                       help="how each reply is judged refused, complied or broken (empty, looping or no "
+                            "language: neither)")
+    if pick != "model":
+        return pick
+    spec = where.text_input("Judge model", value=saved if kind == "model" else "", key="judge_model",
+                            placeholder="classifier:HUB_ID_OR_FOLDER[@LABEL] or llm:MODEL",
+                            help="a sequence classifier of refusals, or a chat model asked with a fixed rubric")
+    name, _, arg = spec.strip().partition(":")
+    if name in ("classifier", "llm") and arg:
+        return spec.strip()
+    if spec.strip():
+        show_error("Not a judge model", f"{spec!r} is neither classifier:… nor llm:…",
+                   "write classifier:HUB_ID_OR_FOLDER[@LABEL] or llm:MODEL; the previous judge stays in use.")
+    return saved
 
 
 def replies_audit(evaluations: dict, key: str) -> None:

@@ -253,6 +253,19 @@ def test_exact_search_option_says_how_long_it_takes_before_it_starts(env):
     assert any("Not computed yet" in i.value for i in at.info)  # nothing started
 
 
+def test_evaluation_settings_take_a_model_judge(env):  # not study_env: this spec names its own study folder
+    state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
+    at = open_page(env, "pages/drift.py", **state)
+    [judge] = [r for r in at.radio if r.label == "Judge"]
+    judge.set_value("model").run()
+    at.text_input(key="judge_model").set_value("bogus").run()
+    assert not at.exception and any("Not a judge model" in e for e in errors(at))
+    assert at.session_state["study_settings"]["judge"] == "substring"  # the previous judge stays
+    at.text_input(key="judge_model").set_value("classifier:some/refusal-classifier").run()
+    assert not at.exception and not errors(at)
+    assert at.session_state["study_settings"]["judge"] == "classifier:some/refusal-classifier"
+
+
 def test_drift_page_runs_and_reloads_from_the_store(study_env):
     pytest.importorskip("refusal_lab.study", reason="the study pipeline (refusal_lab/study.py) is not there yet")
     from refusal_lab.store import RunStore
