@@ -150,6 +150,25 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+@torch.inference_mode()
+def continuation_logits(handle: ModelHandle, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+    """Teacher-forced: for each ``(context ids, continuation ids)`` pair, the float32 CPU logits
+    ``(len(continuation), vocab)`` at the positions that predict the continuation's tokens, from one
+    forward of the batch right-padded (padding after the real tokens changes nothing before it, and
+    positions stay those of the unpadded sequences)."""
+    seqs = [list(c) + list(o) for c, o in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), handle.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, :len(s)] = 1
+    with handle.lock, compute(handle):
+        logits = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
+                              use_cache=False).logits.float().cpu()
+    return [logits[row, len(c) - 1:len(c) - 1 + len(o)] for row, (c, o) in enumerate(pairs)]
+
+
 class BatchRunner:
     """Runs pre-tokenized prompts through the model in length-sorted, memory-bounded batches.
 

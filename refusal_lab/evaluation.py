@@ -171,7 +171,9 @@ def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequenc
     the reference's own ``replies`` to ``prompts``, teacher-forced: how far the model strays from the
     reference along the reference's path, not only at the first step. Replies are re-tokenized from their
     text (equal to the generated ids except where decoding merged tokens); both models run the same
-    right-padded batches (padding after the real tokens changes nothing before it)."""
+    batches (:func:`refusal_lab.activations.continuation_logits`)."""
+    from refusal_lab.activations import continuation_logits
+
     tok = handle.tokenizer
     rows = []
     for p, r in zip(prompts, replies):
@@ -183,20 +185,7 @@ def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequenc
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        width = max(len(p) + len(r) for p, r in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(batch):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, :len(p) + len(r)] = 1
-        out = []
-        for h in (reference, handle):
-            with h.lock, compute(h):
-                out.append(h.model(input_ids=ids.to(h.device), attention_mask=mask.to(h.device),
-                                   use_cache=False).logits.float().cpu())
-        for i, (p, r) in enumerate(batch):
-            at = slice(len(p) - 1, len(p) - 1 + len(r))  # the positions that predict the reply's tokens
-            kl = kl_per_prompt(out[0][i, at], out[1][i, at])
-            total, count = total + float(kl.sum()), count + len(r)
+        for ref, own in zip(continuation_logits(reference, batch), continuation_logits(handle, batch)):
+            total, count = total + float(kl_per_prompt(ref, own).sum()), count + len(ref)
         report(progress, min(start + batch_size, len(rows)), len(rows))
     return total / count

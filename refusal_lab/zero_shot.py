@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from refusal_lab.models import ModelHandle
-from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
 
 SEED = 20261201
@@ -109,7 +108,9 @@ def bundled_items() -> list[Item]:
 def option_logprobs(handle: ModelHandle, items: Sequence[Item], *, batch_size: int = 16,
                     progress: Progress | None = None) -> torch.Tensor:
     """Summed log-likelihood of each option's tokens after its item's prompt, ``(n_items, 4)`` float64
-    (one right-padded forward per batch of prompt + option sequences)."""
+    (one forward per batch of prompt + option sequences: :func:`refusal_lab.activations.continuation_logits`)."""
+    from refusal_lab.activations import continuation_logits
+
     tok = handle.tokenizer
     rows = []
     for it in items:
@@ -118,19 +119,9 @@ def option_logprobs(handle: ModelHandle, items: Sequence[Item], *, batch_size: i
     scores = torch.empty(len(rows), dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        width = max(len(c) + len(o) for c, o in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (c, o) in enumerate(batch):
-            ids[i, :len(c) + len(o)] = torch.tensor(c + o)
-            mask[i, :len(c) + len(o)] = 1
-        with torch.inference_mode(), handle.lock, compute(handle):
-            logits = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
-                                  use_cache=False).logits.float().cpu()
-        logp = torch.log_softmax(logits.double(), -1)
-        for i, (c, o) in enumerate(batch):
-            at = torch.arange(len(c) - 1, len(c) - 1 + len(o))  # positions predicting the option's tokens
-            scores[start + i] = logp[i, at, torch.tensor(o)].sum()
+        for i, (logits, (_, o)) in enumerate(zip(continuation_logits(handle, batch), batch)):
+            logp = torch.log_softmax(logits.double(), -1)
+            scores[start + i] = logp[torch.arange(len(o)), torch.tensor(o)].sum()
         report(progress, min(start + batch_size, len(rows)), len(rows))
     return scores.view(len(items), 4)
 
