@@ -4,16 +4,13 @@ confusion table."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from refusal_lab.codec import JsonRecord
 from refusal_lab.judges import OUTCOMES
-from refusal_lab.prompts import PromptFileError, read_text_file, split_lines
+from refusal_lab.prompts import PromptFileError, csv_records, jsonl_records, read_text_file
 
 
 @dataclass(kw_only=True)
@@ -42,18 +39,9 @@ def read_replies(path: str | Path) -> list[JudgedReply]:
     text = read_text_file(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt == "jsonl":
-        rows = []
-        for n, line in enumerate(split_lines(text), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except (ValueError, RecursionError) as e:
-                    raise PromptFileError(f"{path}: line {n} is not JSON ({e})") from None
+        rows = jsonl_records(text, str(path))
     elif fmt == "csv":
-        try:
-            rows = list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as e:
-            raise PromptFileError(f"{path}: malformed CSV ({e})") from None
+        rows = csv_records(text, str(path)) if text.strip() else []
     else:
         raise PromptFileError(f"{path}: replies must be .jsonl or .csv, with columns prompt and reply")
     if not rows:

@@ -166,10 +166,6 @@ def make_judge(spec: str | Judge | None) -> Judge:
     return JUDGES[name](arg)
 
 
-def substring_judge(prompts: Sequence[str], replies: Sequence[str]) -> list[bool]:
-    """Refused or not by :class:`SubstringJudge` (broken replies are not refusals)."""
-    return [o == "refused" for o in SubstringJudge().judge(prompts, replies)]
-
 
 @torch.inference_mode()
 def prefix_refusal_scores(handle: ModelHandle, instruction: str, reply: str, *,

@@ -183,6 +183,32 @@ def _from_records(records: list, column: str | None, source: str) -> tuple[list[
     return prompts, cats
 
 
+def csv_records(text: str, source: str) -> list[dict]:
+    """The rows of CSV ``text`` as dicts keyed by its header (fields beyond the header under None)."""
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+    except csv.Error as e:
+        raise PromptFileError(f"{source}: malformed CSV ({e})") from e
+    if not reader.fieldnames:
+        raise PromptFileError(f"{source}: empty CSV")
+    return rows
+
+
+def jsonl_records(text: str, source: str) -> list:
+    """The JSON value of every non-blank line of ``text``."""
+    records = []
+    for n, line in enumerate(split_lines(text), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{source}: malformed JSON on line {n}: {e.msg}") from e
+            except RecursionError:
+                raise PromptFileError(f"{source}: line {n}: JSON nested too deeply") from None
+    return records
+
+
 def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str = "prompts",
                   source: str = "<upload>") -> PromptSet:
     """Parse prompt-file content of format ``fmt`` (txt, csv, json, jsonl) into a :class:`PromptSet`.
@@ -199,14 +225,7 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
             prompts.append(m.group(2) if m else line)
             cats.append(m.group(1) if m else None)
     elif fmt == "csv":
-        try:
-            reader = csv.DictReader(io.StringIO(text))
-            rows = list(reader)
-        except csv.Error as e:
-            raise PromptFileError(f"{source}: malformed CSV ({e})") from e
-        if not reader.fieldnames:
-            raise PromptFileError(f"{source}: empty CSV")
-        prompts, cats = _from_records(rows, column, source)
+        prompts, cats = _from_records(csv_records(text, source), column, source)
     elif fmt == "json":
         try:
             data = json.loads(text) if text.strip() else []
@@ -223,16 +242,7 @@ def parse_prompts(text: str, fmt: str, *, column: str | None = None, name: str =
             raise PromptFileError(f"{source}: expected a JSON list of prompts")
         prompts, cats = _from_records(data, column, source)
     elif fmt == "jsonl":
-        records = []
-        for n, line in enumerate(split_lines(text), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{source}: malformed JSON on line {n}: {e.msg}") from e
-                except RecursionError:
-                    raise PromptFileError(f"{source}: line {n}: JSON nested too deeply") from None
-        prompts, cats = _from_records(records, column, source)
+        prompts, cats = _from_records(jsonl_records(text, source), column, source)
     else:
         raise PromptFileError(f"{source}: unsupported format {fmt!r}; use .txt, .csv, .json or .jsonl")
     return _validate(name, prompts, cats, source)
