@@ -166,7 +166,6 @@ def make_judge(spec: str | Judge | None) -> Judge:
     return JUDGES[name](arg)
 
 
-
 @torch.inference_mode()
 def prefix_refusal_scores(handle: ModelHandle, instruction: str, reply: str, *,
                           max_tokens: int = 256) -> tuple[list[str], list[float]]:

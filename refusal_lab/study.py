@@ -196,13 +196,7 @@ class Study:
         """Cache-key parts for what changes numbers besides the inputs — compute precision, weight dtype,
         device type — each only when it is not the float32-on-CPU default (whose keys stay those of the
         code before these parts existed)."""
-        if self._original is not None:
-            dtype, device = self._original.dtype, self._original.device
-        else:
-            from refusal_lab.models import resolve_device, resolve_dtype
-
-            device = resolve_device(self.spec.device)
-            dtype = resolve_dtype(self.spec.dtype, device)
+        device, dtype = self._placement()
         parts = {"precision": self.precision, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
         default = {"precision": "float32", "dtype": "float32", "device": "cpu"}
         return tuple(f"{k}={v}" for k, v in parts.items() if v != default[k])
@@ -212,13 +206,19 @@ class Study:
         """The compute precision of this study's forward passes (the loaded original's, else the spec's)."""
         if self._original is not None:
             return self._original.precision
-        if "precision" not in self._memo:
-            from refusal_lab.models import resolve_device, resolve_dtype
-            from refusal_lab.precision import resolve_precision
+        from refusal_lab.precision import resolve_precision
+        return resolve_precision(self.spec.precision, *self._placement())
 
-            dev = resolve_device(self.spec.device)
-            self._memo["precision"] = resolve_precision(self.spec.precision, dev, resolve_dtype(self.spec.dtype, dev))
-        return self._memo["precision"]
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        """The original's device and weight dtype: the loaded model's, else what the spec resolves to."""
+        if self._original is not None:
+            return self._original.device, self._original.dtype
+        key = f"placement {self.spec.device} {self.spec.dtype}"
+        if key not in self._memo:
+            from refusal_lab.models import resolve_device, resolve_dtype
+            device = resolve_device(self.spec.device)
+            self._memo[key] = device, resolve_dtype(self.spec.dtype, device)
+        return self._memo[key]
 
     # -- inputs ---------------------------------------------------------------------------
     @property
