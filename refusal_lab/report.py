@@ -76,13 +76,13 @@ def budget_figure(curve: list[BudgetPoint], title: str = "AIRD budget curve") ->
     return fig
 
 
-def html_report(results: StudyResults, *, budget: dict[str, list[BudgetPoint]] | None = None) -> str:
-    """A single self-contained HTML page (Plotly's JS inlined) with the study's tables and charts;
-    ``budget``: budget curves per scheme (default: the results')."""
+def html_report(results: StudyResults) -> str:
+    """A single self-contained HTML page (Plotly's JS inlined) with the study's tables and charts (and the
+    AIRD budget curves the results hold)."""
     figs = [drift_figure(results), refusal_figure(results)]
     for scheme, v in results.variants.items():
         figs.append(projection_figure(v.drift, "variant").update_layout(title=f"{scheme}: projections on O's r̂"))
-    for scheme, curve in (budget or results.budget or {}).items():
+    for scheme, curve in (results.budget or {}).items():
         figs.append(budget_figure(curve, f"{scheme}: AIRD budget curve"))
     parts = []
     for i, fig in enumerate(figs):

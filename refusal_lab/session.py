@@ -349,13 +349,14 @@ class StoredStudy:
                              "was made by another version of the code")
         return study
 
-    def report_inputs(self, study: Study) -> tuple[StudyResults, dict[str, list[BudgetPoint]]]:
-        """``(results, budgets)`` for :func:`refusal_lab.report.html_report` from ``study``'s stored stages (a
-        stage that is missing is computed). CLI studies list their schemes in the spec; dashboard
-        studies take the schemes their pages completed, and the AIRD settings each AIRD run used."""
-        budgets: dict[str, list[BudgetPoint]] = {}
+    def report_inputs(self, study: Study) -> StudyResults:
+        """The results :func:`refusal_lab.report.html_report` shows, from ``study``'s stored stages (a
+        stage that is missing is computed), with the AIRD budget curves its pages computed. CLI studies
+        list their schemes in the spec; dashboard studies take the schemes their pages completed, and
+        the AIRD settings each AIRD run used."""
         if study.spec.schemes:
-            return study.results(), budgets
+            return study.results()
+        budgets: dict[str, list[BudgetPoint]] = {}
         markers = completed_markers(study)
         schemes = sorted({s for m in markers for s in m.get("schemes", [])} | {m["scheme"] for m in markers
                                                                                if "scheme" in m})
@@ -365,16 +366,17 @@ class StoredStudy:
                 repaired = study.with_spec(schemes=schemes, **m["settings"])
                 results.variants[m["scheme"]].repaired = repaired.evaluate_repaired(m["scheme"])
                 budgets[m["scheme"]] = repaired.budget(m["scheme"], max_layers=int(m.get("budget", 8)))
-        return results, budgets
+        results.budget = budgets or None
+        return results
 
     def html(self, study: Study) -> bytes:
         """The self-contained HTML report of ``study`` (:meth:`pipeline`)."""
         from refusal_lab.report import html_report
 
-        results, budgets = self.report_inputs(study)
+        results = self.report_inputs(study)
         if not results.variants:
             raise ValueError("this study has no compressed variant with a drift result yet: run the Refusal drift page")
-        return html_report(results, budget=budgets).encode("utf-8")
+        return html_report(results).encode("utf-8")
 
     def zip_bytes(self) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
