@@ -31,17 +31,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default 12; measured against the exact search in BENCHMARKS.md); 0 = exact search")
 
 
+def _repair_options(p: argparse.ArgumentParser, auto_note: str = "") -> None:
+    """The AIRD options ``study`` and ``aird`` share: how the calibration grid is measured, the re-alignment."""
+    p.add_argument("--calibration", default="scored", choices=["scored", "generated"],
+                   help="how AIRD's calibration grid is measured: scored = one forward per point, the best "
+                        "points generated (fast); generated = every point generated (the reference)")
+    p.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
+                   help=f"AIRD's fitted re-alignment of layer l*−1: auto (calibration decides{auto_note}), on, off")
+
+
 def register(sub) -> None:
     p = sub.add_parser("study", help="directions, compression, drift, evaluation, AIRD and a report, cached")
     _common(p)
     p.add_argument("--scheme", action="append", required=True, help="compression scheme (repeatable)")
     p.add_argument("--aird", default=None, type=aird_spec, help="auto | top:K (repair K layers ending at the source layer)")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
-    p.add_argument("--calibration", default="scored", choices=["scored", "generated"],
-                   help="how AIRD's calibration grid is measured: scored = one forward per point, the best "
-                        "points generated (fast); generated = every point generated (the reference)")
-    p.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
-                   help="AIRD's fitted re-alignment of layer l*−1: auto (calibration decides), on, off")
+    _repair_options(p)
     p.add_argument("--out", default=None, help="write the HTML report here")
     p.set_defaults(func=run_study)
 
@@ -51,12 +56,7 @@ def register(sub) -> None:
     a.add_argument("--layers", default=None, type=layer_list, help="auto | comma-separated layer indices")
     a.add_argument("--alpha", default=None, type=alpha, help="auto | a number")
     a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
-    a.add_argument("--calibration", default="scored", choices=["scored", "generated"],
-                   help="how the calibration grid is measured: scored = one forward per point, the best "
-                        "points generated (fast); generated = every point generated (the reference)")
-    a.add_argument("--realign", default="auto", choices=["auto", "on", "off"],
-                   help="fitted re-alignment of layer l*−1: auto (calibration decides; off with a given α and "
-                        "layers), on, off")
+    _repair_options(a, "; off with a given α and layers")
     a.add_argument("--methods", default="all", help="all | comma-separated subset of the comparison methods")
     a.add_argument("--no-budget", action="store_true", help="skip the budget curve")
     a.add_argument("--save", default=None, help="save the repair (adapter: r̂ + α + layers) to this folder")
