@@ -566,21 +566,31 @@ class Study:
     def run(self, budget: bool = False) -> StudyResults:
         """Every stage for every scheme (``budget``: and its AIRD budget curve); returns :meth:`results`.
         A variant's model is let go once its stages are done (every later read is from the store)."""
+        self.run_original()
+        for scheme in self.spec.schemes:
+            self.run_scheme(scheme, budget)
+        return self.results()
+
+    def run_original(self) -> None:
+        """The original model's stages (what every scheme's stages start from)."""
+        self.original_fingerprint()
         self.directions("original")
         self.evaluate("original")
-        for scheme in self.spec.schemes:
-            self.compression_report(scheme)
-            self.directions(scheme)
-            self.drift(scheme)
-            self.evaluate(scheme)
-            if self.spec.aird:
-                self.repair(scheme)
-                self.evaluate_repaired(scheme)
-                if budget:
-                    self.budget(scheme)
-            if self._variants.pop(scheme, None) is not None:
-                release()
-        return self.results()
+
+    def run_scheme(self, scheme: str, budget: bool = False) -> None:
+        """Every stage of one ``scheme`` (those of the original first, when not stored yet); its variant is
+        let go at the end."""
+        self.compression_report(scheme)
+        self.directions(scheme)
+        self.drift(scheme)
+        self.evaluate(scheme)
+        if self.spec.aird:
+            self.repair(scheme)
+            self.evaluate_repaired(scheme)
+            if budget:
+                self.budget(scheme)
+        if self._variants.pop(scheme, None) is not None:
+            release()
 
     def results(self) -> StudyResults:
         """Every stage's result for every scheme of the spec (computing what is not stored yet)."""

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy: listing studies needs neither torc
     import pandas
     import torch
 
+_EXT = {"tensors": ".safetensors", "json": ".json", "table": ".parquet", "folder": ".dir"}  # object name suffixes
+
 
 class StudyRecord:
     """One study folder: a manifest of cached stage artifacts (see the module docstring).
@@ -392,7 +394,7 @@ class StudyRecord:
         def write(tmp: Path) -> None:
             save_file(clean, str(tmp))
 
-        self._put(key, stage, "tensors", ".safetensors", write, meta, seconds)
+        self._put(key, stage, "tensors", _EXT["tensors"], write, meta, seconds)
 
     def put_json(
         self,
@@ -405,7 +407,7 @@ class StudyRecord:
     ) -> None:
         """Store a JSON-serialisable object (NaN/inf allowed, as Python's json writes them)."""
         data = json_bytes(obj, f"value of key {key!r}")
-        self._put(key, stage, "json", ".json", lambda tmp: tmp.write_bytes(data), meta, seconds)
+        self._put(key, stage, "json", _EXT["json"], lambda tmp: tmp.write_bytes(data), meta, seconds)
 
     def put_table(
         self,
@@ -421,7 +423,7 @@ class StudyRecord:
         def write(tmp: Path) -> None:
             df.to_parquet(tmp, engine="pyarrow")
 
-        self._put(key, stage, "table", ".parquet", write, meta, seconds)
+        self._put(key, stage, "table", _EXT["table"], write, meta, seconds)
 
     def put_folder(
         self,
@@ -436,7 +438,40 @@ class StudyRecord:
         src = Path(src_dir)
         if not src.is_dir():
             raise StoreError(f"put_folder: {src} is not a folder")
-        self._put(key, stage, "folder", ".dir", lambda tmp: shutil.copytree(src, tmp), meta, seconds)
+        self._put(key, stage, "folder", _EXT["folder"], lambda tmp: shutil.copytree(src, tmp), meta, seconds)
+
+    def put_files(self, key: str, stage: str, kind: str, files: dict[str, bytes], meta: dict | None = None, *,
+                  seconds: float | None = None) -> None:
+        """Store an artifact given as its files' bytes (what :meth:`read_files` returned, e.g. from another
+        store): ``{"": data}`` for a one-file kind, ``{relative path: data}`` for a ``folder``."""
+        if kind not in _EXT:
+            raise StoreError(f"put_files: unknown kind {kind!r}")
+        if (kind == "folder") == ("" in files) or not files:
+            raise StoreError(f"put_files: {kind} artifact of key {key!r} given as the wrong files")
+
+        def write(tmp: Path) -> None:
+            for rel, data in files.items():
+                parts = rel.split("/")
+                if rel and (any(p in ("", ".", "..") for p in parts) or rel.startswith("/")):
+                    raise StoreError(f"put_files: invalid file name {rel!r}")
+                path = tmp / rel if rel else tmp
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+
+        self._put(key, stage, kind, _EXT[kind], write, meta, seconds)
+
+    def read_files(self, key: str) -> dict[str, bytes]:
+        """The files of ``key`` as :meth:`put_files` takes them (validated first; checksums re-checked)."""
+        root = self.get_path(key)
+        e = self._entry_or_error(key)
+        out = {}
+        for f in e["files"]:
+            path = self._resolve(f["path"])
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise StoreError(f"study {self.id}: key {key!r}: file {f['path']} changed while read")
+            out[path.relative_to(root).as_posix() if e["kind"] == "folder" else ""] = data
+        return out
 
     # -- reading ----------------------------------------------------------------------
 
