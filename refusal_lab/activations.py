@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refusal_lab.models import MARKER, ChatTemplateError, ModelHandle
+from refusal_lab.placement import module_device
 from refusal_lab.precision import compute, low_precision_cache
 from refusal_lab.progress import Progress, report
 
@@ -89,12 +90,21 @@ def _per_token_bytes(handle: ModelHandle, kv_len: int) -> int:
     return elt * (10 * d + 3 * inter + 2 * heads * kv_len)
 
 
-def _last_index(width: int, device: torch.device) -> torch.Tensor:
+def index_keeps_logits(handle: ModelHandle) -> bool:
+    """Whether ``logits_to_keep`` may be an index tensor: accelerate moves every tensor argument to the
+    device the model's forward starts on, and the hidden states it indexes are on the final norm's device
+    — another one when a device map spreads the model over GPUs (an index must be on its tensor's device)."""
+    out = handle.final_norm or handle.embedding
+    return module_device(handle.model, default=handle.device) == module_device(out, default=handle.device)
+
+
+def _last_index(handle: ModelHandle, width: int) -> torch.Tensor | int:
     """``logits_to_keep`` selecting the last position as an index tensor: HF then gathers a contiguous
     ``(B, 1, d)`` input for the unembedding; the int form (``1``) passes a strided view, which makes
     ``matmul`` fall back to a batched product with the vocab matrix expanded per row (~10× slower, and
-    hundreds of MB for SmolLM2's 49k-token vocabulary)."""
-    return torch.tensor([width - 1], device=device)
+    hundreds of MB for SmolLM2's 49k-token vocabulary) — used only where an index cannot be
+    (:func:`index_keeps_logits`)."""
+    return torch.tensor([width - 1], device=handle.device) if index_keeps_logits(handle) else 1
 
 
 def shared_prefix(handle: ModelHandle, ids: Sequence[Sequence[int]], *, min_rest: int = 1,
@@ -126,7 +136,7 @@ def prefix_cache(handle: ModelHandle, prefix: Sequence[int]):
     ids = torch.tensor([list(prefix)], device=dev)
     with compute(handle):
         out = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                           logits_to_keep=_last_index(len(prefix), dev))
+                           logits_to_keep=_last_index(handle, len(prefix)))
     cache = out.past_key_values
     return low_precision_cache(handle, cache) if hasattr(cache, "batch_repeat_interleave") else None
 
@@ -249,7 +259,7 @@ class BatchRunner:
             width = ids.shape[1]
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + p
             kwargs: dict = dict(input_ids=ids.to(dev), position_ids=position_ids.to(dev),
-                                logits_to_keep=_last_index(width, dev))
+                                logits_to_keep=_last_index(self.handle, width))
             if cache is not None:
                 mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), mask], dim=1)
                 kwargs.update(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
@@ -379,6 +389,8 @@ def _capture(handle: ModelHandle, runner: BatchRunner, n_positions: int,
         hooks = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(points)]
         try:
             for idx, logits in runner.run():
+                if len({t.device for t in buf}) > 1:  # read points on several devices (a device map)
+                    buf[:] = [t.cpu() for t in buf]
                 acts = torch.stack(buf, dim=2)  # type: ignore[arg-type]
                 buf[:] = [None] * len(points)
                 on_batch(idx, acts, logits)
@@ -518,7 +530,7 @@ def naive_mean_activations(handle: ModelHandle, instructions: Sequence[str], *, 
             for k, text in enumerate(instructions):
                 ids = torch.tensor([tokenize(handle, [text])[0]], device=handle.device)
                 out = handle.model(input_ids=ids, output_hidden_states=True)
-                hs = [h[0, -n:] for h in out.hidden_states[:L]] + [norm_in["x"][0, -n:]]
+                hs = [h[0, -n:].cpu() for h in out.hidden_states[:L]] + [norm_in["x"][0, -n:].cpu()]
                 per_prompt.append(torch.stack(hs, dim=1).double().cpu())
                 report(progress, k + 1, len(instructions))
         finally:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from refusal_lab.activations import index_keeps_logits
 from refusal_lab.models import ModelHandle
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -58,6 +59,7 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
         if end == total:
             break
     device = handle.device
+    as_index = index_keeps_logits(handle)  # else: the last length − lo positions, the very last dropped
     nll = 0.0
     count = 0
     done = 0
@@ -72,9 +74,10 @@ def perplexity(handle: ModelHandle, text: str, *, max_length: int = 512, stride:
         # logits at position p predict token p + 1: a window scores tokens first..e-1, so only positions
         # from the batch's earliest first-1 to length-2 are unembedded (half of each window past the first)
         lo = min(first - b - 1 for b, _, first in batch)
+        keep = torch.arange(lo, length - 1, device=device) if as_index else length - lo
         with handle.lock, compute(handle):
-            logits = handle.model(input_ids=inputs, use_cache=False,
-                                  logits_to_keep=torch.arange(lo, length - 1, device=device)).logits
+            logits = handle.model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits
+        logits = logits if as_index else logits[:, :-1]
         for row, (b, e, first) in enumerate(batch):
             pred = logits[row, first - b - 1 - lo:e - b - 1 - lo].float()
             target = inputs[row, first - b:e - b]

@@ -176,7 +176,7 @@ def greedy_ids(handle: ModelHandle, ids: Sequence[Sequence[int]], *, max_new_tok
             cache = batch_cache(cache0, len(idx)) if cache0 is not None else None
             with compute(handle):
                 o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=True, logits_to_keep=_last_index(x.shape[1], dev))
+                          use_cache=True, logits_to_keep=_last_index(handle, x.shape[1]))
             if not hasattr(o.past_key_values, "batch_select_indices"):
                 raise _CacheUnsupported(f"{handle.name}: its cache cannot drop finished rows")
             logits = o.logits[:, -1, :].float()

@@ -17,6 +17,10 @@ Each one holds ``handle.lock`` (a re-entrant lock) for its whole duration, so a 
 several callers never runs one caller's forward under another caller's intervention, while the
 same thread can nest interventions and run forwards inside them. Hooks are removed and weights
 restored in ``finally`` blocks, also when the body raises.
+
+Models spread over devices or offloaded by accelerate (:mod:`refusal_lab.placement`) work unchanged: a hook
+computes on the device and in the dtype of the tensor it acts on (the direction is cast once per device
+and dtype), and weight edits are made where each weight is stored.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ import torch
 from torch import nn
 
 from refusal_lab.models import ModelHandle
+from refusal_lab.placement import read_tensor, replaced
 
 
 def _as_vector(handle: ModelHandle, v: torch.Tensor, *, unit: bool) -> torch.Tensor:
+    """``v`` ``(d_model,)`` as a float64 vector on the handle's (input) device, unit length when ``unit``;
+    :class:`_Cast` puts it where each hook needs it."""
     v = torch.as_tensor(v).detach()
     if v.shape != (handle.d_model,):
         raise ValueError(f"direction must have shape ({handle.d_model},), got {tuple(v.shape)}")
@@ -44,6 +51,22 @@ def _as_vector(handle: ModelHandle, v: torch.Tensor, *, unit: bool) -> torch.Ten
             raise ValueError("direction has zero (or non-finite) norm")
         v = v / norm
     return v
+
+
+class _Cast:
+    """A vector on the device and in the dtype of each tensor it meets, cast once per (device, dtype):
+    hooks on layers spread over several devices each get a local copy."""
+
+    def __init__(self, v: torch.Tensor) -> None:
+        self.v = v
+        self.cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        out = self.cache.get(key)
+        if out is None:
+            out = self.cache[key] = self.v.to(device=x.device, dtype=x.dtype)
+        return out
 
 
 def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -102,14 +125,10 @@ def ablate(handle: ModelHandle, direction: torch.Tensor, layers: Iterable[int] |
     ``layers=None`` ablates at every block input, every attention/MLP output and the final-norm
     input (the anchor's setting); otherwise at the inputs and outputs of the given blocks only.
     """
-    r = _as_vector(handle, direction, unit=True)
-    cache: dict[torch.dtype, torch.Tensor] = {}
+    r = _Cast(_as_vector(handle, direction, unit=True))
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        rr = cache.get(x.dtype)
-        if rr is None:
-            rr = cache[x.dtype] = r.to(x.dtype)
-        return _project_out(x, rr)
+        return _project_out(x, r.like(x))
 
     chosen = _layers(handle, layers)
     installs: list = []
@@ -131,15 +150,11 @@ def add(handle: ModelHandle, vector: torch.Tensor, layer: int, coeff: float = 1.
     ``vector`` ``(d_model,)`` is used as is (not normalised), as in the anchor."""
     if not math.isfinite(float(coeff)):
         raise ValueError(f"the coefficient must be a finite number, got {coeff}")
-    v = _as_vector(handle, vector, unit=False) * float(coeff)
+    v = _Cast(_as_vector(handle, vector, unit=False) * float(coeff))
     block = handle.blocks[_layers(handle, [layer])[0]]
-    cache: dict[torch.dtype, torch.Tensor] = {}
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        vv = cache.get(x.dtype)
-        if vv is None:
-            vv = cache[x.dtype] = v.to(x.dtype)
-        return x + vv
+        return x + v.like(x)
 
     with _hooked(handle, [(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), _pre_hook(fn))]):
         yield
@@ -149,11 +164,11 @@ def add(handle: ModelHandle, vector: torch.Tensor, layer: int, coeff: float = 1.
 def scale_writers(handle: ModelHandle, direction: torch.Tensor, layers: Iterable[int] | None = None,
                   alpha: float = -1.0) -> Iterator[None]:
     """``y ← y + α r̂ (r̂ᵀ y)`` on the attention and MLP outputs of ``layers`` (all when None)."""
-    r = _as_vector(handle, direction, unit=True)
+    r = _Cast(_as_vector(handle, direction, unit=True))
     a = float(alpha)
 
     def fn(y: torch.Tensor) -> torch.Tensor:
-        rr = r.to(y.dtype)
+        rr = r.like(y)
         return y + a * (y @ rr).unsqueeze(-1) * rr
 
     installs = [(w.register_forward_hook, _out_hook(fn))
@@ -168,14 +183,14 @@ def add_rank1(handle: ModelHandle, direction: torch.Tensor, u: torch.Tensor, lay
     """``y ← y + r̂ (uᵀ x)`` on the ``role`` writer of block ``layer``, whose input is ``x`` ``(…, d_in)``
     and output ``y`` ``(…, d_model)``; ``u`` is ``(d_in,)``. The same function as the weight edit
     ``W′ = W + r̂ uᵀ``, with the writer's weights untouched (so it works on quantized storage too)."""
-    r = _as_vector(handle, direction, unit=True)
+    r = _Cast(_as_vector(handle, direction, unit=True))
     module = handle.writers(_layers(handle, [layer])[0])[role]
-    u64 = torch.as_tensor(u).detach().to(device=handle.device, dtype=torch.float64)
+    uu = _Cast(torch.as_tensor(u).detach().to(device=handle.device, dtype=torch.float64))
 
     def hook(mod, args, output):
-        x = args[0]  # writers are called with their input as the first positional argument
         y = output[0] if isinstance(output, tuple) else output
-        z = y + (x.to(y.dtype) @ u64.to(y.dtype)).unsqueeze(-1) * r.to(y.dtype)
+        x = args[0].to(device=y.device, dtype=y.dtype)  # writers are called with their input first
+        z = y + (x @ uu.like(y)).unsqueeze(-1) * r.like(y)
         return (z, *output[1:]) if isinstance(output, tuple) else z
 
     with _hooked(handle, [(module.register_forward_hook, hook)]):
@@ -192,8 +207,10 @@ def _residual_embeddings(handle: ModelHandle) -> list[nn.Embedding]:
 
 
 def _orthogonal(weight: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
-    """``weight`` with its ``axis`` (the d_model side) projected orthogonal to unit ``r`` (float64 maths)."""
+    """``weight`` with its ``axis`` (the d_model side) projected orthogonal to unit ``r`` (float64 maths, on
+    the weight's device)."""
     w = weight.detach().double()
+    r = r.to(w.device)
     if axis == 0:  # (d_model, …): rows live in the residual space
         w = w - torch.outer(r, r @ w)
     else:  # (…, d_model)
@@ -209,33 +226,26 @@ def orthogonalize(handle: ModelHandle, direction: torch.Tensor) -> Iterator[None
     The original ``Parameter`` objects are never modified: edited copies are swapped in and the
     originals put back on exit, so weights are bit-identical afterwards and a tied unembedding
     (``lm_head`` sharing the embedding matrix, e.g. SmolLM2) keeps reading the original matrix.
+    Offloaded weights are edited where they are stored (:func:`refusal_lab.placement.replaced`).
     """
     r = _as_vector(handle, direction, unit=True)
     with handle.lock:
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        try:
-            edits: list[tuple[nn.Module, str, torch.Tensor]] = []
-            for emb in _residual_embeddings(handle):
-                edits.append((emb, "weight", _orthogonal(emb.weight, r, axis=1)))
-            for layer in range(handle.n_layers):
-                for w in handle.writers(layer).values():
-                    weight = getattr(w, "weight", None)
-                    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() \
-                            or type(weight) not in (torch.Tensor, nn.Parameter):
-                        raise TypeError(f"cannot orthogonalize the quantized {type(w).__name__} of layer {layer}: "
-                                        "weight editing needs plain float weights; use ablate() instead")
-                    conv1d = type(w).__name__ == "Conv1D"  # GPT-2: weight is (in, out)
-                    edits.append((w, "weight", _orthogonal(w.weight, r, axis=1 if conv1d else 0)))
-                    if getattr(w, "bias", None) is not None:
-                        edits.append((w, "bias", _orthogonal(w.bias.unsqueeze(1), r, axis=0).squeeze(1)))
-            for module, name, value in edits:
-                original = module._parameters[name]
-                module._parameters[name] = nn.Parameter(value, requires_grad=False)
-                swapped.append((module, name, original))
+        edits: list[tuple[nn.Module, str, torch.Tensor]] = []
+        for emb in _residual_embeddings(handle):
+            edits.append((emb, "weight", _orthogonal(read_tensor(emb, "weight"), r, axis=1)))
+        for layer in range(handle.n_layers):
+            for w in handle.writers(layer).values():
+                weight = getattr(w, "weight", None)
+                if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() \
+                        or type(weight) not in (torch.Tensor, nn.Parameter):
+                    raise TypeError(f"cannot orthogonalize the quantized {type(w).__name__} of layer {layer}: "
+                                    "weight editing needs plain float weights; use ablate() instead")
+                conv1d = type(w).__name__ == "Conv1D"  # GPT-2: weight is (in, out)
+                edits.append((w, "weight", _orthogonal(read_tensor(w, "weight"), r, axis=1 if conv1d else 0)))
+                if getattr(w, "bias", None) is not None:
+                    edits.append((w, "bias", _orthogonal(read_tensor(w, "bias").unsqueeze(1), r, axis=0).squeeze(1)))
+        with replaced(edits):
             yield
-        finally:
-            for module, name, original in reversed(swapped):
-                module._parameters[name] = original
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from refusal_lab.placement import DeviceMap, module_device, read_tensor
 from refusal_lab.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,14 @@ def weight_as_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
 
 
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as ``(out_features, in_features)`` where it is stored: :func:`weight_as_out_in`,
+    or for a module offloaded by accelerate its value from the hook's weights map (``meta`` placeholder
+    in the module; see :mod:`refusal_lab.placement`)."""
+    w = read_tensor(module, "weight")
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks: the longest ``nn.ModuleList`` whose length is the config's layer count."""
     n = model.config.num_hidden_layers
@@ -212,7 +221,10 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input ids go: the device the input embeddings run on (accelerate's execution device when
+        the model is spread over devices or offloaded, whose parameters may sit on ``meta``)."""
+        first = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
+        return module_device(self.embedding, default=first)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -266,11 +278,15 @@ class ModelHandle:
 
     def summary(self) -> dict:
         """Plain-data description (for the CLI and the Model page)."""
+        from refusal_lab.placement import describe
+
         return {
             "name": self.name, "spec": self.spec, "n_layers": self.n_layers, "d_model": self.d_model,
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "precision": self.precision,
             "parameters": self.n_parameters(), "fingerprint": self.fingerprint,
             "architecture": type(self.model).__name__,
+            "device_map": self.meta.get("device_map"), "max_memory": self.meta.get("max_memory"),
+            "placement": describe(self.model),  # modules per device, when accelerate dispatched the model
         }
 
 
@@ -310,9 +326,12 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def tensors_fingerprint(model: nn.Module) -> str:
-    """Hash of a model's parameters as they are in memory (for in-memory variants)."""
+    """Hash of a model's parameters as they are in memory (for in-memory variants; offloaded ones read where
+    they are stored)."""
+    from refusal_lab.placement import model_tensors
+
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model_tensors(model), key=lambda item: item[0]):
         h.update(name.encode())
         t = t.detach()
         h.update(str(t.dtype).encode())
@@ -489,36 +508,67 @@ def resolve_chat_template(value: str | None) -> str | None:
 
 def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                trust_remote_code: bool = False, chat_template: str | None = None,
-               system_prompt: str | None = None, precision: str = "auto") -> ModelHandle:
+               system_prompt: str | None = None, precision: str = "auto", device_map: DeviceMap | None = None,
+               max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> ModelHandle:
     """Load a model spec (see module doc) into a :class:`ModelHandle` in eval mode.
 
     ``precision`` of forward passes (:mod:`refusal_lab.precision`): ``auto`` → bfloat16 autocast where the
     hardware has native bf16 matmuls and the weights are float32, else float32.
+
+    ``device_map`` spreads the model with accelerate's big-model loading instead of putting it on ``device``:
+    ``auto``, ``balanced``, ``sequential``, or a dict / JSON object of module name → GPU index, ``cpu`` or
+    ``disk``; ``max_memory`` bounds each device (``0=10GiB,cpu=30GiB`` or a dict;
+    :func:`refusal_lab.placement.parse_max_memory`). Disk-offloaded weights (and edits of them) go to a new
+    folder under ``offload_folder`` (default: ``offload/`` in the cache), removed with the model.
 
     ``chat_template`` may be a Jinja string or a path to a file holding one; it is required for
     models whose tokenizer has none. ``trust_remote_code`` stays off unless explicitly set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    if device_map is None and max_memory is None:
+        dev = resolve_device(device)
+    else:
+        from refusal_lab.placement import resolve_placement
+        try:
+            dev, device_map, max_memory = resolve_placement(device, device_map, max_memory)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     dt = resolve_dtype(dtype, dev)
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     chat_template = resolve_chat_template(chat_template)  # before the load: a typo fails in no time
     source, name = resolve_spec(spec)
     local_only = check_source(source, spec, trust_remote_code)
+    placed: dict = {}
     try:
+        if device_map is not None:
+            from refusal_lab.placement import placement_options
+
+            placed = placement_options(source, device_map, max_memory, offload_folder,
+                                       trust_remote_code=trust_remote_code, local_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
         # safetensors only: a pickle checkpoint (pytorch_model.bin) is never unpickled
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, local_files_only=local_only)
-    except OSError as e:
-        raise ModelLoadError(f"could not load {spec!r}: {e}. Offline? Hub ids need the network on first "
-                             "use; a local folder or .gguf file does not.") from e
-    except ValueError as e:
-        raise ModelLoadError(f"could not load {spec!r}: {e}") from e
-    model.to(dev).eval()
+                                                     use_safetensors=True, local_files_only=local_only, **placed)
+    except BaseException as e:
+        if placed:
+            import shutil
+            shutil.rmtree(placed["offload_folder"], ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ModelLoadError(f"could not load {spec!r}: {e}. Offline? Hub ids need the network on first "
+                                 "use; a local folder or .gguf file does not.") from e
+        if isinstance(e, ValueError):  # incl. a device map or memory limit accelerate refuses
+            raise ModelLoadError(f"could not load {spec!r}: {' '.join(str(e).split())}") from e
+        raise
+    if placed:  # accelerate placed it (and put the input embeddings where input ids go)
+        from refusal_lab.placement import remove_with
+
+        remove_with(model, Path(placed["offload_folder"]))
+        model.eval()
+    else:
+        model.to(dev).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -528,7 +578,8 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
         f"{spec}|{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[:16]
     handle = ModelHandle(model=model, tokenizer=tokenizer, name=name, spec=spec, fingerprint=fingerprint,
                          source_dir=source_dir, chat_template=chat_template, system_prompt=system_prompt,
-                         precision=resolve_precision(precision, dev, dt))
+                         meta={"device_map": device_map, "max_memory": max_memory} if device_map is not None else {})
+    handle.precision = resolve_precision(precision, handle.device, dt)
     handle.blocks  # fail early on unsupported architectures
     handle.writers(0)
     return handle

@@ -13,7 +13,8 @@ import torch
 from refusal_lab.aird.repair import (AIRDError, Mode, Repair, applied, check_dense, copy_handle, edited_writers,
                               projection_restore, set_weight, writers)
 from refusal_lab.interventions import intervene
-from refusal_lab.models import ModelHandle, weight_as_out_in
+from refusal_lab.models import ModelHandle, stored_weight, weight_as_out_in
+from refusal_lab.placement import model_tensors, write_tensors
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _projection_restore(original, compressed, repair, direction_raw) -> Iterator
     new = copy_handle(compressed, f"projection-restore(L={','.join(map(str, repair.layers))})",
                       [m for _, _, m in writers(compressed, repair.layers)])
     for (_, _, m_new), (_, _, m_o) in zip(writers(new, repair.layers), writers(original, repair.layers)):
-        set_weight(m_new, projection_restore(weight_as_out_in(m_new), weight_as_out_in(m_o), repair.direction))
+        set_weight(m_new, projection_restore(stored_weight(m_new), stored_weight(m_o), repair.direction))
     yield new
 
 
@@ -52,9 +53,12 @@ def _dense_copy(original, compressed, repair, direction_raw) -> Iterator[ModelHa
     check_dense(compressed, repair.layers, "Dense copy")
     new = copy_handle(compressed, f"dense-copy(L={','.join(map(str, repair.layers))})",
                       [compressed.blocks[layer] for layer in repair.layers])
-    with torch.no_grad():
-        for layer in repair.layers:
-            new.blocks[layer].load_state_dict(original.blocks[layer].state_dict())
+    edits = []  # O's block tensors, written where the copy's are stored (offloaded ones too)
+    for layer in repair.layers:
+        for key, value in model_tensors(original.blocks[layer]):
+            owner, _, name = key.rpartition(".")
+            edits.append((new.blocks[layer].get_submodule(owner), name, value))
+    write_tensors(edits)
     yield new
 
 

@@ -16,7 +16,8 @@ from typing import Literal, get_args
 import torch
 
 from refusal_lab.interventions import add_rank1, scale_writers
-from refusal_lab.models import ModelHandle, is_plain_linear, weight_as_out_in
+from refusal_lab.models import ModelHandle, is_plain_linear, stored_weight
+from refusal_lab.placement import copy_memo, read_tensor, write_tensors
 from refusal_lab.results import CalibrationPoint, Density, RepairSummary
 
 Mode = Literal["merged", "adapter"]
@@ -55,7 +56,7 @@ def rank1_edit(weight: torch.Tensor, r_hat: torch.Tensor, alpha: float) -> torch
 def projection_restore(w_c: torch.Tensor, w_o: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """``W_C + r̂ r̂ᵀ (W_O − W_C)``: the compressed writer with O's component along r̂ put back."""
     r = r_hat.to(w_c.device, torch.float64)
-    diff = w_o.detach().double() - w_c.detach().double()
+    diff = w_o.detach().to(w_c.device, torch.float64) - w_c.detach().double()
     return (w_c.detach().double() + torch.outer(r, r @ diff)).to(w_c.dtype)
 
 
@@ -162,11 +163,13 @@ def writers(handle: ModelHandle, layers: Sequence[int]) -> list[tuple[int, str, 
 def copy_handle(handle: ModelHandle, suffix: str, edited: Sequence[torch.nn.Module] | None = None) -> ModelHandle:
     """A copy of a handle's model under a new name. With ``edited`` (modules of ``handle``'s model),
     only their parameters are copied; every other parameter is *shared* with ``handle`` (a merged edit
-    of two layers costs their matrices, not a second model), so only ``edited`` may be changed in place."""
-    memo: dict[int, object] = {}
+    of two layers costs their matrices, not a second model), so only ``edited`` may be changed in place.
+    Offloaded weights (accelerate) are always shared: edits of the copy go to overlays of its own hooks
+    (:func:`refusal_lab.placement.write_tensors`)."""
+    memo: dict[int, object] = copy_memo(handle.model)
     if edited is not None:
         own = {id(p) for m in edited for p in m.parameters()}
-        memo = {id(p): p for p in handle.model.parameters() if id(p) not in own}
+        memo.update({id(p): p for p in handle.model.parameters() if id(p) not in own})
     with handle.lock:
         model = copy.deepcopy(handle.model, memo)
     import hashlib
@@ -198,8 +201,8 @@ def mode_for(handle: ModelHandle, layers: Sequence[int], mode: Mode) -> Mode:
 
 
 def set_weight(mod: torch.nn.Module, new_out_in: torch.Tensor) -> None:
-    with torch.no_grad():
-        weight_as_out_in(mod).copy_(new_out_in)
+    """Write an ``(out, in)`` weight into ``mod`` where its weight is stored (in place, or offloaded)."""
+    write_tensors([(mod, "weight", new_out_in.T if type(mod).__name__ == "Conv1D" else new_out_in)])
 
 
 def edited_writers(handle: ModelHandle, repair: Repair) -> list[tuple[int, str, torch.nn.Module]]:
@@ -223,13 +226,13 @@ def merge(compressed: ModelHandle, repair: Repair) -> ModelHandle:
     r = repair.direction
     if repair.realign is not None:
         mod = new.writers(repair.realign_layer)[REALIGN_ROLE]
-        w = weight_as_out_in(mod)
-        set_weight(mod, (w.double() + torch.outer(r.double(), repair.realign.double())).to(w.dtype))
+        w = stored_weight(mod)
+        fit = torch.outer(r.double(), repair.realign.double()).to(w.device)
+        set_weight(mod, (w.double() + fit).to(w.dtype))
     for _, _, mod in writers(new, repair.layers):
-        set_weight(mod, rank1_edit(weight_as_out_in(mod), r, repair.alpha))
+        set_weight(mod, rank1_edit(stored_weight(mod), r, repair.alpha))
         if getattr(mod, "bias", None) is not None:
-            with torch.no_grad():
-                mod.bias.copy_(rank1_edit(mod.bias, r, repair.alpha))
+            write_tensors([(mod, "bias", rank1_edit(read_tensor(mod, "bias"), r, repair.alpha))])
     return new
 
 
@@ -263,7 +266,7 @@ def writer_density(handle: ModelHandle, layers: Sequence[int] | Repair) -> Densi
     mods = edited_writers(handle, layers) if isinstance(layers, Repair) else writers(handle, layers)
     for _, _, mod in mods:
         if is_plain_linear(mod):
-            w = mod.weight
+            w = read_tensor(mod, "weight")
             nnz += int((w != 0).sum())
             total += w.numel()
         else:

@@ -58,9 +58,12 @@ Apply = Callable[[ModelHandle, Scheme, Sequence[Target], object, "Progress | Non
 
 
 def _copied(handle: ModelHandle, targets: Sequence[Target]) -> tuple[object, dict]:
-    """A deep copy of ``handle``'s model (no hooks attached: the lock is held) and its target modules by name."""
+    """A deep copy of ``handle``'s model (no hooks attached: the lock is held) and its target modules by name.
+    Weights accelerate offloaded are shared, not copied: the copy's edits go to its own hooks' overlays."""
+    from refusal_lab.placement import copy_memo
+
     with handle.lock:
-        model = copy.deepcopy(handle.model)
+        model = copy.deepcopy(handle.model, copy_memo(handle.model))
     named = dict(model.named_modules())
     return model, {t.name: named[t.name] for t in targets}
 

@@ -22,6 +22,7 @@ from refusal_lab.compression.runtime import few_threads
 from refusal_lab.compression.schemes import Scheme
 from refusal_lab.compression.targets import Target
 from refusal_lab.models import weight_as_out_in
+from refusal_lab.placement import is_offloaded
 from refusal_lab.progress import Progress, report
 
 
@@ -68,6 +69,9 @@ def quantize_modules(model: nn.Module, targets: Sequence[Target], scheme: Scheme
     for i, t in enumerate(targets):
         parent_name, _, attr = t.name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        if is_offloaded(getattr(parent, attr)):
+            raise HqqUnavailable(f"HQQ cannot quantize {t.name}: accelerate offloaded its weight (CPU/disk offload "
+                                 "of a device map); use rtn:BITS[:GROUP], or a device map without offload")
         lin = _as_linear(getattr(parent, attr))
         try:
             with few_threads(lin.weight.device):  # HQQ's optimiser is many small ops

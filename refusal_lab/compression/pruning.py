@@ -31,6 +31,7 @@ from torch import nn
 from refusal_lab.compression.calibration import Calibration
 from refusal_lab.compression.runtime import few_threads
 from refusal_lab.compression.targets import Target, dense_weight, set_weight
+from refusal_lab.placement import module_device
 from refusal_lab.progress import Progress, report
 
 SPARSEGPT_BLOCK = 128
@@ -181,7 +182,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration: C
                          batch_size: int = 8) -> list[dict]:
     """Run the calibration windows up to the last block; per batch return ``{"hidden": (b, seq, d),
     "calls": [(extra_args, kwargs) for each block]}`` so blocks can be re-run one at a time."""
-    device = next(model.parameters()).device
+    device = module_device(model.get_input_embeddings())  # where input ids go (also under a device map)
     records: list[dict] = []
     current: dict = {}
     last = len(blocks) - 1
@@ -270,7 +271,8 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, modules: dict[str,
                 cache.clear()
             for t in todo:
                 mod, acc = modules[t.name], stats[t.name]
-                W = dense_weight(mod)
+                # on the device it runs on, with its statistics (an offloaded weight is stored elsewhere)
+                W = dense_weight(mod).to(module_device(mod))
                 if method == "wanda":
                     new = wanda_prune(W, acc["sumsq"].sqrt(), sparsity, n, m)
                 else:

@@ -26,6 +26,7 @@ from torch import nn
 from refusal_lab.codec import JsonRecord
 from refusal_lab.compression.schemes import Scheme
 from refusal_lab.compression.targets import Target, dense_weight
+from refusal_lab.placement import offload_hook
 
 ACCOUNTING = ("stored size: sparse weights dense at dtype width unless N:M (N values + ceil(log2 M)-bit "
               "index per group); RTN = bits/weight + float32 scale (+ bits-bit zero) per group; "
@@ -117,7 +118,8 @@ def stored_weight_bits(module: nn.Module, scheme: Scheme | None, out_f: int, in_
 
 
 def _tensor_bytes(model: nn.Module, skip: set[str], resident: bool) -> int:
-    """Bytes of parameters and (persistent, unless ``resident``) buffers outside the ``skip`` modules."""
+    """Bytes of parameters and (persistent, unless ``resident``) buffers outside the ``skip`` modules (offloaded
+    ones included: the same count wherever accelerate put them)."""
     seen: set[int] = set()
     total = 0
     for name, mod in model.named_modules():
@@ -126,10 +128,11 @@ def _tensor_bytes(model: nn.Module, skip: set[str], resident: bool) -> int:
         non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
         tensors = list(mod.named_parameters(recurse=False))
         tensors += [(n, b) for n, b in mod.named_buffers(recurse=False) if resident or n not in non_persistent]
+        offloaded = offload_hook(mod) is not None  # its meta placeholders stand for tensors stored elsewhere
         for _, t in tensors:
-            if t is None or t.device.type == "meta":
+            if t is None or (t.device.type == "meta" and not offloaded):
                 continue
-            key = t.data_ptr() if t.numel() else id(t)
+            key = t.data_ptr() if t.numel() and t.device.type != "meta" else id(t)
             if key in seen:
                 continue
             seen.add(key)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from refusal_lab.models import ModelHandle, find_blocks, is_plain_linear, weight_as_out_in
+from refusal_lab.models import ModelHandle, find_blocks, is_plain_linear, stored_weight, weight_as_out_in
+from refusal_lab.placement import write_tensors
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def all_linear_names(model: nn.Module) -> list[str]:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The module's effective weight as a float32 ``(out_features, in_features)`` tensor — dequantized
-    for bitsandbytes ``Linear8bitLt``/``Linear4bit`` and HQQ's ``HQQLinear``. Always a new tensor."""
+    for bitsandbytes ``Linear8bitLt``/``Linear4bit`` and HQQ's ``HQQLinear``, read where it is stored when
+    accelerate offloaded it. Always a new tensor."""
     kind = type(module).__name__
     with torch.no_grad():
         if kind == "HQQLinear":
@@ -96,7 +98,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             return w.float().clone()
         if kind == "Linear4bit":
             return _dequantize_bnb_4bit(module)
-        return weight_as_out_in(module).detach().float().clone()
+        return stored_weight(module).detach().float().clone()
 
 
 def _dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
@@ -125,7 +127,7 @@ def _dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write an ``(out, in)`` weight into a plain linear/Conv1D in place, in the module's own dtype."""
-    with torch.no_grad():
-        view = weight_as_out_in(module)
-        view.copy_(weight.to(device=view.device, dtype=view.dtype))
+    """Write an ``(out, in)`` weight into a plain linear/Conv1D, in the module's own dtype, where its weight is
+    stored: in place, or — offloaded by accelerate — in the module's weights map
+    (:func:`refusal_lab.placement.write_tensors`)."""
+    write_tensors([(module, "weight", weight.T if type(module).__name__ == "Conv1D" else weight)])
