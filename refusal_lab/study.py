@@ -213,11 +213,13 @@ class Study:
         """The original's device and weight dtype: the loaded model's, else what the spec resolves to."""
         if self._original is not None:
             return self._original.device, self._original.dtype
-        key = f"placement {self.spec.device} {self.spec.dtype}"
+        s = self.spec
+        key = f"placement {s.device} {s.dtype} {s.device_map} {s.max_memory}"
         if key not in self._memo:
             from refusal_lab.models import resolve_device, resolve_dtype
-            device = resolve_device(self.spec.device)
-            self._memo[key] = device, resolve_dtype(self.spec.dtype, device)
+            from refusal_lab.placement import planned_device
+            device = resolve_device(s.device) if s.device_map is None else planned_device(s.device_map, s.max_memory)
+            self._memo[key] = device, resolve_dtype(s.dtype, device)
         return self._memo[key]
 
     # -- inputs ---------------------------------------------------------------------------
@@ -227,7 +229,8 @@ class Study:
             from refusal_lab.models import load_model
             report(self._progress("load"), 0, 1)
             self._original = load_model(self.spec.model, device=self.spec.device, dtype=self.spec.dtype,
-                                        precision=self.spec.precision)
+                                        precision=self.spec.precision, device_map=self.spec.device_map,
+                                        max_memory=self.spec.max_memory)
             report(self._progress("load"), 1, 1)
         return self._original
 

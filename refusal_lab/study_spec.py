@@ -11,7 +11,8 @@ from refusal_lab.aird.repair import Mode
 Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration decides, always, never
 
 LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True,
-          "column": None, "judge": "substring"}  # what a stored spec without the field ran
+          "column": None, "judge": "substring",
+          "device_map": None, "max_memory": None}  # what a stored spec without the field ran
 
 
 @dataclass
@@ -22,7 +23,8 @@ class StudySpec:
     ``aird_realign``: the fitted re-alignment of :mod:`refusal_lab.aird` — ``auto`` (calibration decides;
     not used with a manual α and layers), ``on`` (always) or ``off``. ``aird_search``: how the
     calibration grid is measured (:mod:`refusal_lab.aird.calibration`). ``precision``: of forward passes
-    (:mod:`refusal_lab.precision`)."""
+    (:mod:`refusal_lab.precision`). ``device_map``/``max_memory``: where accelerate puts the model's modules
+    (:mod:`refusal_lab.placement`; instead of ``device``) — placement only: the results are the same."""
 
     model: str = "default"
     schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
@@ -46,6 +48,8 @@ class StudySpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | dict | None = None  # auto | balanced | sequential | {module name: GPU index | cpu | disk}
+    max_memory: str | dict | None = None  # "0=10GiB,cpu=30GiB" or {"0": "10GiB", …} (placement.parse_max_memory)
     precision: str = "auto"  # of forward passes (refusal_lab.precision); part of every cache key but compression's
     name: str = ""
 
@@ -70,6 +74,10 @@ class StudySpec:
             raise ValueError(f"unknown judge {self.judge!r}: use one of {', '.join(JUDGES)}")
         if self.selection_screen is not None and self.selection_screen < 0:
             raise ValueError(f"selection_screen must be ≥ 0 (or None), got {self.selection_screen}")
+        if self.device_map is not None or self.max_memory is not None:
+            from refusal_lab.placement import parse_device_map, parse_max_memory
+
+            self.device_map, self.max_memory = parse_device_map(self.device_map), parse_max_memory(self.max_memory)
 
     def to_dict(self) -> dict:
         """The stored form. Fields added after specs were first stored are left out when they hold the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from refusal_lab.cli.args import DTYPES, device
+from refusal_lab.cli.args import DTYPES, device, device_map, max_memory
 import importlib
 import logging
 import pkgutil
@@ -35,6 +35,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="default | smollm2-base | HF id | folder | file.gguf")
     p.add_argument("--device", default="auto", type=device, help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device-map", default=None, type=device_map, metavar="MAP",
+                   help="spread the model over devices with accelerate instead of --device: auto | balanced | "
+                        'sequential | JSON {"module name": GPU index | "cpu" | "disk", …}')
+    p.add_argument("--max-memory", default=None, type=max_memory, metavar="LIMITS",
+                   help="memory per device for --device-map, e.g. 0=10GiB,1=10GiB,cpu=30GiB")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="of forward passes: auto = bfloat16 autocast (float32 weights and accumulation) where "
                         "the hardware has native bf16 matmuls, else float32 (exact)")
@@ -48,7 +53,8 @@ def load_from_args(args: argparse.Namespace):
 
     return load_model(args.model, device=args.device, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code, chat_template=args.chat_template,
-                      precision=getattr(args, "precision", "auto"))
+                      precision=getattr(args, "precision", "auto"), device_map=getattr(args, "device_map", None),
+                      max_memory=getattr(args, "max_memory", None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,27 @@ def device(text: str) -> str:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def device_map(text: str) -> str | dict | None:
+    """``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a JSON object of module name → device (a GPU
+    index, ``cpu`` or ``disk``); the module names are checked against the model when it loads."""
+    from refusal_lab.placement import parse_device_map
+
+    try:
+        return parse_device_map(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def max_memory(text: str) -> dict[str, str] | None:
+    """``KEY=SIZE[,KEY=SIZE…]`` with KEY a GPU index, ``cpu``, ``mps`` or ``disk`` (e.g. ``0=10GiB,cpu=30GiB``)."""
+    from refusal_lab.placement import parse_max_memory
+
+    try:
+        return parse_max_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def judge_spec(text: str) -> str:
     """A judge of :data:`refusal_lab.judges.JUDGES` (``NAME`` or ``NAME:ARG``)."""
     from refusal_lab.judges import JUDGES

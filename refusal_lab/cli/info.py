@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from refusal_lab.cli import add_model_args, load_from_args
@@ -20,6 +21,10 @@ def run(args: argparse.Namespace) -> int:
     s = handle.summary()
     for key in ("name", "spec", "architecture", "n_layers", "d_model", "device", "dtype", "precision"):
         print(f"{key}: {s[key]}")
+    if s["device_map"] is not None:
+        print(f"device_map: {json.dumps(s['device_map'])}")
+        print(f"max_memory: {json.dumps(s['max_memory'])}")
+        print("placement: " + (", ".join(f"{n} modules on {d}" for d, n in s["placement"].items()) or "one device"))
     print(f"parameters: {s['parameters']:,}")
     print(f"fingerprint: {s['fingerprint']}")
     print(f"load_seconds: {time.perf_counter() - t0:.1f}")

@@ -103,6 +103,7 @@ def _spec(args, schemes, **kw):
     return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
                      borderline=args.borderline or None, column=args.column, judge=args.judge, limit=args.limit, max_new_tokens=args.max_new_tokens,
                      device=args.device, dtype=args.dtype, precision=args.precision,
+                     device_map=args.device_map, max_memory=args.max_memory,
                      selection_screen=args.screen or None, **kw)
 
 
