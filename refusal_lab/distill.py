@@ -1,0 +1,427 @@
+"""``distill``: a trained repair of a compressed model, with the original model as its teacher.
+
+A peft LoRA adapter on the compressed model (the student) is trained so that its next-token
+distributions match the original's (the teacher's): the loss is KL(teacher ‖ student), teacher-forced
+over the first ``reply_tokens`` tokens of the teacher's own greedy replies to the bundled *train*
+prompts (harmful, harmless, borderline, the everyday-task pool; :mod:`refusal_lab.distill_data`), with
+prompt positions masked out. Never a public set.
+
+The compressed weights are never changed: the student's model is copied with every parameter shared
+(only LoRA's own matrices are new), so pruned matrices keep their zeros and bitsandbytes / HQQ layers
+stay quantized (peft wraps them: the QLoRA set-up). Modes:
+
+* ``adapter`` — LoRA kept separate; costs its parameters (:attr:`DistillResult.trainable_parameters`).
+* ``merged`` — LoRA folded into copies of the targeted matrices (W + s·BA): they become dense, the
+  density cost AIRD's merged mode reports too. Quantized targets cannot be merged (use ``adapter``).
+
+Targets (``modules``): ``writers`` — the residual writers (attention and MLP output projections) of a
+few blocks around the source layer of the original's refusal direction; ``all`` — every linear layer of
+the decoder blocks. Deterministic for a seed (LoRA initialisation and data order).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+
+from refusal_lab.codec import JsonRecord, optional
+from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, TeacherReplies, batches, reply_batch, reply_logits,
+                                      teacher_replies, token_kl, training_prompts)
+from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
+from refusal_lab.precision import compute
+from refusal_lab.progress import Progress, report
+from refusal_lab.results import Density
+
+__all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError", "DistillResult", "Distilled",
+           "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
+           "compress_student"]
+
+DISTILL_VERSION = "distill-1"  # bump when what training computes changes (part of cache keys)
+Mode = Literal["adapter", "merged"]
+Modules = Literal["writers", "all"]
+MODES: tuple[str, ...] = get_args(Mode)
+MODULES: tuple[str, ...] = get_args(Modules)
+ADAPTER_FILE = "distill_adapter.safetensors"
+META_FILE = "distill_adapter.json"
+
+
+@dataclass(kw_only=True)
+class DistillConfig(JsonRecord):
+    """Settings of a distill repair. ``layers`` None: for ``writers`` the blocks ``source − window …
+    source + window``, for ``all`` every block. ``rank``/``lora_alpha``: LoRA's r and α (scale α/r);
+    ``lr`` AdamW's peak learning rate (linear warm-up over ``warmup`` steps, then cosine to 0);
+    ``reply_tokens``: teacher reply tokens scored per prompt; ``per_kind``: first N prompts of each kind
+    (all when None); ``max_prompt_tokens``: longer chat-formatted prompts are left out."""
+
+    mode: str = "adapter"
+    modules: str = "writers"
+    layers: list[int] | None = None
+    window: int = 2
+    rank: int = 8
+    lora_alpha: float = 16.0
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 10
+    reply_tokens: int = 32
+    kinds: list[str] = field(default_factory=lambda: list(PROMPT_KINDS))
+    per_kind: int | None = None
+    max_prompt_tokens: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise :class:`DistillError` for a setting out of range."""
+        if self.mode not in MODES:
+            raise DistillError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.modules not in MODULES:
+            raise DistillError(f"modules must be one of {', '.join(MODULES)}, got {self.modules!r}")
+        for name in ("rank", "steps", "batch_size", "reply_tokens", "max_prompt_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise DistillError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.window < 0 or self.warmup < 0 or not self.lr > 0 or not self.lora_alpha > 0:
+            raise DistillError("window and warmup must be ≥ 0, lr and lora_alpha > 0")
+        if self.per_kind is not None and self.per_kind < 1:
+            raise DistillError(f"per_kind must be ≥ 1 or None, got {self.per_kind}")
+
+
+@dataclass(kw_only=True)
+class DistillResult(JsonRecord):
+    """What a distill repair did and cost: the settings, the LoRA'd modules (names in the model) and
+    blocks, LoRA's parameter count, the loss per step (mean KL(teacher ‖ student) per reply token,
+    nats), prompts per kind and reply tokens trained on, seconds (teacher replies, training), and the
+    density of the targeted matrices before and after (after = before in ``adapter`` mode)."""
+
+    config: DistillConfig
+    layers: list[int]
+    targets: list[str]
+    source_layer: int | None = None
+    trainable_parameters: int
+    losses: list[float] = field(default_factory=list)
+    n_prompts: dict[str, int] = field(default_factory=dict)
+    n_reply_tokens: int = 0
+    data_key: str = ""
+    seconds_data: float = 0.0
+    seconds_train: float = 0.0
+    precision: str = "float32"
+    density_before: Density | None = optional()
+    density_after: Density | None = optional()
+    densified_weights: int = 0
+    version: str = DISTILL_VERSION
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_data + self.seconds_train
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and checks
+# ----------------------------------------------------------------------------------------------
+
+def _in_features(mod: torch.nn.Module) -> int:
+    if is_plain_linear(mod):
+        return int(weight_as_out_in(mod).shape[1])
+    return int(getattr(mod, "in_features"))
+
+
+def repair_layers(handle: ModelHandle, cfg: DistillConfig, source_layer: int | None) -> list[int]:
+    """The blocks whose linears get LoRA (see :class:`DistillConfig`)."""
+    n = handle.n_layers
+    if cfg.layers is not None:
+        layers = sorted({int(x) for x in cfg.layers})
+        bad = [x for x in layers if not 0 <= x < n]
+        if bad or not layers:
+            raise DistillError(f"distill layers {bad or '[]'} outside [0, {n})")
+        return layers
+    if cfg.modules == "all":
+        return list(range(n))
+    if source_layer is None:
+        raise DistillError("modules 'writers' needs the source layer of the original's refusal direction "
+                           "(source_layer) or explicit layers")
+    if not 0 <= source_layer < n:
+        raise DistillError(f"source layer {source_layer} outside [0, {n})")
+    return list(range(max(0, source_layer - cfg.window), min(n, source_layer + cfg.window + 1)))
+
+
+def target_modules(handle: ModelHandle, cfg: DistillConfig, layers: Sequence[int]) -> dict[str, torch.nn.Module]:
+    """``{name in the model: module}`` of the linears LoRA adapts, in model order; a LoRA rank larger
+    than a target's smaller dimension, or a merge into quantized storage, is a :class:`DistillError`."""
+    names = {id(m): name for name, m in handle.model.named_modules()}
+    mods: list[torch.nn.Module] = []
+    for layer in layers:
+        if cfg.modules == "writers":
+            mods += list(handle.writers(layer).values())
+        else:
+            mods += [m for _, m in handle.blocks[layer].named_modules() if linear_kind(m) is not None]
+    out = {names[id(m)]: m for m in mods}
+    for name, mod in out.items():
+        small = min(_in_features(mod), linear_out_features(mod))
+        if cfg.rank > small:
+            raise DistillError(f"LoRA rank {cfg.rank} is larger than {name} allows ({_in_features(mod)} in, "
+                               f"{linear_out_features(mod)} out): use a rank ≤ {small}")
+        if cfg.mode == "merged" and not is_plain_linear(mod):
+            raise DistillError(f"merged mode folds LoRA into the weights, but {name} is {type(mod).__name__} "
+                               "(quantized storage); use mode 'adapter', which keeps it quantized")
+    order = {name: i for i, name in enumerate(names.values())}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+
+
+def density(mods: Sequence[torch.nn.Module]) -> Density:
+    """Non-zero weights / total of ``mods`` (quantized layers count as dense)."""
+    nnz = total = 0
+    for mod in mods:
+        if is_plain_linear(mod):
+            nnz += int((mod.weight != 0).sum())
+            total += mod.weight.numel()
+        else:
+            n = _in_features(mod) * linear_out_features(mod)
+            nnz, total = nnz + n, total + n
+    return Density(nonzero=nnz, total=total, density=nnz / total if total else math.nan)
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------------------------
+
+def _lora_config(cfg: DistillConfig, targets: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(targets),
+                      bias="none")
+
+
+def _adapted_copy(student: ModelHandle, cfg: DistillConfig, targets: dict[str, torch.nn.Module], seed: int):
+    """A :class:`peft.LoraModel` over a copy of the student's model: every parameter shared with the
+    student (in ``merged`` mode the targets' own are copied, so merging leaves the student as it was),
+    fresh LoRA matrices initialised from ``seed`` (B = 0: the copy starts as the student)."""
+    from peft import LoraModel
+
+    own = {id(p) for m in targets.values() for p in m.parameters()} if cfg.mode == "merged" else set()
+    memo = {id(p): p for p in student.model.parameters() if id(p) not in own}
+    with student.lock:
+        model = copy.deepcopy(student.model, memo)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lora = LoraModel(model, _lora_config(cfg, list(targets)), "default")
+    return lora
+
+
+def _lora_state(lora) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(lora).items()}
+
+
+@dataclass
+class Distilled:
+    """A trained distill repair: the LoRA weights ``lora`` (peft state-dict names → tensors) and the
+    :class:`DistillResult`; :meth:`apply` puts it on the compressed model it was trained on."""
+
+    lora: dict[str, torch.Tensor]
+    result: DistillResult
+
+    def key(self) -> tuple:
+        """What the repaired model's function depends on (for cache keys): mode and a digest of the weights."""
+        h = hashlib.sha256()
+        for name in sorted(self.lora):
+            h.update(name.encode())
+            h.update(self.lora[name].float().numpy().tobytes())
+        return (self.result.config.mode, h.hexdigest()[:16])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.lora)
+
+    def describe(self) -> dict:
+        return self.result.to_json()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Distilled":
+        return cls(lora=dict(tensors), result=DistillResult.from_json(meta))
+
+    def save(self, folder: str | Path) -> Path:
+        """``distill_adapter.safetensors`` (LoRA weights) + ``distill_adapter.json`` (the result) in ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(folder / ADAPTER_FILE))
+        (folder / META_FILE).write_text(json.dumps(self.describe(), indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Distilled":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        return cls.from_tensors(load_file(str(folder / ADAPTER_FILE)), json.loads((folder / META_FILE).read_text()))
+
+    def apply(self, student: ModelHandle) -> ModelHandle:
+        """A new handle: ``student`` (the compressed model) with this repair — LoRA attached in ``adapter``
+        mode, folded into copies of the targets in ``merged`` mode. ``student`` is not modified."""
+        from peft import set_peft_model_state_dict
+
+        r = self.result
+        targets = target_modules(student, r.config, r.layers)
+        if sorted(targets) != sorted(r.targets):
+            raise DistillError("this distill repair was trained on another model: its target modules differ")
+        lora = _adapted_copy(student, r.config, targets, r.config.seed)
+        set_peft_model_state_dict(lora, self.lora)
+        return _handle(student, lora, self)
+
+
+def _handle(student: ModelHandle, lora, repair: Distilled) -> ModelHandle:
+    """The repaired handle around a trained :class:`peft.LoraModel` (merged into its copy in ``merged`` mode)."""
+    model = lora.merge_and_unload() if repair.result.config.mode == "merged" else lora.model
+    model.eval()
+    model.requires_grad_(False)
+    digest = repair.key()[1]
+    suffix = f"distill({repair.result.config.mode},{digest})"
+    return ModelHandle(model=model, tokenizer=student.tokenizer, name=f"{student.name} + distill",
+                       spec=f"{student.spec}+{suffix}",
+                       fingerprint=hashlib.sha256(f"{student.fingerprint}|{suffix}".encode()).hexdigest()[:16],
+                       chat_template=student.chat_template, system_prompt=student.system_prompt,
+                       precision=student.precision,
+                       meta={**student.meta, "parent_fingerprint": student.fingerprint, "edit": suffix},
+                       lock=threading.RLock())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def distill_data(teacher: ModelHandle, cfg: DistillConfig, *, progress: Progress | None = None) -> TeacherReplies:
+    """The teacher's replies to the bundled train prompts of ``cfg.kinds`` (first ``cfg.per_kind`` each)."""
+    cfg.check()
+    prompts = training_prompts(cfg.kinds, cfg.per_kind)
+    if not prompts:
+        raise DistillError(f"no training prompts left after filtering (kinds {cfg.kinds}, per_kind {cfg.per_kind})")
+    return teacher_replies(teacher, prompts, tokens=cfg.reply_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                           progress=progress)
+
+
+def _check_pair(teacher: ModelHandle, student: ModelHandle) -> None:
+    t, s = teacher.model.config, student.model.config
+    same = (teacher.n_layers == student.n_layers and teacher.d_model == student.d_model
+            and getattr(t, "vocab_size", None) == getattr(s, "vocab_size", None))
+    if not same:
+        raise DistillError(f"the student {student.name} is not a compressed copy of the teacher {teacher.name}: "
+                           "layers, width or vocabulary differ")
+
+
+def _schedule(cfg: DistillConfig):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    return factor
+
+
+def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig,
+           progress: Progress | None) -> list[float]:
+    """AdamW on LoRA's matrices; returns the loss (mean KL per reply token, nats) of each step."""
+    params = [p for p in lora.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    pad = teacher.tokenizer.pad_token_id or 0
+    losses: list[float] = []
+    plan = batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)
+    report(progress, 0, cfg.steps)
+    for step, rows in enumerate(plan):
+        batch = reply_batch(data, rows, pad)
+        with torch.no_grad(), teacher.lock, compute(teacher):
+            t_logits = reply_logits(teacher.model, batch.to(teacher.device))
+        b = batch.to(student.device)
+        with compute(student):  # bf16 autocast when the student's precision asks for it; LoRA stays float32
+            s_logits = reply_logits(lora.model, b)
+        loss = token_kl(t_logits.to(s_logits.device), s_logits, b.mask) / b.mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.detach().item(), 5))
+        report(progress, step + 1, cfg.steps)
+    return losses
+
+
+def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | None = None, *,
+            source_layer: int | None = None, data: TeacherReplies | None = None,
+            data_progress: Progress | None = None,
+            progress: Progress | None = None) -> tuple[ModelHandle, Distilled]:
+    """Train a distill repair of ``student`` (a compressed copy of ``teacher``) → ``(repaired handle,
+    the repair)``. ``data``: the teacher's replies (:func:`distill_data`; built when None, reported to
+    ``data_progress``); ``progress`` gets ``(step, steps)``, and raising
+    :class:`~refusal_lab.progress.Cancelled` from it stops the training (nothing is left changed).
+    ``source_layer``: the original's refusal source layer (``writers`` without explicit layers).
+    Neither handle is modified."""
+    cfg = cfg or DistillConfig()
+    cfg.check()
+    _check_pair(teacher, student)
+    layers = repair_layers(student, cfg, source_layer)
+    targets = target_modules(student, cfg, layers)  # before the costly part: bad settings fail at once
+    t0 = time.perf_counter()
+    if data is None:
+        data = distill_data(teacher, cfg, progress=data_progress)
+    elif data.tokens != cfg.reply_tokens or data.teacher != teacher.fingerprint:
+        raise DistillError("the teacher replies given were made by another teacher or with another reply length")
+    if not len(data):
+        raise DistillError("no training prompts left after filtering: the teacher replies given are empty")
+    seconds_data = time.perf_counter() - t0
+    lora = _adapted_copy(student, cfg, targets, cfg.seed)
+    t1 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        losses = _train(teacher, student, lora, data, cfg, progress)
+    before = density(list(targets.values()))
+    result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
+                           trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),
+                           losses=losses, n_prompts=data.counts(), n_reply_tokens=data.n_reply_tokens,
+                           data_key=data.key(), seconds_data=round(seconds_data, 2),
+                           seconds_train=round(time.perf_counter() - t1, 2), precision=student.precision,
+                           density_before=before)
+    repair = Distilled(lora=_lora_state(lora), result=result)
+    repaired = _handle(student, lora, repair)
+    after = density([repaired.model.get_submodule(name) for name in targets]) if cfg.mode == "merged" else before
+    result.density_after = after
+    result.densified_weights = after.nonzero - before.nonzero
+    return repaired, repair
+
+
+@torch.no_grad()
+def reply_kl(teacher: ModelHandle, model: ModelHandle, data: TeacherReplies, *, batch_size: int = 16,
+             progress: Progress | None = None) -> float:
+    """Mean KL(teacher ‖ model) (nats) per reply token of ``data``, teacher-forced (prompt positions
+    not scored)."""
+    pad = teacher.tokenizer.pad_token_id or 0
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = reply_batch(data, list(range(start, min(start + batch_size, len(data)))), pad)
+        with teacher.lock, compute(teacher):
+            t = reply_logits(teacher.model, batch.to(teacher.device))
+        with model.lock, compute(model):
+            s = reply_logits(model.model, batch.to(model.device))
+        total += float(token_kl(t.to(s.device), s, batch.mask.to(s.device)))
+        count += int(batch.mask.sum())
+        report(progress, min(start + batch_size, len(data)), len(data))
+    return total / count
+
+
+def compress_student(teacher: ModelHandle, scheme: str, *, progress: Progress | None = None) -> ModelHandle:
+    """The compressed model ``scheme`` makes of ``teacher`` (:func:`refusal_lab.compression.apply`), with a
+    scheme the model cannot take (unknown, unavailable here, impossible for its shapes) as a
+    :class:`DistillError`."""
+    from refusal_lab.compression import apply
+
+    try:
+        student, _ = apply(teacher, scheme, progress=progress)
+    except (ValueError, RuntimeError) as e:
+        raise DistillError(f"{teacher.name} cannot take the compression scheme {scheme!r}: {e}") from e
+    return student

@@ -1,0 +1,187 @@
+"""The data of the ``distill`` repair (:mod:`refusal_lab.distill`): the original model's (the teacher's)
+own greedy replies to the project's bundled *train* prompts, and the teacher-forced batches and KL
+the student is trained on.
+
+Prompts come only from the bundled train splits (harmful, harmless, borderline) and the train-only pool
+of everyday tasks (``refusal_lab/assets/prompts/tasks.txt``); never from a public set or a val/test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from refusal_lab.codec import JsonRecord
+from refusal_lab.models import ModelHandle
+from refusal_lab.progress import Progress
+from refusal_lab.prompts import BUNDLED_KINDS, PROMPTS_DIR, bundled, load_prompts
+
+TASKS_FILE = PROMPTS_DIR / "tasks.txt"
+PROMPT_KINDS = BUNDLED_KINDS + ("tasks",)  # harmful, harmless, borderline, tasks
+
+
+class DistillError(ValueError):
+    """The distill repair cannot run as asked; the message says why and what to do instead."""
+
+
+def training_prompts(kinds: Sequence[str] = PROMPT_KINDS, per_kind: int | None = None,
+                     split: str = "train") -> list[tuple[str, str]]:
+    """``(kind, instruction)`` pairs: the bundled ``split`` of each kind in ``kinds`` (``tasks``: the
+    train-only task pool, used with ``split="train"`` only), the first ``per_kind`` of each (all when
+    None), in file order, duplicates (across kinds too) dropped."""
+    bad = [k for k in kinds if k not in PROMPT_KINDS]
+    if bad:
+        raise DistillError(f"unknown prompt kind(s) {bad}: use {', '.join(PROMPT_KINDS)}")
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for kind in kinds:
+        if kind == "tasks":
+            if split != "train" or not TASKS_FILE.is_file():
+                continue
+            prompts = load_prompts(TASKS_FILE, name="tasks").prompts
+        else:
+            prompts = bundled(kind, split).prompts
+        for p in prompts[:per_kind]:
+            if p not in seen:
+                seen.add(p)
+                out.append((kind, p))
+    return out
+
+
+@dataclass(kw_only=True)
+class TeacherReplies(JsonRecord):
+    """The teacher's greedy replies to chat-formatted prompts, as token ids: per prompt its ``kind``, the
+    instruction, the formatted prompt's ids and the reply's first ``tokens`` ids (its end-of-turn token
+    included when it ended on one). ``teacher``: the teacher's fingerprint."""
+
+    teacher: str
+    tokens: int
+    kinds: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    reply_ids: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def n_reply_tokens(self) -> int:
+        return sum(map(len, self.reply_ids))
+
+    def counts(self) -> dict[str, int]:
+        """Prompts per kind."""
+        out: dict[str, int] = {}
+        for k in self.kinds:
+            out[k] = out.get(k, 0) + 1
+        return out
+
+    def key(self) -> str:
+        """Content hash (16 hex chars): part of the cache key of a repair trained on these replies."""
+        text = json.dumps([self.teacher, self.tokens, self.prompt_ids, self.reply_ids], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _greedy(teacher: ModelHandle, ids: list[list[int]], tokens: int, progress: Progress | None) -> list[list[int]]:
+    """Greedy reply ids of tokenized prompts, cut after the first end-of-turn token."""
+    from refusal_lab.generation import _generate_hf, eos_ids, fast_greedy_supported, greedy_ids
+
+    if fast_greedy_supported(teacher):
+        return greedy_ids(teacher, ids, max_new_tokens=tokens, progress=progress)
+    texts = teacher.tokenizer.batch_decode(ids)
+    raw = _generate_hf(teacher, texts, max_new_tokens=tokens, batch_size=16, do_sample=False, temperature=1.0,
+                       seed=0, progress=progress)
+    stop = eos_ids(teacher)
+    return [r[:next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in raw]
+
+
+def teacher_replies(teacher: ModelHandle, prompts: Sequence[tuple[str, str]], *, tokens: int = 32,
+                    max_prompt_tokens: int = 256, progress: Progress | None = None) -> TeacherReplies:
+    """The teacher's greedy replies (first ``tokens`` tokens) to ``(kind, instruction)`` pairs. Prompts
+    whose chat-formatted text is longer than ``max_prompt_tokens`` tokens are left out; none left is a
+    :class:`DistillError`."""
+    from refusal_lab.activations import tokenize
+
+    if tokens < 1:
+        raise DistillError(f"reply_tokens must be ≥ 1, got {tokens}")
+    ids = tokenize(teacher, [p for _, p in prompts])
+    keep = [i for i, s in enumerate(ids) if 0 < len(s) <= max_prompt_tokens]
+    if not keep:
+        raise DistillError(f"no training prompts left after filtering: {len(prompts)} given, none of at most "
+                           f"{max_prompt_tokens} tokens once chat-formatted; raise max_prompt_tokens or add prompts")
+    replies = _greedy(teacher, [ids[i] for i in keep], tokens, progress)
+    return TeacherReplies(teacher=teacher.fingerprint, tokens=tokens, kinds=[prompts[i][0] for i in keep],
+                          prompts=[prompts[i][1] for i in keep], prompt_ids=[ids[i] for i in keep],
+                          reply_ids=[list(r) for r in replies])
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher-forced batches and the KL
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ReplyBatch:
+    """Prompts left-padded to one width P, then their replies right-padded to the longest reply K:
+    ``input_ids``/``attention_mask``/``position_ids`` ``(B, P + K)``, ``keep`` the positions
+    ``P−1 … P+K−2`` whose logits predict the reply tokens, ``mask`` ``(B, K)`` true on real reply tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    keep: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "ReplyBatch":
+        return ReplyBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                    self.keep, self.mask)))
+
+
+def reply_batch(data: TeacherReplies, rows: Sequence[int], pad_id: int) -> ReplyBatch:
+    """The :class:`ReplyBatch` of ``data``'s ``rows`` (every row has ≥ 1 prompt and ≥ 1 reply token)."""
+    width_p = max(len(data.prompt_ids[i]) for i in rows)
+    width_r = max(len(data.reply_ids[i]) for i in rows)
+    ids = torch.full((len(rows), width_p + width_r), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros((len(rows), width_r), dtype=torch.bool)
+    for row, i in enumerate(rows):
+        p, r = data.prompt_ids[i], data.reply_ids[i]
+        ids[row, width_p - len(p):width_p + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[row, width_p - len(p):width_p + len(r)] = 1
+        mask[row, :len(r)] = True
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(width_p - 1, width_p - 1 + width_r)
+    return ReplyBatch(ids, attn, pos, keep, mask)
+
+
+def reply_logits(model: torch.nn.Module, batch: ReplyBatch) -> torch.Tensor:
+    """Logits ``(B, K, vocab)`` float32 at the positions predicting the reply tokens (the output layer
+    runs at those positions only, through the model's own head)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False, logits_to_keep=batch.keep)
+    return out.logits.float()
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) (nats) summed over the reply tokens where ``mask`` ``(B, K)`` is true; logits
+    ``(B, K, vocab)``. Differentiable in ``student_logits``."""
+    p = torch.log_softmax(teacher_logits[mask], -1)
+    q = torch.log_softmax(student_logits[mask], -1)
+    return (p.exp() * (p - q)).sum()
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of row indices: epochs of a seeded permutation of ``range(n)`` (a batch never
+    spans two epochs' repeats of a row). Same seed, same order."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    order: list[int] = []
+    size = min(batch_size, n)
+    while len(out) < steps:
+        if len(order) < size:
+            order = torch.randperm(n, generator=gen).tolist()
+        out.append(order[:size])
+        order = order[size:]
+    return out

@@ -1,0 +1,173 @@
+"""distill: a LoRA repair trained against the original as teacher — KL goes down, compressed weights stay
+as they were (zeros, quantized storage), seeded determinism, storage without pickle, clear errors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from refusal_lab import distill_data as data_mod
+from refusal_lab.compression import apply as compress
+from refusal_lab.distill import (DistillConfig, DistillError, Distilled, compress_student, distill, distill_data,
+                                 reply_kl)
+from refusal_lab.progress import Cancelled
+from refusal_lab.testing.tiny import tiny_handle
+
+IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])
+CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
+                    reply_tokens=6, per_kind=4)
+
+
+def _logits(h):
+    with torch.no_grad():
+        return h.model(IDS.to(h.device)).logits.float()
+
+
+def _state(h):
+    return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
+
+
+def _same_state(h, state):
+    now = h.model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The original (teacher), its magnitude-pruned copy (student) and the teacher's replies."""
+    o = tiny_handle("llama", n_layers=4, d_model=64)
+    c, _ = compress(o, "magnitude:0.5")
+    return o, c, distill_data(o, CFG)
+
+
+@pytest.fixture(scope="module")
+def trained(pair):
+    o, c, data = pair
+    state = _state(c)
+    h, rep = distill(o, c, CFG, data=data)
+    return h, rep, state
+
+
+def test_training_lowers_the_kl_to_the_teacher(pair, trained):
+    o, c, data = pair
+    h, rep, _ = trained
+    before, after = reply_kl(o, c, data), reply_kl(o, h, data)
+    assert after < 0.7 * before, (before, after)
+    assert len(rep.result.losses) == CFG.steps and rep.result.losses[-1] < rep.result.losses[0]
+    assert rep.result.n_prompts == {"harmful": 4, "harmless": 4, "borderline": 4, "tasks": 4}
+    assert rep.result.n_reply_tokens == data.n_reply_tokens > 0
+
+
+def test_adapter_keeps_every_pruned_zero(pair, trained):
+    o, c, _ = pair
+    h, rep, c_state = trained
+    assert _same_state(c, c_state)  # the compressed model is bit-identical after training
+    assert not torch.allclose(_logits(h), _logits(c), atol=1e-5)  # and the repair does something
+    assert set(rep.result.targets) == {f"model.layers.{i}.{m}" for i in (1, 2) for m in ("self_attn.o_proj",
+                                                                                        "mlp.down_proj")}
+    for name in rep.result.targets:
+        base = h.model.get_submodule(name).get_base_layer().weight
+        assert torch.equal(base, c.model.get_submodule(name).weight)  # the same zeros, the same values
+        assert float((base == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    mods = [c.model.get_submodule(n) for n in rep.result.targets]
+    assert rep.result.trainable_parameters == sum(CFG.rank * (m.in_features + m.out_features) for m in mods)
+    assert rep.result.density_after == rep.result.density_before and rep.result.densified_weights == 0
+
+
+def test_merged_mode_folds_lora_in_and_pays_in_density(pair, trained):
+    o, c, data = pair
+    adapter_h, adapter_rep, c_state = trained
+    h, rep = distill(o, c, replace(CFG, mode="merged"), data=data)
+    assert _same_state(c, c_state)
+    assert torch.allclose(_logits(h), _logits(adapter_h), atol=1e-4)  # the same training, folded in
+    assert rep.result.density_before.density == pytest.approx(0.5, abs=0.02)
+    assert rep.result.density_after.density > 0.95 and rep.result.densified_weights > 0
+    assert not any("lora" in n for n, _ in h.model.named_parameters())
+
+
+def test_seeded_runs_are_identical(pair, trained):
+    o, c, data = pair
+    _, rep, _ = trained
+    _, again = distill(o, c, CFG, data=data)
+    assert again.lora.keys() == rep.lora.keys()
+    assert all(torch.equal(again.lora[k], rep.lora[k]) for k in rep.lora)
+    assert again.result.losses == rep.result.losses
+    _, other = distill(o, c, replace(CFG, seed=1), data=data)
+    assert any(not torch.equal(other.lora[k], rep.lora[k]) for k in rep.lora)
+
+
+def test_saved_as_safetensors_and_reapplied(pair, trained, tmp_path):
+    o, c, _ = pair
+    h, rep, _ = trained
+    rep.save(tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["distill_adapter.json",
+                                                                  "distill_adapter.safetensors"]
+    back = Distilled.load(tmp_path / "d")
+    assert back.result == rep.result and back.key() == rep.key()
+    assert torch.allclose(_logits(back.apply(c)), _logits(h), atol=1e-6)
+
+
+def test_only_bundled_train_prompts(monkeypatch):
+    asked = []
+    real = data_mod.bundled
+    monkeypatch.setattr(data_mod, "bundled", lambda kind, split=None: asked.append(split) or real(kind, split))
+    prompts = data_mod.training_prompts()
+    assert set(asked) == {"train"} and {k for k, _ in prompts} == {"harmful", "harmless", "borderline", "tasks"}
+
+
+@pytest.mark.parametrize("scheme", ["hqq:4:64", "bnb-nf4"])
+def test_quantized_base_stays_quantized(scheme, tmp_path):
+    from refusal_lab.models import load_model
+
+    o = tiny_handle("llama", n_layers=2, d_model=64)
+    o.model.save_pretrained(tmp_path / "m")
+    o.tokenizer.save_pretrained(tmp_path / "m")
+    o = load_model(str(tmp_path / "m"), device="cpu", precision="float32")
+    try:
+        c, _ = compress(o, scheme)
+    except RuntimeError as e:  # the scheme cannot run on this machine: it says so
+        pytest.skip(str(e))
+    kind = type(c.writers(0)["mlp"]).__name__
+    state = _state(c)
+    cfg = replace(CFG, layers=[0, 1], steps=6, per_kind=2)
+    data = distill_data(o, cfg)
+    h, rep = distill(o, c, cfg, data=data)
+    assert _same_state(c, state)
+    for name in rep.result.targets:
+        wrapped = h.model.get_submodule(name)
+        assert type(wrapped.get_base_layer()).__name__ == kind  # still quantized storage, LoRA beside it
+        assert wrapped.get_base_layer() is not c.model.get_submodule(name)
+    assert reply_kl(o, h, data) < reply_kl(o, c, data)
+    with pytest.raises(DistillError, match="adapter"):
+        distill(o, c, replace(cfg, mode="merged"), data=data)
+
+
+def test_bad_input_is_a_clear_error(pair):
+    o, c, data = pair
+    with pytest.raises(DistillError, match="rank 65 is larger"):
+        distill(o, c, replace(CFG, rank=65), data=data)
+    with pytest.raises(DistillError, match="no training prompts left"):
+        distill(o, c, replace(CFG, max_prompt_tokens=1))
+    with pytest.raises(DistillError, match="cannot take the compression scheme 'magnitude:3:7'"):
+        compress_student(o, "magnitude:3:7")  # 64 inputs are not a multiple of 7
+    with pytest.raises(DistillError, match="cannot take the compression scheme 'bnb-nf4'"):
+        compress_student(o, "bnb-nf4")  # an in-memory model has no folder to reload quantized
+    with pytest.raises(DistillError, match="cannot take the compression scheme"):
+        compress_student(o, "zip:9")
+    with pytest.raises(DistillError, match="source layer"):
+        distill(o, c, replace(CFG, layers=None), data=data)
+    with pytest.raises(DistillError, match="another reply length"):
+        distill(o, c, replace(CFG, reply_tokens=7), data=data)
+
+
+def test_cancelled_training_changes_nothing(pair):
+    o, c, data = pair
+    state = _state(c)
+
+    def cancel(done, total):
+        if done >= 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        distill(o, c, CFG, data=data, progress=cancel)
+    assert _same_state(c, state)
