@@ -160,7 +160,7 @@ def progress_callback(stage: str, *, cancel_key: str | None = None, container=No
 
 def default_cfg() -> dict:
     return {"spec": DEFAULT_SPEC, "device": "auto", "dtype": "auto", "precision": "auto", "trust_remote_code": False,
-            "chat_template": None}
+            "chat_template": None, "device_map": None, "max_memory": None}
 
 
 def model_cfg() -> dict:
@@ -174,11 +174,12 @@ def model_cfg() -> dict:
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, chat_template: str | None,
-          precision: str = "auto") -> ModelHandle:
+          precision: str = "auto", device_map: str | None = None, max_memory: str | None = None) -> ModelHandle:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                            chat_template=chat_template or None, precision=precision)
+                            chat_template=chat_template or None, precision=precision, device_map=device_map or None,
+                            max_memory=max_memory or None)
     handle.meta.setdefault("warnings", [])
     handle.meta["warnings"] += sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)
                                        and "adapter" in str(w.message)})
@@ -194,7 +195,7 @@ def load_handle(cfg: dict | None = None) -> ModelHandle:
     """Load (or reuse) the model of ``cfg``; raises ``ModelLoadError`` & co."""
     cfg = cfg or model_cfg()
     return _load(cfg["spec"], cfg["device"], cfg["dtype"], bool(cfg["trust_remote_code"]),
-                 cfg.get("chat_template"), cfg.get("precision", "auto"))
+                 cfg.get("chat_template"), cfg.get("precision", "auto"), cfg.get("device_map"), cfg.get("max_memory"))
 
 
 def require_handle() -> ModelHandle:

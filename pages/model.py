@@ -1,4 +1,4 @@
-"""Model page: choose a model spec, device, dtype; show architecture, chat format and memory."""
+"""Model page: choose a model spec, device (or a device map), dtype; show architecture, chat format and memory."""
 
 import os
 
@@ -39,9 +39,18 @@ with st.form("model_form"):
                              help="auto = bfloat16 matmuls (float32 weights and accumulation) where the hardware "
                                   "has native bf16, else float32. float32 is exact; bf16 is faster and its "
                                   "differences are measured in BENCHMARKS.md. Results of the two are stored apart.")
-    with st.expander("Advanced"):
+    with st.expander("Advanced", expanded=bool(cfg.get("device_map"))):
         template = st.text_area("Chat template (Jinja) for models without one", value=cfg.get("chat_template") or "",
                                 height=80)
+        m1, m2 = st.columns(2)
+        device_map = m1.text_input(
+            "Device map (instead of Device)", value=cfg.get("device_map") or "",
+            placeholder='auto · balanced · sequential · {"model.layers.0": 0, "model.layers.1": "cpu", "": "disk"}',
+            help="Spreads the model over GPUs, CPU memory and disk with accelerate (leave Device on auto). A JSON "
+                 "object maps module names to a GPU index, cpu or disk.")
+        max_memory = m2.text_input("Max memory per device", value=cfg.get("max_memory") or "",
+                                   placeholder="0=10GiB,cpu=30GiB", help="Limits for the device map (auto/balanced/"
+                                   "sequential): KEY=SIZE pairs, KEY a GPU index, cpu or disk.")
     submitted = st.form_submit_button("Load", type="primary")
 
 if submitted:
@@ -51,7 +60,8 @@ if submitted:
                    "type a Hugging Face id, a local folder or a .gguf path — or pick the default.")
     else:
         new = {"spec": spec, "device": device, "dtype": dtype, "precision": precision, "trust_remote_code": bool(trust),
-               "chat_template": template.strip() or None}
+               "chat_template": template.strip() or None, "device_map": device_map.strip() or None,
+               "max_memory": max_memory.strip() or None}
         try:
             with st.spinner(f"Loading `{spec}` …"):
                 load_handle(new)
@@ -92,6 +102,11 @@ try:
 except ImportError:
     pass
 st.caption(f"**{s['name']}** · `{s['spec']}` · {s['architecture']} · fingerprint `{s['fingerprint']}`")
+if s["device_map"] is not None:
+    spread = ", ".join(f"{n} modules on {d}" for d, n in s["placement"].items()) or "everything on one device"
+    st.caption(f"Device map `{s['device_map'] if isinstance(s['device_map'], str) else 'custom'}`"
+               + (f" · max memory {s['max_memory']}" if s["max_memory"] else "") + f": {spread} (accelerate). "
+               "Offloaded weights are read from CPU memory or disk at each forward: slower, same numbers.")
 for w in handle.meta.get("warnings", []):
     st.warning(w)
 

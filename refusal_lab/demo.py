@@ -30,7 +30,7 @@ def demo_spec(handle: ModelHandle, cfg: dict) -> StudySpec:
     :data:`DEMO_SCHEME`, AIRD auto, the bundled test sets, the dashboard's default evaluation size."""
     return StudySpec(model=cfg["spec"], schemes=[DEMO_SCHEME], limit=DEMO_LIMIT, max_new_tokens=DEMO_TOKENS,
                      aird="auto", device=cfg["device"], dtype=cfg["dtype"], precision=handle.precision,
-                     name=f"demo · {handle.name}")
+                     device_map=cfg.get("device_map"), max_memory=cfg.get("max_memory"), name=f"demo · {handle.name}")
 
 
 @dataclass

@@ -297,6 +297,11 @@ def merge_adapter(handle: ModelHandle, adapter_dir: Path) -> ModelHandle:
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no adapter_model.safetensors in {adapter_dir}")
+    from refusal_lab.placement import offload_hook
+
+    if any(offload_hook(m) is not None for m in handle.model.modules()):
+        raise ValueError("an adapter cannot be merged into a model whose weights are offloaded to CPU or disk (a "
+                         "device map): load it with a device map of GPUs only, or without one")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = PeftModel.from_pretrained(copy.deepcopy(handle.model), str(adapter_dir)).merge_and_unload()
     model.eval()

@@ -222,6 +222,7 @@ def study_spec(handle: ModelHandle, cfg: dict, settings: dict, choice: dict, **a
                      harmless=prompt_spec(choice, "harmless"), borderline=prompt_spec(choice, "borderline"),
                      limit=int(settings["limit"]), max_new_tokens=int(settings["max_new_tokens"]),
                      device=cfg["device"], dtype=cfg["dtype"], precision=handle.precision,
+                     device_map=cfg.get("device_map"), max_memory=cfg.get("max_memory"),
                      selection_positions=[-1] if positions == "last" else None,
                      selection_screen=None if positions == "all" else SCREEN,
                      variant_selection=bool(settings.get("variant_selection", False)),
