@@ -563,9 +563,9 @@ def load_model(spec: str = "default", *, device: str = "auto", dtype: str | torc
             raise ModelLoadError(f"could not load {spec!r}: {' '.join(str(e).split())}") from e
         raise
     if placed:  # accelerate placed it (and put the input embeddings where input ids go)
-        from refusal_lab.placement import remove_with
+        from refusal_lab.placement import remove_with_model
 
-        remove_with(model, Path(placed["offload_folder"]))
+        remove_with_model(model, Path(placed["offload_folder"]))
         model.eval()
     else:
         model.to(dev).eval()

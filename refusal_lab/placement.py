@@ -172,10 +172,10 @@ def resolve_placement(device: str, device_map: DeviceMap | None, max_memory: str
 
 def planned_device(device_map: DeviceMap, max_memory: Mapping[str, str] | None = None) -> torch.device:
     """The device the input embeddings will run on under ``device_map``, before loading (to pick the default
-    dtype and the precision): the first GPU when the map uses one (accelerate then runs CPU- and
-    disk-offloaded modules there too), else the CPU (or mps)."""
+    dtype and the precision): a GPU when the map uses one (the first it names: accelerate runs CPU- and
+    disk-offloaded modules there), else the CPU (or mps)."""
     if isinstance(device_map, dict):
-        gpus = sorted(v for v in device_map.values() if isinstance(v, int))
+        gpus = [v for v in device_map.values() if isinstance(v, int)]
         if gpus:
             return torch.device("cuda", gpus[0])
         return torch.device("mps") if "mps" in device_map.values() else torch.device("cpu")
@@ -208,16 +208,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_tag(pid: int | None = None) -> str:
+    """``p<PID>-<host digest>``: which process of which machine a scratch folder belongs to (a cache on a
+    shared filesystem is seen by processes of other machines, whose PIDs mean nothing here)."""
+    import hashlib
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"p{os.getpid() if pid is None else pid}-{host}"
+
+
 def _purge_stale(root: Path) -> None:
-    """Remove scratch folders left by processes that no longer run (named ``p<PID>-…``)."""
-    for path in root.glob("p*-*"):
+    """Remove scratch folders this machine's processes left and that no longer run."""
+    here = _owner_tag(0).split("-", 1)[1]
+    for path in root.glob(f"p*-{here}-*"):
         pid = path.name[1:].split("-", 1)[0]
         if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
 def scratch_folder(kind: str, parent: str | Path | None = None) -> Path:
-    """A new private folder ``p<PID>-<kind>-…`` under ``parent`` (default: ``offload`` in the project cache),
+    """A new private folder ``p<PID>-<host>-<kind>-…`` under ``parent`` (default: ``offload`` in the project cache),
     which must be a directory this process can write to, or be creatable in one (``ValueError`` otherwise):
     nothing already in ``parent`` is read or overwritten. Folders of processes that have ended are removed
     on the way (in the default place only)."""
@@ -234,12 +245,28 @@ def scratch_folder(kind: str, parent: str | Path | None = None) -> Path:
         raise ValueError(f"offload folder {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"offload folder {str(parent)!r} is not writable")
-    return Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-{kind}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{_owner_tag()}-{kind}-", dir=parent))
 
 
 def remove_with(owner: object, folder: Path) -> weakref.finalize:
     """Delete ``folder`` when ``owner`` is garbage-collected (or at exit)."""
     return weakref.finalize(owner, shutil.rmtree, str(folder), True)
+
+
+def remove_with_model(model: nn.Module, folder: Path) -> weakref.finalize:
+    """Delete a model's offload ``folder`` once nothing reads from it: when the weights map its offload
+    hooks share is garbage-collected (copies of the model share it too, and their edits live inside the
+    folder), or with the model when it has no offloaded weights."""
+    from accelerate.utils import PrefixedDataset
+
+    roots = {}
+    for m in model.modules():
+        if (hook := offload_hook(m)) is not None:
+            root = hook.weights_map
+            while isinstance(root, (_Overlay, PrefixedDataset)):
+                root = root.base if isinstance(root, _Overlay) else root.dataset
+            roots[id(root)] = root
+    return remove_with(next(iter(roots.values())) if len(roots) == 1 else model, folder)
 
 
 # ----------------------------------------------------------------------------------------------

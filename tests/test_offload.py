@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from refusal_lab.activations import BatchRunner, mean_activations, tokenize
-from refusal_lab.aird.repair import Repair, applied
+from refusal_lab.aird.repair import Repair, applied, merge
 from refusal_lab.cli import main
 from refusal_lab.compression import apply
 from refusal_lab.directions import generate_candidates
@@ -119,6 +119,23 @@ def test_summary_records_the_device_map(root):
     import gc
     gc.collect()
     assert not folder.exists()  # the model's offload folder goes with it
+
+
+def test_a_merged_copy_outlives_its_original(root, ref):
+    import gc
+
+    h = _offloaded("device_map", root)
+    folder = Path(offload_hook(h.writers(1)["mlp"]).weights_map.dataset.save_folder)
+    repair = Repair(direction=torch.randn(ref.d_model, generator=torch.Generator().manual_seed(6)), layers=[1, 2],
+                    alpha=3.0, mode="merged")
+    merged = merge(h, repair)
+    del h
+    gc.collect()
+    assert folder.exists() and any(folder.iterdir())  # the copy's disk edits live in the original's folder
+    assert torch.allclose(_logits(merged), _logits(merge(ref, repair)), **EXACT)
+    del merged
+    gc.collect()
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("name", [n for n in INTERVENTIONS if n != "none"])
@@ -242,7 +259,7 @@ def test_parse_device_map_and_max_memory():
 def test_bad_placement_is_a_model_load_error(root, kwargs, words):
     with pytest.raises(ModelLoadError, match=re.escape(words)):
         load_model(str(root / "tiny"), **kwargs)
-    assert not list((root / "cache" / "offload").glob(f"p{os.getpid()}-model-*"))  # no folder left
+    assert not list((root / "cache" / "offload").glob(f"p{os.getpid()}-*-model-*"))  # no folder left
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -284,3 +301,25 @@ def test_study_spec_keeps_old_folders_and_stores_placement():
     assert StudySpec.from_dict(stored) == placed
     with pytest.raises(ValueError, match="not a device"):
         StudySpec(device_map='{"model": "tpu"}')
+
+
+def test_model_page_loads_with_a_device_map_and_refuses_a_missing_layer(root, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("REFUSAL_LAB_RUNS", str(root / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    at.session_state["model_cfg"] = {"spec": str(root / "tiny"), "device": "auto", "dtype": "float32",
+                                     "trust_remote_code": False, "chat_template": None}
+    at.run()
+    at.switch_page("pages/model.py").run()
+    [field] = [t for t in at.text_input if t.label.startswith("Device map")]
+    field.set_value(json.dumps({**DEVICE_MAP, "model.layers.7": "cpu"}))
+    at.button[0].click().run()
+    assert not at.exception and any("'model.layers.7'" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.session_state["model_cfg"].get("device_map") is None  # the previous model stays
+    [field] = [t for t in at.text_input if t.label.startswith("Device map")]
+    field.set_value(json.dumps(DEVICE_MAP))
+    at.button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("5 modules on disk" in c.value for c in at.caption)
+    assert {m.label: m.value for m in at.metric}["Layers"] == "4"
