@@ -60,9 +60,9 @@ def entries(parcel: bytes) -> list[dict]:
 def unpack(parcel: bytes, record: StudyRecord, *, replace: bool = False) -> list[str]:
     """Write a parcel's entries into ``record``; those it already holds valid are skipped unless
     ``replace``. Returns the stages written, in the parcel's order."""
-    written = []
+    written, index = [], entries(parcel)
     with zipfile.ZipFile(io.BytesIO(parcel)) as zf:
-        for e in entries(parcel):
+        for e in index:
             if not replace and record.has(e["key"]):
                 continue
             files = {}

@@ -197,6 +197,7 @@ class SequentialExecutor:
         self._queued: dict[int, tuple[dict, bytes]] = {}
         self._results: dict[int, tuple[dict | None, BaseException | None]] = {}
         self._count = 0
+        self.on_start: Callable[[int], None] | None = None  # called as a task starts
 
     def submit(self, payload: dict, parcel: bytes) -> int:
         self._count += 1
@@ -207,6 +208,8 @@ class SequentialExecutor:
     def wait(self, pending: list) -> tuple[list, list]:
         number = pending[0]
         payload, parcel = self._queued.pop(number)
+        if self.on_start is not None:
+            self.on_start(number)
         try:
             self._results[number] = (run_task(payload, parcel), None)
         except Exception as e:  # noqa: BLE001 — a failed task is an outcome, as on Ray
@@ -288,8 +291,12 @@ def run_sweep(spec: SweepSpec, store: RunStore | str | Path, executor: Executor 
                    "threads": spec.threads, "version": __version__}
         handle = executor.submit(payload, parcel)
         by_handle[handle] = task
-        change(task, "running")
+        # an executor that says when a task starts (this process's) marks it running then; Ray runs a
+        # task as soon as a worker with its resources is free, which it does not report: running at once
+        change(task, "queued" if hasattr(executor, "on_start") else "running")
 
+    if hasattr(executor, "on_start"):
+        executor.on_start = lambda handle: change(by_handle[handle], "running")
     try:
         for m in spec.models:
             submit(next(t for t in record.tasks if t.model == m and t.scheme is None), pack(studies[m].record))

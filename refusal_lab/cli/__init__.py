@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model options every command shares."""
-    p.add_argument("--model", default="default", help="default | smollm2-base | HF id | folder | file.gguf")
+def add_model_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
+    """The model options every command shares (``many``: ``--model`` repeatable, e.g. for a sweep)."""
+    if many:
+        p.add_argument("--model", action="append", default=None, metavar="MODEL",
+                       help="default | smollm2-base | HF id | folder | file.gguf (repeatable; default: default)")
+    else:
+        p.add_argument("--model", default="default", help="default | smollm2-base | HF id | folder | file.gguf")
     p.add_argument("--device", default="auto", type=device, help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = float32 on CPU, bfloat16 on GPU")
     p.add_argument("--device-map", default=None, type=device_map, metavar="MAP",

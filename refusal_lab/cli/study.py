@@ -16,6 +16,11 @@ from refusal_lab.tables import text_table
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    study_options(p)
+
+
+def study_options(p: argparse.ArgumentParser) -> None:
+    """The evaluation and search options of a study (``study``, ``aird``, ``sweep``), besides the model's."""
     p.add_argument("--harmful", default="bundled:harmful:test", help="harmful evaluation prompts (file or bundled:…)")
     p.add_argument("--harmless", default="bundled:harmless:test", help="harmless evaluation prompts")
     p.add_argument("--borderline", default="bundled:borderline:test", help="borderline-but-safe prompts ('' to skip)")
@@ -97,14 +102,19 @@ def _announce_stages(study, planned: list[str]) -> None:
     study.on_stage = on_stage
 
 
+def study_kwargs(args: argparse.Namespace) -> dict:
+    """The :class:`~refusal_lab.study.StudySpec` fields the options of :func:`study_options` and the model
+    options set, besides ``model`` and ``schemes``."""
+    return dict(harmful=args.harmful, harmless=args.harmless, borderline=args.borderline or None,
+                column=args.column, judge=args.judge, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                device=args.device, dtype=args.dtype, precision=args.precision,
+                device_map=args.device_map, max_memory=args.max_memory, selection_screen=args.screen or None)
+
+
 def _spec(args, schemes, **kw):
     from refusal_lab.study import StudySpec
 
-    return StudySpec(model=args.model, schemes=schemes, harmful=args.harmful, harmless=args.harmless,
-                     borderline=args.borderline or None, column=args.column, judge=args.judge, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                     device=args.device, dtype=args.dtype, precision=args.precision,
-                     device_map=args.device_map, max_memory=args.max_memory,
-                     selection_screen=args.screen or None, **kw)
+    return StudySpec(model=args.model, schemes=schemes, **study_kwargs(args), **kw)
 
 
 def _print_rows(rows: list[dict], cols: list[str]) -> None:
