@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from refusal_lab.session import StoreError, StoredStudy, list_studies, runs_root
+from refusal_lab.sweep import list_sweeps
 from pages._shared import guarded, run_study, show_error
 
 st.title("Report")
@@ -33,6 +34,25 @@ rows = [{"study": i.name, "id": i.id, "updated": i.updated.strftime("%Y-%m-%d %H
          "MiB": i.size_bytes / 2**20, "problem": i.problem or ""} for i in infos]
 st.container(key="studies").dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—",
                                       column_config={"MiB": st.column_config.NumberColumn(format="%.1f")})
+
+ok, sweeps = guarded("Reading the sweeps", lambda: list_sweeps(runs_root()))
+if ok and sweeps:
+    st.subheader("Sweeps")
+    st.caption("`python -m refusal_lab sweep`: models × schemes, one task each, here or on a Ray cluster; "
+               "each model's study is listed above.")
+    st.container(key="sweeps").dataframe(pd.DataFrame([{
+        "sweep": r.spec.name or r.id, "id": r.id, "ran on": r.executor, "started": r.started[:16].replace("T", " "),
+        "finished": (r.finished or "")[:16].replace("T", " "), "models": len(r.spec.models),
+        "schemes": ", ".join(r.spec.schemes), "done": sum(t.status == "done" for t in r.tasks),
+        "failed": sum(t.status == "failed" for t in r.tasks), "tasks": len(r.tasks)} for r in sweeps]),
+        hide_index=True, width="stretch", placeholder="—")
+    for r in sweeps:
+        with st.expander(f"Tasks of {r.spec.name or r.id}", expanded=False):
+            st.dataframe(pd.DataFrame([{"model": t.model, "task": t.scheme or "original", "status": t.status,
+                                        "seconds": t.seconds, "stages computed": len(t.computed),
+                                        "study": t.study_id, "error": t.error or ""} for t in r.tasks]),
+                         hide_index=True, width="stretch", placeholder="—",
+                         column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
 
 by_id = {i.id: i for i in infos}
 order = sorted(by_id, key=lambda s: by_id[s].spec.get("kind") == "dashboard-variants")  # pipeline studies first

@@ -233,6 +233,29 @@ def test_report_page_lists_stored_studies(env, tmp_path, monkeypatch):
     assert not at.exception and not errors(at)
 
 
+def test_report_page_lists_sweeps_and_their_tasks(env, tmp_path, monkeypatch):
+    from refusal_lab.store import RunStore
+    from refusal_lab.sweep import SweepRecord, SweepSpec, save_record
+
+    monkeypatch.setenv("REFUSAL_LAB_RUNS", str(tmp_path / "runs"))
+    store = RunStore(tmp_path / "runs")
+    study = store.create_study("tiny · rtn:8", {"model": "tiny", "schemes": ["rtn:8"]})
+    study.put_json("k1", "evaluate original", {"n": 1}, seconds=3.5)
+    spec = SweepSpec(models=["tiny"], schemes=["rtn:8"], name="night run")
+    tasks = spec.tasks()
+    tasks[0].status, tasks[0].seconds, tasks[0].study_id = "done", 3.5, study.id
+    tasks[1].status, tasks[1].error = "failed", "RuntimeError: out of memory"
+    save_record(store, SweepRecord(id=spec.id, spec=spec, executor="ray:local", started="2026-12-02T01:00:00Z",
+                                   tasks=tasks, studies={"tiny": study.id}))
+    at = open_page(env, "pages/report.py")
+    assert not at.exception and not errors(at)
+    tables = [d.value for d in at.dataframe]
+    sweeps = next(t for t in tables if "ran on" in t.columns)
+    assert list(sweeps["sweep"]) == ["night run"] and (sweeps.loc[0, "done"], sweeps.loc[0, "failed"]) == (1, 1)
+    task_rows = next(t for t in tables if "status" in t.columns and "task" in t.columns)
+    assert list(task_rows["status"]) == ["done", "failed"] and "out of memory" in task_rows.loc[1, "error"]
+
+
 FAST = {"limit": 6, "max_new_tokens": 16, "positions": "last"}
 
 
