@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -355,6 +356,31 @@ def default_gguf_path() -> Path:
     return path
 
 
+def _scratch(out: Path) -> Path:
+    """A private folder next to ``out`` to build it in: processes converting at once (sweep tasks on a
+    new node) never write into each other's."""
+    return out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Move the finished ``tmp`` to ``out``; if another process got there first, its copy (the same
+    content) is kept and ours removed."""
+    import shutil
+
+    if (out / "refusal_lab.json").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    if out.exists():  # an unfinished leftover (no marker file)
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "refusal_lab.json").exists():
+            raise
+    return out
+
+
 def gguf_to_folder(gguf_path: Path) -> Path:
     """Convert a GGUF file once into a plain safetensors folder in the cache; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -364,7 +390,7 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     if (out / "refusal_lab.json").exists():
         return out
     log.info("converting %s to a safetensors folder in %s (once)", gguf_path.name, out)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = _scratch(out)
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
@@ -379,11 +405,7 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "refusal_lab.json").write_text(json.dumps({"source": str(gguf_path), "sha256": digest}))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return _publish(tmp, out)
 
 
 def _merged_default_folder(base_folder: Path) -> Path | None:
@@ -398,17 +420,13 @@ def _merged_default_folder(base_folder: Path) -> Path | None:
     out = cache_dir() / "models" / f"smollm2-135m-instruct-refusal-{key}"
     if (out / "refusal_lab.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = _scratch(out)
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, ADAPTER_DIR).merge_and_unload()
     merged.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_folder).save_pretrained(tmp)
     (tmp / "refusal_lab.json").write_text(json.dumps({"base": str(base_folder), "adapter": str(adapter)}))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return _publish(tmp, out)
 
 
 def resolve_spec(spec: str) -> tuple[Path | str, str]:

@@ -124,3 +124,25 @@ def test_linear_kind_answers_what_kind_of_linear_layer_a_module_is():
     kinds = {linear_kind(m): is_plain_linear(m) for m in (torch.nn.Linear(4, 3), Conv1D(3, 4), Quantized(4, 3),
                                                            HQQLinear(), torch.nn.Embedding(5, 4))}
     assert kinds == {"dense": True, "conv1d": True, "quantized": False, None: False}
+
+
+def test_a_conversion_finished_by_another_process_is_kept_and_ours_dropped(tmp_path):
+    """Sweep tasks starting on a new node convert the default model at once: each builds in its own
+    scratch folder, and the first finished copy wins."""
+    from refusal_lab.models import _publish, _scratch
+
+    out = tmp_path / "models" / "m"
+    first, second = _scratch(out), _scratch(out)
+    assert first != second
+    for tmp, text in ((first, "first"), (second, "second")):
+        tmp.mkdir(parents=True)
+        (tmp / "refusal_lab.json").write_text(text)
+    assert _publish(first, out) == out and _publish(second, out) == out
+    assert (out / "refusal_lab.json").read_text() == "first" and not first.exists() and not second.exists()
+    leftover = _scratch(out)
+    leftover.mkdir()
+    (leftover / "refusal_lab.json").write_text("third")
+    import shutil
+    shutil.rmtree(out)
+    out.mkdir()  # an unfinished folder (no marker) is replaced
+    assert (_publish(leftover, out) / "refusal_lab.json").read_text() == "third"
