@@ -21,6 +21,7 @@ the decoder blocks. Deterministic for a seed (LoRA initialisation and data order
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,8 +36,8 @@ from typing import Literal, get_args
 import torch
 
 from refusal_lab.codec import JsonRecord, optional
-from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, TeacherReplies, batches, reply_batch, reply_logits,
-                                      teacher_replies, token_kl, training_prompts)
+from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches, precompute,
+                                      reply_batch, reply_logits, stubbed, teacher_replies, token_kl, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -192,11 +193,12 @@ def density(mods: Sequence[torch.nn.Module]) -> Density:
 # The adapter
 # ----------------------------------------------------------------------------------------------
 
-def _lora_config(cfg: DistillConfig, targets: Sequence[str]):
+def _lora_config(cfg: DistillConfig, targets: dict[str, torch.nn.Module]):
     from peft import LoraConfig
 
+    conv1d = any(linear_kind(m) == "conv1d" for m in targets.values())  # GPT-2 stores its weights (in, out)
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(targets),
-                      bias="none")
+                      bias="none", fan_in_fan_out=conv1d)
 
 
 def _adapted_copy(student: ModelHandle, cfg: DistillConfig, targets: dict[str, torch.nn.Module], seed: int):
@@ -211,7 +213,7 @@ def _adapted_copy(student: ModelHandle, cfg: DistillConfig, targets: dict[str, t
         model = copy.deepcopy(student.model, memo)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lora = LoraModel(model, _lora_config(cfg, list(targets)), "default")
+        lora = LoraModel(model, _lora_config(cfg, targets), "default")
     return lora
 
 
@@ -317,6 +319,12 @@ def _check_pair(teacher: ModelHandle, student: ModelHandle) -> None:
                            "layers, width or vocabulary differ")
 
 
+def _lowest_block(handle: ModelHandle, targets: dict[str, torch.nn.Module]) -> int:
+    """The lowest block holding a target (blocks below it are frozen as a whole)."""
+    ids = {id(m) for m in targets.values()}
+    return min(i for i, blk in enumerate(handle.blocks) if any(id(m) in ids for m in blk.modules()))
+
+
 def _schedule(cfg: DistillConfig):
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -324,44 +332,64 @@ def _schedule(cfg: DistillConfig):
     return factor
 
 
-def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig,
-           progress: Progress | None) -> list[float]:
-    """AdamW on LoRA's matrices; returns the loss (mean KL per reply token, nats) of each step."""
+def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Module, data: TeacherReplies,
+                 rows: list[int], pre: Precomputed | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(teacher logits, student logits, reply mask)`` of one batch, ``(B, K, vocab)`` / ``(B, K)``; the
+    student's with gradients. With ``pre``, the frozen parts run from their precomputed states."""
+    from refusal_lab.models import find_blocks
+
+    batch = reply_batch(data, rows, teacher.tokenizer.pad_token_id or 0)
+    tb, sb = batch.to(teacher.device), batch.to(student.device)
+    t_stub = s_stub = contextlib.nullcontext()
+    if pre is not None and pre.teacher is not None:
+        t_stub = stubbed(teacher.blocks, teacher.n_layers, pre.teacher_input(data, rows, batch).to(teacher.device))
+    if pre is not None and pre.student is not None:
+        s_stub = stubbed(find_blocks(model), pre.start, pre.student_input(data, rows, batch).to(student.device))
+    with torch.no_grad(), teacher.lock, compute(teacher), t_stub:
+        t_logits = reply_logits(teacher.model, tb)
+    with compute(student), s_stub:  # bf16 autocast when the student's precision asks for it; LoRA stays float32
+        s_logits = reply_logits(model, sb)
+    return t_logits.to(s_logits.device), s_logits, sb.mask
+
+
+def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig, start: int,
+           precompute_states: bool, progress: Progress | None) -> list[float]:
+    """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats) of
+    each step. ``progress`` counts the precomputing passes' batches, then the steps."""
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    pad = teacher.tokenizer.pad_token_id or 0
+    n_pre = (-(-len(data) // cfg.batch_size)) * (1 + (start > 0)) if precompute_states else 0
+    total = n_pre + cfg.steps
+    report(progress, 0, total)
+    pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, progress=progress,
+                     total=total) if precompute_states else None
     losses: list[float] = []
-    plan = batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)
-    report(progress, 0, cfg.steps)
-    for step, rows in enumerate(plan):
-        batch = reply_batch(data, rows, pad)
-        with torch.no_grad(), teacher.lock, compute(teacher):
-            t_logits = reply_logits(teacher.model, batch.to(teacher.device))
-        b = batch.to(student.device)
-        with compute(student):  # bf16 autocast when the student's precision asks for it; LoRA stays float32
-            s_logits = reply_logits(lora.model, b)
-        loss = token_kl(t_logits.to(s_logits.device), s_logits, b.mask) / b.mask.sum()
+    for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)):
+        t_logits, s_logits, mask = _pair_logits(teacher, student, lora.model, data, rows, pre)
+        loss = token_kl(t_logits, s_logits, mask) / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(round(loss.detach().item(), 5))
-        report(progress, step + 1, cfg.steps)
+        report(progress, n_pre + step + 1, total)
     return losses
 
 
 def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | None = None, *,
             source_layer: int | None = None, data: TeacherReplies | None = None,
-            data_progress: Progress | None = None,
-            progress: Progress | None = None) -> tuple[ModelHandle, Distilled]:
+            data_progress: Progress | None = None, progress: Progress | None = None,
+            precompute_states: bool = True) -> tuple[ModelHandle, Distilled]:
     """Train a distill repair of ``student`` (a compressed copy of ``teacher``) → ``(repaired handle,
     the repair)``. ``data``: the teacher's replies (:func:`distill_data`; built when None, reported to
     ``data_progress``); ``progress`` gets ``(step, steps)``, and raising
     :class:`~refusal_lab.progress.Cancelled` from it stops the training (nothing is left changed).
     ``source_layer``: the original's refusal source layer (``writers`` without explicit layers).
-    Neither handle is modified."""
+    ``precompute_states``: run the teacher once and the student's blocks below the lowest LoRA'd block
+    once, instead of at every step (:func:`~refusal_lab.distill_data.precompute`; the same loss up to
+    batching round-off). Neither handle is modified."""
     cfg = cfg or DistillConfig()
     cfg.check()
     _check_pair(teacher, student)
@@ -379,7 +407,8 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     t1 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        losses = _train(teacher, student, lora, data, cfg, progress)
+        losses = _train(teacher, student, lora, data, cfg, _lowest_block(student, targets), precompute_states,
+                        progress)
     before = density(list(targets.values()))
     result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
                            trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),

@@ -8,16 +8,18 @@ of everyday tasks (``refusal_lab/assets/prompts/tasks.txt``); never from a publi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from refusal_lab.codec import JsonRecord
 from refusal_lab.models import ModelHandle
-from refusal_lab.progress import Progress
+from refusal_lab.precision import compute
+from refusal_lab.progress import Progress, report
 from refusal_lab.prompts import BUNDLED_KINDS, PROMPTS_DIR, bundled, load_prompts
 
 TASKS_FILE = PROMPTS_DIR / "tasks.txt"
@@ -185,3 +187,129 @@ def batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
         out.append(order[:size])
         order = order[size:]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed states: what does not change during training is computed once
+# ----------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Ends a forward once the wanted block input is read."""
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def stubbed(blocks: torch.nn.ModuleList, upto: int, value: torch.Tensor) -> Iterator[None]:
+    """Blocks ``0 … upto−1`` replaced for the duration by a stub returning ``value`` ``(B, W, d)``: the
+    model then runs from block ``upto`` on that residual stream (``upto = len(blocks)``: only the final
+    norm and the output layer run). Neither transformers nor peft runs a model from a middle layer."""
+    stub = lambda *args, **kwargs: value  # noqa: E731
+    saved = [blk.__dict__.get("forward") for blk in blocks[:upto]]  # accelerate's hooks live here too
+    try:
+        for blk in blocks[:upto]:
+            blk.forward = stub
+        yield
+    finally:
+        for blk, fwd in zip(blocks[:upto], saved):
+            if fwd is None:
+                blk.__dict__.pop("forward", None)
+            else:
+                blk.forward = fwd
+
+
+@contextlib.contextmanager
+def _reading(block: torch.nn.Module, where: str, into: list, stop: bool = False) -> Iterator[None]:
+    """Append ``block``'s residual input (``where="input"``; then end the forward when ``stop``) or its
+    output (``"output"``) to ``into`` during the block."""
+    def pre(module, args, kwargs):
+        into.append(_hidden(args, kwargs))
+        if stop:
+            raise _Stop
+
+    def post(module, args, output):
+        into.append(output)
+
+    h = (block.register_forward_pre_hook(pre, with_kwargs=True) if where == "input"
+         else block.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _place(rows: Sequence[torch.Tensor], offsets: Sequence[int], width: int) -> torch.Tensor:
+    """``(B, width, d)`` zeros with row ``b``'s ``(n_b, d)`` states from column ``offsets[b]`` on."""
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    for b, (x, at) in enumerate(zip(rows, offsets)):
+        out[b, at:at + len(x)] = x
+    return out
+
+
+@dataclass
+class Precomputed:
+    """States of the frozen parts, per row of a :class:`TeacherReplies`: ``teacher`` — the teacher's last
+    block output ``(reply len, d)`` at the positions predicting its reply tokens (its logits then cost
+    the final norm and output layer only); ``student`` — the student's residual stream ``(prompt +
+    reply len, d)`` entering block ``start`` (LoRA sits at ``start`` and above, so nothing below changes
+    while training). Either is None where blocks do not return a plain tensor."""
+
+    teacher: list[torch.Tensor] | None
+    student: list[torch.Tensor] | None
+    start: int
+
+    def teacher_input(self, data: TeacherReplies, rows: Sequence[int], batch: ReplyBatch) -> torch.Tensor:
+        """The stub value of a batch: ``(B, W, d)`` with the teacher's states at ``batch.keep``."""
+        return _place([self.teacher[i] for i in rows], [int(batch.keep[0])] * len(rows), batch.input_ids.shape[1])
+
+    def student_input(self, data: TeacherReplies, rows: Sequence[int], batch: ReplyBatch) -> torch.Tensor:
+        """The stub value of a batch: ``(B, W, d)`` with each row's residual stream where its tokens sit."""
+        width_p = int(batch.keep[0]) + 1
+        return _place([self.student[i] for i in rows], [width_p - len(data.prompt_ids[i]) for i in rows],
+                      batch.input_ids.shape[1])
+
+
+@torch.no_grad()
+def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, block: int, where: str,
+            batch_size: int, progress: Progress | None, done: int, total: int) -> list[torch.Tensor] | None:
+    """Per row, ``model``'s residual stream at block ``block`` (``where``: its input over all tokens, or
+    its output at the reply-predicting positions); None when the block does not return a tensor."""
+    from refusal_lab.models import find_blocks
+
+    blocks = find_blocks(model)
+    pad = handle.tokenizer.pad_token_id or 0
+    out: list[torch.Tensor | None] = [None] * len(data)
+    order = sorted(range(len(data)), key=lambda i: len(data.prompt_ids[i]) + len(data.reply_ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = reply_batch(data, rows, pad).to(handle.device)
+        seen: list = []
+        with contextlib.suppress(_Stop), handle.lock, compute(handle), _reading(blocks[block], where, seen,
+                                                                                stop=where == "input"):
+            reply_logits(model, batch)
+        if not seen or not isinstance(seen[0], torch.Tensor):
+            return None
+        width_p = int(batch.keep[0]) + 1
+        for b, i in enumerate(rows):
+            p, r = len(data.prompt_ids[i]), len(data.reply_ids[i])
+            keep = slice(width_p - 1, width_p - 1 + r) if where == "output" else slice(width_p - p, width_p + r)
+            out[i] = seen[0][b, keep].float().cpu()
+        report(progress, done + start // batch_size + 1, total)
+    return out  # type: ignore[return-value]
+
+
+def precompute(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Module, data: TeacherReplies, start: int,
+               *, batch_size: int = 16, progress: Progress | None = None, total: int | None = None) -> Precomputed:
+    """:class:`Precomputed` states for training ``model`` (the student's adapted copy, LoRA at blocks ≥
+    ``start``): the teacher's once, the student's below ``start`` once (none when ``start`` is 0).
+    ``progress`` gets one step per batch of each pass, out of ``total`` (default: the passes' batches)."""
+    n = -(-len(data) // batch_size)
+    passes = 1 + (start > 0)
+    total = total or n * passes
+    t = _states(teacher, teacher.model, data, teacher.n_layers - 1, "output", batch_size, progress, 0, total)
+    s = None
+    if start > 0:
+        s = _states(student, model, data, start, "input", batch_size, progress, n, total)
+    return Precomputed(teacher=t, student=s, start=start)
