@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_SETTINGS", "POSITIONS", "SCREEN", "Variant", "RememberedVari
            "remembered_variants", "list_studies"]
 
 ROLES = ("harmful", "harmless", "borderline")
-DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 32, "positions": "screened", "variant_selection": False,
+DEFAULT_SETTINGS = {"limit": 24, "max_new_tokens": 64, "positions": "screened", "variant_selection": False,
                     "judge": "substring"}
 POSITIONS = {"screened": "every post-instruction token, screened (fast; same choice in every measured case)",
              "all": "every post-instruction token, exact (as in the paper; slower)",
