@@ -158,3 +158,12 @@ def test_parcels_carry_stage_results_and_refuse_damage(plain, tmp_path):
     with pytest.raises(StoreError, match="not a parcel"):
         unpack(b"not a zip", target)
     assert os.path.exists(plain.path)
+
+
+def test_a_device_map_naming_a_missing_layer_fails_the_models_tasks_with_one_line(tiny_folder, tmp_path):
+    spec = SweepSpec(models=[tiny_folder], schemes=["rtn:8"], study=dict(OPTIONS, device="auto",
+                     device_map={"model.layers.9": "cpu", "": "cpu"}))
+    record = run_sweep(spec, tmp_path / "runs")
+    assert [t.status for t in record.tasks] == ["failed", "failed"]
+    assert "model.layers.9" in record.tasks[0].error and "\n" not in record.tasks[0].error
+    assert record.tasks[1].error.startswith("the original's stages failed")
