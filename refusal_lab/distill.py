@@ -16,7 +16,10 @@ stay quantized (peft wraps them: the QLoRA set-up). Modes:
 
 Targets (``modules``): ``writers`` — the residual writers (attention and MLP output projections) of a
 few blocks around the source layer of the original's refusal direction; ``all`` — every linear layer of
-the decoder blocks. Deterministic for a seed (LoRA initialisation and data order).
+the decoder blocks. The default, ``all`` at rank 4, was chosen by measurement on the bundled val splits
+(``bench/distill.py``: on default + wanda:0.5 it beat the writers of blocks l*−2…l*+2 at rank 16 on
+refusal, over-refusal, broken replies and KL within the same time). Deterministic for a seed (LoRA
+initialisation and data order).
 """
 
 from __future__ import annotations
@@ -65,14 +68,14 @@ class DistillConfig(JsonRecord):
     (all when None); ``max_prompt_tokens``: longer chat-formatted prompts are left out."""
 
     mode: str = "adapter"
-    modules: str = "writers"
+    modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
     layers: list[int] | None = None
     window: int = 2
-    rank: int = 8
-    lora_alpha: float = 16.0
-    steps: int = 150
+    rank: int = 4
+    lora_alpha: float = 8.0
+    steps: int = 50
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 10
     reply_tokens: int = 32
     kinds: list[str] = field(default_factory=lambda: list(PROMPT_KINDS))
