@@ -5,8 +5,9 @@ this machine is part of; ``host:port`` / ``ray://host:port`` joins that one (its
 first, so a wrong address fails within seconds, not at Ray's own minute-long time-out). A Ray instance
 already running in this process (``ray.init`` by the caller) is used as it is and left running.
 
-Resources: one GPU (and one CPU) per task where the cluster has GPUs, else ``cpus_per_task`` CPUs (capped
-at the largest node's). Tasks are retried twice when their worker dies (lost node, out of memory); an
+Resources: ``gpus_per_task`` GPUs (default 1; a model spread with ``--device-map auto`` over N GPUs
+needs N) and one CPU per task where the cluster has GPUs, else ``cpus_per_task`` CPUs (capped at the
+largest node's). Tasks are retried twice when their worker dies (lost node, out of memory); an
 error raised by the task's own code is not retried — it is the task's outcome. What crosses the wire is
 plain data: the task's payload (a dict of strings and numbers) and parcels (``bytes``).
 """
@@ -64,14 +65,17 @@ def connect(address: str) -> bool:
 class RayExecutor:
     """Runs sweep tasks as Ray tasks (see the module doc)."""
 
-    def __init__(self, address: str = "local", cpus_per_task: int = 1) -> None:
+    def __init__(self, address: str = "local", cpus_per_task: int = 1, gpus_per_task: int = 1) -> None:
         import ray
 
         self.name = f"ray:{address}"
         self._started = connect(address)
         gpus = float(ray.cluster_resources().get("GPU", 0))
         largest = max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1.0)
-        self.resources = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else \
+        if gpus >= 1 and gpus_per_task > gpus:
+            self.shutdown()
+            raise SweepError(f"--gpus-per-task {gpus_per_task}: the cluster has {gpus:g} GPU(s)")
+        self.resources = {"num_gpus": int(gpus_per_task), "num_cpus": 1} if gpus >= 1 else \
             {"num_gpus": 0, "num_cpus": max(1, min(int(cpus_per_task), int(largest)))}
         self._remote = ray.remote(run_task).options(max_retries=MAX_RETRIES, retry_exceptions=False,
                                                     **self.resources)

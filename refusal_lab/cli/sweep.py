@@ -31,6 +31,9 @@ def register(sub) -> None:
                         "without --ray every task runs here, one after another, with the same results")
     p.add_argument("--cpus-per-task", type=count(1), default=None,
                    help="torch threads (and CPUs declared to Ray) per task; default min(4, this machine's CPUs)")
+    p.add_argument("--gpus-per-task", type=count(1), default=1,
+                   help="GPUs declared to Ray per task where the cluster has GPUs (a model spread over N GPUs "
+                        "with --device-map auto: N)")
     p.add_argument("--name", default="", help="a name for the sweep's record (Report page)")
     p.set_defaults(func=run_sweep_command)
 
@@ -60,7 +63,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     else:
         from refusal_lab.sweep_ray import RayExecutor
 
-        executor = RayExecutor(args.ray, spec.threads)
+        executor = RayExecutor(args.ray, spec.threads, args.gpus_per_task)
     t0 = time.perf_counter()
     print(f"sweep {spec.id}: {len(spec.models)} model(s) × {len(spec.schemes)} scheme(s) = "
           f"{len(spec.tasks())} tasks on {executor.name}", file=sys.stderr)
