@@ -13,23 +13,8 @@ from refusal_lab.compression import apply as compress
 from refusal_lab.generation import generate
 from refusal_lab.models import weight_as_out_in
 from refusal_lab.results import CalibrationPoint, Recoverability
-from refusal_lab.testing.tiny import tiny_handle
+from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_handle
 
-IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])
-
-
-def _logits(h):
-    with torch.no_grad():
-        return h.model(IDS.to(h.device)).logits.float()
-
-
-def _state(h):
-    return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
-
-
-def _same_state(h, state):
-    now = h.model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
 def test_rank1_edit_scales_only_the_direction():
@@ -50,11 +35,11 @@ def test_rank1_edit_scales_only_the_direction():
 def test_merged_and_adapter_give_same_logits_on_pruned_model(arch):
     o = tiny_handle(arch, n_layers=4, d_model=64)
     c, _ = compress(o, "magnitude:0.5")
-    o_state, c_state = _state(o), _state(c)
+    o_state, c_state = snapshot(o), snapshot(c)
     r = torch.randn(64)
     rep = Repair(r, layers=[1, 2], alpha=3.0, mode="merged")
     with applied(c, rep) as merged:
-        lm = _logits(merged)
+        lm = fixed_logits(merged)
         # merging densifies the repaired writers: the sparsity cost
         w = weight_as_out_in(merged.writers(1)["mlp"])
         assert (w == 0).float().mean() < 0.05
@@ -64,10 +49,10 @@ def test_merged_and_adapter_give_same_logits_on_pruned_model(arch):
             assert (p_m is p_c) == (id(p_c) not in edited), name
     with applied(c, Repair(r, layers=[1, 2], alpha=3.0, mode="adapter")) as adapted:
         assert adapted is c
-        la = _logits(adapted)
+        la = fixed_logits(adapted)
     assert torch.allclose(lm, la, atol=1e-4), (lm - la).abs().max()
-    assert not torch.allclose(la, _logits(c), atol=1e-4)  # it does something
-    assert _same_state(o, o_state) and _same_state(c, c_state)  # O and C unchanged afterwards
+    assert not torch.allclose(la, fixed_logits(c), atol=1e-4)  # it does something
+    assert same_state(o, o_state) and same_state(c, c_state)  # O and C unchanged afterwards
     assert aird.densified_weights(c, [1, 2]) > 0
 
 
@@ -75,7 +60,7 @@ def test_merged_and_adapter_give_same_logits_on_pruned_model(arch):
 def test_realignment_merged_and_adapter_give_same_logits(arch):
     o = tiny_handle(arch, n_layers=4, d_model=64)
     c, _ = compress(o, "magnitude:0.5")
-    o_state, c_state = _state(o), _state(c)
+    o_state, c_state = snapshot(o), snapshot(c)
     torch.manual_seed(3)
     r = torch.randn(64)
     d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
@@ -84,14 +69,14 @@ def test_realignment_merged_and_adapter_give_same_logits(arch):
     for mode in ("merged", "adapter"):
         # the re-aligned writer (layer 1's MLP) is also scaled: W′ = (I + α r̂r̂ᵀ)(W + r̂uᵀ)
         with applied(c, Repair(r, layers=[1, 2], alpha=2.0, mode=mode, realign=u, realign_layer=1)) as h:
-            out[mode] = _logits(h)
+            out[mode] = fixed_logits(h)
     assert torch.allclose(out["merged"], out["adapter"], atol=1e-4), (out["merged"] - out["adapter"]).abs().max()
     with applied(c, Repair(r, layers=[1, 2], alpha=2.0, mode="adapter")) as h:
-        assert not torch.allclose(_logits(h), out["adapter"], atol=1e-4)  # the re-alignment does something
+        assert not torch.allclose(fixed_logits(h), out["adapter"], atol=1e-4)  # the re-alignment does something
     for mode in ("merged", "adapter"):  # u = 0 and α = 0: the identity
         with applied(c, Repair(r, layers=[1], alpha=0.0, mode=mode, realign=torch.zeros(d_in), realign_layer=1)) as h:
-            assert torch.allclose(_logits(h), _logits(c), atol=1e-6)
-    assert _same_state(o, o_state) and _same_state(c, c_state)
+            assert torch.allclose(fixed_logits(h), fixed_logits(c), atol=1e-6)
+    assert same_state(o, o_state) and same_state(c, c_state)
     rep = Repair(r, layers=[2], alpha=1.0, realign=u, realign_layer=1)
     assert {(layer, role) for layer, role, _ in aird.edited_writers(c, rep)} == {(1, "mlp"), (2, "mlp"), (2, "attn")}
     assert aird.densified_weights(c, rep) > aird.densified_weights(c, [2])  # the fitted writer densifies too
@@ -133,7 +118,7 @@ def test_fit_realignment_moves_c_projections_toward_o():
 
     o = tiny_handle("llama", n_layers=4, d_model=64)
     c, _ = compress(o, "magnitude:0.5")
-    o_state, c_state = _state(o), _state(c)
+    o_state, c_state = snapshot(o), snapshot(c)
     torch.manual_seed(0)
     r = torch.randn(64)
     prompts = bundled("harmful", "train").prompts[:12] + bundled("harmless", "train").prompts[:12]
@@ -141,7 +126,7 @@ def test_fit_realignment_moves_c_projections_toward_o():
     assert layer == 1 and u.shape == (weight_as_out_in(c.writers(1)["mlp"]).shape[1],)
     given = aird.fit_realignment(o, c, r, 2, prompts, lam=1e-3, original_proj=aird.original_projection(o, r, 2, prompts))
     assert given[0] == layer and torch.equal(given[1], u)  # O's side computed once serves every scheme
-    assert _same_state(o, o_state) and _same_state(c, c_state)
+    assert same_state(o, o_state) and same_state(c, c_state)
 
     def gap(handle, rep=None):
         _, p_o = writer_inputs(o, prompts, o.writers(1)["mlp"], r, 2)
@@ -162,10 +147,10 @@ def test_fit_realignment_moves_c_projections_toward_o():
 def test_alpha_zero_is_identity():
     o = tiny_handle("llama")
     c, _ = compress(o, "rtn:4:16")
-    base = _logits(c)
+    base = fixed_logits(c)
     for mode in ("merged", "adapter"):
         with applied(c, Repair(torch.randn(64), layers=[0, 1, 2, 3], alpha=0.0, mode=mode)) as h:
-            assert torch.allclose(_logits(h), base, atol=1e-6)
+            assert torch.allclose(fixed_logits(h), base, atol=1e-6)
 
 
 def test_adapter_works_on_bitsandbytes_nf4(tmp_path):
@@ -179,34 +164,34 @@ def test_adapter_works_on_bitsandbytes_nf4(tmp_path):
         c, _ = compress(o, "bnb-nf4")
     except RuntimeError as e:  # bitsandbytes cannot run on this device: the scheme says so clearly
         pytest.skip(str(e))
-    before = _logits(c)
+    before = fixed_logits(c)
     with pytest.raises(aird.AIRDError, match="adapter"):
         merge(c, Repair(torch.randn(64), layers=[0], alpha=2.0))
     with applied(c, Repair(torch.randn(64), layers=[0, 1], alpha=2.0, mode="adapter")) as h:
-        changed = _logits(h)
+        changed = fixed_logits(h)
     assert not torch.allclose(changed, before, atol=1e-4)
     d_in = c.writers(0)["mlp"].in_features
     with applied(c, Repair(torch.randn(64), layers=[1], alpha=0.0, mode="adapter", realign=torch.randn(d_in),
                            realign_layer=0)) as h:  # the fitted re-alignment as a hook on a 4-bit writer
-        assert not torch.allclose(_logits(h), before, atol=1e-4)
-    assert torch.allclose(_logits(c), before)  # hooks gone
+        assert not torch.allclose(fixed_logits(h), before, atol=1e-4)
+    assert torch.allclose(fixed_logits(c), before)  # hooks gone
 
 
 def test_alternative_methods_leave_o_and_c_untouched():
     o = tiny_handle("llama")
     c, _ = compress(o, "magnitude:0.5")
-    o_state, c_state = _state(o), _state(c)
+    o_state, c_state = snapshot(o), snapshot(c)
     rep = Repair(torch.randn(64), layers=[2], alpha=1.0, source_layer=2)
     outs = {}
     for method in aird.METHODS:
         with method_applied(method, o, c, rep, direction_raw=torch.randn(64)) as h:
-            outs[method] = _logits(h)
-    assert _same_state(o, o_state) and _same_state(c, c_state)
-    assert torch.allclose(outs["none"], _logits(c))
+            outs[method] = fixed_logits(h)
+    assert same_state(o, o_state) and same_state(c, c_state)
+    assert torch.allclose(outs["none"], fixed_logits(c))
     assert torch.allclose(outs["aird-merged"], outs["aird-adapter"], atol=1e-4)
     # dense copy of every layer gives back the original model
     with method_applied("dense-copy", o, c, Repair(torch.randn(64), layers=[0, 1, 2, 3], alpha=1.0)) as h:
-        assert torch.allclose(_logits(h), _logits(o), atol=1e-5)
+        assert torch.allclose(fixed_logits(h), fixed_logits(o), atol=1e-5)
 
 
 def _calibrate(search: str, **kw):

@@ -11,25 +11,10 @@ from refusal_lab.compression import apply as compress
 from refusal_lab.distill import (DistillConfig, DistillError, Distilled, compress_student, distill, distill_data,
                                  reply_kl)
 from refusal_lab.progress import Cancelled
-from refusal_lab.testing.tiny import tiny_handle
+from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_handle
 
-IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])
 CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
                     reply_tokens=6, per_kind=4)
-
-
-def _logits(h):
-    with torch.no_grad():
-        return h.model(IDS.to(h.device)).logits.float()
-
-
-def _state(h):
-    return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
-
-
-def _same_state(h, state):
-    now = h.model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +28,7 @@ def pair():
 @pytest.fixture(scope="module")
 def trained(pair):
     o, c, data = pair
-    state = _state(c)
+    state = snapshot(c)
     h, rep = distill(o, c, CFG, data=data)
     return h, rep, state
 
@@ -61,8 +46,8 @@ def test_training_lowers_the_kl_to_the_teacher(pair, trained):
 def test_adapter_keeps_every_pruned_zero(pair, trained):
     o, c, _ = pair
     h, rep, c_state = trained
-    assert _same_state(c, c_state)  # the compressed model is bit-identical after training
-    assert not torch.allclose(_logits(h), _logits(c), atol=1e-5)  # and the repair does something
+    assert same_state(c, c_state)  # the compressed model is bit-identical after training
+    assert not torch.allclose(fixed_logits(h), fixed_logits(c), atol=1e-5)  # and the repair does something
     assert set(rep.result.targets) == {f"model.layers.{i}.{m}" for i in (1, 2) for m in ("self_attn.o_proj",
                                                                                         "mlp.down_proj")}
     for name in rep.result.targets:
@@ -78,8 +63,8 @@ def test_merged_mode_folds_lora_in_and_pays_in_density(pair, trained):
     o, c, data = pair
     adapter_h, adapter_rep, c_state = trained
     h, rep = distill(o, c, replace(CFG, mode="merged"), data=data)
-    assert _same_state(c, c_state)
-    assert torch.allclose(_logits(h), _logits(adapter_h), atol=1e-4)  # the same training, folded in
+    assert same_state(c, c_state)
+    assert torch.allclose(fixed_logits(h), fixed_logits(adapter_h), atol=1e-4)  # the same training, folded in
     assert rep.result.density_before.density == pytest.approx(0.5, abs=0.02)
     assert rep.result.density_after.density > 0.95 and rep.result.densified_weights > 0
     assert not any("lora" in n for n, _ in h.model.named_parameters())
@@ -124,7 +109,7 @@ def test_saved_as_safetensors_and_reapplied(pair, trained, tmp_path):
                                                                   "distill_adapter.safetensors"]
     back = Distilled.load(tmp_path / "d")
     assert back.result == rep.result and back.key() == rep.key()
-    assert torch.allclose(_logits(back.apply(c)), _logits(h), atol=1e-6)
+    assert torch.allclose(fixed_logits(back.apply(c)), fixed_logits(h), atol=1e-6)
 
 
 def test_only_bundled_train_prompts(monkeypatch):
@@ -148,11 +133,11 @@ def test_quantized_base_stays_quantized(scheme, tmp_path):
     except RuntimeError as e:  # the scheme cannot run on this machine: it says so
         pytest.skip(str(e))
     kind = type(c.writers(0)["mlp"]).__name__
-    state = _state(c)
+    state = snapshot(c)
     cfg = replace(CFG, layers=[0, 1], steps=6, per_kind=2)
     data = distill_data(o, cfg)
     h, rep = distill(o, c, cfg, data=data)
-    assert _same_state(c, state)
+    assert same_state(c, state)
     for name in rep.result.targets:
         wrapped = h.model.get_submodule(name)
         assert type(wrapped.get_base_layer()).__name__ == kind  # still quantized storage, LoRA beside it
@@ -182,7 +167,7 @@ def test_bad_input_is_a_clear_error(pair):
 
 def test_cancelled_training_changes_nothing(pair):
     o, c, data = pair
-    state = _state(c)
+    state = snapshot(c)
 
     def cancel(done, total):
         if done >= 2:
@@ -190,4 +175,4 @@ def test_cancelled_training_changes_nothing(pair):
 
     with pytest.raises(Cancelled):
         distill(o, c, CFG, data=data, progress=cancel)
-    assert _same_state(c, state)
+    assert same_state(c, state)

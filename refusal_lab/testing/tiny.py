@@ -67,3 +67,23 @@ def tiny_handle(arch: str = "llama", n_layers: int = 4, d_model: int = 64, seed:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, n_layers, d_model), dtype=torch.float32)
     return handle_from_model(model, tiny_tokenizer(), name=f"tiny-{arch}", spec=f"tiny:{arch}")
+
+
+FIXED_IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])  # token ids every tiny vocabulary has
+
+
+def fixed_logits(h: ModelHandle) -> torch.Tensor:
+    """``(1, 7, vocab)`` float32 logits of ``h`` on :data:`FIXED_IDS` (no grad)."""
+    with torch.no_grad():
+        return h.model(FIXED_IDS.to(h.device)).logits.float()
+
+
+def snapshot(h: ModelHandle) -> dict[str, torch.Tensor]:
+    """A detached copy of ``h``'s state dict."""
+    return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
+
+
+def same_state(h: ModelHandle, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``h``'s state dict is bit-identical to :func:`snapshot`'s ``state`` (same keys too)."""
+    now = h.model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
