@@ -32,6 +32,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from refusal_lab.store_files import pid_alive
+
 DeviceMap = Union[str, dict[str, Union[int, str]]]
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device-map strategies
 MEMORY_KEYS = ("cpu", "mps", "disk")  # max_memory keys besides GPU indices
@@ -198,16 +200,6 @@ def describe(model: nn.Module) -> dict[str, int]:
 # Scratch folders for offloaded weights and their edits
 # ----------------------------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _owner_tag(pid: int | None = None) -> str:
     """``p<PID>-<host digest>``: which process of which machine a scratch folder belongs to (a cache on a
     shared filesystem is seen by processes of other machines, whose PIDs mean nothing here)."""
@@ -223,7 +215,7 @@ def _purge_stale(root: Path) -> None:
     here = _owner_tag(0).split("-", 1)[1]
     for path in root.glob(f"p*-{here}-*"):
         pid = path.name[1:].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
