@@ -1,6 +1,7 @@
 """How each kind of stage artifact of a :class:`~refusal_lab.study.Study` is written to and read from its
 study record: ``json`` (typed results through their codec, :mod:`refusal_lab.codec`), ``directions`` (a
-:class:`~refusal_lab.directions.DirectionSet` folder), ``repair`` (an AIRD repair's tensors and meta)."""
+:class:`~refusal_lab.directions.DirectionSet` folder), ``repair`` (an AIRD repair's tensors and meta),
+``distill`` (a distill repair's LoRA tensors, safetensors, with its result as the JSON meta)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,17 @@ def _read_repair(record: StudyRecord, key: str, codec) -> Any:
     return Repair.from_tensors(record.get_tensors(key), record.get_meta(key))
 
 
+def _read_distill(record: StudyRecord, key: str, codec) -> Any:
+    from refusal_lab.distill import Distilled
+
+    return Distilled.from_tensors(record.get_tensors(key), record.get_meta(key))
+
+
 KINDS: dict[str, ArtifactKind] = {
     "json": ArtifactKind(_read_json, lambda r, key, stage, v, s: r.put_json(key, stage, to_json(v), seconds=s)),
     "directions": ArtifactKind(_read_directions, _write_directions),
     "repair": ArtifactKind(_read_repair, lambda r, key, stage, v, s: r.put_tensors(
+        key, stage, v.tensors(), meta=v.describe(), seconds=s)),
+    "distill": ArtifactKind(_read_distill, lambda r, key, stage, v, s: r.put_tensors(
         key, stage, v.tensors(), meta=v.describe(), seconds=s)),
 }

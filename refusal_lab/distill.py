@@ -44,11 +44,11 @@ from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, Precomputed, T
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
-from refusal_lab.results import Density
+from refusal_lab.results import Density, DistillSummary
 
 __all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError", "DistillResult", "Distilled",
            "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
-           "compress_student"]
+           "compress_student", "config_from"]
 
 DISTILL_VERSION = "distill-1"  # bump when what training computes changes (part of cache keys)
 Mode = Literal["adapter", "merged"]
@@ -98,6 +98,27 @@ class DistillConfig(JsonRecord):
             raise DistillError(f"per_kind must be ≥ 1 or None, got {self.per_kind}")
 
 
+def config_from(overrides: dict | None = None) -> DistillConfig:
+    """:class:`DistillConfig` with ``overrides`` (field name → value, e.g. ``{"steps": 20}``) over its
+    defaults, checked: an unknown name, a value of the wrong type or out of range is a :class:`DistillError`."""
+    import dataclasses
+
+    overrides = dict(overrides or {})
+    names = [f.name for f in dataclasses.fields(DistillConfig)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise DistillError(f"unknown distill setting(s) {', '.join(unknown)}: use {', '.join(names)}")
+    try:
+        cfg = DistillConfig.from_json({**DistillConfig().to_json(), **overrides})
+    except ValueError as e:  # pydantic's ValidationError: name the setting, not pydantic's layout
+        errors = e.errors() if hasattr(e, "errors") else []
+        bad = sorted({str(err["loc"][0]) for err in errors if err.get("loc")})
+        shown = ", ".join(f"{k}={overrides[k]!r}" for k in bad if k in overrides) or str(e).splitlines()[0]
+        raise DistillError(f"distill setting of the wrong type: {shown}") from None
+    cfg.check()
+    return cfg
+
+
 @dataclass(kw_only=True)
 class DistillResult(JsonRecord):
     """What a distill repair did and cost: the settings, the LoRA'd modules (names in the model) and
@@ -125,6 +146,16 @@ class DistillResult(JsonRecord):
     @property
     def seconds(self) -> float:
         return self.seconds_data + self.seconds_train
+
+    def summary(self) -> DistillSummary:
+        """The result without the per-step losses and module names (what an evaluation carries)."""
+        c = self.config
+        return DistillSummary(mode=c.mode, modules=c.modules, layers=list(self.layers), rank=c.rank, steps=c.steps,
+                              trainable_parameters=self.trainable_parameters,
+                              loss_first=self.losses[0] if self.losses else None,
+                              loss_last=self.losses[-1] if self.losses else None, n_prompts=dict(self.n_prompts),
+                              n_reply_tokens=self.n_reply_tokens, seconds_data=self.seconds_data,
+                              seconds_train=self.seconds_train, version=self.version)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,13 +127,44 @@ class RepairSummary(JsonRecord):
 
 
 @dataclass(kw_only=True)
+class DistillSummary(JsonRecord):
+    """A distill repair without its LoRA weights (:meth:`refusal_lab.distill.DistillResult.summary`): its
+    mode, target ``modules`` and blocks, LoRA rank, training steps, LoRA's parameter count, the first and
+    last step's loss (mean KL(teacher ‖ student) per reply token, nats), prompts per kind and reply tokens
+    trained on, seconds for the teacher's replies and for training."""
+
+    mode: str
+    modules: str
+    layers: list[int] = field(default_factory=list)
+    rank: int
+    steps: int
+    trainable_parameters: int
+    loss_first: float | None = None
+    loss_last: float | None = None
+    n_prompts: dict[str, int] = field(default_factory=dict)
+    n_reply_tokens: int = 0
+    seconds_data: float = 0.0
+    seconds_train: float = 0.0
+    version: str = ""
+
+
+@dataclass(kw_only=True)
 class RepairedEvaluation(Evaluation):
-    """The evaluation of a repaired variant, with the repair and what it cost in density."""
+    """The evaluation of a repaired variant, with the repair and what it cost in density. ``method``: the
+    repair method (:data:`refusal_lab.study_repairs.REPAIRS`; absent for AIRD, as stored before methods
+    existed); ``repair``: the AIRD repair (AIRD and aird+distill), ``distill``: the distill repair;
+    ``parameters_changed``: stored numbers the repair changes or adds; ``seconds``: its compute time
+    (teacher replies and training, plus AIRD's calibration for aird+distill). Density: of the matrices
+    the repair writes to."""
 
     repair: RepairSummary | None = None
     density_before: Density | None = None
     density_after: Density | None = None
     densified_weights: int = 0
+    method: str | None = optional()
+    distill: DistillSummary | None = optional()
+    parameters_changed: int | None = optional()
+    seconds: float | None = optional()
 
 
 @dataclass(kw_only=True)
@@ -267,6 +298,8 @@ class RepairResult(JsonRecord):
     repaired: RepairedEvaluation
     verdict: Verdict
     budget: list[BudgetPoint] = field(default_factory=list)
+    method: str | None = optional()  # the repair method run (absent: AIRD); ``repaired`` is its evaluation
+    repairs: dict[str, RepairedEvaluation] | None = optional()  # every method run, by name, in order
 
 
 # -- a whole study ---------------------------------------------------------------------------------
@@ -279,14 +312,18 @@ class OriginalResult(JsonRecord):
 
 @dataclass(kw_only=True)
 class VariantResult(JsonRecord):
-    """One compressed variant: its compression report, drift, evaluation and, with AIRD, the repaired
-    evaluation and the measured verdict."""
+    """One compressed variant: its compression report, drift, evaluation and, with a repair, the repaired
+    evaluation and the measured verdict (``aird_verdict``: of the method run, AIRD unless
+    ``repair_method`` says otherwise; ``repairs``: every method that method ran, by name, e.g. AIRD and
+    AIRD + distill for aird+distill — both absent for AIRD alone, as stored before methods existed)."""
 
     compression: CompressionReport
     drift: Drift
     evaluation: Evaluation
     repaired: RepairedEvaluation | None = optional()
     aird_verdict: Verdict | None = optional()
+    repair_method: str | None = optional()
+    repairs: dict[str, RepairedEvaluation] | None = optional()
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,8 @@ evaluations, computed in stages. Every stage's artifact is keyed by what it depe
 fingerprint, scheme, prompt-set hashes, settings, code version) and persisted in the run store, so
 nothing is computed twice — across restarts too — and a killed run resumes where it stopped. Stages: load →
 directions(original) → compress(scheme) → directions(variant) → drift → evaluate(original, variants) →
-AIRD(variant) → evaluate(repaired) → report.
+repair(variant) → evaluate(repaired) → report. The repair is AIRD, distill or AIRD then distill
+(``StudySpec.repair_method``; the methods and the distill stage: :mod:`refusal_lab.study_repairs`).
 
 Directions are always extracted from the project's bundled train splits and selected on its val
 splits; AIRD is calibrated on val splits; user files (``harmful``/``harmless``) are evaluation sets.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from refusal_lab import study_repairs
 from refusal_lab.judges import JUDGE_VERSION
 from refusal_lab.memory import release
 from refusal_lab.models import ModelHandle
@@ -462,10 +464,19 @@ class Study:
                                  self.original, CalibrationSets.bundled().harmless)),
                              progress=self._progress(f"AIRD {scheme}: calibration"), **kwargs)
 
-        return self._cached(f"aird {scheme}", (self.original_fingerprint(), scheme, s.aird, s.aird_mode,
-                                               s.aird_alpha, s.aird_layers, s.aird_realign, REPAIR_VERSION)
-                            + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)),
-                            compute, "repair")
+        return self._cached(f"aird {scheme}", self._repair_parts(scheme), compute, "repair")
+
+    def _repair_parts(self, scheme: str) -> tuple:
+        """The cache-key parts of :meth:`repair`."""
+        s = self.spec
+        return ((self.original_fingerprint(), scheme, s.aird, s.aird_mode, s.aird_alpha, s.aird_layers, s.aird_realign,
+                 REPAIR_VERSION) + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)))
+
+    def stage_seconds(self, stage: str, key_parts: tuple) -> float | None:
+        """Seconds the stored stage ``(stage, key_parts)`` took to compute (0 when another study's copy was
+        reused); None when it is not stored in this study."""
+        entry = self.record.entry(cache_key(stage, CODE_VERSION, *key_parts, *self.numerics))
+        return None if entry is None else entry.get("seconds")
 
     def evaluate_repaired(self, scheme: str) -> RepairedEvaluation:
         """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""
@@ -528,13 +539,14 @@ class Study:
         return self._cached(f"budget {scheme}", self._eval_key(f"{scheme}:budget") + rep.key() + (max_layers, BUDGET_VERSION),
                             compute, codec=list[BudgetPoint])
 
+    def evaluate_method(self, scheme: str, method: str) -> RepairedEvaluation:
+        """The evaluation of ``scheme`` repaired by ``method`` (aird | distill | aird+distill)."""
+        return study_repairs.evaluate_method(self, scheme, method)
+
     def repair_result(self, scheme: str, budget_layers: int = 8) -> RepairResult:
-        """:meth:`evaluate_repaired` of ``scheme`` with what it is judged by (the AIRD page's view)."""
-        original, variant, drift = self.evaluate("original"), self.evaluate(scheme), self.drift(scheme)
-        repaired = self.evaluate_repaired(scheme)
-        verdict = measured_verdict(original, variant, repaired, drift, self.eval_sets()["harmful"].name)
-        return RepairResult(scheme=scheme, original=original, variant=variant, drift=drift, repaired=repaired,
-                            verdict=verdict, budget=self.budget(scheme, max_layers=budget_layers))
+        """The spec's repair method on ``scheme`` with what it is judged by (the AIRD page's view):
+        :func:`refusal_lab.study_repairs.repair_result`."""
+        return study_repairs.repair_result(self, scheme, budget_layers)
 
     def repaired_direction_cosines(self, scheme: str) -> list[float | None]:
         """Per-layer cosine of the repaired model's own candidates with O's (does the source survive?)."""
@@ -558,12 +570,12 @@ class Study:
                        aird: bool | None = None, budget: bool = False) -> list[str]:
         """The stages :meth:`run` goes through (``budget``: and :meth:`budget`), by name, for the time
         left in all (:mod:`refusal_lab.study_eta`); ``schemes``/``evaluate``/``aird`` narrow it to a page's part."""
-        aird = bool(self.spec.aird) if aird is None else aird
+        aird = self.spec.repairing if aird is None else aird
         out = ["directions original"] + (["evaluate original"] if evaluate else [])
         for s in self.spec.schemes if schemes is None else schemes:
             out += ([] if s in self._variants else [f"compress {s}"]) + [f"directions {s}", f"drift {s}"]
             out += [f"evaluate {s}"] if evaluate else []
-            out += ([f"aird {s}", f"evaluate {s}+aird"] + ([f"budget {s}"] if budget else [])) if aird else []
+            out += study_repairs.planned_stages(self, s, budget) if aird else []
         return out
 
     def run(self, budget: bool = False) -> StudyResults:
@@ -587,11 +599,8 @@ class Study:
         self.directions(scheme)
         self.drift(scheme)
         self.evaluate(scheme)
-        if self.spec.aird:
-            self.repair(scheme)
-            self.evaluate_repaired(scheme)
-            if budget:
-                self.budget(scheme)
+        if self.spec.repairing:
+            study_repairs.run_repairs(self, scheme, budget)
         if self._variants.pop(scheme, None) is not None:
             release()
 
@@ -604,10 +613,8 @@ class Study:
         for scheme in self.spec.schemes:
             v = VariantResult(compression=self.compression_report(scheme), drift=self.drift(scheme),
                               evaluation=self.evaluate(scheme))
-            if self.spec.aird:
-                v.repaired = self.evaluate_repaired(scheme)
-                v.aird_verdict = measured_verdict(original.evaluation, v.evaluation, v.repaired, v.drift,
-                                                  self.eval_sets()["harmful"].name)
+            if self.spec.repairing:
+                study_repairs.fill_variant(self, scheme, v, original.evaluation)
             out.variants[scheme] = v
         return out
 

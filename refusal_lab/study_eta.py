@@ -21,7 +21,8 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("directions original", "directions original"), ("directions ", "directions variant"),
     ("repaired directions", "repaired directions"), ("evaluate ", "evaluate"), ("method ", "evaluate"),
     ("compress", "compress"), ("drift ", "drift"), ("diagnostic ", "diagnostic"), ("aird ", "aird"),
-    ("budget ", "budget"),
+    ("budget ", "budget"), ("distill teacher replies", "distill teacher replies"), ("distill ", "distill"),
+    ("aird+distill ", "distill"),
 )
 
 

@@ -1,5 +1,5 @@
 """Rows for tables of a study's results — one builder for the CLI, the pages, the report and bench —
-and the measured AIRD verdict of a variant."""
+and the measured verdict of a variant's repair (AIRD, distill or both)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from refusal_lab.results import Drift, Evaluation, MethodEvaluation, RepairedEva
 
 
 def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repaired_eval: Evaluation, drift: Drift,
-                     set_name: str) -> Verdict:
-    """:func:`refusal_lab.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C + AIRD
-    (``drift``: :meth:`Study.drift` or :meth:`Study.diagnostic`, anything holding its ``recoverability``)."""
+                     set_name: str, method: str = "AIRD") -> Verdict:
+    """:func:`refusal_lab.aird.repair_verdict` on the harmful evaluation set's refusal rates of O, C and C
+    repaired by ``method`` (its label: AIRD, distill, AIRD + distill; ``drift``: :meth:`Study.drift` or
+    :meth:`Study.diagnostic`, anything holding its ``recoverability``)."""
     from refusal_lab.aird import repair_verdict
 
     ppl_o, ppl_c = original_eval.perplexity, variant_eval.perplexity
     verdict = repair_verdict(drift.recoverability, original_eval.rate("harmful"), variant_eval.rate("harmful"),
                              repaired_eval.rate("harmful"), set_name=set_name,
-                             perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None)
+                             perplexity_ratio=ppl_c / ppl_o if ppl_o and ppl_c else None, method=method)
     broken = [ev.rate("harmful", "broken") for ev in (original_eval, variant_eval, repaired_eval)]
     if all(b is not None for b in broken) and any(broken):  # refusals count only readable replies: say so
         verdict.verdict += (" Broken replies (neither refusal nor compliance) on {}: original {:.0%}, compressed "
@@ -54,18 +55,37 @@ def method_row(label: str, ev: Evaluation) -> dict:
 
 
 def repaired_row(label: str, rep: RepairedEvaluation, verdict: Verdict | None = None) -> dict:
-    """The row of a repaired variant: its evaluation and the repair's layers, α, re-aligned layer, cost."""
-    r = rep.repair
-    return evaluation_row(label, rep, {"aird_layers": r.layers, "aird_alpha": r.alpha,
-                                       "aird_realign_layer": r.realign_layer,
-                                       "aird_verdict": None if verdict is None else verdict.level,
-                                       "densified_weights": rep.densified_weights})
+    """The row of a repaired variant: its evaluation and the AIRD repair's layers, α, re-aligned layer (when
+    AIRD is part of it), the distill repair's mode and rank (when distill is), and its cost — densified
+    weights, and where known parameters changed, density before/after and seconds."""
+    r, d = rep.repair, rep.distill
+    extra = {"aird_layers": None if r is None else r.layers, "aird_alpha": None if r is None else r.alpha,
+             "aird_realign_layer": None if r is None else r.realign_layer,
+             "aird_verdict": None if verdict is None else verdict.level,
+             "densified_weights": rep.densified_weights}
+    if d is not None:
+        extra.update(distill_mode=d.mode, distill_rank=d.rank, distill_steps=d.steps)
+    if rep.parameters_changed is not None:
+        extra.update(parameters_changed=rep.parameters_changed, seconds=rep.seconds,
+                     density_before=None if rep.density_before is None else rep.density_before.density,
+                     density_after=None if rep.density_after is None else rep.density_after.density)
+    return evaluation_row(label, rep, extra)
+
+
+def _repair_label(scheme: str, method: str | None) -> str:
+    from refusal_lab.study_repairs import method_label
+
+    return f"{scheme} + {method_label(method)}"
 
 
 def repair_rows(result: RepairResult) -> list[dict]:
-    """Original, compressed and repaired rows of one repair (the AIRD page's before/after table)."""
-    return [evaluation_row("original", result.original), evaluation_row(result.scheme, result.variant),
-            repaired_row(f"{result.scheme} + AIRD", result.repaired, result.verdict)]
+    """Original, compressed and repaired rows of one repair — one per method run, side by side, the
+    verdict on the method run (the AIRD page's before/after table)."""
+    repairs = result.repairs or {result.method or "aird": result.repaired}
+    final = result.method or "aird"
+    return [evaluation_row("original", result.original), evaluation_row(result.scheme, result.variant)] + [
+        repaired_row(_repair_label(result.scheme, m), ev, result.verdict if m == final else None)
+        for m, ev in repairs.items()]
 
 
 def summary_rows(results: StudyResults) -> list[dict]:
@@ -75,6 +95,7 @@ def summary_rows(results: StudyResults) -> list[dict]:
         rows.append(evaluation_row(scheme, v.evaluation, {"cosine_to_original": v.drift.cosine,
                                                           "source_layer": v.drift.variant.source.layer,
                                                           "recoverability": v.drift.recoverability.level}))
-        if v.repaired is not None:
-            rows.append(repaired_row(f"{scheme} + AIRD", v.repaired, v.aird_verdict))
+        final = v.repair_method or "aird"
+        for m, ev in (v.repairs or ({final: v.repaired} if v.repaired is not None else {})).items():
+            rows.append(repaired_row(_repair_label(scheme, m), ev, v.aird_verdict if m == final else None))
     return rows

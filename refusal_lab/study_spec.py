@@ -12,7 +12,8 @@ Realign = Literal["auto", "on", "off"]  # the fitted re-alignment: calibration d
 
 LEGACY = {"precision": "float32", "aird_search": "generated", "selection_screen": None, "variant_selection": True,
           "column": None, "judge": "substring",
-          "device_map": None, "max_memory": None}  # what a stored spec without the field ran
+          "device_map": None, "max_memory": None,
+          "repair_method": "aird", "distill": None}  # what a stored spec without the field ran
 
 
 @dataclass
@@ -24,7 +25,11 @@ class StudySpec:
     not used with a manual α and layers), ``on`` (always) or ``off``. ``aird_search``: how the
     calibration grid is measured (:mod:`refusal_lab.aird.calibration`). ``precision``: of forward passes
     (:mod:`refusal_lab.precision`). ``device_map``/``max_memory``: where accelerate puts the model's modules
-    (:mod:`refusal_lab.placement`; instead of ``device``) — placement only: the results are the same."""
+    (:mod:`refusal_lab.placement`; instead of ``device``) — placement only: the results are the same.
+    ``repair_method``: ``aird`` (the default: repair with AIRD when ``aird`` is set), ``distill`` (a LoRA
+    trained with the original as teacher, :mod:`refusal_lab.distill`; ``aird`` not needed) or ``aird+distill``
+    (AIRD, then distill from the AIRD-repaired model); ``distill``: :class:`~refusal_lab.distill.DistillConfig`
+    settings over its defaults, e.g. ``{"steps": 20}`` (:mod:`refusal_lab.study_repairs`)."""
 
     model: str = "default"
     schemes: list[str] = field(default_factory=lambda: ["wanda:0.5"])
@@ -51,6 +56,8 @@ class StudySpec:
     device_map: str | dict | None = None  # auto | balanced | sequential | {module name: GPU index | cpu | disk}
     max_memory: str | dict | None = None  # "0=10GiB,cpu=30GiB" or {"0": "10GiB", …} (placement.parse_max_memory)
     precision: str = "auto"  # of forward passes (refusal_lab.precision); part of every cache key but compression's
+    repair_method: str = "aird"  # aird | distill | aird+distill (refusal_lab.study_repairs.REPAIRS)
+    distill: dict | None = None  # DistillConfig settings over its defaults (None: the defaults)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -74,6 +81,10 @@ class StudySpec:
             raise ValueError(f"unknown judge {self.judge!r}: use one of {', '.join(JUDGES)}")
         if self.selection_screen is not None and self.selection_screen < 0:
             raise ValueError(f"selection_screen must be ≥ 0 (or None), got {self.selection_screen}")
+        if self.repair_method != "aird" or self.distill is not None:
+            from refusal_lab.study_repairs import check_method
+
+            check_method(self.repair_method, self.aird, self.distill)
         if self.device_map is not None or self.max_memory is not None:
             from refusal_lab.placement import parse_device_map, parse_max_memory
 
@@ -88,6 +99,11 @@ class StudySpec:
     def from_dict(cls, d: dict) -> "StudySpec":
         """The inverse of :meth:`to_dict` (a stored spec without a newer field meant its legacy value)."""
         return cls(**{**LEGACY, **d})
+
+    @property
+    def repairing(self) -> bool:
+        """Whether a study of this spec repairs its variants: AIRD when ``aird`` is set, the other methods always."""
+        return bool(self.aird) or self.repair_method != "aird"
 
     @property
     def title(self) -> str:

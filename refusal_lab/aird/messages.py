@@ -39,17 +39,19 @@ def nothing_lost(set_name: str, original: float, compressed: float, repaired: fl
 
 def repair_outcome(level: str, predicted: str | None, share: float, set_name: str, original: float,
                    compressed: float, repaired: float, *, perplexity_ratio: float | None = None,
-                   layer: int | None = None, separation: tuple[float, float] | None = None) -> str:
-    """The measured repair's text: the share recovered, then — for a failed repair — why (a broken model,
-    given its ``perplexity_ratio``; or damage after the direction is written, given the predicted
-    ``separation`` (d of C, d of O) at ``layer``), or that the prediction was wrong."""
-    text = (f"AIRD brought back {100 * share:.0f}% of the refusal lost to compression "
+                   layer: int | None = None, separation: tuple[float, float] | None = None,
+                   method: str = "AIRD") -> str:
+    """The measured repair's text: the share recovered by ``method`` (the repair's name), then — for a failed
+    repair — why (a broken model, given its ``perplexity_ratio``; or, for AIRD, damage after the direction
+    is written, given the predicted ``separation`` (d of C, d of O) at ``layer``), or that the prediction
+    was wrong."""
+    text = (f"{method} brought back {100 * share:.0f}% of the refusal lost to compression "
             f"({_rates(set_name, original, compressed, repaired)}).")
     if level == "not recovered" and perplexity_ratio is not None:
         text += (f" The compressed model's perplexity is {perplexity_ratio:.0f}× the original's: it no longer "
                  "writes fluent text, so there is no refusal left to steer, and no edit along one direction "
                  "repairs a broken model. Use a milder compression.")
-    elif level == "not recovered" and predicted in ("recoverable", "partial"):
+    elif level == "not recovered" and predicted in ("recoverable", "partial") and method == "AIRD":
         sep = f" (Cohen's d {separation[0]:.2f} vs {separation[1]:.2f})" if separation is not None else ""
         text += (f" The projections predicted more: harmful and harmless prompts still separate along the "
                  f"original direction at layer {layer}{sep}, yet amplifying that component barely restores refusal: "
