@@ -106,3 +106,28 @@ def judge_spec(text: str) -> str:
     if text.partition(":")[0] not in JUDGES:
         raise argparse.ArgumentTypeError(f"unknown judge {text!r}: use one of {', '.join(JUDGES)}")
     return text
+
+
+def repair_method(text: str) -> str:
+    """A repair method of :data:`refusal_lab.study_repairs.REPAIRS`: ``aird``, ``distill`` or ``aird+distill``."""
+    from refusal_lab.study_repairs import METHOD_NAMES
+
+    if text not in METHOD_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown repair method {text!r}: use {' | '.join(METHOD_NAMES)}")
+    return text
+
+
+def distill_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for a :class:`~refusal_lab.distill.DistillConfig` setting; VALUE is read as JSON (``20``,
+    ``2e-3``, ``[1,2]``, ``null``) and else kept as text (``merged``). Names and ranges are checked with the
+    whole set (:func:`refusal_lab.distill.config_from`)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. steps=20), got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value.strip()
+    return key.strip(), parsed

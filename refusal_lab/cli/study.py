@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from refusal_lab.cli.args import aird_spec, alpha, count, judge_spec, layer_list
+from refusal_lab.cli.args import aird_spec, alpha, count, distill_setting, judge_spec, layer_list, repair_method
 from refusal_lab.cli import add_model_args
 from refusal_lab.codec import to_json
 from refusal_lab.tables import text_table
@@ -45,6 +45,16 @@ def _repair_options(p: argparse.ArgumentParser, auto_note: str = "") -> None:
                    help=f"AIRD's fitted re-alignment of layer l*−1: auto (calibration decides{auto_note}), on, off")
 
 
+def _method_options(p: argparse.ArgumentParser) -> None:
+    """The repair method and distill settings ``study`` and ``aird`` take (:mod:`refusal_lab.study_repairs`)."""
+    p.add_argument("--method", default="aird", type=repair_method,
+                   help="the repair: aird (training-free edit, the paper's idea) | distill (a LoRA trained with the "
+                        "original as teacher) | aird+distill (AIRD, then distill from the AIRD-repaired model)")
+    p.add_argument("--distill", action="append", default=None, type=distill_setting, metavar="KEY=VALUE",
+                   help="a distill setting over its default (repeatable), e.g. steps=20, rank=8, mode=merged, "
+                        "per_kind=50; the names: refusal_lab.distill.DistillConfig")
+
+
 def register(sub) -> None:
     p = sub.add_parser("study", help="directions, compression, drift, evaluation, AIRD and a report, cached")
     _common(p)
@@ -52,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--aird", default=None, type=aird_spec, help="auto | top:K (repair K layers ending at the source layer)")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
     _repair_options(p)
+    _method_options(p)
     p.add_argument("--out", default=None, help="write the HTML report here")
     p.set_defaults(func=run_study)
 
@@ -62,6 +73,7 @@ def register(sub) -> None:
     a.add_argument("--alpha", default=None, type=alpha, help="auto | a number")
     a.add_argument("--mode", default="merged", choices=["merged", "adapter"])
     _repair_options(a, "; off with a given α and layers")
+    _method_options(a)
     a.add_argument("--methods", default="all", help="all | comma-separated subset of the comparison methods")
     a.add_argument("--no-budget", action="store_true", help="skip the budget curve")
     a.add_argument("--save", default=None, help="save the repair (adapter: r̂ + α + layers) to this folder")
@@ -117,6 +129,15 @@ def _spec(args, schemes, **kw):
     return StudySpec(model=args.model, schemes=schemes, **study_kwargs(args), **kw)
 
 
+def repair_kwargs(args: argparse.Namespace) -> dict:
+    """The spec's repair method and distill settings (``--method``, ``--distill``); empty for AIRD without
+    distill settings, so its specs — and study folders — stay those of before the option existed."""
+    out = {} if args.method == "aird" else {"repair_method": args.method}
+    if args.distill:
+        out["distill"] = dict(args.distill)
+    return out
+
+
 def _print_rows(rows: list[dict], cols: list[str]) -> None:
     def cell(v):
         if v is None:
@@ -132,19 +153,25 @@ def run_study(args: argparse.Namespace) -> int:
     from refusal_lab.report import write_report
     from refusal_lab.study import Study, summary_rows
 
+    from refusal_lab.study_repairs import method
+
     t0 = time.perf_counter()
-    study = Study(_spec(args, args.scheme, aird=args.aird, aird_mode=args.aird_mode,
-                        aird_realign=args.realign, aird_search=args.calibration), args.runs,
+    uses_aird = method(args.method).uses_aird
+    aird = args.aird or ("auto" if uses_aird and args.method != "aird" else None)  # aird+distill starts with AIRD
+    study = Study(_spec(args, args.scheme, aird=aird, aird_mode=args.aird_mode,
+                        aird_realign=args.realign, aird_search=args.calibration, **repair_kwargs(args)), args.runs,
                   on_progress=_progress_bars())
-    _announce_stages(study, study.planned_stages(budget=bool(args.aird)))
-    results = study.run(budget=bool(args.aird))
-    if args.aird:
+    budget = bool(aird) and uses_aird
+    _announce_stages(study, study.planned_stages(budget=budget))
+    results = study.run(budget=budget)
+    if budget:
         results.budget = {s: study.budget(s) for s in args.scheme}  # stored by the run
     rows = summary_rows(results)
+    costs = [] if args.method == "aird" else ["distill_rank", "parameters_changed", "density_after", "seconds"]
     _print_rows(rows, ["model", "refusal_harmful", "asr", "broken_harmful", "over_refusal_harmless", "broken_harmless",
                        "over_refusal_borderline", "perplexity", "zero_shot_accuracy", "kl_to_original", "kl_multi_token",
                        "cosine_to_original", "source_layer", "aird_layers", "aird_alpha",
-                       "aird_realign_layer"])
+                       "aird_realign_layer"] + costs)
     for s, v in results.variants.items():
         print(f"{s}: predicted from projections: {v.drift.recoverability.verdict}")
         if v.aird_verdict is not None:
@@ -160,54 +187,127 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def run_aird(args: argparse.Namespace) -> int:
-    from refusal_lab.aird import METHOD_LABELS, METHODS
-    from refusal_lab.study import Study, measured_verdict, method_row
+    from refusal_lab.aird import METHODS
+    from refusal_lab.study import Study
+    from refusal_lab.study_repairs import method
 
     layers, alpha = args.layers, args.alpha  # parsed: None = auto
+    repair = method(args.method)
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
     study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
-                        aird_realign=args.realign, aird_search=args.calibration),
+                        aird_realign=args.realign, aird_search=args.calibration, **repair_kwargs(args)),
                   args.runs, on_progress=_progress_bars())
-    planned = [p for p in study.planned_stages([args.scheme], aird=True, budget=not args.no_budget)
-               if p != f"evaluate {args.scheme}+aird"] + [f"method {args.scheme}: {m}" for m in methods]
+    budget = repair.uses_aird and not args.no_budget
+    planned = [p for p in study.planned_stages([args.scheme], aird=True, budget=budget)
+               if p != f"evaluate {args.scheme}+aird"]
+    if repair.uses_aird:
+        planned += [f"method {args.scheme}: {m}" for m in methods]
     _announce_stages(study, planned)
     d_o = study.directions("original")
     drift = study.drift(args.scheme)
-    rep = study.repair(args.scheme)
     original = study.evaluate("original")
-    comparison = study.compare_methods(args.scheme, methods)
-    rows = [method_row("original (uncompressed)", original)]
-    for m, ev in comparison.items():
-        rows.append(method_row(METHOD_LABELS[m], ev))
     print(f"original source: layer {d_o.selected[1]}, position {d_o.selected[0]}; "
           + (f"{args.scheme} source: layer {drift.variant.source.layer}; cosine of selected directions "
              f"{drift.cosine_selected:.3f}" if drift.cosine_selected is not None else
              f"cosine to {args.scheme}'s candidate at that source {drift.cosine_at_source:.3f}"))
-    fit = ("" if rep.realign is None else
-           f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
-    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
-          f"({'calibrated on val splits' if rep.auto else 'as given'})")
+    result = {"scheme": args.scheme, "drift": drift, "original": original}
+    rows, verdict_of, unrepaired = _AIRD_PARTS[repair.uses_aird](study, args, methods, result)
+    if repair.uses_distill:
+        rows.append(_distill_part(study, args, result))
+        verdict_of, unrepaired = result["repaired"], unrepaired or study.evaluate(args.scheme)
+    costs = [] if args.method == "aird" else ["seconds"]
     _print_rows(rows, ["method", "refusal_harmful", "broken_harmful", "over_refusal_harmless", "broken_harmless",
                        "over_refusal_borderline", "perplexity",
-                       "kl_to_original", "parameters_changed", "density_before", "density_after", "error"])
+                       "kl_to_original", "parameters_changed", "density_before", "density_after"] + costs + ["error"])
     print(f"diagnostic (predicted from projections): {drift.recoverability.verdict}")
-    result = {"scheme": args.scheme, "repair": rep.summary(), "drift": drift, "original": original,
-              "methods": comparison}
-    repaired = comparison.get(f"aird-{rep.mode}")
-    if repaired is not None and repaired.error is None and "none" in comparison:
-        result["aird_verdict"] = measured_verdict(original, comparison["none"], repaired, drift,
-                                                  study.eval_sets()["harmful"].name)
+    if verdict_of is not None:
+        result["aird_verdict"] = _verdict(study, args, original, unrepaired, verdict_of, drift)
         print(f"diagnostic (measured): {result['aird_verdict'].verdict}")
-    if not args.no_budget:
+    if budget:
         result["budget"] = study.budget(args.scheme)
         print("budget curve: " + ", ".join(f"{r.n_layers} layer(s) → {100 * r.refusal:.0f}% "
                                            f"({r.densified_weights:,} weights densified)" for r in result["budget"]))
     if args.save:
-        print(f"repair saved to {rep.save(args.save)}")
+        print(f"repair saved to {_save(study, args)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(to_json(result), indent=1))
     return 0
+
+
+def _aird_part(study, args, methods: tuple[str, ...], result: dict):
+    """AIRD and the repairs it is compared against (``--methods``) → (rows, the evaluation the verdict is
+    on: AIRD in its mode, when it was run next to no repair; the unrepaired variant's, when run)."""
+    from refusal_lab.aird import METHOD_LABELS
+    from refusal_lab.study import method_row
+
+    rep = study.repair(args.scheme)
+    comparison = study.compare_methods(args.scheme, methods)
+    fit = ("" if rep.realign is None else
+           f", re-alignment of layer {rep.realign_layer}'s MLP output (fitted on the train splits)")
+    print(f"AIRD repair: layers {rep.layers}, α = {rep.alpha:g}, mode {rep.mode}{fit} "
+          f"({'calibrated on val splits' if rep.auto else 'as given'})")
+    rows = [method_row("original (uncompressed)", result["original"])]
+    for m, ev in comparison.items():
+        row = method_row(METHOD_LABELS[m], ev)
+        if args.method != "aird" and m.startswith("aird-"):
+            from refusal_lab.study_repairs import aird_seconds
+
+            row["seconds"] = aird_seconds(study, args.scheme)
+        rows.append(row)
+    result.update(repair=rep.summary(), methods=comparison)
+    repaired = comparison.get(f"aird-{rep.mode}")
+    ok = repaired is not None and repaired.error is None and "none" in comparison
+    return rows, repaired if ok else None, comparison.get("none")
+
+
+def _plain_part(study, args, methods: tuple[str, ...], result: dict):
+    """Without AIRD: the original and the unrepaired variant → (rows, None, the variant's evaluation)."""
+    from refusal_lab.study import method_row
+
+    unrepaired = study.evaluate(args.scheme)
+    return [method_row("original (uncompressed)", result["original"]), method_row("No repair", unrepaired)], \
+        None, unrepaired
+
+
+_AIRD_PARTS = {True: _aird_part, False: _plain_part}  # by whether the method starts with AIRD
+
+
+def _distill_part(study, args, result: dict) -> dict:
+    """The distill repair (``--method distill`` or ``aird+distill``): trained or loaded, evaluated → its row."""
+    from refusal_lab.study_repairs import distilled, method_label
+    from refusal_lab.study_rows import repaired_row
+
+    ev = study.evaluate_method(args.scheme, args.method)
+    d = distilled(study, args.scheme, args.method).result
+    print(f"distill repair ({method_label(args.method)}): {d.config.modules} linears of blocks "
+          f"{d.layers[0]}–{d.layers[-1]}, LoRA rank {d.config.rank}, {d.config.steps} steps, mode {d.config.mode}; "
+          f"KL to the original per reply token {d.losses[0]:.4f} → {d.losses[-1]:.4f} nats")
+    result.update(method=args.method, distill=d, repaired=ev)
+    row = repaired_row(method_label(args.method), ev)
+    row["method"] = row.pop("model")
+    return row
+
+
+def _verdict(study, args, original, unrepaired, repaired, drift):
+    from refusal_lab.study import measured_verdict
+    from refusal_lab.study_repairs import method_label
+
+    return measured_verdict(original, unrepaired, repaired, drift,
+                            study.eval_sets()["harmful"].name, method=method_label(args.method))
+
+
+def _save(study, args) -> Path:
+    """``--save``: the AIRD repair (r̂ + α + layers) and/or the distill adapter, into one folder."""
+    from refusal_lab.study_repairs import distilled, method
+
+    m = method(args.method)
+    folder = Path(args.save)
+    if m.uses_aird:
+        study.repair(args.scheme).save(folder)
+    if m.uses_distill:
+        distilled(study, args.scheme, args.method).save(folder)
+    return folder
