@@ -356,6 +356,38 @@ def test_aird_page_manual_repair(study_env):
     assert any(d.label.startswith("Download the repaired model") for d in at.get("download_button"))
 
 
+def test_aird_page_distill_method(study_env):
+    """Method distill: the AIRD page trains the LoRA (few steps, few prompts here), shows it next to the
+    original and the compressed model with its cost, and a rerun loads it from the store."""
+    pytest.importorskip("refusal_lab.study")
+    state = {"study_settings": dict(FAST), "drift_schemes": ["wanda:0.5"]}
+    at = open_page(study_env, "pages/aird.py", **state)
+    at.radio(key="aird_method").set_value("distill").run()
+    at.number_input(key="distill_steps").set_value(4).run()
+    at.number_input(key="distill_per_kind").set_value(4).run()
+    button(at, "Run distill").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = at.dataframe[0].value.set_index("model")
+    assert list(table.index) == ["original", "wanda:0.5", "wanda:0.5 + distill"]
+    row = table.loc["wanda:0.5 + distill"]
+    assert row["parameters changed"] > 0 and row["seconds"] > 0 and row["LoRA rank"] == 4
+    assert row["density after"] == row["density before"]  # adapter mode: the pruned zeros stay
+    for col in ("refusal (harmful)", "over-refusal (harmless)", "over-refusal (borderline)", "perplexity"):
+        assert table[col].notna().all()
+    assert "α" not in table.columns  # no AIRD in this repair
+    measured = [e.value for e in (*at.success, *at.warning, *at.error) if e.value.startswith("Measured:")]
+    assert len(measured) == 1 and ("distill brought back" in measured[0] or "nothing to recover" in measured[0])
+    assert any(d.label.startswith("Distill adapter") for d in at.get("download_button"))
+    import pages._shared as shared
+    shared.workspace.clear()  # a restart: the stored result is loaded without a click
+    at2 = open_page(study_env, "pages/aird.py", **state)
+    at2.radio(key="aird_method").set_value("distill").run()
+    at2.number_input(key="distill_steps").set_value(4).run()
+    at2.number_input(key="distill_per_kind").set_value(4).run()
+    assert button(at2, "Run distill").disabled and not errors(at2)
+    assert at2.dataframe[0].value.set_index("model").loc["wanda:0.5 + distill", "seconds"] == row["seconds"]
+
+
 def test_report_page_html_export_of_a_dashboard_study(study_env):
     """After the drift and AIRD tests (same module, same run store): the HTML report has both."""
     pytest.importorskip("refusal_lab.study")
