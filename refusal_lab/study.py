@@ -499,32 +499,9 @@ class Study:
                             codec=RepairedEvaluation)
 
     def compare_methods(self, scheme: str, methods: tuple[str, ...] | None = None) -> dict[str, MethodEvaluation]:
-        """Every repair method of :data:`refusal_lab.aird.METHODS` on ``scheme`` (those that cannot apply to
-        this variant, e.g. weight edits on bitsandbytes layers, are reported with the reason)."""
-        from refusal_lab.aird import METHODS, AIRDError, changed_parameters, method_applied, writer_density
-
-        methods = tuple(methods or METHODS)
-        rep = self.repair(scheme)
-        out = {}
-        for method in methods:
-            def compute(method=method):
-                c = self.variant(scheme)
-                ref = self._original_harmless_logits()
-                edited = rep if method.startswith("aird") else rep.layers
-                before = writer_density(c, edited)
-                try:
-                    with method_applied(method, self.original, c, rep, self.directions("original").direction) as h:
-                        ev = self._evaluate_handle(h, f"{scheme}: {method}", ref, MethodEvaluation, method=method,
-                                                   density_before=before,
-                                                   parameters_changed=changed_parameters(method, c, rep))
-                        ev.density_after = writer_density(h, edited)
-                except AIRDError as e:
-                    return MethodEvaluation(method=method, error=str(e))
-                return ev
-
-            key = self._eval_key(f"{scheme}:{method}") + rep.key()
-            out[method] = self._cached(f"method {scheme}: {method}", key, compute, codec=MethodEvaluation)
-        return out
+        """Every repair of :data:`refusal_lab.aird.METHODS` (AIRD and what it is compared against) on
+        ``scheme``: :func:`refusal_lab.study_repairs.compare_methods`."""
+        return study_repairs.compare_methods(self, scheme, methods)
 
     def budget(self, scheme: str, max_layers: int = 8) -> list[BudgetPoint]:
         """AIRD budget curve for ``scheme`` on the harmful evaluation set (adapter form, same α)."""

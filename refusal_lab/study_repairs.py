@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from refusal_lab.results import Density, Evaluation, RepairedEvaluation, RepairResult, Verdict
+from refusal_lab.results import Density, Evaluation, MethodEvaluation, RepairedEvaluation, RepairResult, Verdict
 
 if TYPE_CHECKING:  # the study imports this module; torch-heavy imports stay lazy
     from refusal_lab.distill import DistillConfig, Distilled
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the study imports this module; torch-heavy imports stay laz
 
 __all__ = ["REPAIRS", "METHOD_NAMES", "RepairMethod", "check_method", "distill_config", "teacher_replies",
            "distilled", "evaluate_method", "method_label", "planned_stages", "repair_result", "run_repairs",
-           "variant_repairs"]
+           "variant_repairs", "compare_methods"]
 
 DATA_STAGE = "distill teacher replies"
 
@@ -240,6 +240,36 @@ def evaluate_distilled(study: "Study", scheme: str, name: str = "distill") -> Re
 
     key = study._eval_key(f"{scheme}+{name}") + rep.key() + _aird_key(study, scheme, name)
     return study._cached(f"evaluate {scheme}+{name}", key, compute, codec=RepairedEvaluation)
+
+
+def compare_methods(study: "Study", scheme: str, methods: tuple[str, ...] | None = None) -> dict[str, MethodEvaluation]:
+    """Every repair of :data:`refusal_lab.aird.METHODS` on ``scheme`` — AIRD merged and adapter and the
+    repairs it is compared against, each evaluated with its parameters changed and density (those that
+    cannot apply to this variant, e.g. weight edits on bitsandbytes layers, are reported with the reason)."""
+    from refusal_lab.aird import METHODS, AIRDError, changed_parameters, method_applied, writer_density
+
+    methods = tuple(methods or METHODS)
+    rep = study.repair(scheme)
+    out = {}
+    for name in methods:
+        def compute(name=name):
+            c = study.variant(scheme)
+            ref = study._original_harmless_logits()
+            edited = rep if name.startswith("aird") else rep.layers
+            before = writer_density(c, edited)
+            try:
+                with method_applied(name, study.original, c, rep, study.directions("original").direction) as h:
+                    ev = study._evaluate_handle(h, f"{scheme}: {name}", ref, MethodEvaluation, method=name,
+                                                density_before=before,
+                                                parameters_changed=changed_parameters(name, c, rep))
+                    ev.density_after = writer_density(h, edited)
+            except AIRDError as e:
+                return MethodEvaluation(method=name, error=str(e))
+            return ev
+
+        key = study._eval_key(f"{scheme}:{name}") + rep.key()
+        out[name] = study._cached(f"method {scheme}: {name}", key, compute, codec=MethodEvaluation)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
