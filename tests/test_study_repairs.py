@@ -135,9 +135,9 @@ def test_aird_command_runs_each_method(method, tiny_folder, runs, tmp_path, caps
     from refusal_lab.cli import main
 
     out = tmp_path / "out.json"
-    extra = CLI_DISTILL if method != "aird" else []
+    extra = (CLI_DISTILL if method != "aird" else []) + (["--methods", "none,aird-merged"] if "aird" in method else [])
     assert main(["aird", "--model", tiny_folder, "--scheme", SCHEME, "--layers", "1,2", "--alpha", "2", "--limit", "4",
-                 "--max-new-tokens", "4", "--methods", "none,aird-merged", "--no-budget", "--device", "cpu",
+                 "--max-new-tokens", "4", "--no-budget", "--device", "cpu",
                  "--runs", str(runs), "--json", str(out), "--method", method, *extra,
                  "--save", str(tmp_path / "saved")]) == 0
     text = capsys.readouterr().out
@@ -165,6 +165,7 @@ def test_aird_command_runs_each_method(method, tiny_folder, runs, tmp_path, caps
     (["aird", "--method", "distill", "--distill", "steps=0"], "steps must be ≥ 1"),
     (["aird", "--method", "distill", "--distill", "steps"], "expected KEY=VALUE"),
     (["aird", "--distill", "steps=3"], "distill settings need a method that trains one"),
+    (["aird", "--method", "distill", "--methods", "none"], "--methods compares AIRD with other repairs"),
 ])
 def test_bad_method_input_is_one_error_line(args, message, tiny_folder, tmp_path, capsys):
     from refusal_lab.cli import main

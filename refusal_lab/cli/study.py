@@ -197,6 +197,9 @@ def run_aird(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+    if not repair.uses_aird and args.methods != "all":
+        raise ValueError(f"--methods compares AIRD with other repairs: use it with --method aird or aird+distill, "
+                         f"not {args.method}")
     study = Study(_spec(args, [args.scheme], aird="auto", aird_mode=args.mode, aird_alpha=alpha, aird_layers=layers,
                         aird_realign=args.realign, aird_search=args.calibration, **repair_kwargs(args)),
                   args.runs, on_progress=_progress_bars())
