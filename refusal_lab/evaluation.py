@@ -21,10 +21,13 @@ PERPLEXITY_LABEL = f"perplexity (bundled English text, {REFERENCE_WINDOW}-token 
 
 def reference_perplexity(handle: ModelHandle, *, progress: Progress | None = None) -> float:
     """The perplexity every view shows (:data:`PERPLEXITY_LABEL`): :func:`perplexity` of the whole
-    bundled English text with windows of ``REFERENCE_WINDOW`` tokens (stride half a window)."""
+    bundled English text with windows of ``REFERENCE_WINDOW`` tokens (stride half a window); measured once
+    per unchanged weights (:func:`refusal_lab.measurements.measured`)."""
+    from refusal_lab.measurements import measured
     from refusal_lab.prompts import bundled_text
 
-    return perplexity(handle, bundled_text(), max_length=REFERENCE_WINDOW, progress=progress)
+    return measured(handle, f"reference perplexity {REFERENCE_WINDOW}",
+                    lambda: perplexity(handle, bundled_text(), max_length=REFERENCE_WINDOW, progress=progress), progress)
 
 
 @torch.no_grad()

@@ -52,3 +52,26 @@ def test_perplexity_caps_window_at_context_length():
     assert len(h.tokenizer(long, add_special_tokens=False)["input_ids"]) > 256
     p = perplexity(h, long, max_length=4096)
     assert p == perplexity(h, long, max_length=256) and math.isfinite(p)
+
+
+def test_reference_perplexity_is_measured_once_per_unchanged_weights(monkeypatch):
+    """The Compress page and the study's evaluation share a handle: the second asks the first's value,
+    unless the weights changed in place or a hook is on the model."""
+    import refusal_lab.evaluation as ev
+
+    h = tiny_handle("llama")
+    calls = []
+    monkeypatch.setattr(ev, "perplexity", lambda *a, **k: calls.append(1) or 7.0 + len(calls))
+    done = []
+    assert ev.reference_perplexity(h) == 8.0
+    assert ev.reference_perplexity(h, progress=lambda d, t: done.append((d, t))) == 8.0
+    assert len(calls) == 1 and done == [(1, 1)]  # reused; its progress bar told it is complete
+    hook = h.blocks[0].register_forward_hook(lambda *a: None)
+    try:
+        assert ev.reference_perplexity(h) == 9.0  # hooked: measured afresh
+    finally:
+        hook.remove()
+    assert ev.reference_perplexity(h) == 8.0
+    with torch.no_grad():
+        h.blocks[1].self_attn.o_proj.weight.add_(1.0)
+    assert ev.reference_perplexity(h) == 10.0 and len(calls) == 3
