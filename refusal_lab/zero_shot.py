@@ -107,29 +107,102 @@ def bundled_items() -> list[Item]:
 
 def option_logprobs(handle: ModelHandle, items: Sequence[Item], *, batch_size: int = 16,
                     progress: Progress | None = None) -> torch.Tensor:
-    """Summed log-likelihood of each option's tokens after its item's prompt, ``(n_items, 4)`` float64
-    (one forward per batch of prompt + option sequences: :func:`refusal_lab.activations.continuation_logits`)."""
+    """Summed log-likelihood of each option's tokens after its item's prompt, ``(n_items, 4)`` float64.
+
+    Items run ``batch_size`` at a time, shortest prompts together: one forward over their prompts keeps
+    the key/value cache, one over the four options of each continues from it
+    (:func:`shared_context_logprobs`); where the model's cache cannot be shared, one forward per batch of
+    whole prompt + option sequences (:func:`refusal_lab.activations.continuation_logits`)."""
+    tok = handle.tokenizer
+    ctx = [tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"] for it in items]
+    opts = [[tok(f" {o}", add_special_tokens=False)["input_ids"] for o in it.options] for it in items]
+    scores = torch.empty(len(items), 4, dtype=torch.float64)
+    order = sorted(range(len(items)), key=lambda i: len(ctx[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        scores[idx] = shared_context_logprobs(handle, [ctx[i] for i in idx], [opts[i] for i in idx])
+        report(progress, 4 * min(start + batch_size, len(order)), 4 * len(order))
+    return scores
+
+
+def _shareable(handle: ModelHandle, longest: int) -> bool:
+    """Whether a left-padded context's cache may be continued: no sliding window the padded sequence
+    reaches (windows count cache indices, which padding shifts)."""
+    window = getattr(handle.model.config, "sliding_window", None)
+    return not window or longest < int(window)
+
+
+@torch.inference_mode()
+def shared_context_logprobs(handle: ModelHandle, contexts: Sequence[Sequence[int]],
+                            continuations: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Summed log-likelihood of each continuation after its context, ``(n_contexts, k)`` float64 for
+    ``k`` continuations per context. The contexts run once (left-padded, cache kept) and their cache is
+    repeated for the continuations, instead of running every context once per continuation: the same
+    sums up to floating-point order (``tests/test_zero_shot.py``; BENCHMARKS.md "Dashboard"). Written
+    here because transformers scores one sequence per row."""
+    from refusal_lab.activations import _last_index, left_pad
+    from refusal_lab.precision import compute
+
+    k = len(continuations[0])
+    flat = [list(o) for opts in continuations for o in opts]
+    width = max(len(c) for c in contexts) + max(len(o) for o in flat)
+    if any(len(opts) != k for opts in continuations) or not all(flat):
+        raise ValueError("every context needs the same number of non-empty continuations")
+    rows = [(list(c), o) for c, opts in zip(contexts, continuations) for o in opts]
+    if not _shareable(handle, width):
+        return _one_row_each(handle, rows, k)
+    ids, mask = left_pad(contexts, handle.tokenizer.pad_token_id or 0)
+    dev = handle.device
+    with handle.lock, compute(handle):
+        out = handle.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                           position_ids=((mask.cumsum(-1) - 1).clamp(min=0)).to(dev), use_cache=True,
+                           logits_to_keep=_last_index(handle, ids.shape[1]))
+        cache = out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # a legacy tuple cache
+            return _one_row_each(handle, rows, k)
+        first = torch.log_softmax(out.logits[:, -1].double().cpu(), -1).repeat_interleave(k, 0)  # (n k, vocab)
+        scores = first[torch.arange(len(flat)), torch.tensor([o[0] for o in flat])]
+        rest = max(len(o) for o in flat) - 1  # tokens fed after the context (the last is only predicted)
+        if rest:
+            cache.batch_repeat_interleave(k)
+            oids = torch.zeros((len(flat), rest), dtype=torch.long)
+            omask = torch.zeros_like(oids)
+            for r, o in enumerate(flat):
+                oids[r, :len(o) - 1], omask[r, :len(o) - 1] = torch.tensor(o[:-1]), 1
+            seen = mask.sum(-1).repeat_interleave(k)[:, None]
+            logits = handle.model(input_ids=oids.to(dev), past_key_values=cache, use_cache=True,
+                                  attention_mask=torch.cat([mask.repeat_interleave(k, 0), omask], 1).to(dev),
+                                  position_ids=(seen + torch.arange(rest)).to(dev)).logits
+            for r, o in enumerate(flat):
+                if len(o) > 1:
+                    scores[r] += _summed(logits[r, :len(o) - 1].float().cpu(), o[1:])
+    return scores.view(len(contexts), k)
+
+
+def _one_row_each(handle: ModelHandle, rows: list[tuple[list[int], list[int]]], k: int) -> torch.Tensor:
+    """:func:`shared_context_logprobs` without sharing: every (context, continuation) row whole."""
     from refusal_lab.activations import continuation_logits
 
-    tok = handle.tokenizer
-    rows = []
-    for it in items:
-        ctx = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
-        rows += [(ctx, tok(f" {o}", add_special_tokens=False)["input_ids"]) for o in it.options]
-    scores = torch.empty(len(rows), dtype=torch.float64)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        for i, (logits, (_, o)) in enumerate(zip(continuation_logits(handle, batch), batch)):
-            logp = torch.log_softmax(logits.double(), -1)
-            scores[start + i] = logp[torch.arange(len(o)), torch.tensor(o)].sum()
-        report(progress, min(start + batch_size, len(rows)), len(rows))
-    return scores.view(len(items), 4)
+    sums = [float(_summed(lg, o)) for lg, (_, o) in zip(continuation_logits(handle, rows), rows)]
+    return torch.tensor(sums, dtype=torch.float64).view(len(rows) // k, k)
+
+
+def _summed(logits: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """Summed log-probability of ``tokens`` under ``logits`` ``(len(tokens), vocab)``, float64."""
+    logp = torch.log_softmax(logits.double(), -1)
+    return logp[torch.arange(len(tokens)), torch.tensor(list(tokens))].sum()
 
 
 def accuracy(handle: ModelHandle, items: Sequence[Item] | None = None, *,
              progress: Progress | None = None) -> tuple[float, float]:
-    """``(share of items answered right, its standard error)`` on ``items`` (default :func:`bundled_items`)."""
-    items = list(items) if items is not None else bundled_items()
-    right = option_logprobs(handle, items, progress=progress).argmax(-1) == torch.tensor([it.answer for it in items])
-    p = float(right.double().mean())
-    return p, math.sqrt(p * (1 - p) / len(items))
+    """``(share of items answered right, its standard error)`` on ``items`` (default :func:`bundled_items`,
+    measured once per unchanged weights: :func:`refusal_lab.measurements.measured`)."""
+    from refusal_lab.measurements import measured
+
+    def compute() -> tuple[float, float]:
+        chosen = option_logprobs(handle, todo, progress=progress).argmax(-1)
+        p = float((chosen == torch.tensor([it.answer for it in todo])).double().mean())
+        return p, math.sqrt(p * (1 - p) / len(todo))
+
+    todo = list(items) if items is not None else bundled_items()
+    return compute() if items is not None else measured(handle, "zero-shot bundled", compute, progress)

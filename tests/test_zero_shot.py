@@ -41,3 +41,50 @@ def test_accuracy_and_its_standard_error(monkeypatch):
     monkeypatch.setattr(zs, "option_logprobs", lambda handle, its, progress=None: picks)
     p, se = accuracy(None, items)
     assert p == pytest.approx(0.75) and se == pytest.approx((0.75 * 0.25 / 8) ** 0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_shared_context_scores_equal_whole_sequences(arch):
+    """The fast path (each prompt once, its cache continued by the four options) gives the sums the whole
+    prompt + option rows give, and the same answer on every item."""
+    from refusal_lab.activations import continuation_logits
+    from refusal_lab.zero_shot import _summed
+
+    h = tiny_handle(arch)
+    items = bundled_items()[::9]  # every kind, prompts of different lengths (padding in each batch)
+    fast = option_logprobs(h, items, batch_size=8)
+    tok = h.tokenizer
+    rows = [(tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"],
+             tok(f" {o}", add_special_tokens=False)["input_ids"]) for it in items for o in it.options]
+    exact = torch.tensor([float(_summed(lg, o)) for lg, (_, o) in zip(continuation_logits(h, rows), rows)],
+                         dtype=torch.float64).view(len(items), 4)
+    assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(fast.argmax(-1), exact.argmax(-1))
+
+
+def test_accuracy_is_measured_once_per_unchanged_weights(monkeypatch):
+    import refusal_lab.zero_shot as zs
+    from refusal_lab.interventions import intervene
+
+    h = tiny_handle("llama")
+    calls = []
+    real = zs.option_logprobs
+    monkeypatch.setattr(zs, "option_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = accuracy(h)
+    assert accuracy(h) == first and len(calls) == 1  # reused
+    direction = torch.randn(h.d_model)
+    with intervene("ablate", h, direction):  # hooks in place: measured afresh, not remembered
+        accuracy(h)
+    assert len(calls) == 2
+    with intervene("orthogonalize", h, direction):  # weights swapped for edited ones
+        accuracy(h)
+    assert len(calls) == 3
+    accuracy(h)
+    assert len(calls) == 3  # the hooks and edits are gone: the remembered value again
+    with torch.no_grad():
+        h.blocks[0].mlp.down_proj.weight.mul_(0.5)  # an edit in place
+    accuracy(h)
+    assert len(calls) == 4
+    import dataclasses
+    accuracy(dataclasses.replace(h, fingerprint="other"))
+    assert len(calls) == 5  # another handle remembers its own
