@@ -12,6 +12,7 @@ other's steering; a study reports progress per call (:meth:`refusal_lab.study.St
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -137,6 +138,22 @@ def cancel_button(key: str):
     return slot
 
 
+class _Throttle:
+    """At most one progress-bar update per ``interval`` seconds, besides every stage's first and last
+    step: each update is a message to the browser, and a fast loop's hundreds per second cost the
+    computation CPU time (the server and the browser share the machine's cores)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.last, self.stage = interval, float("-inf"), None
+
+    def due(self, stage: str, done: int, total: int) -> bool:
+        now = time.monotonic()
+        if stage != self.stage or done >= total or now - self.last >= self.interval:
+            self.stage, self.last = stage, now
+            return True
+        return False
+
+
 def progress_callback(stage: str, *, cancel_key: str | None = None, container=None):
     """A library progress callback ``(done, total)`` that drives an ``st.progress`` bar labelled with
     ``stage``; raises :class:`Cancelled` once Cancel (``cancel_key``) is clicked after it was made."""
@@ -144,11 +161,14 @@ def progress_callback(stage: str, *, cancel_key: str | None = None, container=No
     bar = where.progress(0.0, text=f"{stage} …")
     cancelled = cancel_check(cancel_key)
 
+    shown = _Throttle()
+
     def callback(done: int, total: int) -> None:
         if cancelled():
             raise Cancelled(stage)
-        frac = 0.0 if total <= 0 else min(1.0, done / total)
-        bar.progress(frac, text=f"{stage} · {done}/{total}")
+        if shown.due(stage, done, total):
+            frac = 0.0 if total <= 0 else min(1.0, done / total)
+            bar.progress(frac, text=f"{stage} · {done}/{total}")
 
     callback.bar = bar  # type: ignore[attr-defined]
     return callback
@@ -368,11 +388,14 @@ def run_study(handle: ModelHandle | None, study, fn, *, what: str, cancel_key: s
     cancelled = cancel_check(cancel_key)
     eta = Eta()
     whole = None
+    shown = _Throttle()
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if cancelled():
             raise Cancelled(stage)
         here = eta.update(stage, done, total)
+        if not shown.due(stage, done, total):
+            return
         left = format_seconds(here)
         text = f"{what} · {stage} · {done}/{total}" + (f" · {left} left in this step" if left else "")
         if whole is not None:

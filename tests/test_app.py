@@ -470,3 +470,25 @@ def test_home_demo_story_tells_the_three_steps(study_env):
     again = open_page(study_env)
     button(again, "Run the demo study").click().run()
     assert [h.value for h in again.subheader] == heads
+
+
+def test_progress_bars_update_the_browser_a_few_times_a_second_and_always_at_the_end():
+    """Every bar update is a message to the browser: a fast loop's steps are thinned out, a new stage's
+    first step and every stage's last step are always shown."""
+    from pages._shared import _Throttle
+
+    clock = [0.0]
+    shown = _Throttle(interval=0.25)
+    import pages._shared as shared
+    real = shared.time.monotonic
+    try:
+        shared.time.monotonic = lambda: clock[0]
+        seen = []
+        for step in range(1, 101):
+            clock[0] += 0.01  # 100 steps in one second
+            if shown.due("a", step, 100):
+                seen.append(step)
+        assert seen[0] == 1 and seen[-1] == 100 and 4 <= len(seen) <= 6
+        assert shown.due("b", 1, 10)  # a new stage shows at once
+    finally:
+        shared.time.monotonic = real
