@@ -61,8 +61,9 @@ def identical(a, b) -> bool:
     return not differences(a, b, RUN_SPECIFIC)
 
 
-def rates(results: dict) -> dict[str, float]:
-    """Every refusal rate of a study's results: ``model/set`` → rate (original, variants, repaired)."""
+def rates(results: dict, rule=None) -> dict[str, float]:
+    """Every refusal rate of a study's results: ``model/set`` → rate (original, variants, repaired); with
+    ``rule`` (reply text → refused?) the share of replies it calls refusals instead of the stored rate."""
     out = {}
     models = [("original", results["original"]["evaluation"])]
     for scheme, v in results["variants"].items():
@@ -71,13 +72,24 @@ def rates(results: dict) -> dict[str, float]:
             models.append((f"{scheme} + AIRD", v["repaired"]))
     for name, ev in models:
         for kind, res in ev["sets"].items():
-            out[f"{name} / {kind}"] = res["refusal_rate"]
+            replies = res["results"]
+            out[f"{name} / {kind}"] = (res["refusal_rate"] if rule is None else
+                                       sum(bool(rule(r["response"])) for r in replies) / len(replies))
     return out
 
 
-def rate_rows(new: dict, ref: dict) -> list[dict]:
-    """The rates of two results side by side, the difference in points."""
-    a, b = rates(new), rates(ref)
+def judged_before_outcomes(results: dict) -> bool:
+    """Whether results predate #22's three outcomes (refused / complied / broken): their refusal rate then
+    counted every reply the substring rule (:func:`refusal_lab.judges.is_refusal`) calls a refusal —
+    empty and looping ones included — where the current rate leaves broken replies out."""
+    sets = results["original"]["evaluation"]["sets"].values()
+    return not any("outcome" in r for s in sets for r in s["results"])
+
+
+def rate_rows(new: dict, ref: dict, rule=None) -> list[dict]:
+    """The rates of two results side by side, the difference in points (``rule``: :func:`rates`, for
+    the new results)."""
+    a, b = rates(new, rule), rates(ref)
     return [{"rate": k, "reference": b.get(k), "new": a[k],
              "points": None if b.get(k) is None else round(100 * (a[k] - b[k]), 1)} for k in a]
 
@@ -153,6 +165,18 @@ def main() -> int:
         print(text_table(["rate", "reference", "new", "points"],
                          [[r["rate"], r["reference"], r["new"], r["points"]] for r in rows]))
         checks["rates_within_3_points"] = all(r["points"] is not None and abs(r["points"]) <= 3 for r in rows)
+        reference = json.loads(Path(args.rates_against).read_text())
+        if judged_before_outcomes(reference):  # the same replies judged as the reference judged its own
+            from refusal_lab.judges import is_refusal
+
+            same_rule = rate_rows(results[-2], reference, is_refusal)
+            print("\nthe same, the new replies judged by the reference's rule (is_refusal; broken replies count):")
+            print(text_table(["rate", "reference", "new", "points"],
+                             [[r["rate"], r["reference"], r["new"], r["points"]] for r in same_rule]))
+            checks["rates_within_3_points_by_the_reference_rule"] = all(
+                r["points"] is not None and abs(r["points"]) <= 3 for r in same_rule)
+            rows = [{**r, "new_by_reference_rule": q["new"], "points_by_reference_rule": q["points"]}
+                    for r, q in zip(rows, same_rule)]
     if args.reference:
         checks["identical_to_reference"] = identical(results[-2], json.loads(Path(args.reference).read_text()))
     print("checks:", checks)
