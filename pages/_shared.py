@@ -342,13 +342,16 @@ def judge_widgets(where, saved: str) -> str:
 def replies_audit(evaluations: dict, key: str) -> None:
     """The replies behind the rates above: ``evaluations`` by model label
     (:class:`refusal_lab.results.Evaluation`), filtered by outcome; compared with another judge, the
-    replies where the two disagree."""
+    replies where the two disagree. Its content runs only while the expander is open."""
     import pandas as pd
 
     from refusal_lab.judge_audit import rejudge, reply_rows
     from refusal_lab.judges import OUTCOMES
 
-    with st.expander("Replies behind these rates"):
+    box = st.expander("Replies behind these rates", key=f"{key}_open", on_change="rerun")
+    if not box.open:  # rendered only when opened: a page switch does not send every reply to the browser
+        return
+    with box:
         c1, c2, c3, c4 = st.columns(4)
         model = c1.selectbox("Model", list(evaluations), key=f"{key}_model")
         ev = evaluations[model]

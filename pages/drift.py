@@ -162,47 +162,51 @@ with box:
                        yaxis_range=[0, 1], height=320, margin=dict(l=10, r=10, t=50, b=10))
     st.plotly_chart(bars, width="stretch", key="refusal_bars")
 
-    left, right = st.columns(2)
-    with left:
-        scored = [s for s, v in variants.items() if v["directions"].selected is not None]
-        which = st.selectbox("Candidate scores of", ["original", *scored], key="heatmap_of",
-                             help="variants appear here when their own direction was selected (Evaluation "
-                                  "settings)")
-        ds = d_o if which == "original" else variants[which]["directions"]
-        toks = ds.metadata.get("post_instruction_tokens") or []
-        ylabels = [f"{p} {toks[p]!r}" if toks and -len(toks) <= p < 0 else str(p) for p in ds.positions]
-        metric = st.radio("Score", ["induce", "bypass", "KL"], horizontal=True, key="heatmap_score",
-                          help="The search scores induce for every candidate, bypass only for those that "
-                               "induce refusal, KL until one passes; blank cells were not needed.")
-        z = getattr(ds, metric.lower()).tolist()
-        heat = go.Figure(go.Heatmap(z=[[None if x != x else x for x in row] for row in z], y=ylabels,
-                                    x=list(range(ds.n_layers)), colorscale="RdBu_r", colorbar_title=metric))
-        if ds.selected is not None:
-            heat.add_scatter(x=[ds.selected[1]], y=[ylabels[ds.pos_index(ds.selected[0])]], mode="markers",
-                             marker=dict(symbol="x", size=14, color="black"), name="selected", showlegend=False)
-        heat.update_layout(title=f"{metric} score per candidate — {which} (× = selected)", xaxis_title="layer",
-                           yaxis_title="position", height=360, margin=dict(l=10, r=10, t=50, b=10))
-        st.plotly_chart(heat, width="stretch", key="heatmap")
-    with right:
-        pick = st.selectbox("Projection bands of", list(variants), key="bands_of")
-        pr = variants[pick]["drift"].projections
-        band = go.Figure()
-        for who, dash in (("original", "solid"), ("variant", "dot")):
-            p = pr[who]
-            x = list(range(len(p.harmful_mean)))
-            for kind, color in (("harmful", "220,40,40"), ("harmless", "40,90,220")):
-                m, sd = getattr(p, f"{kind}_mean"), getattr(p, f"{kind}_std")
-                label = f"{kind} · {'original' if who == 'original' else pick}"
-                band.add_scatter(x=x + x[::-1], y=[a + b for a, b in zip(m, sd)] + [a - b for a, b in zip(m, sd)][::-1],
-                                 fill="toself", fillcolor=f"rgba({color},{0.15 if who == 'original' else 0.08})",
-                                 line=dict(width=0), hoverinfo="skip", showlegend=False)
-                band.add_scatter(x=x, y=m, mode="lines", name=label, line=dict(color=f"rgb({color})", dash=dash))
-        band.update_layout(title="Projection on the original's direction (mean ± std per layer)",
-                           xaxis_title="layer (last = final norm input)", yaxis_title="projection", height=360,
-                           margin=dict(l=10, r=10, t=50, b=10))
-        st.plotly_chart(band, width="stretch", key="bands")
-    rec = variants[pick]["drift"].recoverability
-    (st.success if rec.level == "recoverable" else st.warning)(
-        f"**{pick}** — predicted from projections (the AIRD page measures it): {rec.verdict}")
+    scores_tab, bands_tab = st.tabs(["Candidate scores", "Projection bands"], key="drift_detail",
+                                    on_change="rerun")
+    if scores_tab.open:  # only the selected tab is computed and sent (a page switch draws one chart)
+        with scores_tab:
+            scored = [s for s, v in variants.items() if v["directions"].selected is not None]
+            which = st.selectbox("Candidate scores of", ["original", *scored], key="heatmap_of",
+                                 help="variants appear here when their own direction was selected (Evaluation "
+                                      "settings)")
+            ds = d_o if which == "original" else variants[which]["directions"]
+            toks = ds.metadata.get("post_instruction_tokens") or []
+            ylabels = [f"{p} {toks[p]!r}" if toks and -len(toks) <= p < 0 else str(p) for p in ds.positions]
+            metric = st.radio("Score", ["induce", "bypass", "KL"], horizontal=True, key="heatmap_score",
+                              help="The search scores induce for every candidate, bypass only for those that "
+                                   "induce refusal, KL until one passes; blank cells were not needed.")
+            z = getattr(ds, metric.lower()).tolist()
+            heat = go.Figure(go.Heatmap(z=[[None if x != x else x for x in row] for row in z], y=ylabels,
+                                        x=list(range(ds.n_layers)), colorscale="RdBu_r", colorbar_title=metric))
+            if ds.selected is not None:
+                heat.add_scatter(x=[ds.selected[1]], y=[ylabels[ds.pos_index(ds.selected[0])]], mode="markers",
+                                 marker=dict(symbol="x", size=14, color="black"), name="selected", showlegend=False)
+            heat.update_layout(title=f"{metric} score per candidate — {which} (× = selected)", xaxis_title="layer",
+                               yaxis_title="position", height=360, margin=dict(l=10, r=10, t=50, b=10))
+            st.plotly_chart(heat, width="stretch", key="heatmap")
+    if bands_tab.open:
+        with bands_tab:
+            pick = st.selectbox("Projection bands of", list(variants), key="bands_of")
+            pr = variants[pick]["drift"].projections
+            band = go.Figure()
+            for who, dash in (("original", "solid"), ("variant", "dot")):
+                p = pr[who]
+                x = list(range(len(p.harmful_mean)))
+                for kind, color in (("harmful", "220,40,40"), ("harmless", "40,90,220")):
+                    m, sd = getattr(p, f"{kind}_mean"), getattr(p, f"{kind}_std")
+                    label = f"{kind} · {'original' if who == 'original' else pick}"
+                    band.add_scatter(x=x + x[::-1], y=[a + b for a, b in zip(m, sd)] + [a - b for a, b in zip(m, sd)][::-1],
+                                     fill="toself", fillcolor=f"rgba({color},{0.15 if who == 'original' else 0.08})",
+                                     line=dict(width=0), hoverinfo="skip", showlegend=False)
+                    band.add_scatter(x=x, y=m, mode="lines", name=label, line=dict(color=f"rgb({color})", dash=dash))
+            band.update_layout(title="Projection on the original's direction (mean ± std per layer)",
+                               xaxis_title="layer (last = final norm input)", yaxis_title="projection", height=360,
+                               margin=dict(l=10, r=10, t=50, b=10))
+            st.plotly_chart(band, width="stretch", key="bands")
+    for name, v in variants.items():
+        rec = v["drift"].recoverability
+        (st.success if rec.level == "recoverable" else st.warning)(
+            f"**{name}** — predicted from projections (the AIRD page measures it): {rec.verdict}")
     for w in d_o.warnings:
         st.caption(f"original direction: {w}")

@@ -306,9 +306,17 @@ def test_drift_page_runs_and_reloads_from_the_store(study_env):
     for col in ("refusal (harmful)", "over-refusal (harmless)"):
         assert 0.0 <= table.loc["wanda:0.5", col] <= 1.0
     assert table.loc["wanda:0.5", "recoverability"] in ("recoverable", "partial", "unrecoverable")
-    assert len(at.get("plotly_chart")) == 4  # cosine per layer, refusal bars, heatmap, projection bands
+    charts = lambda: " ".join(c.proto.spec for c in at.get("plotly_chart"))  # noqa: E731
+    assert len(at.get("plotly_chart")) == 3  # cosine per layer, refusal bars, the selected tab's: heatmap
+    assert "score per candidate" in charts() and "Projection on the original" not in charts()
+    at.session_state["drift_detail"] = "Projection bands"  # the other tab: its chart instead
+    at.run()
+    assert "Projection on the original" in charts() and "score per candidate" not in charts()
     # the replies behind the rates: all of the original's harmful replies, then only those the score judge
     # calls differently
+    assert not [d for d in at.dataframe if "reply" in d.value.columns]  # the audit renders once opened
+    at.session_state["drift_audit_open"] = True
+    at.run()
     [audit] = [d.value for d in at.dataframe if "reply" in d.value.columns]
     assert len(audit) == FAST["limit"] and set(audit["outcome"]) <= {"refused", "complied", "broken"}
     at.selectbox(key="drift_audit_other").set_value("score").run()
