@@ -162,21 +162,47 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
 
 @torch.inference_mode()
 def continuation_logits(handle: ModelHandle, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
-    """Teacher-forced: for each ``(context ids, continuation ids)`` pair, the float32 CPU logits
-    ``(len(continuation), vocab)`` at the positions that predict the continuation's tokens, from one
-    forward of the batch right-padded (padding after the real tokens changes nothing before it, and
-    positions stay those of the unpadded sequences)."""
+    """Teacher-forced: for each ``(context ids, continuation ids)`` pair (context not empty), the float32
+    CPU logits ``(len(continuation), vocab)`` at the positions that predict the continuation's tokens, from
+    one forward of the batch left-padded (positions counted from each row's first real token), unembedding
+    only the last ``max(len(continuation)) + 1`` positions (every row's continuation ends the batch); a
+    prefix every row shares runs once (:func:`shared_prefix`, :func:`prefix_cache`)."""
+    if any(not c for c, _ in pairs):
+        raise ValueError("every continuation needs a context token before it")
     seqs = [list(c) + list(o) for c, o in pairs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), handle.tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, :len(s)] = 1
+    window = getattr(handle.model.config, "sliding_window", None)
+    if window and max(len(s) for s in seqs) >= int(window):  # left padding would shift the window (indices)
+        return [_whole_row_logits(handle, s)[len(c) - 1:len(s) - 1] for s, (c, _) in zip(seqs, pairs)]
+    keep = max(len(o) for _, o in pairs)
+    dev = handle.device
     with handle.lock, compute(handle):
-        logits = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
-                              use_cache=False).logits.float().cpu()
-    return [logits[row, len(c) - 1:len(c) - 1 + len(o)] for row, (c, o) in enumerate(pairs)]
+        prefix = shared_prefix(handle, seqs, min_rest=keep + 1)  # e.g. the chat template's system prompt
+        cache = prefix_cache(handle, prefix)
+        p = len(prefix) if cache is not None else 0
+        ids, mask = left_pad([s[p:] for s in seqs], handle.tokenizer.pad_token_id or 0)
+        kwargs: dict = dict(use_cache=False)
+        if cache is not None:
+            kwargs = dict(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
+        full_mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), mask], dim=1)
+        logits = handle.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
+                              position_ids=((mask.cumsum(-1) - 1).clamp(min=0) + p).to(dev),
+                              logits_to_keep=_last_positions(handle, ids.shape[1], keep + 1), **kwargs).logits.float().cpu()
+    # kept position j is sequence position width − keep − 1 + j; n continuation tokens are predicted at
+    # sequence positions width − n − 1 … width − 2, i.e. kept positions keep − n … keep − 1
+    return [logits[row, keep - len(o):keep] for row, (_, o) in enumerate(pairs)]
+
+
+def _whole_row_logits(handle: ModelHandle, seq: Sequence[int]) -> torch.Tensor:
+    """Float32 CPU logits ``(len(seq), vocab)`` of one unpadded sequence."""
+    with handle.lock, compute(handle):
+        ids = torch.tensor([list(seq)], device=handle.device)
+        return handle.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
+
+
+def _last_positions(handle: ModelHandle, width: int, n: int) -> torch.Tensor | int:
+    """``logits_to_keep`` for the last ``n`` of ``width`` positions (an index tensor where it may be:
+    :func:`_last_index`)."""
+    return torch.arange(width - n, width, device=handle.device) if index_keeps_logits(handle) else n
 
 
 class BatchRunner:

@@ -184,3 +184,27 @@ def test_runner_from_a_middle_block_gives_the_full_pass_logits(arch):
                     assert torch.equal(full, runner.last_logits(start=layer))
                     assert torch.equal(full, runner.last_logits(start=1))  # any kept block at or below
         assert count_hooks(h) == 0 and not any("forward" in b.__dict__ for b in h.blocks)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_continuation_logits_equal_each_sequence_alone(arch):
+    """Left-padded, unembedding only the last positions: the logits each unpadded sequence gives alone at
+    the positions predicting its continuation (contexts and continuations of different lengths; gemma2's
+    sliding window of 64 reached by one row, which then runs alone; rows sharing a prefix)."""
+    from refusal_lab.activations import continuation_logits
+
+    h = tiny_handle(arch)
+    pairs = [([5, 17, 33], [60, 81]), ([9] * 11 + [4], [7]), ([12, 13], [14, 15, 16, 17, 18]), ([8], [3, 3])]
+    if arch == "gemma2":
+        pairs.append(([6] * 70, [9, 10]))
+    template = [21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32]  # a shared prefix: run once, its cache reused
+    pairs += [(template + [40, 41], [42, 43, 44]), (template + [50], [51]), (template + [60, 61, 62, 63], [64, 65])]
+    from refusal_lab.activations import shared_prefix
+
+    assert len(shared_prefix(h, [c + o for c, o in pairs[-3:]], min_rest=4)) == 10  # these alone share it
+    for batch in (pairs, pairs[-3:]):
+        for (c, o), lg in zip(batch, continuation_logits(h, batch)):
+            with torch.no_grad():
+                alone = h.model(input_ids=torch.tensor([c + o])).logits[0, len(c) - 1:len(c) + len(o) - 1].float()
+            assert lg.shape == (len(o), alone.shape[-1])
+            assert torch.allclose(lg, alone, atol=1e-4, rtol=1e-4)
