@@ -138,7 +138,7 @@ def shared_context_logprobs(handle: ModelHandle, contexts: Sequence[Sequence[int
     """Summed log-likelihood of each continuation after its context, ``(n_contexts, k)`` float64 for
     ``k`` continuations per context. The contexts run once (left-padded, cache kept) and their cache is
     repeated for the continuations, instead of running every context once per continuation: the same
-    sums up to floating-point order (``tests/test_zero_shot.py``; BENCHMARKS.md "Dashboard"). Written
+    sums up to floating-point order (``tests/test_zero_shot.py``; BENCHMARKS.md "Interactive speed"). Written
     here because transformers scores one sequence per row."""
     from refusal_lab.activations import _last_index, left_pad
     from refusal_lab.precision import compute
