@@ -4,6 +4,10 @@ compressed model (C) and every configuration evaluated on the public sets in ../
 
     .venv/bin/python bench/distill.py [--configs NAME,…] [--threads N] [--resume] [--skip-public]
                                       [--source-layer L] [--runs runs] [--out bench/results/distill.json]
+                                      [--scheme wanda:0.5] [--original-from RESULTS.json]
+
+``--scheme``: another compression of the default model; ``--original-from``: take the original's
+evaluations (val and public) from an earlier run's JSON of the same code instead of measuring them again.
 
 Selection rule, fixed before any public evaluation: among the configurations whose distill time (teacher
 replies + training) is at most 900 s, the highest val score = refusal on harmful val − over-refusal on
@@ -106,12 +110,13 @@ def teacher_data(original, cfg: DistillConfig, split: str):
 
 
 def train(name: str, cfg: DistillConfig, original, compressed, data, data_seconds: float, source: int, runs: Path,
-          resume: bool):
+          resume: bool, scheme: str = SCHEME):
     """The repaired handle and its :class:`~refusal_lab.distill.Distilled` (loaded with ``resume``)."""
     from refusal_lab.distill import Distilled, distill
     from refusal_lab.progress import tqdm_progress
 
-    folder = runs / "distill-bench" / name
+    sub = name if scheme == SCHEME else f"{scheme.replace(':', '-')}-{name}"  # wanda's folders as before
+    folder = runs / "distill-bench" / sub
     if resume and (folder / "distill_adapter.json").is_file():
         rep = Distilled.load(folder)
         if rep.result.config == cfg and rep.result.data_key == data.key():
@@ -136,7 +141,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-public", action="store_true")
+    ap.add_argument("--scheme", default=SCHEME)
+    ap.add_argument("--original-from", default=None, metavar="RESULTS.json")
     args = ap.parse_args()
+    scheme = args.scheme
     if args.threads:
         torch.set_num_threads(args.threads)
     from refusal_lab.compression import apply
@@ -145,29 +153,32 @@ def main() -> int:
     from refusal_lab.study import Study, StudySpec
 
     old = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else {}
-    out = {"command": " ".join(sys.argv), "scheme": SCHEME, "threads": torch.get_num_threads(),
+    out = {"command": " ".join(sys.argv), "scheme": scheme, "threads": torch.get_num_threads(),
            "rule": __doc__.split("Selection rule, ")[1].split("\n\n")[0].replace("\n", " "),
            "configs": {}, "evaluations": old.get("evaluations", {})}
+    if args.original_from:
+        out["evaluations"].setdefault("original", json.loads(Path(args.original_from).read_text())["evaluations"]["original"])
+        out["original_from"] = args.original_from
     original = load_model("default")
     source = args.source_layer
     if source is None:
-        source = Study(StudySpec(model="default", schemes=[SCHEME], name="bench distill"), args.runs,
+        source = Study(StudySpec(model="default", schemes=[scheme], name="bench distill"), args.runs,
                        original=original).directions("original").selected[1]
     t0 = time.perf_counter()
-    compressed, _ = apply(original, SCHEME)
+    compressed, _ = apply(original, scheme)
     out.update(source_layer=source, compress_seconds=round(time.perf_counter() - t0, 1))
     val_data, _ = teacher_data(original, DistillConfig(), "val")
     evals = out["evaluations"]
-    for label, h in (("original", original), (SCHEME, compressed)):
+    for label, h in (("original", original), (scheme, compressed)):
         evals.setdefault(label, {})
         if "val" not in evals[label]:
             evals[label]["val"] = evaluate(h, VAL, ppl=False)
-    evals[SCHEME]["val_kl"] = reply_kl(original, compressed, val_data)
-    handles = {"original": original, SCHEME: compressed}
+    evals[scheme]["val_kl"] = reply_kl(original, compressed, val_data)
+    handles = {"original": original, scheme: compressed}
     for name in [c for c in args.configs.split(",") if c]:
         cfg = CONFIGS[name]
         data, data_s = teacher_data(original, cfg, "train")
-        h, rep = train(name, cfg, original, compressed, data, data_s, source, Path(args.runs), args.resume)
+        h, rep = train(name, cfg, original, compressed, data, data_s, source, Path(args.runs), args.resume, scheme)
         handles[name] = h
         row = old.get("configs", {}).get(name) if args.resume else None
         if row is None or row.get("result", {}).get("losses") != rep.result.losses:
@@ -182,7 +193,7 @@ def main() -> int:
     write_results(args.out, out)
     print("chosen on val:", out["chosen"], flush=True)
     if not args.skip_public:
-        order = ["original", SCHEME, out["chosen"]] + [k for k in out["configs"] if k != out["chosen"]]
+        order = ["original", scheme, out["chosen"]] + [k for k in out["configs"] if k != out["chosen"]]
         for label in order:
             if "public" not in evals.setdefault(label, {}):
                 evals[label]["public"] = evaluate(handles[label], PUBLIC, ppl=True)
@@ -195,15 +206,16 @@ def main() -> int:
 def report(out: dict) -> str:
     """The table: val (every configuration) and public sets (what was evaluated), with the recovered shares."""
     ev = out["evaluations"]
+    scheme = out.get("scheme", SCHEME)
     pct = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = []
-    for label in ["original", SCHEME] + list(out["configs"]):
+    for label in ["original", scheme] + list(out["configs"]):
         e = ev.get(label) or out["configs"][label]
         pub = e.get("public", {}).get("sets", {})
-        o, c = ev["original"].get("public", {}).get("sets", {}), ev[SCHEME].get("public", {}).get("sets", {})
+        o, c = ev["original"].get("public", {}).get("sets", {}), ev[scheme].get("public", {}).get("sets", {})
 
         def rec(s: str) -> str:
-            if s not in pub or s not in o or s not in c or label in ("original", SCHEME):
+            if s not in pub or s not in o or s not in c or label in ("original", scheme):
                 return ""
             return f"{100 * (pub[s]['refused'] - c[s]['refused']) / (o[s]['refused'] - c[s]['refused']):.0f}%"
         val = e.get("val") or out["configs"][label]["val"]
