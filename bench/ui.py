@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's package, also when another one is installed
 
 from refusal_lab.testing.browser import (PAGES, Server, chromium_problem, click_nav, exception_boxes,  # noqa: E402
-                                         existing_pages, launch_browser, tiny_model_folder, wait_ready, warm_up)
+                                         existing_pages, launch_browser, wait_ready, warm_up)
+from refusal_lab.testing.tiny import tiny_model_folder  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ui.json"
 TARGET_S = 1.0

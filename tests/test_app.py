@@ -13,7 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from refusal_lab.testing.tiny import tiny_handle
+from refusal_lab.testing.tiny import tiny_handle, tiny_model_folder
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 300
@@ -23,10 +23,7 @@ TIMEOUT = 300
 def env(tmp_path_factory):
     """A tiny llama saved as a model folder, and a private cache directory."""
     root = tmp_path_factory.mktemp("app")
-    h = tiny_handle("llama", n_layers=4, d_model=64)
-    folder = root / "tiny-llama"
-    h.model.save_pretrained(folder)
-    h.tokenizer.save_pretrained(folder)
+    folder = tiny_model_folder(root / "tiny-llama")
     mp = pytest.MonkeyPatch()
     mp.setenv("REFUSAL_LAB_CACHE", str(root / "cache"))
     mp.setenv("REFUSAL_LAB_RUNS", str(root / "runs"))

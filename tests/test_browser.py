@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from refusal_lab.testing import browser as ui
+from refusal_lab.testing.tiny import tiny_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -30,7 +31,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     model = os.environ.get("REFUSAL_LAB_BROWSER_MODEL")
     env = {"REFUSAL_LAB_MODEL": model} if model else {
-        "REFUSAL_LAB_MODEL": str(ui.tiny_model_folder(tmp / "tiny-llama")),
+        "REFUSAL_LAB_MODEL": str(tiny_model_folder(tmp / "tiny-llama")),
         "REFUSAL_LAB_CACHE": str(tmp / "cache"), "REFUSAL_LAB_RUNS": str(tmp / "runs")}
     with ui.Server(env, log=tmp / "streamlit.log") as s:
         yield s

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from refusal_lab.study import Study, StudySpec, summary_rows
-from refusal_lab.testing.tiny import tiny_handle
+from refusal_lab.testing.tiny import tiny_model_folder
 
 SCHEME = "magnitude:0.5"
 DISTILL = {"steps": 4, "per_kind": 4, "reply_tokens": 6, "batch_size": 8, "warmup": 1}
@@ -20,11 +20,7 @@ CLI_DISTILL = [x for k, v in DISTILL.items() for x in ("--distill", f"{k}={v}")]
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("repairs") / "tiny"
-    h = tiny_handle("llama", n_layers=4, d_model=64)
-    h.model.save_pretrained(folder)
-    h.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(tiny_model_folder(tmp_path_factory.mktemp("repairs") / "tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from refusal_lab.store import RunStore, StoreError
 from refusal_lab.store_transfer import differences, pack, unpack
 from refusal_lab.study import Study
 from refusal_lab.sweep import SweepError, SweepSpec, list_sweeps, run_sweep, sweep_path
-from refusal_lab.testing.tiny import tiny_handle
+from refusal_lab.testing.tiny import tiny_model_folder
 
 SCHEMES = ["magnitude:0.5", "rtn:8"]
 OPTIONS = dict(limit=4, max_new_tokens=4, aird="auto", aird_alpha=2.0, aird_layers=[1, 2],
@@ -24,11 +24,7 @@ OPTIONS = dict(limit=4, max_new_tokens=4, aird="auto", aird_alpha=2.0, aird_laye
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sweep") / "tiny"
-    h = tiny_handle("llama", n_layers=4, d_model=64)
-    h.model.save_pretrained(folder)
-    h.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(tiny_model_folder(tmp_path_factory.mktemp("sweep") / "tiny"))
 
 
 def _spec(folder: str) -> SweepSpec:

@@ -241,11 +241,3 @@ def warm_up(page, server: Server, log=print) -> dict[str, float]:
     return times
 
 
-def tiny_model_folder(folder: Path) -> Path:
-    """Save the tests' tiny random llama (with its chat template) as a model folder."""
-    from refusal_lab.testing.tiny import tiny_handle
-
-    h = tiny_handle("llama", n_layers=4, d_model=64)
-    h.model.save_pretrained(folder)
-    h.tokenizer.save_pretrained(folder)
-    return folder

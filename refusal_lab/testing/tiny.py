@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+from pathlib import Path
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
@@ -67,6 +69,15 @@ def tiny_handle(arch: str = "llama", n_layers: int = 4, d_model: int = 64, seed:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, n_layers, d_model), dtype=torch.float32)
     return handle_from_model(model, tiny_tokenizer(), name=f"tiny-{arch}", spec=f"tiny:{arch}")
+
+
+def tiny_model_folder(folder: str | Path) -> Path:
+    """Save :func:`tiny_handle`'s llama (4 layers, width 64, with the tiny tokenizer's chat template) as a
+    model folder ``load_model`` accepts."""
+    h = tiny_handle("llama", n_layers=4, d_model=64)
+    h.model.save_pretrained(folder)
+    h.tokenizer.save_pretrained(folder)
+    return Path(folder)
 
 
 FIXED_IDS = torch.tensor([[5, 17, 33, 60, 81, 9, 120]])  # token ids every tiny vocabulary has
