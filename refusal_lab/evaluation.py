@@ -171,13 +171,17 @@ MULTI_TOKEN_KL_TOKENS = 16  # reply tokens the multi-token KL averages over
 
 @torch.inference_mode()
 def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequence[str], replies: Sequence[str], *,
-                   tokens: int = MULTI_TOKEN_KL_TOKENS, batch_size: int = 16,
+                   tokens: int = MULTI_TOKEN_KL_TOKENS, batch_size: int = 16, reference_memo: list | None = None,
                    progress: Progress | None = None) -> float:
     """Mean KL(reference ‖ model) (nats) of the next-token distributions over the first ``tokens`` tokens of
     the reference's own ``replies`` to ``prompts``, teacher-forced: how far the model strays from the
     reference along the reference's path, not only at the first step. Replies are re-tokenized from their
     text (equal to the generated ids except where decoding merged tokens); both models run the same
-    batches (:func:`refusal_lab.activations.continuation_logits`)."""
+    batches (:func:`refusal_lab.activations.continuation_logits`).
+
+    ``reference_memo``: a list that keeps the reference's logits (float32, ``tokens`` × vocab per reply):
+    filled when empty, read when full — callers comparing several models with one reference pass it
+    each time (with the same reference, prompts, replies and ``tokens``) and run the reference once."""
     from refusal_lab.activations import continuation_logits
 
     tok = handle.tokenizer
@@ -189,10 +193,18 @@ def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequenc
     if not rows:
         raise ValueError("no reference reply has a token to compare on")
     rows.sort(key=lambda r: len(r[0]) + len(r[1]))  # little padding per batch (the mean does not depend on order)
+    if reference_memo is not None and len(reference_memo) > len(rows):  # partly filled: a cancelled run
+        raise ValueError(f"reference_memo holds {len(reference_memo)} rows, these replies make {len(rows)}")
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        for ref, own in zip(continuation_logits(reference, batch), continuation_logits(handle, batch)):
+        if reference_memo is not None and len(reference_memo) > start:
+            refs = reference_memo[start:start + len(batch)]
+        else:
+            refs = continuation_logits(reference, batch)
+            if reference_memo is not None:
+                reference_memo.extend(refs)
+        for ref, own in zip(refs, continuation_logits(handle, batch)):
             total, count = total + float(kl_per_prompt(ref, own).sum()), count + len(ref)
         report(progress, min(start + batch_size, len(rows)), len(rows))
     return total / count

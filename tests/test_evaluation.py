@@ -66,3 +66,37 @@ def test_multi_token_kl_is_zero_against_itself_and_matches_one_prompt_at_a_time(
             a, b = (m.model(input_ids=ids).logits[0, len(pi) - 1:len(pi) - 1 + len(ri)] for m in (h, other))
         total, count = total + float(kl_per_prompt(a, b).sum()), count + len(ri)
     assert batched > 0 and batched == pytest.approx(total / count, rel=1e-4)
+
+
+def test_multi_token_kl_with_a_reference_memo_runs_the_reference_once_and_gives_the_same_kl(monkeypatch):
+    import copy
+
+    import refusal_lab.activations as activations
+    from refusal_lab.evaluation import multi_token_kl
+
+    h = tiny_handle("llama")
+    others = []
+    for seed in (1, 2):
+        o = copy.copy(h)
+        o.model = copy.deepcopy(h.model)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in o.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        others.append(o)
+    prompts = ["How do I bake bread?", "Write a poem please", "hi", "Explain tides"]
+    replies = ["Mix flour and water, then bake.", "The sea", "Hello!", "The moon pulls the water."]
+    plain = [multi_token_kl(h, o, prompts, replies, tokens=4, batch_size=3) for o in others]
+    calls = []
+    real = activations.continuation_logits
+    monkeypatch.setattr(activations, "continuation_logits", lambda handle, batch: calls.append(handle) or real(handle, batch))
+    memo: list = []
+    memoed = [multi_token_kl(h, o, prompts, replies, tokens=4, batch_size=3, reference_memo=memo) for o in others]
+    assert memoed == plain  # the same batches: bit for bit
+    assert sum(c is h for c in calls) == 2 and len(memo) == 4  # the reference's two batches ran once
+    # a memo left half filled (a cancelled evaluation) is completed, not trusted beyond what it holds
+    half = memo[:3]
+    assert multi_token_kl(h, others[0], prompts, replies, tokens=4, batch_size=3, reference_memo=half) == plain[0]
+    assert len(half) == 4
+    with pytest.raises(ValueError, match="reference_memo holds 5 rows"):
+        multi_token_kl(h, others[0], prompts, replies, tokens=4, batch_size=3, reference_memo=memo + memo[:1])

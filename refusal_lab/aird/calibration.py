@@ -255,21 +255,28 @@ class _Judge:
         self.base, self.o_logits, self.max_rise, self.kl_threshold = base, o_logits, max_rise, kl_threshold
         self.base_logits = base["harmless_logits"]
         self.base_kl_o = None if o_logits is None else kl_divergence(o_logits, self.base_logits)
+        self._last: tuple | None = None  # (logits, KL to C, KL to O) of the last logits asked about
+
+    def kls(self, logits: torch.Tensor) -> tuple[float, float | None]:
+        """KL to C and to O (None without O's logits) of harmless ``logits``; the last pair is kept, since
+        :meth:`harmless_ok` and :meth:`point` ask for the same logits in turn."""
+        if self._last is None or self._last[0] is not logits:
+            kl_o = None if self.o_logits is None else kl_divergence(self.o_logits, logits)
+            self._last = (logits, kl_divergence(self.base_logits, logits), kl_o)
+        return self._last[1], self._last[2]
 
     def harmless_ok(self, rate: float, logits: torch.Tensor) -> bool:
         """The harmless half of feasibility: over-refusal rise and the KL rule."""
-        kl_o = None if self.o_logits is None else kl_divergence(self.o_logits, logits)
+        kl, kl_o = self.kls(logits)
         return (rate - self.base["harmless_refusal"] <= self.max_rise + 1e-9
-                and kl_acceptable(kl_divergence(self.base_logits, logits), kl_o, self.base_kl_o, self.kl_threshold))
+                and kl_acceptable(kl, kl_o, self.base_kl_o, self.kl_threshold))
 
     def point(self, fit, layers: list[int], alpha: float, m: dict, measured: str) -> CalibrationPoint:
         """The grid point of a measurement ``m`` (:class:`_Measure`'s: rates, score, harmless logits)."""
         m = dict(m)
         logits = m.pop("harmless_logits")
-        kl = kl_divergence(self.base_logits, logits)
-        kl_o = None if self.o_logits is None else kl_divergence(self.o_logits, logits)
-        feasible = (m["harmless_refusal"] - self.base["harmless_refusal"] <= self.max_rise + 1e-9
-                    and kl_acceptable(kl, kl_o, self.base_kl_o, self.kl_threshold))
+        kl, kl_o = self.kls(logits)
+        feasible = self.harmless_ok(m["harmless_refusal"], logits)
         assert m["harmful_refusal"] is not None or not feasible  # harmful skipped only when infeasible
         return CalibrationPoint(realign=fit is not None, layers=list(layers), alpha=alpha, measured=measured,
                                 kl=kl, kl_original=kl_o, feasible=feasible, **m)
