@@ -2,7 +2,7 @@
 the original as teacher, one chosen on the bundled *val* splits only, then the original (O), the
 compressed model (C) and every configuration evaluated on the public sets in ../shared/benchmarks.
 
-    .venv/bin/python bench/distill.py [--configs NAME,…] [--threads N] [--resume] [--skip-public]
+    .venv/bin/python bench/distill.py [--configs NAME,…] [--threads N] [--resume] [--skip-public] [--public chosen]
                                       [--source-layer L] [--runs runs] [--out bench/results/distill.json]
                                       [--scheme wanda:0.5] [--original-from RESULTS.json]
 
@@ -41,6 +41,14 @@ BUDGET_S = 900.0
 CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared cores
     "writers-w2-r16": DistillConfig(modules="writers", window=2, rank=16, lora_alpha=32, steps=100, lr=2e-3),
     "all-r4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3),
+    # the second round (after the public sets showed over-refusal and broken replies above #23's bar; chosen
+    # on val like the first): weight the refuse-or-answer token, see harmless/borderline prompts more, train longer
+    "all-r4-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=4.0),
+    "all-r4-over": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3,
+                                 oversample={"harmless": 2, "borderline": 3}),
+    "all-r4-s80": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3),
+    "all-r4-s80-f4-over": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
+                                        oversample={"harmless": 2, "borderline": 3}),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),
@@ -141,6 +149,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-public", action="store_true")
+    ap.add_argument("--public", choices=("all", "chosen"), default="all",
+                    help="evaluate every configuration on the public sets, or only the one chosen on val")
     ap.add_argument("--scheme", default=SCHEME)
     ap.add_argument("--original-from", default=None, metavar="RESULTS.json")
     args = ap.parse_args()
@@ -193,7 +203,8 @@ def main() -> int:
     write_results(args.out, out)
     print("chosen on val:", out["chosen"], flush=True)
     if not args.skip_public:
-        order = ["original", scheme, out["chosen"]] + [k for k in out["configs"] if k != out["chosen"]]
+        order = ["original", scheme, out["chosen"]] + ([k for k in out["configs"] if k != out["chosen"]]
+                                                       if args.public == "all" else [])
         for label in order:
             if "public" not in evals.setdefault(label, {}):
                 evals[label]["public"] = evaluate(handles[label], PUBLIC, ppl=True)

@@ -40,7 +40,8 @@ import torch
 
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches, precompute,
-                                      reply_batch, reply_logits, stubbed, teacher_replies, token_kl, training_prompts)
+                                      reply_batch, reply_logits, stubbed, teacher_replies, token_kl, token_weights,
+                                      training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -65,7 +66,10 @@ class DistillConfig(JsonRecord):
     source + window``, for ``all`` every block. ``rank``/``lora_alpha``: LoRA's r and α (scale α/r);
     ``lr`` AdamW's peak learning rate (linear warm-up over ``warmup`` steps, then cosine to 0);
     ``reply_tokens``: teacher reply tokens scored per prompt; ``per_kind``: first N prompts of each kind
-    (all when None); ``max_prompt_tokens``: longer chat-formatted prompts are left out."""
+    (all when None); ``max_prompt_tokens``: longer chat-formatted prompts are left out;
+    ``first_token_weight``: the loss weight of each reply's first token relative to the others (the
+    loss is the weighted mean KL per reply token); ``oversample``: how many times each prompt of a kind
+    appears per epoch (e.g. ``{"borderline": 3}``; others once)."""
 
     mode: str = "adapter"
     modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
@@ -82,6 +86,8 @@ class DistillConfig(JsonRecord):
     per_kind: int | None = None
     max_prompt_tokens: int = 256
     seed: int = 0
+    first_token_weight: float = 1.0  # loss weight of each reply's first token (the others weigh 1)
+    oversample: dict[str, int] = field(default_factory=dict)  # kind → times its prompts appear per epoch
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -96,6 +102,20 @@ class DistillConfig(JsonRecord):
             raise DistillError("window and warmup must be ≥ 0, lr and lora_alpha > 0")
         if self.per_kind is not None and self.per_kind < 1:
             raise DistillError(f"per_kind must be ≥ 1 or None, got {self.per_kind}")
+        if not self.first_token_weight > 0:
+            raise DistillError(f"first_token_weight must be > 0, got {self.first_token_weight}")
+        bad = {k: v for k, v in self.oversample.items() if k not in PROMPT_KINDS or int(v) < 1}
+        if bad:
+            raise DistillError(f"oversample maps a prompt kind ({', '.join(PROMPT_KINDS)}) to a count ≥ 1, got {bad}")
+
+    def key_json(self) -> dict:
+        """:meth:`to_json` without the settings added after the first stored repairs while they are at
+        their defaults: a repair stored before them keeps its cache key."""
+        out = self.to_json()
+        for name, default in (("first_token_weight", 1.0), ("oversample", {})):
+            if out.get(name) == default:
+                out.pop(name, None)
+        return out
 
 
 def config_from(overrides: dict | None = None) -> DistillConfig:
@@ -399,9 +419,11 @@ def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplie
     pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, progress=progress,
                      total=total) if precompute_states else None
     losses: list[float] = []
-    for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)):
+    repeats = [cfg.oversample.get(kind, 1) for kind in data.kinds]
+    for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed, repeats)):
         t_logits, s_logits, mask = _pair_logits(teacher, student, lora.model, data, rows, pre)
-        loss = token_kl(t_logits, s_logits, mask) / mask.sum()
+        weights = None if cfg.first_token_weight == 1 else token_weights(mask, cfg.first_token_weight)
+        loss = token_kl(t_logits, s_logits, mask, weights) / (mask.sum() if weights is None else weights.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -166,24 +166,37 @@ def reply_logits(model: torch.nn.Module, batch: ReplyBatch) -> torch.Tensor:
     return out.logits.float()
 
 
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) (nats) summed over the reply tokens where ``mask`` ``(B, K)`` is true; logits
-    ``(B, K, vocab)``. Differentiable in ``student_logits``."""
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) (nats) summed over the reply tokens where ``mask`` ``(B, K)`` is true, each
+    token's times its ``weights`` ``(B, K)`` when given; logits ``(B, K, vocab)``. Differentiable in
+    ``student_logits``."""
     p = torch.log_softmax(teacher_logits[mask], -1)
     q = torch.log_softmax(student_logits[mask], -1)
-    return (p.exp() * (p - q)).sum()
+    terms = p.exp() * (p - q)
+    return terms.sum() if weights is None else (terms.sum(-1) * weights[mask].to(terms.dtype)).sum()
 
 
-def batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` batches of row indices: epochs of a seeded permutation of ``range(n)`` (a batch never
-    spans two epochs' repeats of a row). Same seed, same order."""
+def token_weights(mask: torch.Tensor, first: float) -> torch.Tensor:
+    """Loss weights ``(B, K)`` float32: ``first`` on each reply's first token (the refuse-or-answer
+    decision), 1 on the others, 0 off ``mask``."""
+    w = mask.float()
+    w[:, 0] = w[:, 0] * first
+    return w
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int, repeats: Sequence[int] | None = None) -> list[list[int]]:
+    """``steps`` batches of row indices: epochs of a seeded permutation of ``range(n)`` — each row
+    ``repeats[row]`` times per epoch when given — with a batch never spanning two epochs. Same seed,
+    same order."""
+    pool = list(range(n)) if repeats is None else [i for i in range(n) for _ in range(max(1, int(repeats[i])))]
     gen = torch.Generator().manual_seed(seed)
     out: list[list[int]] = []
     order: list[int] = []
-    size = min(batch_size, n)
+    size = min(batch_size, len(pool))
     while len(out) < steps:
         if len(order) < size:
-            order = torch.randperm(n, generator=gen).tolist()
+            order = [pool[j] for j in torch.randperm(len(pool), generator=gen).tolist()]
         out.append(order[:size])
         order = order[size:]
     return out

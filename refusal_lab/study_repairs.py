@@ -175,7 +175,7 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
         repair.result.seconds_data = round(study.stage_seconds(DATA_STAGE, _data_parts(study, cfg)) or 0.0, 2)
         return repair
 
-    parts = (study.original_fingerprint(), scheme, name, cfg.to_json(), source, data.key(), DISTILL_VERSION)
+    parts = (study.original_fingerprint(), scheme, name, cfg.key_json(), source, data.key(), DISTILL_VERSION)
     return study._cached(stage, parts + _aird_key(study, scheme, name), compute, "distill")
 
 

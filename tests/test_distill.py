@@ -176,3 +176,35 @@ def test_cancelled_training_changes_nothing(pair):
     with pytest.raises(Cancelled):
         distill(o, c, CFG, data=data, progress=cancel)
     assert same_state(c, state)
+
+
+def test_oversampling_and_first_token_weight():
+    from refusal_lab.distill_data import batches, token_kl, token_weights
+
+    # a kind oversampled k times appears k times per epoch; the default order is unchanged
+    plain = batches(6, 4, 3, seed=1)
+    assert batches(6, 4, 3, seed=1, repeats=[1] * 6) == plain
+    epoch = [i for b in batches(6, 4, 3, seed=1, repeats=[1, 1, 1, 1, 3, 1]) for i in b]  # 8 rows a epoch, 12 drawn
+    assert sorted(epoch[:8]) == [0, 1, 2, 3, 4, 4, 4, 5]
+    # the weighted loss: first token × w, the others × 1, padding × 0
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    w = token_weights(mask, 4.0)
+    assert w.tolist() == [[4.0, 1.0, 0.0], [4.0, 0.0, 0.0]]
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    per = [float(token_kl(t[i:i + 1, j:j + 1], s[i:i + 1, j:j + 1], torch.ones(1, 1, dtype=torch.bool)))
+           for i, j in ((0, 0), (0, 1), (1, 0))]
+    assert float(token_kl(t, s, mask, w)) == pytest.approx(4 * per[0] + per[1] + 4 * per[2], rel=1e-5)
+    assert float(token_kl(t, s, mask)) == pytest.approx(sum(per), rel=1e-5)
+
+
+def test_oversampling_and_first_token_weight_train_and_are_checked(pair):
+    o, c, data = pair
+    cfg = replace(CFG, steps=4, first_token_weight=3.0, oversample={"borderline": 2})
+    h, rep = distill(o, c, cfg, data=data)
+    assert rep.result.config.oversample == {"borderline": 2} and len(rep.result.losses) == 4
+    assert cfg.key_json()["first_token_weight"] == 3.0 and "oversample" not in CFG.key_json()  # old keys kept
+    with pytest.raises(DistillError, match="first_token_weight must be > 0"):
+        distill(o, c, replace(CFG, first_token_weight=0.0), data=data)
+    with pytest.raises(DistillError, match="oversample maps a prompt kind"):
+        distill(o, c, replace(CFG, oversample={"jokes": 2}), data=data)
