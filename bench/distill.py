@@ -49,6 +49,10 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     "all-r4-s80": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3),
     "all-r4-s80-f4-over": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
                                         oversample={"harmless": 2, "borderline": 3}),
+    # after the first three of the round on val (oversampling alone lowered the val score, the first-token
+    # weight raised it): the weight with longer training, and a larger weight
+    "all-r4-s80-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0),
+    "all-r4-f8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=8.0),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),

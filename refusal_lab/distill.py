@@ -16,10 +16,11 @@ stay quantized (peft wraps them: the QLoRA set-up). Modes:
 
 Targets (``modules``): ``writers`` — the residual writers (attention and MLP output projections) of a
 few blocks around the source layer of the original's refusal direction; ``all`` — every linear layer of
-the decoder blocks. The default, ``all`` at rank 4, was chosen by measurement on the bundled val splits
-(``bench/distill.py``: on default + wanda:0.5 it beat the writers of blocks l*−2…l*+2 at rank 16 on
-refusal, over-refusal, broken replies and KL within the same time). Deterministic for a seed (LoRA
-initialisation and data order).
+the decoder blocks. The default, ``all`` at rank 4 for 80 steps, was chosen by measurement on the bundled
+val splits (``bench/distill.py``: on default + wanda:0.5 it beat the writers of blocks l*−2…l*+2 at rank 16
+on refusal, over-refusal, broken replies and KL within the same time, then 80 steps beat 50 steps, a
+heavier first reply token (``first_token_weight`` 4 or 8) and oversampled harmless/borderline prompts on
+the val score). Deterministic for a seed (LoRA initialisation and data order).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class DistillConfig(JsonRecord):
     window: int = 2
     rank: int = 4
     lora_alpha: float = 8.0
-    steps: int = 50
+    steps: int = 80  # chosen on val among 50/80 steps, first-token weights 1/4/8, oversampling (bench/distill.py)
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 10
