@@ -193,7 +193,7 @@ def multi_token_kl(reference: ModelHandle, handle: ModelHandle, prompts: Sequenc
     if not rows:
         raise ValueError("no reference reply has a token to compare on")
     rows.sort(key=lambda r: len(r[0]) + len(r[1]))  # little padding per batch (the mean does not depend on order)
-    if reference_memo is not None and len(reference_memo) > len(rows):  # partly filled: a cancelled run
+    if reference_memo is not None and len(reference_memo) > len(rows):  # (partly filled is fine: a cancelled run)
         raise ValueError(f"reference_memo holds {len(reference_memo)} rows, these replies make {len(rows)}")
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):

@@ -400,9 +400,9 @@ class Study:
         if reference_logits is not None:
             kl = kl_divergence(reference_logits, first["harmless"])
             paths = self.evaluate("original").sets["harmless"].results
+            memo = self._original_side(("multi-token KL logits", self._eval_key("original")), list)
             kl16 = multi_token_kl(self.original, handle, [r.prompt for r in paths], [r.response for r in paths],
-                                  reference_memo=self._original_side(("multi-token KL logits", self._eval_key("original")), list),
-                                  progress=self._progress(f"evaluate {label}: multi-token KL"))
+                                  reference_memo=memo, progress=self._progress(f"evaluate {label}: multi-token KL"))
         acc, se = zero_shot_accuracy(handle, progress=self._progress(f"evaluate {label}: zero-shot check"))
         return kind(model=handle.name, sets=sets, perplexity=ppl, kl_to_original=kl, kl_multi_token=kl16,
                     zero_shot_accuracy=acc, zero_shot_se=se, **fields)
