@@ -76,18 +76,21 @@ if how == "manual" and not no_aird:
         st.stop()
     aird.update(aird="manual", aird_alpha=float(alpha), aird_layers=sorted(int(x) for x in layers))
 if REPAIRS[method].uses_distill:
+    from refusal_lab.distill import DistillConfig
+
+    base = DistillConfig()  # the defaults the page starts from (settings equal to them are not sent)
     with st.expander("Distill settings", expanded=False):
         d1, d2, d3, d4 = st.columns(4)
         distill = {"mode": d1.radio("Distill mode", ["adapter", "merged"], key="distill_mode",
                                     help="adapter: LoRA kept separate (compressed weights untouched); merged: "
                                          "folded into the weights (they become dense)"),
-                   "rank": int(d2.number_input("LoRA rank", 1, 64, 4, key="distill_rank")),
-                   "steps": int(d3.number_input("Training steps", 1, 1000, 50, key="distill_steps")),
+                   "rank": int(d2.number_input("LoRA rank", 1, 64, base.rank, key="distill_rank")),
+                   "steps": int(d3.number_input("Training steps", 1, 1000, base.steps, key="distill_steps")),
                    "per_kind": int(d4.number_input("Train prompts per kind (0 = all)", 0, 1000, 0,
                                                    key="distill_per_kind")) or None}
         st.caption("Trained on the original's greedy replies (first 32 tokens) to the bundled train prompts — "
                    "harmful, harmless, borderline and the everyday-task pool; never a test or public set.")
-    defaults = {"mode": "adapter", "rank": 4, "steps": 50, "per_kind": None}
+    defaults = {"mode": base.mode, "rank": base.rank, "steps": base.steps, "per_kind": base.per_kind}
     changed = {k: v for k, v in distill.items() if v != defaults[k]}
     if not REPAIRS[method].uses_aird:
         aird = {"aird": None}  # AIRD's settings are not used: not part of this result's settings
