@@ -71,7 +71,7 @@ def scheme_rows(scheme: str, methods: list[str], args, distill: dict | None) -> 
 
 
 def table(rows: list[dict]) -> str:
-    pct = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    pct = lambda x: "—" if x is None or x != x else f"{100 * x:.1f}"  # noqa: E731  (NaN: no matrix edited)
     return text_table(["model", "AdvBench", "recovered", "Alpaca", "borderline", "broken", "ppl", "params changed",
                        "density", "seconds"],
                       [[r["model"], pct(r["advbench"]), "" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%",
