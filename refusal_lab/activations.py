@@ -98,13 +98,13 @@ def index_keeps_logits(handle: ModelHandle) -> bool:
     return module_device(handle.model, default=handle.device) == module_device(out, default=handle.device)
 
 
-def _last_index(handle: ModelHandle, width: int) -> torch.Tensor | int:
-    """``logits_to_keep`` selecting the last position as an index tensor: HF then gathers a contiguous
-    ``(B, 1, d)`` input for the unembedding; the int form (``1``) passes a strided view, which makes
-    ``matmul`` fall back to a batched product with the vocab matrix expanded per row (~10× slower, and
-    hundreds of MB for SmolLM2's 49k-token vocabulary) — used only where an index cannot be
-    (:func:`index_keeps_logits`)."""
-    return torch.tensor([width - 1], device=handle.device) if index_keeps_logits(handle) else 1
+def _last_index(handle: ModelHandle, width: int, n: int = 1) -> torch.Tensor | int:
+    """``logits_to_keep`` selecting the last ``n`` of ``width`` positions as an index tensor: HF then
+    gathers a contiguous ``(B, n, d)`` input for the unembedding; the int form (``n``) passes a strided
+    view, which makes ``matmul`` fall back to a batched product with the vocab matrix expanded per row
+    (~10× slower, and hundreds of MB for SmolLM2's 49k-token vocabulary) — used only where an index
+    cannot be (:func:`index_keeps_logits`)."""
+    return torch.arange(width - n, width, device=handle.device) if index_keeps_logits(handle) else n
 
 
 def shared_prefix(handle: ModelHandle, ids: Sequence[Sequence[int]], *, min_rest: int = 1,
@@ -184,9 +184,10 @@ def continuation_logits(handle: ModelHandle, pairs: Sequence[tuple[Sequence[int]
         if cache is not None:
             kwargs = dict(past_key_values=batch_cache(cache, len(seqs)), use_cache=True)
         full_mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), mask], dim=1)
-        logits = handle.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
-                              position_ids=((mask.cumsum(-1) - 1).clamp(min=0) + p).to(dev),
-                              logits_to_keep=_last_positions(handle, ids.shape[1], keep + 1), **kwargs).logits.float().cpu()
+        out = handle.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
+                           position_ids=((mask.cumsum(-1) - 1).clamp(min=0) + p).to(dev),
+                           logits_to_keep=_last_index(handle, ids.shape[1], keep + 1), **kwargs)
+        logits = out.logits.float().cpu()
     # kept position j is sequence position width − keep − 1 + j; n continuation tokens are predicted at
     # sequence positions width − n − 1 … width − 2, i.e. kept positions keep − n … keep − 1
     return [logits[row, keep - len(o):keep] for row, (_, o) in enumerate(pairs)]
@@ -197,12 +198,6 @@ def _whole_row_logits(handle: ModelHandle, seq: Sequence[int]) -> torch.Tensor:
     with handle.lock, compute(handle):
         ids = torch.tensor([list(seq)], device=handle.device)
         return handle.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
-
-
-def _last_positions(handle: ModelHandle, width: int, n: int) -> torch.Tensor | int:
-    """``logits_to_keep`` for the last ``n`` of ``width`` positions (an index tensor where it may be:
-    :func:`_last_index`)."""
-    return torch.arange(width - n, width, device=handle.device) if index_keeps_logits(handle) else n
 
 
 class BatchRunner:
