@@ -120,14 +120,17 @@ def test_only_bundled_train_prompts(monkeypatch):
     assert set(asked) == {"train"} and {k for k, _ in prompts} == {"harmful", "harmless", "borderline", "tasks"}
 
 
-@pytest.mark.parametrize("scheme", ["hqq:4:64", "bnb-nf4"])
-def test_quantized_base_stays_quantized(scheme, tmp_path):
+@pytest.mark.parametrize("scheme,precision", [("hqq:4:64", "float32"), ("bnb-nf4", "float32"),
+                                              ("hqq:4:64", "bfloat16"), ("bnb-nf4", "bfloat16")])
+def test_quantized_base_stays_quantized(scheme, precision, tmp_path):
+    """Also under bf16 autocast (the default model's precision here): the backward through the quantized
+    layers must meet their own dtypes."""
     from refusal_lab.models import load_model
 
     o = tiny_handle("llama", n_layers=2, d_model=64)
     o.model.save_pretrained(tmp_path / "m")
     o.tokenizer.save_pretrained(tmp_path / "m")
-    o = load_model(str(tmp_path / "m"), device="cpu", precision="float32")
+    o = load_model(str(tmp_path / "m"), device="cpu", precision=precision)
     try:
         c, _ = compress(o, scheme)
     except RuntimeError as e:  # the scheme cannot run on this machine: it says so
