@@ -53,6 +53,12 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     # weight raised it): the weight with longer training, and a larger weight
     "all-r4-s80-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0),
     "all-r4-f8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=8.0),
+    # the third round (every repair so far over-refused the borderline test split, 24–39% against the original's
+    # 14%): add the train-only contrast pool — benign prompts with alarming words — to the training prompts
+    "all-r4-s80-c": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+                                  kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
+    "all-r4-s80-f4-c": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
+                                     kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),
@@ -105,7 +111,10 @@ def teacher_data(original, cfg: DistillConfig, split: str):
     from refusal_lab.distill_data import teacher_replies, training_prompts
     from refusal_lab.models import cache_dir
 
-    memo = cache_dir() / "distill" / f"teacher-{original.fingerprint}-{split}-{cfg.reply_tokens}.json"
+    from refusal_lab.distill_data import DEFAULT_KINDS
+
+    kinds = "" if split != "train" or tuple(cfg.kinds) == DEFAULT_KINDS else "-" + "+".join(cfg.kinds)
+    memo = cache_dir() / "distill" / f"teacher-{original.fingerprint}-{split}-{cfg.reply_tokens}{kinds}.json"
     if memo.is_file():
         saved = json.loads(memo.read_text())
         return TeacherReplies.from_json(saved["data"]), saved["seconds"]

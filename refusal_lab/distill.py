@@ -40,9 +40,9 @@ from typing import Literal, get_args
 import torch
 
 from refusal_lab.codec import JsonRecord, optional
-from refusal_lab.distill_data import (PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches, precompute,
-                                      reply_batch, reply_logits, stubbed, teacher_replies, token_kl, token_weights,
-                                      training_prompts)
+from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
+                                      precompute, reply_batch, reply_logits, stubbed, teacher_replies, token_kl,
+                                      token_weights, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -83,7 +83,7 @@ class DistillConfig(JsonRecord):
     lr: float = 2e-3
     warmup: int = 10
     reply_tokens: int = 32
-    kinds: list[str] = field(default_factory=lambda: list(PROMPT_KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
     per_kind: int | None = None
     max_prompt_tokens: int = 256
     seed: int = 0

@@ -2,8 +2,10 @@
 own greedy replies to the project's bundled *train* prompts, and the teacher-forced batches and KL
 the student is trained on.
 
-Prompts come only from the bundled train splits (harmful, harmless, borderline) and the train-only pool
-of everyday tasks (``refusal_lab/assets/prompts/tasks.txt``); never from a public set or a val/test split.
+Prompts come only from the bundled train splits (harmful, harmless, borderline) and two train-only pools
+the project wrote: everyday tasks (``refusal_lab/assets/prompts/tasks.txt``) and *contrast* prompts —
+benign requests worded with alarming words, like the borderline set but never split into val/test
+(``refusal_lab/assets/prompts/contrast.txt``); never from a public set or a val/test split.
 """
 
 from __future__ import annotations
@@ -23,28 +25,30 @@ from refusal_lab.progress import Progress, report
 from refusal_lab.prompts import BUNDLED_KINDS, PROMPTS_DIR, bundled, load_prompts
 
 TASKS_FILE = PROMPTS_DIR / "tasks.txt"
-PROMPT_KINDS = BUNDLED_KINDS + ("tasks",)  # harmful, harmless, borderline, tasks
+TRAIN_ONLY = {"tasks": TASKS_FILE, "contrast": PROMPTS_DIR / "contrast.txt"}  # kind → its train-only pool
+PROMPT_KINDS = BUNDLED_KINDS + tuple(TRAIN_ONLY)  # harmful, harmless, borderline, tasks, contrast
+DEFAULT_KINDS = BUNDLED_KINDS + ("tasks",)  # what a repair trains on unless told
 
 
 class DistillError(ValueError):
     """The distill repair cannot run as asked; the message says why and what to do instead."""
 
 
-def training_prompts(kinds: Sequence[str] = PROMPT_KINDS, per_kind: int | None = None,
+def training_prompts(kinds: Sequence[str] = DEFAULT_KINDS, per_kind: int | None = None,
                      split: str = "train") -> list[tuple[str, str]]:
-    """``(kind, instruction)`` pairs: the bundled ``split`` of each kind in ``kinds`` (``tasks``: the
-    train-only task pool, used with ``split="train"`` only), the first ``per_kind`` of each (all when
-    None), in file order, duplicates (across kinds too) dropped."""
+    """``(kind, instruction)`` pairs: the bundled ``split`` of each kind in ``kinds`` (``tasks``,
+    ``contrast``: train-only pools, used with ``split="train"`` only), the first ``per_kind`` of each (all
+    when None), in file order, duplicates (across kinds too) dropped."""
     bad = [k for k in kinds if k not in PROMPT_KINDS]
     if bad:
         raise DistillError(f"unknown prompt kind(s) {bad}: use {', '.join(PROMPT_KINDS)}")
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     for kind in kinds:
-        if kind == "tasks":
-            if split != "train" or not TASKS_FILE.is_file():
+        if kind in TRAIN_ONLY:
+            if split != "train" or not TRAIN_ONLY[kind].is_file():
                 continue
-            prompts = load_prompts(TASKS_FILE, name="tasks").prompts
+            prompts = load_prompts(TRAIN_ONLY[kind], name=kind).prompts
         else:
             prompts = bundled(kind, split).prompts
         for p in prompts[:per_kind]:

@@ -211,3 +211,21 @@ def test_oversampling_and_first_token_weight_train_and_are_checked(pair):
         distill(o, c, replace(CFG, first_token_weight=0.0), data=data)
     with pytest.raises(DistillError, match="oversample maps a prompt kind"):
         distill(o, c, replace(CFG, oversample={"jokes": 2}), data=data)
+
+
+def test_contrast_prompts_are_train_only_and_unlike_every_val_and_test_prompt():
+    """The contrast pool (benign prompts with alarming words) is used for training only, is asked for by
+    name, and shares no prompt — nor a near copy — with any bundled val or test split."""
+    import re
+
+    from refusal_lab.prompts import BUNDLED_KINDS, bundled
+
+    assert "contrast" not in {k for k, _ in data_mod.training_prompts()}  # not in the default kinds
+    contrast = [p for k, p in data_mod.training_prompts(["contrast"]) if k == "contrast"]
+    assert len(contrast) >= 150 and data_mod.training_prompts(["contrast"], split="val") == []
+    words = lambda p: set(re.findall(r"[a-z]+", p.lower()))  # noqa: E731
+    held_out = [p for kind in BUNDLED_KINDS for split in ("val", "test") for p in bundled(kind, split).prompts]
+    for p in contrast:
+        assert p not in held_out
+        near = [q for q in held_out if len(words(p) & words(q)) / len(words(p) | words(q)) > 0.6]
+        assert not near, (p, near)
