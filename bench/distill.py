@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,11 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
                                   kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
     "all-r4-s80-f4-c": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
                                      kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
+    # after all-r4-s80-c lowered the val score: O itself refuses 57 of the 209 contrast prompts (27%), so they
+    # taught its over-refusal; keep only the contrast prompts O answers
+    "all-r4-s80-ca": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+                                   kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                   answered_only=["contrast"]),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),
@@ -117,17 +123,21 @@ def teacher_data(original, cfg: DistillConfig, split: str):
     memo = cache_dir() / "distill" / f"teacher-{original.fingerprint}-{split}-{cfg.reply_tokens}{kinds}.json"
     if memo.is_file():
         saved = json.loads(memo.read_text())
-        return TeacherReplies.from_json(saved["data"]), saved["seconds"]
+        data = TeacherReplies.from_json(saved["data"])
+        if split == "train" and cfg.answered_only:  # as distill_data filters them
+            data = data.answered_only(cfg.answered_only,
+                                      lambda ids: original.tokenizer.decode(ids, skip_special_tokens=True))
+        return data, saved["seconds"]
     t0 = time.perf_counter()
     if split == "train":
-        data = distill_data(original, cfg)
+        data = distill_data(original, replace(cfg, answered_only=[]))  # the memo keeps every reply
     else:
         data = teacher_replies(original, training_prompts(("harmful", "harmless", "borderline"), split=split),
                                tokens=cfg.reply_tokens)
     seconds = time.perf_counter() - t0
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(json.dumps({"data": data.to_json(), "seconds": seconds}))
-    return data, seconds
+    return teacher_data(original, cfg, split)[0], seconds
 
 
 def train(name: str, cfg: DistillConfig, original, compressed, data, data_seconds: float, source: int, runs: Path,

@@ -70,7 +70,8 @@ class DistillConfig(JsonRecord):
     (all when None); ``max_prompt_tokens``: longer chat-formatted prompts are left out;
     ``first_token_weight``: the loss weight of each reply's first token relative to the others (the
     loss is the weighted mean KL per reply token); ``oversample``: how many times each prompt of a kind
-    appears per epoch (e.g. ``{"borderline": 3}``; others once)."""
+    appears per epoch (e.g. ``{"borderline": 3}``; others once); ``answered_only``: kinds whose prompts
+    are kept only where the teacher's reply is not a refusal (e.g. ``["contrast"]``)."""
 
     mode: str = "adapter"
     modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
@@ -89,6 +90,7 @@ class DistillConfig(JsonRecord):
     seed: int = 0
     first_token_weight: float = 1.0  # loss weight of each reply's first token (the others weigh 1)
     oversample: dict[str, int] = field(default_factory=dict)  # kind → times its prompts appear per epoch
+    answered_only: list[str] = field(default_factory=list)  # kinds trained on where the teacher answered only
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -108,12 +110,15 @@ class DistillConfig(JsonRecord):
         bad = {k: v for k, v in self.oversample.items() if k not in PROMPT_KINDS or int(v) < 1}
         if bad:
             raise DistillError(f"oversample maps a prompt kind ({', '.join(PROMPT_KINDS)}) to a count ≥ 1, got {bad}")
+        unknown = [k for k in self.answered_only if k not in PROMPT_KINDS]
+        if unknown:
+            raise DistillError(f"answered_only takes prompt kinds ({', '.join(PROMPT_KINDS)}), got {unknown}")
 
     def key_json(self) -> dict:
         """:meth:`to_json` without the settings added after the first stored repairs while they are at
         their defaults: a repair stored before them keeps its cache key."""
         out = self.to_json()
-        for name, default in (("first_token_weight", 1.0), ("oversample", {})):
+        for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", [])):
             if out.get(name) == default:
                 out.pop(name, None)
         return out
@@ -361,8 +366,14 @@ def distill_data(teacher: ModelHandle, cfg: DistillConfig, *, progress: Progress
     prompts = training_prompts(cfg.kinds, cfg.per_kind)
     if not prompts:
         raise DistillError(f"no training prompts left after filtering (kinds {cfg.kinds}, per_kind {cfg.per_kind})")
-    return teacher_replies(teacher, prompts, tokens=cfg.reply_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+    data = teacher_replies(teacher, prompts, tokens=cfg.reply_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                            progress=progress)
+    if cfg.answered_only:
+        data = data.answered_only(cfg.answered_only, lambda ids: teacher.tokenizer.decode(ids, skip_special_tokens=True))
+        if not len(data):
+            raise DistillError(f"no training prompts left after filtering: the teacher refused every prompt of "
+                               f"{cfg.answered_only} and there are no others")
+    return data
 
 
 def _check_pair(teacher: ModelHandle, student: ModelHandle) -> None:

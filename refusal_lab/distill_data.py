@@ -85,6 +85,21 @@ class TeacherReplies(JsonRecord):
             out[k] = out.get(k, 0) + 1
         return out
 
+    def select(self, rows: Sequence[int]) -> "TeacherReplies":
+        """The replies of ``rows`` (indices, in that order)."""
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return TeacherReplies(teacher=self.teacher, tokens=self.tokens, kinds=pick(self.kinds),
+                              prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
+                              reply_ids=pick(self.reply_ids))
+
+    def answered_only(self, kinds: Sequence[str], decode) -> "TeacherReplies":
+        """Without the prompts of ``kinds`` whose reply (``decode``: ids → text) the substring judge calls a
+        refusal — e.g. contrast prompts the teacher itself refuses, which would teach its over-refusal."""
+        from refusal_lab.judges import is_refusal
+
+        return self.select([i for i, (k, r) in enumerate(zip(self.kinds, self.reply_ids))
+                            if k not in kinds or not is_refusal(decode(r))])
+
     def key(self) -> str:
         """Content hash (16 hex chars): part of the cache key of a repair trained on these replies."""
         text = json.dumps([self.teacher, self.tokens, self.prompt_ids, self.reply_ids], separators=(",", ":"))

@@ -229,3 +229,16 @@ def test_contrast_prompts_are_train_only_and_unlike_every_val_and_test_prompt():
         assert p not in held_out
         near = [q for q in held_out if len(words(p) & words(q)) / len(words(p) | words(q)) > 0.6]
         assert not near, (p, near)
+
+
+def test_answered_only_drops_the_teachers_refusals_of_those_kinds_only():
+    data = data_mod.TeacherReplies(teacher="t", tokens=3, kinds=["contrast", "contrast", "harmful", "tasks"],
+                                   prompts=["a", "b", "c", "d"], prompt_ids=[[1], [2], [3], [4]],
+                                   reply_ids=[[10], [11], [10], [11]])
+    decode = {10: "I'm sorry, but I can't help with that.", 11: "Sure, here is how."}
+    kept = data.answered_only(["contrast"], lambda ids: decode[ids[0]])
+    assert kept.prompts == ["b", "c", "d"] and kept.kinds == ["contrast", "harmful", "tasks"]
+    assert kept.reply_ids == [[11], [10], [11]] and kept.key() != data.key()
+    with pytest.raises(DistillError, match="answered_only"):
+        DistillConfig(answered_only=["nonsense"]).check()
+    assert "answered_only" not in DistillConfig().key_json()  # repairs stored before it keep their keys
