@@ -94,14 +94,27 @@ def main() -> int:
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--distill", action="append", default=None, type=distill_setting, metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "repairs.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     distill = dict(kv for kv in args.distill) if args.distill else None
     methods = [m for m in args.methods.split(",") if m]
     out = {"command": " ".join(sys.argv), "limit": args.limit, "distill": distill, "schemes": {}}
     if Path(args.out).is_file():  # rows of schemes finished earlier (their studies are stored anyway)
-        out["schemes"] = json.loads(Path(args.out).read_text()).get("schemes", {})
+        old = json.loads(Path(args.out).read_text())
+        out.update(schemes=old.get("schemes", {}), runs=old.get("runs", {}))
     for scheme in [s for s in args.schemes.split(",") if s]:
+        t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         out["schemes"][scheme] = scheme_rows(scheme, methods, args, distill)
+        if Path(args.out).is_file():  # rows another run wrote meanwhile (runs of other schemes side by side)
+            now = json.loads(Path(args.out).read_text())
+            out["schemes"] = {**now.get("schemes", {}), scheme: out["schemes"][scheme]}
+            out["runs"] = {**out.get("runs", {}), **now.get("runs", {})}
+        out.setdefault("runs", {})[scheme] = {"command": out["command"], "threads": args.threads,
+                                              "started": t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_results(args.out, out)
         print(table(out["schemes"][scheme]), flush=True)
     print(table([r for rows in out["schemes"].values() for r in rows]))
