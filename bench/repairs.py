@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, also when another one 
 
 from bench.common import write_results  # noqa: E402
 from refusal_lab.tables import text_table  # noqa: E402
+from refusal_lab.study_rows import density_value  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "benchmarks"
 SCHEMES = "sparsegpt:0.5,hqq:4:64,rtn:3:64"
@@ -45,8 +46,7 @@ def row(label: str, ev, original, compressed) -> dict:
            "kl_multi_token": ev.kl_multi_token}
     for name in ("parameters_changed", "seconds"):
         out[name] = getattr(ev, name, None)
-    after = getattr(ev, "density_after", None)
-    out["density"] = None if after is None else after.density
+    out["density"] = density_value(getattr(ev, "density_after", None))  # None where the repair writes no matrix
     return out
 
 

@@ -205,7 +205,9 @@ def aird_parameters(study: "Study", scheme: str, ev: RepairedEvaluation) -> int:
     rep = study.repair(scheme)
     if rep.mode == "merged":
         return ev.density_before.total if ev.density_before is not None else 0
-    return rep.direction.numel() + 1 + (0 if rep.realign is None else rep.realign.numel())
+    from refusal_lab.aird.baselines import adapter_size
+
+    return adapter_size(rep.direction.numel(), rep)
 
 
 def evaluate_distilled(study: "Study", scheme: str, name: str = "distill") -> RepairedEvaluation:

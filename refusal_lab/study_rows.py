@@ -3,7 +3,10 @@ and the measured verdict of a variant's repair (AIRD, distill or both)."""
 
 from __future__ import annotations
 
-from refusal_lab.results import Drift, Evaluation, MethodEvaluation, RepairedEvaluation, RepairResult, StudyResults, Verdict
+import math
+
+from refusal_lab.results import (Density, Drift, Evaluation, MethodEvaluation, RepairedEvaluation, RepairResult,
+                                 StudyResults, Verdict)
 
 
 def measured_verdict(original_eval: Evaluation, variant_eval: Evaluation, repaired_eval: Evaluation, drift: Drift,
@@ -40,16 +43,20 @@ def evaluation_row(label: str, ev: Evaluation, extra: dict | None = None, *, key
     return r
 
 
+def density_value(d: Density | None) -> float | None:
+    """A density for a table: None where there is none, or where the repair writes no matrix (α 0: NaN)."""
+    return None if d is None or math.isnan(d.density) else d.density
+
+
 def method_row(label: str, ev: Evaluation) -> dict:
     """A row of the repair-method comparison (:meth:`refusal_lab.study.Study.compare_methods`; a plain
     evaluation, e.g. the original's, has no cost columns)."""
     m = ev if isinstance(ev, MethodEvaluation) else None
     if m is not None and m.error is not None:
         return {"method": label, "error": m.error[:60]}
-    density = lambda d: None if d is None else d.density  # noqa: E731
     row = evaluation_row(label, ev, {"parameters_changed": m and m.parameters_changed,
-                                     "density_before": m and density(m.density_before),
-                                     "density_after": m and density(m.density_after)}, key="method")
+                                     "density_before": m and density_value(m.density_before),
+                                     "density_after": m and density_value(m.density_after)}, key="method")
     del row["asr"]  # the comparison table shows refusal only
     return row
 
@@ -67,8 +74,7 @@ def repaired_row(label: str, rep: RepairedEvaluation, verdict: Verdict | None = 
         extra.update(distill_mode=d.mode, distill_rank=d.rank, distill_steps=d.steps)
     if rep.parameters_changed is not None:
         extra.update(parameters_changed=rep.parameters_changed, seconds=rep.seconds,
-                     density_before=None if rep.density_before is None else rep.density_before.density,
-                     density_after=None if rep.density_after is None else rep.density_after.density)
+                     density_before=density_value(rep.density_before), density_after=density_value(rep.density_after))
     return evaluation_row(label, rep, extra)
 
 

@@ -81,6 +81,7 @@ def test_realignment_merged_and_adapter_give_same_logits(arch):
     assert {(layer, role) for layer, role, _ in aird.edited_writers(c, rep)} == {(1, "mlp"), (2, "mlp"), (2, "attn")}
     assert aird.densified_weights(c, rep) > aird.densified_weights(c, [2])  # the fitted writer densifies too
     assert aird.changed_parameters("aird-adapter", c, rep) == 64 + 1 + d_in
+    assert aird.changed_parameters("aird-adapter", c, Repair(r, layers=[2], alpha=0.0)) == 0  # α 0: changes nothing
 
 
 def test_budget_curve_counts_the_realigned_writer(monkeypatch):

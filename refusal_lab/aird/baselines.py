@@ -77,12 +77,17 @@ def _fit_size(repair: Repair) -> int:
     return 0 if repair.realign is None else repair.realign.numel()
 
 
+def adapter_size(d_model: int, repair: Repair) -> int:
+    """Numbers an adapter-form repair stores: r̂, α and u — none when it does nothing (α 0, no re-alignment)."""
+    return 0 if not repair.alpha and repair.realign is None else d_model + 1 + _fit_size(repair)
+
+
 REPAIR_METHODS: dict[str, RepairMethod] = {m.name: m for m in (
     RepairMethod("none", "No repair", _none, lambda c, rep: 0),
     RepairMethod("aird-merged", "AIRD (merged weights)", _aird("merged"),
                  lambda c, rep: _whole_matrices(edited_writers(c, rep))),
     RepairMethod("aird-adapter", "AIRD (adapter)", _aird("adapter"),
-                 lambda c, rep: c.d_model + 1 + _fit_size(rep)),  # r̂, α and u
+                 lambda c, rep: adapter_size(c.d_model, rep)),
     RepairMethod("projection-restore", "Projection restore r̂r̂ᵀ(W_O − W_C)", _projection_restore,
                  lambda c, rep: _whole_matrices(writers(c, rep.layers))),
     RepairMethod("dense-copy", "Dense copy of O's layer(s)", _dense_copy,
