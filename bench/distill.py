@@ -114,10 +114,8 @@ def choose(rows: dict) -> str:
 def teacher_data(original, cfg: DistillConfig, split: str):
     """O's replies to the bundled ``split`` prompts, memoised in the cache (with the seconds they took)."""
     from refusal_lab.distill import TeacherReplies, distill_data
-    from refusal_lab.distill_data import teacher_replies, training_prompts
+    from refusal_lab.distill_data import DEFAULT_KINDS, teacher_replies, training_prompts
     from refusal_lab.models import cache_dir
-
-    from refusal_lab.distill_data import DEFAULT_KINDS
 
     kinds = "" if split != "train" or tuple(cfg.kinds) == DEFAULT_KINDS else "-" + "+".join(cfg.kinds)
     memo = cache_dir() / "distill" / f"teacher-{original.fingerprint}-{split}-{cfg.reply_tokens}{kinds}.json"
