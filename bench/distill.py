@@ -113,7 +113,7 @@ def choose(rows: dict) -> str:
 
 def teacher_data(original, cfg: DistillConfig, split: str):
     """O's replies to the bundled ``split`` prompts, memoised in the cache (with the seconds they took)."""
-    from refusal_lab.distill import TeacherReplies, distill_data
+    from refusal_lab.distill import TeacherReplies, distill_data, kept_replies
     from refusal_lab.distill_data import DEFAULT_KINDS, teacher_replies, training_prompts
     from refusal_lab.models import cache_dir
 
@@ -122,10 +122,7 @@ def teacher_data(original, cfg: DistillConfig, split: str):
     if memo.is_file():
         saved = json.loads(memo.read_text())
         data = TeacherReplies.from_json(saved["data"])
-        if split == "train" and cfg.answered_only:  # as distill_data filters them
-            data = data.answered_only(cfg.answered_only,
-                                      lambda ids: original.tokenizer.decode(ids, skip_special_tokens=True))
-        return data, saved["seconds"]
+        return (kept_replies(original, data, cfg) if split == "train" else data), saved["seconds"]
     t0 = time.perf_counter()
     if split == "train":
         data = distill_data(original, replace(cfg, answered_only=[]))  # the memo keeps every reply
@@ -135,7 +132,7 @@ def teacher_data(original, cfg: DistillConfig, split: str):
     seconds = time.perf_counter() - t0
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(json.dumps({"data": data.to_json(), "seconds": seconds}))
-    return teacher_data(original, cfg, split)[0], seconds
+    return (kept_replies(original, data, cfg) if split == "train" else data), seconds
 
 
 def train(name: str, cfg: DistillConfig, original, compressed, data, data_seconds: float, source: int, runs: Path,

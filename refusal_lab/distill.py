@@ -50,7 +50,7 @@ from refusal_lab.results import Density, DistillSummary
 
 __all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError", "DistillResult", "Distilled",
            "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
-           "compress_student", "config_from"]
+           "compress_student", "config_from", "kept_replies"]
 
 DISTILL_VERSION = "distill-1"  # bump when what training computes changes (part of cache keys)
 Mode = Literal["adapter", "merged"]
@@ -366,14 +366,20 @@ def distill_data(teacher: ModelHandle, cfg: DistillConfig, *, progress: Progress
     prompts = training_prompts(cfg.kinds, cfg.per_kind)
     if not prompts:
         raise DistillError(f"no training prompts left after filtering (kinds {cfg.kinds}, per_kind {cfg.per_kind})")
-    data = teacher_replies(teacher, prompts, tokens=cfg.reply_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                           progress=progress)
-    if cfg.answered_only:
-        data = data.answered_only(cfg.answered_only, lambda ids: teacher.tokenizer.decode(ids, skip_special_tokens=True))
-        if not len(data):
-            raise DistillError(f"no training prompts left after filtering: the teacher refused every prompt of "
-                               f"{cfg.answered_only} and there are no others")
-    return data
+    return kept_replies(teacher, teacher_replies(teacher, prompts, tokens=cfg.reply_tokens,
+                                                 max_prompt_tokens=cfg.max_prompt_tokens, progress=progress), cfg)
+
+
+def kept_replies(teacher: ModelHandle, data: TeacherReplies, cfg: DistillConfig) -> TeacherReplies:
+    """``data`` without the replies ``cfg.answered_only`` leaves out (the teacher's refusals of those kinds);
+    none left is a :class:`DistillError`."""
+    if not cfg.answered_only:
+        return data
+    kept = data.answered_only(cfg.answered_only, lambda ids: teacher.tokenizer.decode(ids, skip_special_tokens=True))
+    if not len(kept):
+        raise DistillError(f"no training prompts left after filtering: the teacher refused every prompt of "
+                           f"{cfg.answered_only} and there are no others")
+    return kept
 
 
 def _check_pair(teacher: ModelHandle, student: ModelHandle) -> None:
