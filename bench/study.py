@@ -111,6 +111,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "study_results.json"),
                    help="where the study writes its results JSON (the HTML report goes next to it)")
+    p.add_argument("--precision", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="the study's --precision (default: the study's own default, auto)")
     p.add_argument("--check", default=None, metavar="RESULTS.json",
                    help="only compare a study's results JSON with --reference (no run) and print the differences")
     args = p.parse_args()
@@ -128,6 +130,8 @@ def main() -> int:
            "--json", str(results_json), "--out", str(results_json.with_suffix(".html"))]
     for s in schemes:
         cmd += ["--scheme", s]
+    if args.precision:
+        cmd += ["--precision", args.precision]
     plan = ([("first (SIGKILLed)", args.kill_after), ("rerun after the kill", None)] if args.kill_after
             else [(args.first_label, None)]) + [("cached rerun", None)]
     runs, study_id, results = [], None, []
