@@ -65,6 +65,11 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     "all-r4-s80-ca": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                    kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                    answered_only=["contrast"]),
+    # the fourth round (near-boundary prompts did not teach the boundary): also match the teacher's residual
+    # stream leaving the source layer at the post-instruction positions, where the refusal direction is read
+    # (relative squared distance; wanda:0.5 starts at 0.15 there, the KL at 1.2 nats per token)
+    "all-r4-s80-st4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
+    "all-r4-s80-st16": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),

@@ -41,8 +41,9 @@ import torch
 
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
-                                      precompute, reply_batch, reply_logits, stubbed, teacher_replies, token_kl,
-                                      token_weights, training_prompts)
+                                      precompute, precompute_passes, reading, reply_batch, reply_logits, state_distance,
+                                      stubbed,
+                                      teacher_replies, token_kl, token_weights, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -71,7 +72,10 @@ class DistillConfig(JsonRecord):
     ``first_token_weight``: the loss weight of each reply's first token relative to the others (the
     loss is the weighted mean KL per reply token); ``oversample``: how many times each prompt of a kind
     appears per epoch (e.g. ``{"borderline": 3}``; others once); ``answered_only``: kinds whose prompts
-    are kept only where the teacher's reply is not a refusal (e.g. ``["contrast"]``)."""
+    are kept only where the teacher's reply is not a refusal (e.g. ``["contrast"]``); ``state_weight``:
+    adds that times :func:`~refusal_lab.distill_data.state_distance` between the student's and the
+    teacher's residual stream leaving block ``state_layer`` (default: the source layer) at the
+    post-instruction positions — where the refusal direction is read — to the loss."""
 
     mode: str = "adapter"
     modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
@@ -91,6 +95,8 @@ class DistillConfig(JsonRecord):
     first_token_weight: float = 1.0  # loss weight of each reply's first token (the others weigh 1)
     oversample: dict[str, int] = field(default_factory=dict)  # kind → times its prompts appear per epoch
     answered_only: list[str] = field(default_factory=list)  # kinds trained on where the teacher answered only
+    state_weight: float = 0.0  # weight of the residual-stream term (0: the loss is the KL alone)
+    state_layer: int | None = None  # block whose output the term matches (None: the source layer)
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -110,6 +116,8 @@ class DistillConfig(JsonRecord):
         bad = {k: v for k, v in self.oversample.items() if k not in PROMPT_KINDS or int(v) < 1}
         if bad:
             raise DistillError(f"oversample maps a prompt kind ({', '.join(PROMPT_KINDS)}) to a count ≥ 1, got {bad}")
+        if not self.state_weight >= 0:
+            raise DistillError(f"state_weight must be ≥ 0, got {self.state_weight}")
         unknown = [k for k in self.answered_only if k not in PROMPT_KINDS]
         if unknown:
             raise DistillError(f"answered_only takes prompt kinds ({', '.join(PROMPT_KINDS)}), got {unknown}")
@@ -118,7 +126,8 @@ class DistillConfig(JsonRecord):
         """:meth:`to_json` without the settings added after the first stored repairs while they are at
         their defaults: a repair stored before them keeps its cache key."""
         out = self.to_json()
-        for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", [])):
+        for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []),
+                              ("state_weight", 0.0), ("state_layer", None)):
             if out.get(name) == default:
                 out.pop(name, None)
         return out
@@ -211,6 +220,25 @@ def repair_layers(handle: ModelHandle, cfg: DistillConfig, source_layer: int | N
     if not 0 <= source_layer < n:
         raise DistillError(f"source layer {source_layer} outside [0, {n})")
     return list(range(max(0, source_layer - cfg.window), min(n, source_layer + cfg.window + 1)))
+
+
+def state_match(handle: ModelHandle, cfg: DistillConfig, source_layer: int | None,
+                lowest: int) -> tuple[int, int] | None:
+    """``(block, positions)`` the residual-stream term matches (block ``cfg.state_layer`` or the source
+    layer, the prompt's post-instruction positions), or None when ``cfg.state_weight`` is 0; a block
+    outside the model, or below the lowest adapted block ``lowest`` (the term could not move), is a
+    :class:`DistillError`."""
+    from refusal_lab.activations import post_instruction_length
+
+    if not cfg.state_weight:
+        return None
+    layer = cfg.state_layer if cfg.state_layer is not None else source_layer
+    if layer is None:
+        raise DistillError("state_weight needs a state_layer or the source layer of the original's refusal direction")
+    if not lowest <= layer < handle.n_layers:
+        raise DistillError(f"state layer {layer} must be in [{lowest}, {handle.n_layers}): the lowest adapted "
+                           f"block is {lowest}")
+    return int(layer), post_instruction_length(handle)
 
 
 def target_modules(handle: ModelHandle, cfg: DistillConfig, layers: Sequence[int]) -> dict[str, torch.nn.Module]:
@@ -404,44 +432,73 @@ def _schedule(cfg: DistillConfig):
     return factor
 
 
+@dataclass
+class _Pair:
+    """One batch through teacher and student: logits ``(B, K, vocab)`` (the student's with gradients),
+    the reply mask ``(B, K)``, and with a state term both residual streams ``(B, n, d)``."""
+
+    teacher: torch.Tensor
+    student: torch.Tensor
+    mask: torch.Tensor
+    teacher_states: torch.Tensor | None = None
+    student_states: torch.Tensor | None = None
+
+
 def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Module, data: TeacherReplies,
-                 rows: list[int], pre: Precomputed | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(teacher logits, student logits, reply mask)`` of one batch, ``(B, K, vocab)`` / ``(B, K)``; the
-    student's with gradients. With ``pre``, the frozen parts run from their precomputed states."""
+                 rows: list[int], pre: Precomputed | None, state: tuple[int, int] | None = None) -> _Pair:
+    """One batch's :class:`_Pair`. With ``pre``, the frozen parts run from their precomputed states;
+    ``state`` = ``(block, n)``: also the output of that block at each prompt's last ``n`` positions."""
     from refusal_lab.models import find_blocks
 
     batch = reply_batch(data, rows, teacher.tokenizer.pad_token_id or 0)
     tb, sb = batch.to(teacher.device), batch.to(student.device)
-    t_stub = s_stub = contextlib.nullcontext()
+    t_stub = s_stub = t_read = s_read = contextlib.nullcontext()
+    t_seen: list = []
+    s_seen: list = []
     if pre is not None and pre.teacher is not None:
         t_stub = stubbed(teacher.blocks, teacher.n_layers, pre.teacher_input(data, rows, batch).to(teacher.device))
     if pre is not None and pre.student is not None:
         s_stub = stubbed(find_blocks(model), pre.start, pre.student_input(data, rows, batch).to(student.device))
-    with torch.no_grad(), teacher.lock, compute(teacher), t_stub:
+    if state is not None:
+        s_read = reading(find_blocks(model)[state[0]], "output", s_seen)
+        if pre is None or pre.states is None:
+            t_read = reading(teacher.blocks[state[0]], "output", t_seen)
+    with torch.no_grad(), teacher.lock, compute(teacher), t_stub, t_read:
         t_logits = reply_logits(teacher.model, tb)
-    with compute(student), s_stub:  # bf16 autocast when the student's precision asks for it; LoRA stays float32
+    with compute(student), s_stub, s_read:  # bf16 autocast when the student's precision asks for it; LoRA stays float32
         s_logits = reply_logits(model, sb)
-    return t_logits.to(s_logits.device), s_logits, sb.mask
+    out = _Pair(t_logits.to(s_logits.device), s_logits, sb.mask)
+    if state is not None:
+        width_p = int(batch.keep[0]) + 1
+        last = slice(width_p - state[1], width_p)
+        out.student_states = s_seen[0][:, last].float()
+        out.teacher_states = (torch.stack([pre.states[i] for i in rows]) if pre is not None and pre.states is not None
+                              else t_seen[0][:, last].float()).to(out.student_states.device)
+    return out
 
 
 def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig, start: int,
-           precompute_states: bool, progress: Progress | None) -> list[float]:
-    """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats) of
-    each step. ``progress`` counts the precomputing passes' batches, then the steps."""
+           precompute_states: bool, progress: Progress | None, state: tuple[int, int] | None = None) -> list[float]:
+    """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats,
+    plus the weighted state term with ``state``, :func:`state_match`) of each step. ``progress`` counts
+    the precomputing passes' batches, then the steps."""
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    n_pre = (-(-len(data) // cfg.batch_size)) * (1 + (start > 0)) if precompute_states else 0
+    n_pre = (-(-len(data) // cfg.batch_size)) * precompute_passes(start, state) if precompute_states else 0
     total = n_pre + cfg.steps
     report(progress, 0, total)
-    pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, progress=progress,
-                     total=total) if precompute_states else None
+    pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, state=state,
+                     progress=progress, total=total) if precompute_states else None
     losses: list[float] = []
     repeats = [cfg.oversample.get(kind, 1) for kind in data.kinds]
     for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed, repeats)):
-        t_logits, s_logits, mask = _pair_logits(teacher, student, lora.model, data, rows, pre)
+        pair = _pair_logits(teacher, student, lora.model, data, rows, pre, state)
+        mask = pair.mask
         weights = None if cfg.first_token_weight == 1 else token_weights(mask, cfg.first_token_weight)
-        loss = token_kl(t_logits, s_logits, mask, weights) / (mask.sum() if weights is None else weights.sum())
+        loss = token_kl(pair.teacher, pair.student, mask, weights) / (mask.sum() if weights is None else weights.sum())
+        if state is not None:
+            loss = loss + cfg.state_weight * state_distance(pair.student_states, pair.teacher_states)
         opt.zero_grad(set_to_none=True)
         with compute(student):  # the forward's autocast: HQQ's backward (no custom_bwd) meets bf16 grads with
             loss.backward()     # float32 weights otherwise; plain, pruned and bnb students: same LoRA bit for bit (checked)
@@ -470,6 +527,8 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     _check_pair(teacher, student)
     layers = repair_layers(student, cfg, source_layer)
     targets = target_modules(student, cfg, layers)  # before the costly part: bad settings fail at once
+    lowest = _lowest_block(student, targets)
+    state = state_match(student, cfg, source_layer, lowest)
     t0 = time.perf_counter()
     if data is None:
         data = distill_data(teacher, cfg, progress=data_progress)
@@ -482,8 +541,7 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     t1 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        losses = _train(teacher, student, lora, data, cfg, _lowest_block(student, targets), precompute_states,
-                        progress)
+        losses = _train(teacher, student, lora, data, cfg, lowest, precompute_states, progress, state)
     before = density(list(targets.values()))
     result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
                            trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),

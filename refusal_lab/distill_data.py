@@ -253,16 +253,18 @@ def stubbed(blocks: torch.nn.ModuleList, upto: int, value: torch.Tensor) -> Iter
 
 
 @contextlib.contextmanager
-def _reading(block: torch.nn.Module, where: str, into: list, stop: bool = False) -> Iterator[None]:
-    """Append ``block``'s residual input (``where="input"``; then end the forward when ``stop``) or its
-    output (``"output"``) to ``into`` during the block."""
+def reading(block: torch.nn.Module, where: str, into: list, stop: bool = False) -> Iterator[None]:
+    """Append ``block``'s residual input (``where="input"``) or its output (``"output"``) to ``into``
+    during the block; with ``stop``, end the forward there (:class:`_Stop`)."""
     def pre(module, args, kwargs):
         into.append(_hidden(args, kwargs))
         if stop:
             raise _Stop
 
     def post(module, args, output):
-        into.append(output)
+        into.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _Stop
 
     h = (block.register_forward_pre_hook(pre, with_kwargs=True) if where == "input"
          else block.register_forward_hook(post))
@@ -286,11 +288,14 @@ class Precomputed:
     block output ``(reply len, d)`` at the positions predicting its reply tokens (its logits then cost
     the final norm and output layer only); ``student`` — the student's residual stream ``(prompt +
     reply len, d)`` entering block ``start`` (LoRA sits at ``start`` and above, so nothing below changes
-    while training). Either is None where blocks do not return a plain tensor."""
+    while training); ``states`` — the teacher's residual stream leaving the state layer at the prompt's
+    last positions (:func:`state_distance`), when the training matches it. Any is None where blocks do
+    not return a plain tensor."""
 
     teacher: list[torch.Tensor] | None
     student: list[torch.Tensor] | None
     start: int
+    states: list[torch.Tensor] | None = None  # the teacher's post-instruction states (n, d) per row, when asked
 
     def teacher_input(self, data: TeacherReplies, rows: Sequence[int], batch: ReplyBatch) -> torch.Tensor:
         """The stub value of a batch: ``(B, W, d)`` with the teacher's states at ``batch.keep``."""
@@ -306,8 +311,9 @@ class Precomputed:
 @torch.no_grad()
 def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, block: int, where: str,
             batch_size: int, progress: Progress | None, done: int, total: int) -> list[torch.Tensor] | None:
-    """Per row, ``model``'s residual stream at block ``block`` (``where``: its input over all tokens, or
-    its output at the reply-predicting positions); None when the block does not return a tensor."""
+    """Per row, ``model``'s residual stream at block ``block`` (``where``: ``input`` — its input over all
+    tokens; ``output`` — its output at the reply-predicting positions; ``last:N`` — its output at the
+    prompt's last N positions); None when the block does not return a tensor."""
     from refusal_lab.models import find_blocks
 
     blocks = find_blocks(model)
@@ -318,30 +324,49 @@ def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, b
         rows = order[start:start + batch_size]
         batch = reply_batch(data, rows, pad).to(handle.device)
         seen: list = []
-        with contextlib.suppress(_Stop), handle.lock, compute(handle), _reading(blocks[block], where, seen,
-                                                                                stop=where == "input"):
+        last = int(where.split(":")[1]) if where.startswith("last:") else None
+        with contextlib.suppress(_Stop), handle.lock, compute(handle), reading(
+                blocks[block], "input" if where == "input" else "output", seen, stop=where != "output"):
             reply_logits(model, batch)
         if not seen or not isinstance(seen[0], torch.Tensor):
             return None
         width_p = int(batch.keep[0]) + 1
         for b, i in enumerate(rows):
             p, r = len(data.prompt_ids[i]), len(data.reply_ids[i])
-            keep = slice(width_p - 1, width_p - 1 + r) if where == "output" else slice(width_p - p, width_p + r)
+            keep = (slice(width_p - 1, width_p - 1 + r) if where == "output" else slice(width_p - p, width_p + r)
+                    if where == "input" else slice(width_p - last, width_p))
             out[i] = seen[0][b, keep].float().cpu()
         report(progress, done + start // batch_size + 1, total)
     return out  # type: ignore[return-value]
 
 
 def precompute(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Module, data: TeacherReplies, start: int,
-               *, batch_size: int = 16, progress: Progress | None = None, total: int | None = None) -> Precomputed:
+               *, batch_size: int = 16, state: tuple[int, int] | None = None, progress: Progress | None = None,
+               total: int | None = None) -> Precomputed:
     """:class:`Precomputed` states for training ``model`` (the student's adapted copy, LoRA at blocks ≥
-    ``start``): the teacher's once, the student's below ``start`` once (none when ``start`` is 0).
+    ``start``): the teacher's once, the student's below ``start`` once (none when ``start`` is 0), and with
+    ``state`` = ``(layer, n)`` the teacher's output of block ``layer`` at each prompt's last ``n`` positions.
     ``progress`` gets one step per batch of each pass, out of ``total`` (default: the passes' batches)."""
     n = -(-len(data) // batch_size)
-    passes = 1 + (start > 0)
-    total = total or n * passes
+    total = total or n * precompute_passes(start, state)
     t = _states(teacher, teacher.model, data, teacher.n_layers - 1, "output", batch_size, progress, 0, total)
-    s = None
+    s = states = None
     if start > 0:
         s = _states(student, model, data, start, "input", batch_size, progress, n, total)
-    return Precomputed(teacher=t, student=s, start=start)
+    if state is not None:
+        states = _states(teacher, teacher.model, data, state[0], f"last:{state[1]}", batch_size, progress,
+                         n * (1 + (start > 0)), total)
+    return Precomputed(teacher=t, student=s, start=start, states=states)
+
+
+def precompute_passes(start: int, state: tuple[int, int] | None) -> int:
+    """How many passes over the data :func:`precompute` makes."""
+    return 1 + (start > 0) + (state is not None)
+
+
+def state_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and positions of ‖s − t‖² / ‖t‖², residual streams ``(B, n, d)``: how far the
+    student's stream is from the teacher's, relative to the teacher's size (0 when equal; differentiable
+    in ``student``)."""
+    t = teacher.to(student.dtype)
+    return (((student - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp_min(1e-12)).mean()

@@ -242,3 +242,38 @@ def test_answered_only_drops_the_teachers_refusals_of_those_kinds_only():
     with pytest.raises(DistillError, match="answered_only"):
         DistillConfig(answered_only=["nonsense"]).check()
     assert "answered_only" not in DistillConfig().key_json()  # repairs stored before it keep their keys
+
+
+def _state_distance(o, h, data, layer: int) -> float:
+    """state_distance of h's and o's residual streams leaving ``layer`` at the post-instruction positions."""
+    from refusal_lab.activations import post_instruction_length
+    from refusal_lab.distill_data import reading, reply_batch, reply_logits, state_distance
+
+    batch = reply_batch(data, list(range(len(data))), o.tokenizer.pad_token_id or 0)
+    n, width_p = post_instruction_length(o), int(batch.keep[0]) + 1
+    out = []
+    for handle in (o, h):
+        seen: list = []
+        with torch.no_grad(), reading(handle.blocks[layer], "output", seen):
+            reply_logits(handle.model, batch)
+        out.append(seen[0][:, width_p - n:width_p].float())
+    return float(state_distance(out[1], out[0]))
+
+
+def test_state_term_moves_the_residual_stream_toward_the_teachers(pair, trained):
+    o, c, data = pair
+    plain, _, _ = trained
+    cfg = replace(CFG, state_weight=20.0, state_layer=2)
+    h, rep = distill(o, c, cfg, data=data)
+    before, kl_only, with_term = (_state_distance(o, m, data, 2) for m in (c, plain, h))
+    assert with_term < 0.7 * kl_only and with_term < before, (before, kl_only, with_term)
+    assert reply_kl(o, h, data) < reply_kl(o, c, data)
+    _, full = distill(o, c, cfg, data=data, precompute_states=False)  # the teacher's states read on the fly
+    assert full.result.losses == pytest.approx(rep.result.losses, rel=1e-3, abs=1e-6)
+    assert cfg.key_json()["state_weight"] == 20.0 and "state_weight" not in CFG.key_json()  # old keys kept
+    with pytest.raises(DistillError, match="state layer 0 must be in"):
+        distill(o, c, replace(cfg, state_layer=0), data=data)  # below the lowest adapted block (1)
+    with pytest.raises(DistillError, match="state_weight must be ≥ 0"):
+        distill(o, c, replace(cfg, state_weight=-1.0), data=data)
+    with pytest.raises(DistillError, match="needs a state_layer or the source layer"):
+        distill(o, c, replace(cfg, state_layer=None), data=data)
