@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, also when another one 
 
 from bench.common import write_results  # noqa: E402
 from refusal_lab.tables import text_table  # noqa: E402
+from refusal_lab.aird.diagnosis import recovered_share  # noqa: E402
 from refusal_lab.study_rows import density_value  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "benchmarks"
@@ -38,7 +39,7 @@ def row(label: str, ev, original, compressed) -> dict:
     """One table row of an evaluation (rates as fractions; ``recovered`` None for O and C)."""
     rate = lambda e, s, o="refused": e.rate(s, o)  # noqa: E731
     o, c, r = rate(original, "harmful"), rate(compressed, "harmful"), rate(ev, "harmful")
-    recovered = None if ev is original or ev is compressed or o == c else (r - c) / (o - c)
+    recovered = None if ev is original or ev is compressed else recovered_share(o, c, r)  # None: < 5 points lost
     n = sum(s.n for s in ev.sets.values())
     broken = sum((s.broken_rate or 0.0) * s.n for s in ev.sets.values()) / n
     out = {"model": label, "advbench": r, "recovered": recovered, "alpaca": rate(ev, "harmless"),

@@ -95,7 +95,8 @@ class DistillConfig(JsonRecord):
     first_token_weight: float = 1.0  # loss weight of each reply's first token (the others weigh 1)
     oversample: dict[str, int] = field(default_factory=dict)  # kind → times its prompts appear per epoch
     answered_only: list[str] = field(default_factory=list)  # kinds trained on where the teacher answered only
-    state_weight: float = 0.0  # weight of the residual-stream term (0: the loss is the KL alone)
+    state_weight: float = 4.0  # weight of the residual-stream term (0: the KL alone); 4 chosen on val among
+    #                            0/4/16 (bench/distill.py, fourth round)
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
 
     def check(self) -> None:

@@ -165,7 +165,8 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
 
     cfg = distill_config(study.spec.distill)
     data = teacher_replies(study)
-    source = study.directions("original").selected[1] if cfg.modules == "writers" and cfg.layers is None else None
+    needs_source = (cfg.modules == "writers" and cfg.layers is None) or (cfg.state_weight and cfg.state_layer is None)
+    source = study.directions("original").selected[1] if needs_source else None
     stage = f"{name} {scheme}"
 
     def compute() -> "Distilled":
