@@ -235,7 +235,9 @@ def test_screened_search_keeps_the_candidates_that_can_induce(handle, cands, sel
     sc = fast.metadata["selection"]["screen"]
     assert sc["prompts"] == 3 and len(sc["induce_mean_se"]) == fast.metadata["selection"]["n_candidates"]
     assert sc["searched"] == len(sc["induce_mean_se"])  # every candidate clears −1e9
-    assert fast.selected == exact.selected and quality(fast) == quality(exact)
+    # the same candidate and measures; KL up to float32 round-off (the screened search batches the KL prompts
+    # differently: 7.8160153e-4 vs 7.8160164e-4 seen on an AMX CPU)
+    assert fast.selected == exact.selected and quality(fast) == pytest.approx(quality(exact), rel=1e-5, abs=1e-9)
     # a threshold no candidate can clear: all screened out, the fallback screens bypass and computes the
     # lowest exactly — the same candidate as the exact search's fallback, with its KL in full
     with warnings.catch_warnings(record=True) as w:
