@@ -50,7 +50,8 @@ def main() -> int:
     for which in MODELS:
         t0 = time.perf_counter()
         handle = original if which == "original" else compress(original, which)[0]
-        ref_sets = (ref["original"] if which == "original" else ref["variants"][which])["evaluation"]["sets"]
+        ref_eval = (ref["original"] if which == "original" else ref["variants"][which])["evaluation"]
+        ref_sets = ref_eval["sets"]
         got = {}
         for name, prompts in sets.items():
             replies = [r["response"] for r in refusal_evaluation(handle, prompts, max_new_tokens=64)["results"]]
@@ -61,7 +62,7 @@ def main() -> int:
             rows.append([which, name, f"{100 * got[name]['rate']:.1f}", f"{100 * got[name]['reference']:.1f}",
                          f"{got[name]['identical_replies']}/{len(replies)}"])
         ppl = perplexity(handle, bundled_text(), max_length=512)
-        ref_ppl = (ref["original"] if which == "original" else ref["variants"][which])["evaluation"]["perplexity"]
+        ref_ppl = ref_eval["perplexity"]
         out["models"][which] = {"sets": got, "perplexity": ppl, "reference_perplexity": ref_ppl,
                                 "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{which}: perplexity {ppl:.4f} (reference {ref_ppl:.4f}), {time.perf_counter() - t0:.0f} s", flush=True)

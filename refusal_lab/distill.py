@@ -41,9 +41,9 @@ import torch
 
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
-                                      precompute, precompute_passes, reading, reply_batch, reply_logits, state_distance,
-                                      stubbed,
-                                      teacher_replies, token_kl, token_weights, training_prompts)
+                                      last_positions, precompute, precompute_passes, reading, reply_batch, reply_logits,
+                                      state_distance, stubbed, teacher_replies, token_kl, token_weights,
+                                      training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -98,6 +98,12 @@ class DistillConfig(JsonRecord):
     state_weight: float = 4.0  # weight of the residual-stream term (0: the KL alone); 4 chosen on val among
     #                            0/4/16 (bench/distill.py, fourth round)
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
+
+    def needs_source_layer(self) -> bool:
+        """Whether training needs the original's refusal source layer: ``writers`` without explicit layers
+        (they sit around it), or a state term without its own ``state_layer``."""
+        writers_around_source = self.modules == "writers" and self.layers is None
+        return writers_around_source or bool(self.state_weight and self.state_layer is None)
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -463,6 +469,9 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
     if state is not None:
         s_read = reading(find_blocks(model)[state[0]], "output", s_seen)
         if pre is None or pre.states is None:
+            if pre is not None and pre.teacher is not None:  # its blocks are stubbed: nothing real to read
+                raise DistillError(f"{teacher.name}: block {state[0]}'s output could not be precomputed for the state "
+                                   "term; train with precompute_states=False")
             t_read = reading(teacher.blocks[state[0]], "output", t_seen)
     with torch.no_grad(), teacher.lock, compute(teacher), t_stub, t_read:
         t_logits = reply_logits(teacher.model, tb)
@@ -470,8 +479,7 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
         s_logits = reply_logits(model, sb)
     out = _Pair(t_logits.to(s_logits.device), s_logits, sb.mask)
     if state is not None:
-        width_p = int(batch.keep[0]) + 1
-        last = slice(width_p - state[1], width_p)
+        last = last_positions(batch, state[1])
         out.student_states = s_seen[0][:, last].float()
         out.teacher_states = (torch.stack([pre.states[i] for i in rows]) if pre is not None and pre.states is not None
                               else t_seen[0][:, last].float()).to(out.student_states.device)

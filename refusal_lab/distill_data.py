@@ -308,12 +308,19 @@ class Precomputed:
                       batch.input_ids.shape[1])
 
 
+def last_positions(batch: ReplyBatch, n: int) -> slice:
+    """The columns of a batch's last ``n`` prompt positions (prompts are left-padded to one width)."""
+    width_p = int(batch.keep[0]) + 1
+    return slice(width_p - n, width_p)
+
+
 @torch.no_grad()
 def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, block: int, where: str,
-            batch_size: int, progress: Progress | None, done: int, total: int) -> list[torch.Tensor] | None:
+            batch_size: int, progress: Progress | None, done: int, total: int,
+            last: int = 0) -> list[torch.Tensor] | None:
     """Per row, ``model``'s residual stream at block ``block`` (``where``: ``input`` — its input over all
-    tokens; ``output`` — its output at the reply-predicting positions; ``last:N`` — its output at the
-    prompt's last N positions); None when the block does not return a tensor."""
+    tokens; ``output`` — its output at the reply-predicting positions; ``last`` — its output at the
+    prompt's last ``last`` positions); None when the block does not return a tensor."""
     from refusal_lab.models import find_blocks
 
     blocks = find_blocks(model)
@@ -324,7 +331,6 @@ def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, b
         rows = order[start:start + batch_size]
         batch = reply_batch(data, rows, pad).to(handle.device)
         seen: list = []
-        last = int(where.split(":")[1]) if where.startswith("last:") else None
         with contextlib.suppress(_Stop), handle.lock, compute(handle), reading(
                 blocks[block], "input" if where == "input" else "output", seen, stop=where != "output"):
             reply_logits(model, batch)
@@ -333,8 +339,8 @@ def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, b
         width_p = int(batch.keep[0]) + 1
         for b, i in enumerate(rows):
             p, r = len(data.prompt_ids[i]), len(data.reply_ids[i])
-            keep = (slice(width_p - 1, width_p - 1 + r) if where == "output" else slice(width_p - p, width_p + r)
-                    if where == "input" else slice(width_p - last, width_p))
+            keep = {"output": slice(width_p - 1, width_p - 1 + r), "input": slice(width_p - p, width_p + r),
+                    "last": last_positions(batch, last)}[where]
             out[i] = seen[0][b, keep].float().cpu()
         report(progress, done + start // batch_size + 1, total)
     return out  # type: ignore[return-value]
@@ -354,8 +360,8 @@ def precompute(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Modul
     if start > 0:
         s = _states(student, model, data, start, "input", batch_size, progress, n, total)
     if state is not None:
-        states = _states(teacher, teacher.model, data, state[0], f"last:{state[1]}", batch_size, progress,
-                         n * (1 + (start > 0)), total)
+        states = _states(teacher, teacher.model, data, state[0], "last", batch_size, progress,
+                         n * (1 + (start > 0)), total, last=state[1])
     return Precomputed(teacher=t, student=s, start=start, states=states)
 
 

@@ -165,8 +165,7 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
 
     cfg = distill_config(study.spec.distill)
     data = teacher_replies(study)
-    needs_source = (cfg.modules == "writers" and cfg.layers is None) or (cfg.state_weight and cfg.state_layer is None)
-    source = study.directions("original").selected[1] if needs_source else None
+    source = study.directions("original").selected[1] if cfg.needs_source_layer() else None
     stage = f"{name} {scheme}"
 
     def compute() -> "Distilled":

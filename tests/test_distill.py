@@ -247,16 +247,16 @@ def test_answered_only_drops_the_teachers_refusals_of_those_kinds_only():
 def _state_distance(o, h, data, layer: int) -> float:
     """state_distance of h's and o's residual streams leaving ``layer`` at the post-instruction positions."""
     from refusal_lab.activations import post_instruction_length
-    from refusal_lab.distill_data import reading, reply_batch, reply_logits, state_distance
+    from refusal_lab.distill_data import last_positions, reading, reply_batch, reply_logits, state_distance
 
     batch = reply_batch(data, list(range(len(data))), o.tokenizer.pad_token_id or 0)
-    n, width_p = post_instruction_length(o), int(batch.keep[0]) + 1
+    last = last_positions(batch, post_instruction_length(o))
     out = []
     for handle in (o, h):
         seen: list = []
         with torch.no_grad(), reading(handle.blocks[layer], "output", seen):
             reply_logits(handle.model, batch)
-        out.append(seen[0][:, width_p - n:width_p].float())
+        out.append(seen[0][:, last].float())
     return float(state_distance(out[1], out[0]))
 
 
