@@ -67,7 +67,7 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
                                    answered_only=["contrast"]),
     # the fourth round (near-boundary prompts did not teach the boundary): also match the teacher's residual
     # stream leaving the source layer at the post-instruction positions, where the refusal direction is read
-    # (relative squared distance; wanda:0.5 starts at 0.15 there, the KL at 1.2 nats per token)
+    # (relative squared distance; weights meant to put the term at the KL's order, 1.2 nats per token at the start)
     "all-r4-s80-st4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
     "all-r4-s80-st16": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
 }
