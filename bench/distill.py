@@ -70,6 +70,14 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     # (relative squared distance; weights meant to put the term at the KL's order, 1.2 nats per token at the start)
     "all-r4-s80-st4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
     "all-r4-s80-st16": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
+    # the fifth round (the state term kept over-refusal at 14% Alpaca / 35% borderline): wanda:0.5 squeezes the
+    # post-instruction projections on the refusal direction toward 0 (last position, 24 train prompts each: harmless
+    # O −8.4 / C −0.8, borderline −5.9 / +1.4, harmful 8.7 / 5.4), so also match that projection itself
+    # (direction_distance starts at ≈ 0.06–0.19; weights meant to put the term at the KL's order)
+    "all-r4-s80-st4-d8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+                                       direction_weight=8.0),
+    "all-r4-s80-st4-d32": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+                                        direction_weight=32.0),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 PUBLIC = {"AdvBench": str(SHARED / "advbench.json"), "JailbreakBench": str(SHARED / "jailbreakbench.json"),
@@ -141,7 +149,7 @@ def teacher_data(original, cfg: DistillConfig, split: str):
 
 
 def train(name: str, cfg: DistillConfig, original, compressed, data, data_seconds: float, source: int, runs: Path,
-          resume: bool, scheme: str = SCHEME):
+          resume: bool, scheme: str = SCHEME, direction=None):
     """The repaired handle and its :class:`~refusal_lab.distill.Distilled` (loaded with ``resume``)."""
     from refusal_lab.distill import Distilled, distill
     from refusal_lab.progress import tqdm_progress
@@ -152,7 +160,7 @@ def train(name: str, cfg: DistillConfig, original, compressed, data, data_second
         rep = Distilled.load(folder)
         if rep.result.config == cfg and rep.result.data_key == data.key():
             return rep.apply(compressed), rep
-    h, rep = distill(original, compressed, cfg, data=data, source_layer=source,
+    h, rep = distill(original, compressed, cfg, data=data, source_layer=source, direction=direction,
                      progress=tqdm_progress(f"distill {name}"))
     rep.result.seconds_data = round(data_seconds, 1)  # the memoised replies' own time
     rep.save(folder)
@@ -168,6 +176,8 @@ def main() -> int:
     ap.add_argument("--source-layer", type=int, default=None,
                     help="the original's refusal source layer (default: from the run store's direction selection, "
                          "which computes it when absent: ~25 min on 2 cores)")
+    ap.add_argument("--source-position", type=int, default=-1,
+                    help="with --source-layer: the position offset of the original's direction (direction terms)")
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     ap.add_argument("--resume", action="store_true")
@@ -193,10 +203,19 @@ def main() -> int:
         out["evaluations"].setdefault("original", json.loads(Path(args.original_from).read_text())["evaluations"]["original"])
         out["original_from"] = args.original_from
     original = load_model("default")
-    source = args.source_layer
+    source, direction = args.source_layer, None
+    names = [c for c in args.configs.split(",") if c]
+    needs_direction = any(CONFIGS[n].needs_direction() for n in names)
     if source is None:
-        source = Study(StudySpec(model="default", schemes=[scheme], name="bench distill"), args.runs,
-                       original=original).directions("original").selected[1]
+        found = Study(StudySpec(model="default", schemes=[scheme], name="bench distill"), args.runs,
+                      original=original).directions("original")
+        source, direction = found.selected[1], found.direction() if needs_direction else None
+    elif needs_direction:  # the candidate at (--source-position, --source-layer): minutes, not a whole search
+        from refusal_lab.directions import generate_candidates
+        from refusal_lab.prompts import bundled
+
+        direction = generate_candidates(original, bundled("harmful", "train").prompts,
+                                        bundled("harmless", "train").prompts).candidate(args.source_position, source)
     t0 = time.perf_counter()
     compressed, _ = apply(original, scheme)
     out.update(source_layer=source, compress_seconds=round(time.perf_counter() - t0, 1))
@@ -208,10 +227,11 @@ def main() -> int:
             evals[label]["val"] = evaluate(h, VAL, ppl=False)
     evals[scheme]["val_kl"] = reply_kl(original, compressed, val_data)
     handles = {"original": original, scheme: compressed}
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in names:
         cfg = CONFIGS[name]
         data, data_s = teacher_data(original, cfg, "train")
-        h, rep = train(name, cfg, original, compressed, data, data_s, source, Path(args.runs), args.resume, scheme)
+        h, rep = train(name, cfg, original, compressed, data, data_s, source, Path(args.runs), args.resume, scheme,
+                       direction)
         handles[name] = h
         row = old.get("configs", {}).get(name) if args.resume else None
         if row is None or row.get("result", {}).get("losses") != rep.result.losses:

@@ -41,9 +41,9 @@ import torch
 
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
-                                      last_positions, precompute, precompute_passes, reading, reply_batch, reply_logits,
-                                      state_distance, stubbed, teacher_replies, token_kl, token_weights,
-                                      training_prompts)
+                                      direction_distance, last_positions, precompute, precompute_passes, reading,
+                                      reply_batch, reply_logits, state_distance, stubbed, teacher_replies, token_kl,
+                                      token_weights, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -75,7 +75,9 @@ class DistillConfig(JsonRecord):
     are kept only where the teacher's reply is not a refusal (e.g. ``["contrast"]``); ``state_weight``:
     adds that times :func:`~refusal_lab.distill_data.state_distance` between the student's and the
     teacher's residual stream leaving block ``state_layer`` (default: the source layer) at the
-    post-instruction positions — where the refusal direction is read — to the loss."""
+    post-instruction positions — where the refusal direction is read — to the loss; ``direction_weight``:
+    adds that times :func:`~refusal_lab.distill_data.direction_distance` there, the same streams'
+    gap along the original's refusal direction only (training then needs that direction)."""
 
     mode: str = "adapter"
     modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
@@ -98,12 +100,21 @@ class DistillConfig(JsonRecord):
     state_weight: float = 4.0  # weight of the residual-stream term (0: the KL alone); 4 chosen on val among
     #                            0/4/16 (bench/distill.py, fourth round)
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
+    direction_weight: float = 0.0  # weight of the refusal-direction term (0: none)
 
     def needs_source_layer(self) -> bool:
         """Whether training needs the original's refusal source layer: ``writers`` without explicit layers
-        (they sit around it), or a state term without its own ``state_layer``."""
+        (they sit around it), or a state or direction term without its own ``state_layer``."""
         writers_around_source = self.modules == "writers" and self.layers is None
-        return writers_around_source or bool(self.state_weight and self.state_layer is None)
+        return writers_around_source or bool(self.matches_states() and self.state_layer is None)
+
+    def matches_states(self) -> bool:
+        """Whether the loss compares residual streams (a state or a direction term)."""
+        return bool(self.state_weight or self.direction_weight)
+
+    def needs_direction(self) -> bool:
+        """Whether training needs the original's refusal direction (a direction term)."""
+        return bool(self.direction_weight)
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -123,8 +134,9 @@ class DistillConfig(JsonRecord):
         bad = {k: v for k, v in self.oversample.items() if k not in PROMPT_KINDS or int(v) < 1}
         if bad:
             raise DistillError(f"oversample maps a prompt kind ({', '.join(PROMPT_KINDS)}) to a count ≥ 1, got {bad}")
-        if not self.state_weight >= 0:
-            raise DistillError(f"state_weight must be ≥ 0, got {self.state_weight}")
+        for name in ("state_weight", "direction_weight"):
+            if not getattr(self, name) >= 0:
+                raise DistillError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         unknown = [k for k in self.answered_only if k not in PROMPT_KINDS]
         if unknown:
             raise DistillError(f"answered_only takes prompt kinds ({', '.join(PROMPT_KINDS)}), got {unknown}")
@@ -134,7 +146,7 @@ class DistillConfig(JsonRecord):
         their defaults: a repair stored before them keeps its cache key."""
         out = self.to_json()
         for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []),
-                              ("state_weight", 0.0), ("state_layer", None)):
+                              ("state_weight", 0.0), ("state_layer", None), ("direction_weight", 0.0)):
             if out.get(name) == default:
                 out.pop(name, None)
         return out
@@ -232,16 +244,18 @@ def repair_layers(handle: ModelHandle, cfg: DistillConfig, source_layer: int | N
 def state_match(handle: ModelHandle, cfg: DistillConfig, source_layer: int | None,
                 lowest: int) -> tuple[int, int] | None:
     """``(block, positions)`` the residual-stream term matches (block ``cfg.state_layer`` or the source
-    layer, the prompt's post-instruction positions), or None when ``cfg.state_weight`` is 0; a block
+    layer, the prompt's post-instruction positions), or None when the loss has no state or direction
+    term (:meth:`DistillConfig.matches_states`); a block
     outside the model, or below the lowest adapted block ``lowest`` (the term could not move), is a
     :class:`DistillError`."""
     from refusal_lab.activations import post_instruction_length
 
-    if not cfg.state_weight:
+    if not cfg.matches_states():
         return None
     layer = cfg.state_layer if cfg.state_layer is not None else source_layer
     if layer is None:
-        raise DistillError("state_weight needs a state_layer or the source layer of the original's refusal direction")
+        raise DistillError("state and direction terms need a state_layer or the source layer of the original's "
+                           "refusal direction")
     if not lowest <= layer < handle.n_layers:
         raise DistillError(f"state layer {layer} must be in [{lowest}, {handle.n_layers}): the lowest adapted "
                            f"block is {lowest}")
@@ -487,9 +501,10 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
 
 
 def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig, start: int,
-           precompute_states: bool, progress: Progress | None, state: tuple[int, int] | None = None) -> list[float]:
+           precompute_states: bool, progress: Progress | None, state: tuple[int, int] | None = None,
+           direction: torch.Tensor | None = None) -> list[float]:
     """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats,
-    plus the weighted state term with ``state``, :func:`state_match`) of each step. ``progress`` counts
+    plus the weighted state and direction terms with ``state``, :func:`state_match`) of each step. ``progress`` counts
     the precomputing passes' batches, then the steps."""
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -506,8 +521,10 @@ def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplie
         mask = pair.mask
         weights = None if cfg.first_token_weight == 1 else token_weights(mask, cfg.first_token_weight)
         loss = token_kl(pair.teacher, pair.student, mask, weights) / (mask.sum() if weights is None else weights.sum())
-        if state is not None:
+        if state is not None and cfg.state_weight:
             loss = loss + cfg.state_weight * state_distance(pair.student_states, pair.teacher_states)
+        if state is not None and cfg.direction_weight:
+            loss = loss + cfg.direction_weight * direction_distance(pair.student_states, pair.teacher_states, direction)
         opt.zero_grad(set_to_none=True)
         with compute(student):  # the forward's autocast: HQQ's backward (no custom_bwd) meets bf16 grads with
             loss.backward()     # float32 weights otherwise; plain, pruned and bnb students: same LoRA bit for bit (checked)
@@ -522,12 +539,13 @@ def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplie
 def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | None = None, *,
             source_layer: int | None = None, data: TeacherReplies | None = None,
             data_progress: Progress | None = None, progress: Progress | None = None,
-            precompute_states: bool = True) -> tuple[ModelHandle, Distilled]:
+            precompute_states: bool = True, direction: torch.Tensor | None = None) -> tuple[ModelHandle, Distilled]:
     """Train a distill repair of ``student`` (a compressed copy of ``teacher``) → ``(repaired handle,
     the repair)``. ``data``: the teacher's replies (:func:`distill_data`; built when None, reported to
     ``data_progress``); ``progress`` gets ``(step, steps)``, and raising
     :class:`~refusal_lab.progress.Cancelled` from it stops the training (nothing is left changed).
-    ``source_layer``: the original's refusal source layer (``writers`` without explicit layers).
+    ``source_layer``: the original's refusal source layer (``writers`` without explicit layers, the state
+    and direction terms); ``direction``: the original's refusal direction ``(d_model,)`` (the direction term).
     ``precompute_states``: run the teacher once and the student's blocks below the lowest LoRA'd block
     once, instead of at every step (:func:`~refusal_lab.distill_data.precompute`; the same loss up to
     batching round-off). Neither handle is modified."""
@@ -538,6 +556,9 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     targets = target_modules(student, cfg, layers)  # before the costly part: bad settings fail at once
     lowest = _lowest_block(student, targets)
     state = state_match(student, cfg, source_layer, lowest)
+    if cfg.needs_direction() and (direction is None or tuple(direction.shape) != (student.d_model,)):
+        raise DistillError(f"direction_weight needs the original's refusal direction of shape ({student.d_model},), "
+                           f"got {None if direction is None else tuple(direction.shape)}")
     t0 = time.perf_counter()
     if data is None:
         data = distill_data(teacher, cfg, progress=data_progress)
@@ -550,7 +571,8 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     t1 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        losses = _train(teacher, student, lora, data, cfg, lowest, precompute_states, progress, state)
+        losses = _train(teacher, student, lora, data, cfg, lowest, precompute_states, progress, state,
+                        None if direction is None else direction.detach().float())
     before = density(list(targets.values()))
     result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
                            trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),

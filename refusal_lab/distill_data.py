@@ -376,3 +376,13 @@ def state_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     in ``student``)."""
     t = teacher.to(student.dtype)
     return (((student - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def direction_distance(student: torch.Tensor, teacher: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and positions of (⟨s − t, r̂⟩)², over the same mean of ⟨t, r̂⟩²: how far the
+    student's projection on the refusal direction ``direction`` ``(d,)`` is from the teacher's, relative
+    to the teacher's (0 when equal; differentiable in ``student``). Residual streams ``(B, n, d)``."""
+    r = direction.to(student.device, student.dtype)
+    r = r / r.norm().clamp_min(1e-12)
+    t = teacher.to(student.dtype) @ r
+    return ((student @ r - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)

@@ -165,17 +165,21 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
 
     cfg = distill_config(study.spec.distill)
     data = teacher_replies(study)
-    source = study.directions("original").selected[1] if cfg.needs_source_layer() else None
+    found = study.directions("original") if cfg.needs_source_layer() or cfg.needs_direction() else None
+    source = found.selected[1] if cfg.needs_source_layer() else None
+    direction = found.direction() if cfg.needs_direction() else None
     stage = f"{name} {scheme}"
 
     def compute() -> "Distilled":
         with _student(study, scheme, name) as student:
-            _, repair = distill(study.original, student, cfg, source_layer=source, data=data,
+            _, repair = distill(study.original, student, cfg, source_layer=source, data=data, direction=direction,
                                 progress=study._progress(f"{stage}: training"))
         repair.result.seconds_data = round(study.stage_seconds(DATA_STAGE, _data_parts(study, cfg)) or 0.0, 2)
         return repair
 
     parts = (study.original_fingerprint(), scheme, name, cfg.key_json(), source, data.key(), DISTILL_VERSION)
+    if direction is not None:  # the selected candidate: the original's direction search is part of the key
+        parts += (list(found.selected),)
     return study._cached(stage, parts + _aird_key(study, scheme, name), compute, "distill")
 
 

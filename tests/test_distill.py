@@ -244,10 +244,12 @@ def test_answered_only_drops_the_teachers_refusals_of_those_kinds_only():
     assert "answered_only" not in DistillConfig().key_json()  # repairs stored before it keep their keys
 
 
-def _state_distance(o, h, data, layer: int) -> float:
-    """state_distance of h's and o's residual streams leaving ``layer`` at the post-instruction positions."""
+def _state_distance(o, h, data, layer: int, direction: torch.Tensor | None = None) -> float:
+    """state_distance of h's and o's residual streams leaving ``layer`` at the post-instruction positions
+    (direction_distance along ``direction`` when given)."""
     from refusal_lab.activations import post_instruction_length
-    from refusal_lab.distill_data import last_positions, reading, reply_batch, reply_logits, state_distance
+    from refusal_lab.distill_data import (direction_distance, last_positions, reading, reply_batch, reply_logits,
+                                          state_distance)
 
     batch = reply_batch(data, list(range(len(data))), o.tokenizer.pad_token_id or 0)
     last = last_positions(batch, post_instruction_length(o))
@@ -257,6 +259,8 @@ def _state_distance(o, h, data, layer: int) -> float:
         with torch.no_grad(), reading(handle.blocks[layer], "output", seen):
             reply_logits(handle.model, batch)
         out.append(seen[0][:, last].float())
+    if direction is not None:
+        return float(direction_distance(out[1], out[0], direction))
     return float(state_distance(out[1], out[0]))
 
 
@@ -275,5 +279,23 @@ def test_state_term_moves_the_residual_stream_toward_the_teachers(pair, trained)
         distill(o, c, replace(cfg, state_layer=0), data=data)  # below the lowest adapted block (1)
     with pytest.raises(DistillError, match="state_weight must be ≥ 0"):
         distill(o, c, replace(cfg, state_weight=-1.0), data=data)
-    with pytest.raises(DistillError, match="needs a state_layer or the source layer"):
+    with pytest.raises(DistillError, match="need a state_layer or the source layer"):
         distill(o, c, replace(cfg, state_layer=None), data=data)
+
+
+def test_direction_term_moves_the_projection_toward_the_teachers(pair, trained):
+    """The refusal-direction term: the student's projection on the direction gets closer to the teacher's
+    than the KL alone brings it; it needs the direction; old cache keys stay."""
+    o, c, data = pair
+    plain, _, _ = trained
+    r = torch.randn(o.d_model, generator=torch.Generator().manual_seed(3))
+    cfg = replace(CFG, direction_weight=50.0, state_layer=2)
+    h, rep = distill(o, c, cfg, data=data, direction=r)
+    before, kl_only, with_term = (_state_distance(o, m, data, 2, r) for m in (c, plain, h))
+    assert with_term < 0.5 * kl_only and with_term < before, (before, kl_only, with_term)
+    assert reply_kl(o, h, data) < reply_kl(o, c, data)
+    assert cfg.needs_direction() and not CFG.needs_direction() and "direction_weight" not in CFG.key_json()
+    with pytest.raises(DistillError, match="needs the original's refusal direction"):
+        distill(o, c, cfg, data=data)
+    with pytest.raises(DistillError, match="direction_weight must be ≥ 0"):
+        distill(o, c, replace(cfg, direction_weight=-1.0), data=data, direction=r)
