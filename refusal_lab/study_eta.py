@@ -3,7 +3,10 @@
 A study announces its stages (:meth:`refusal_lab.study.Study.planned_stages`); each one costs about what the
 same *kind* of stage cost before: earlier in this run (the first variant's evaluation times the
 second's), else the median of computed stages of that kind stored in the run store for the same model
-and precision. Stages already stored in this study load in about no time. The current stage's own
+and precision — scaled, once one of a variant's own stages has run, by how much slower or faster that
+variant ran than those estimates (a bitsandbytes variant's stages take 2–4× a pruned one's on the CPU:
+BENCHMARKS.md), and replaced by the variant's own time where it already ran that kind (its repaired
+evaluation after its evaluation). Stages already stored in this study load in about no time. The current stage's own
 time left comes from its progress (:class:`refusal_lab.progress.Eta`). Kinds never timed count as zero, and
 the estimate says how many there are, so it is a lower bound until every kind has been seen once —
 the honest answer on a fresh store.
@@ -29,6 +32,14 @@ KINDS: tuple[tuple[str, str], ...] = (
 def stage_kind(stage: str) -> str:
     """The kind of a stage name (``"evaluate wanda:0.5+aird"`` → ``"evaluate"``); the name itself when unknown."""
     return next((kind for prefix, kind in KINDS if stage.startswith(prefix)), stage)
+
+
+def stage_model(stage: str) -> str:
+    """The model a stage runs on: its scheme (``"evaluate wanda:0.5+aird"``, ``"method wanda:0.5: distill"``
+    → ``"wanda:0.5"``), or ``"original"`` (the original's stages, the teacher's replies, unknown names)."""
+    prefix = next((p for p, _ in KINDS if stage.startswith(p)), None)
+    rest = stage[len(prefix):].split(": ")[0].strip() if prefix else ""
+    return rest.split(" ")[-1].split("+")[0] if rest else "original"
 
 
 def stage_history(store, model: str, precision: str) -> dict[str, float]:
@@ -66,6 +77,8 @@ class StudyEta:
     done: set[str] = field(default_factory=set)
     measured: dict[str, float] = field(default_factory=dict)  # kind → own seconds of its last stage this run
     running: list[list] = field(default_factory=list)  # [stage, start, seconds of stages nested in it]
+    by_model: dict[str, dict[str, float]] = field(default_factory=dict)  # kind → {model: own seconds}, in order
+    pace: dict[str, list[float]] = field(default_factory=dict)  # model → [own seconds, estimated seconds]
 
     def on_stage(self, stage: str, seconds: float | None) -> None:
         """``Study.on_stage``: a start (``seconds`` None) or an end."""
@@ -86,15 +99,34 @@ class StudyEta:
             del self.running[i:]
         if self.running:
             self.running[-1][2] += seconds
-        self.measured[stage_kind(stage)] = max(0.0, seconds - nested)
+        kind, model, own = stage_kind(stage), stage_model(stage), max(0.0, seconds - nested)
+        base = self._elsewhere(kind, model)
+        if base and kind != "compress":  # compressing is the scheme's own algorithm, not its speed
+            pace = self.pace.setdefault(model, [0.0, 0.0])
+            pace[0], pace[1] = pace[0] + own, pace[1] + base
+        self.measured[kind] = own
+        self.by_model.setdefault(kind, {}).pop(model, None)
+        self.by_model[kind][model] = own
         self.done.add(stage)
 
+    def _elsewhere(self, kind: str, model: str) -> float | None:
+        """Seconds of a ``kind`` stage known from other models: the last one this run, else the history."""
+        others = [v for m, v in self.by_model.get(kind, {}).items() if m != model]
+        return others[-1] if others else self.history.get(kind)
+
     def estimate(self, stage: str) -> float | None:
-        """Seconds ``stage`` is expected to take (None: its kind was never timed)."""
+        """Seconds ``stage`` is expected to take (None: its kind was never timed): its model's own time
+        for that kind, else another model's scaled by its model's pace so far."""
         if stage in self.stored:
             return 0.0
-        kind = stage_kind(stage)
-        return self.measured.get(kind, self.history.get(kind))
+        kind, model = stage_kind(stage), stage_model(stage)
+        if model in self.by_model.get(kind, {}):
+            return self.by_model[kind][model]
+        base = self._elsewhere(kind, model)
+        if base is None:
+            return None
+        own, est = self.pace.get(model, (0.0, 0.0))
+        return base * (own / est) if est > 0 and kind != "compress" else base
 
     def left(self, current_left: float | None = None) -> tuple[float, int]:
         """``(seconds left, stages whose kind was never timed)`` over the planned stages not done yet.

@@ -3,7 +3,7 @@
 import pytest
 
 from refusal_lab.store import RunStore
-from refusal_lab.study_eta import StudyEta, stage_history, stage_kind
+from refusal_lab.study_eta import StudyEta, stage_history, stage_kind, stage_model
 
 
 class Clock:
@@ -21,6 +21,28 @@ def test_stage_kinds():
     assert stage_kind("compress wanda:0.5") == stage_kind("compress") == "compress"
     assert stage_kind("aird wanda:0.5") == "aird" and stage_kind("budget x") == "budget"
     assert stage_kind("something new") == "something new"
+    assert stage_model("evaluate wanda:0.5+aird") == stage_model("method wanda:0.5: distill") == "wanda:0.5"
+    assert stage_model("aird+distill bnb-nf4") == stage_model("repaired directions bnb-nf4") == "bnb-nf4"
+    assert stage_model("directions original") == stage_model("distill teacher replies") == "original"
+
+
+def test_a_slower_variant_scales_the_rest_of_its_stages():
+    """A variant whose first stages ran 3× the first variant's: its later stages are estimated at 3× too
+    (measured: bnb-nf4's stages take 2–4× wanda's on the CPU), its repaired evaluation at its own evaluation's."""
+    clock = Clock()
+    planned = ["directions a", "evaluate a", "aird a", "evaluate a+aird",
+               "compress b", "directions b", "evaluate b", "aird b", "evaluate b+aird"]
+    eta = StudyEta(planned, clock=clock)
+    for stage, seconds in (("directions a", 10.0), ("evaluate a", 20.0), ("aird a", 40.0), ("evaluate a+aird", 20.0),
+                           ("compress b", 5.0), ("directions b", 30.0)):
+        eta.started(stage)
+        eta.finished(stage, seconds)
+    assert eta.estimate("evaluate b") == 60.0 and eta.estimate("aird b") == 120.0  # 3× a's, like b's directions
+    assert eta.left() == (240.0, 0)  # evaluate b+aird: b's pace too, until b's own evaluation has run
+    eta.started("evaluate b")
+    eta.finished("evaluate b", 50.0)  # pace now (30 + 50) / (10 + 20)
+    assert eta.estimate("evaluate b+aird") == 50.0  # b's own evaluation time
+    assert eta.estimate("aird b") == pytest.approx(40.0 * 80 / 30)
 
 
 def test_a_fresh_run_learns_each_kind_once_and_says_what_it_does_not_know():
