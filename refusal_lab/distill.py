@@ -100,7 +100,8 @@ class DistillConfig(JsonRecord):
     state_weight: float = 4.0  # weight of the residual-stream term (0: the KL alone); 4 chosen on val among
     #                            0/4/16 (bench/distill.py, fourth round)
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
-    direction_weight: float = 0.0  # weight of the refusal-direction term (0: none)
+    direction_weight: float = 8.0  # weight of the refusal-direction term (0: none); 8 chosen on val among
+    #                                0/8/32 with the state term at 4 (bench/distill.py, fifth round)
 
     def needs_source_layer(self) -> bool:
         """Whether training needs the original's refusal source layer: ``writers`` without explicit layers

@@ -14,7 +14,8 @@ from refusal_lab.progress import Cancelled
 from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_handle
 
 CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
-                    reply_tokens=6, per_kind=4, state_weight=0.0)  # the KL alone (the state term: its own test)
+                    reply_tokens=6, per_kind=4, state_weight=0.0,
+                    direction_weight=0.0)  # the KL alone (the state and direction terms: their own tests)
 
 
 @pytest.fixture(scope="module")
