@@ -209,7 +209,7 @@ def main() -> int:
     if source is None:
         found = Study(StudySpec(model="default", schemes=[scheme], name="bench distill"), args.runs,
                       original=original).directions("original")
-        source, direction = found.selected[1], found.direction() if needs_direction else None
+        source, direction = found.selected[1], found.direction if needs_direction else None
     elif needs_direction:  # the candidate at (--source-position, --source-layer): minutes, not a whole search
         from refusal_lab.directions import generate_candidates
         from refusal_lab.prompts import bundled

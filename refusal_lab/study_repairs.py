@@ -167,7 +167,7 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
     data = teacher_replies(study)
     found = study.directions("original") if cfg.needs_source_layer() or cfg.needs_direction() else None
     source = found.selected[1] if cfg.needs_source_layer() else None
-    direction = found.direction() if cfg.needs_direction() else None
+    direction = found.direction if cfg.needs_direction() else None
     stage = f"{name} {scheme}"
 
     def compute() -> "Distilled":
