@@ -150,7 +150,14 @@ def task_aird() -> dict:
             "val_harmful_refusal": best["harmful_refusal"], "val_harmless_refusal": best["harmless_refusal"],
             "grid_points": len(points),
             "generated_points": sum(g.get("measured", "generated") == "generated" for g in points),
-            "test_refusal": rates}
+            "test_refusal": rates, "grid": [_grid_row(g) for g in points]}
+
+
+def _grid_row(g: dict) -> dict:
+    """One calibration point, the fields both sides have (the base commit's points lack the scored ones)."""
+    keys = ("layers", "alpha", "realign", "measured", "feasible", "chosen", "harmful_refusal", "harmless_refusal",
+            "kl", "kl_original", "scored_harmful_refusal", "scored_harmless_refusal", "scored_feasible")
+    return {k: g[k] for k in keys if k in g}
 
 
 CHILD_TASKS = {"aird": task_aird, "gen": task_gen, "search-last": lambda: _search([-1]), "search": lambda: _search(None),

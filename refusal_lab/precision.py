@@ -127,6 +127,19 @@ def compute(handle) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def running_at(handle, precision: str | None) -> Iterator[None]:
+    """``handle``'s forward passes at ``precision`` inside the block (None: its own), restored after it
+    whatever happens — for a step that must be exact while the rest runs in bf16."""
+    old = handle.precision
+    if precision is not None:
+        handle.precision = precision
+    try:
+        yield
+    finally:
+        handle.precision = old
+
+
 def kv_dtype(handle) -> torch.dtype:
     """The dtype a key/value cache of ``handle`` holds: bf16 under autocast (:func:`low_precision_cache`)."""
     return torch.bfloat16 if _autocasts(handle) else handle.dtype

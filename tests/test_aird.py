@@ -195,10 +195,11 @@ def test_alternative_methods_leave_o_and_c_untouched():
         assert torch.allclose(fixed_logits(h), fixed_logits(o), atol=1e-5)
 
 
-def _calibrate(search: str, **kw):
+def _calibrate(search: str, precision: str = "float32", **kw):
     sets = aird_calibration.CalibrationSets.bundled()
     sets = aird_calibration.CalibrationSets(sets.harmful[:6], sets.harmless[:6])
     c = tiny_handle("llama", n_layers=4)
+    c.precision = precision
     o = tiny_handle("llama", n_layers=4, seed=1)
     d_in = weight_as_out_in(c.writers(1)["mlp"]).shape[1]
     torch.manual_seed(0)
@@ -259,6 +260,42 @@ def test_scored_calibration_generates_the_best_scored_points_and_chooses_among_t
                                                                  any(g is x for x in scored_feasible[:2])]
     assert next(g for g in scored.calibration if g.chosen) is aird_calibration.choose(gen)
     assert all(not g.feasible for g in scored.calibration if g.measured == "scored")
+
+
+def test_scored_calibration_on_a_bf16_model_confirms_in_float32(monkeypatch):
+    """A bf16 model scores the grid in bf16 and generates (the unrepaired model and the confirmed points)
+    in float32: those points' numbers are the float32 generated search's, and the model's precision is
+    back to bf16 afterwards."""
+    runs = []
+    real_generate = aird_calibration.generate_with_logits
+
+    def generate_at(h, *a, **kw):
+        runs.append(("generate_with_logits", h.precision))
+        return real_generate(h, *a, **kw)
+
+    monkeypatch.setattr(aird_calibration, "generate_with_logits", generate_at)
+    seen = {}
+    real = aird_calibration._Measure._last_logits
+
+    def scored_at(self, kind, start, keep):
+        seen.setdefault("scored", set()).add(self.handle.precision)
+        return real(self, kind, start, keep)
+
+    monkeypatch.setattr(aird_calibration._Measure, "_last_logits", scored_at)
+    rep = _calibrate("scored", precision="bfloat16", confirm=2)
+    assert {p for n, p in runs if n == "generate_with_logits"} == {"float32"} and seen["scored"] == {"bfloat16"}
+    reference = {(g.realign, tuple(g.layers), g.alpha): g for g in _calibrate("generated").calibration}
+    gen = [g for g in rep.calibration if g.measured == "generated"]
+    assert len(gen) >= 2 and gen[0].unrepaired
+    for g in gen:
+        r = reference[(g.realign, tuple(g.layers), g.alpha)]
+        assert (g.harmful_refusal, g.harmless_refusal) == (r.harmful_refusal, r.harmless_refusal)
+    c = tiny_handle("llama", n_layers=4)
+    c.precision = "bfloat16"
+    with pytest.raises(RuntimeError), aird_calibration.running_at(c, "float32"):
+        assert c.precision == "float32"
+        raise RuntimeError("the block fails")
+    assert c.precision == "bfloat16"  # restored whatever happens
 
 
 def test_scored_calibration_from_the_first_repaired_block_equals_full_passes(monkeypatch):

@@ -11,7 +11,10 @@ first reply token) exceeds a threshold fitted on the unrepaired model's own gene
 same val prompts (:func:`refusal_threshold`: a compressed model's refusals often start with less than
 half the probability on the refusal openings, so 0 is not the boundary). The KL values are exact
 either way (the first reply token's logits are the same forward). Then only the ``confirm`` best
-points are generated, and the choice among them and the unrepaired model is made on generated rates. ``search="generated"`` generates every point (the reference; the two are
+points are generated, at ``confirm_precision`` like the unrepaired model's replies that fit the
+threshold (float32 by default: the exact path, whatever the model's compute precision; the scores stay
+at the model's own precision, and the threshold maps them to exact verdicts), and the choice among
+them and the unrepaired model is made on those generated rates. ``search="generated"`` generates every point (the reference; the two are
 compared in BENCHMARKS.md, "AIRD calibration").
 """
 
@@ -29,12 +32,15 @@ from refusal_lab.evaluation import kl_divergence
 from refusal_lab.generation import generate_with_logits
 from refusal_lab.judges import has_refusal_phrase, is_refusal, last_logits, refusal_score_from_logits, refusal_token_ids
 from refusal_lab.models import ModelHandle
+from refusal_lab.precision import running_at
 from refusal_lab.progress import Progress, report
 from refusal_lab.results import CalibrationPoint
 
 Search = Literal["scored", "generated"]
 SEARCHES: tuple[Search, ...] = get_args(Search)
-DEFAULT_CONFIRM = 3  # grid points generated after a scored search, besides the unrepaired model
+DEFAULT_CONFIRM = 5  # grid points generated after a scored search, besides the unrepaired model: on default +
+#                     wanda:0.5 the exact search's best point ranks 4th (float32) / 5th (bf16) by score (BENCHMARKS.md)
+CONFIRM_PRECISION: str | None = "float32"  # of the confirming generations: one val prompt decides between close points
 
 
 @dataclass
@@ -125,29 +131,38 @@ class _Measure:
             self.detail[kind] = (refusal_score_from_logits(logits[part], self.ids), refused)
         return self._point(out)
 
-    def fit_threshold(self) -> dict:
-        """Fit the scored verdicts' threshold on the last :meth:`generated` measurement (all its prompts)."""
-        scores = torch.cat([self.detail[k][0] for k in ("harmful", "harmless")])
+    def fit_threshold(self, scores: dict[str, torch.Tensor]) -> dict:
+        """Fit the scored verdicts' threshold: ``scores`` (kind → one refusal score per prompt) against the
+        last :meth:`generated` measurement's verdicts on the same prompts."""
+        flat = torch.cat([scores[k] for k in ("harmful", "harmless")])
         refused = [r for k in ("harmful", "harmless") for r in self.detail[k][1]]
-        self.threshold, agreement = refusal_threshold(scores, refused)
+        self.threshold, agreement = refusal_threshold(flat, refused)
         return {"score_threshold": self.threshold, "threshold_agreement": agreement}
 
     def scored(self, harmless_ok: Callable[[float, torch.Tensor], bool] | None = None, *, start: int = 0,
-               keep: Sequence[int] = ()) -> dict:
+               keep: Sequence[int] = (), fit: bool = False) -> dict:
         """One forward per prompt: refused when the first reply token's refusal score is > the fitted
         threshold. Harmless prompts first: when ``harmless_ok(rate, logits)`` is False the point is
         infeasible whatever the harmful prompts do, and they are not run (their fields are None).
         ``start``/``keep``: :meth:`refusal_lab.activations.BatchRunner.run` (the repair touches no block below
-        ``start``; the unrepaired pass keeps the inputs of blocks ``keep``)."""
-        out = {}
+        ``start``; the unrepaired pass keeps the inputs of blocks ``keep``). ``fit``: first fit the threshold
+        on these scores (the unrepaired model's pass; :meth:`fit_threshold`), and return it in the point."""
+        logits, fitted = {}, {}
         for kind in ("harmless", "harmful"):
-            logits = self._last_logits(kind, start, keep)
-            out[kind] = (float((refusal_score_from_logits(logits, self.ids) > self.threshold).float().mean()),
-                         logits)
-            if kind == "harmless" and harmless_ok is not None and not harmless_ok(*out[kind]):
-                return {"harmful_refusal": None, "harmless_refusal": out[kind][0], "harmful_score": None,
-                        "harmless_logits": out[kind][1]}
-        return self._point(out)
+            logits[kind] = self._last_logits(kind, start, keep)
+            if fit:
+                continue
+            rate = self._rate(logits[kind])
+            if kind == "harmless" and harmless_ok is not None and not harmless_ok(rate, logits[kind]):
+                return {"harmful_refusal": None, "harmless_refusal": rate, "harmful_score": None,
+                        "harmless_logits": logits[kind]}
+        if fit:
+            fitted = self.fit_threshold({k: refusal_score_from_logits(v, self.ids) for k, v in logits.items()})
+        return {**self._point({k: (self._rate(v), v) for k, v in logits.items()}), **fitted}
+
+    def _rate(self, logits: torch.Tensor) -> float:
+        """Share of prompts whose first-token refusal score is above the fitted threshold."""
+        return float((refusal_score_from_logits(logits, self.ids) > self.threshold).float().mean())
 
     def _point(self, out: dict) -> dict:
         return {"harmful_refusal": out["harmful"][0], "harmless_refusal": out["harmless"][0],
@@ -161,7 +176,8 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
               kl_threshold: float = 0.1, gen_tokens: int = 24, mode: Mode = "merged",
               realignment: tuple[int, torch.Tensor] | None = None, require_realignment: bool = False,
               original: ModelHandle | None = None, search: Search = "scored", confirm: int = DEFAULT_CONFIRM,
-              original_logits: torch.Tensor | None = None, progress: Progress | None = None) -> Repair:
+              confirm_precision: str | None = CONFIRM_PRECISION, original_logits: torch.Tensor | None = None,
+              progress: Progress | None = None) -> Repair:
     """Choose S and α on validation prompts (module docstring: objective, ``search``, ``confirm``).
 
     KL rule: KL to C on harmless prompts ≤ ``kl_threshold`` — or, given the ``original`` O, KL to O no
@@ -200,12 +216,14 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
     def first_block(fit, layers: Sequence[int]) -> int:  # the lowest block a trial touches
         return min([*layers, *([] if fit is None else [fit[0]])], default=0)
 
-    generated_base = meas.generated()
-    if search == "scored":
-        generated_base.update(meas.fit_threshold())
-        tick()
+    with running_at(compressed, confirm_precision if search == "scored" else None):
+        generated_base = meas.generated()  # the yardstick of confirmed points, and the threshold's verdicts
     starts = sorted({first_block(f, ls) for f in fits for ls in [[], *layer_sets]} - {0})
-    base = generated_base if search == "generated" else meas.scored(keep=starts)
+    base = generated_base
+    if search == "scored":
+        base = meas.scored(keep=starts, fit=True)
+        generated_base.update({k: base.pop(k) for k in ("score_threshold", "threshold_agreement")})
+        tick()
     o_logits = original_logits  # O's harmless val logits, when the caller keeps them (a study's schemes share them)
     if o_logits is None and original is not None:
         o_logits = last_logits(original, sets.harmless)
@@ -235,8 +253,9 @@ def calibrate(compressed: ModelHandle, direction: torch.Tensor, source_layer: in
                     break  # larger α only moves further: past a constraint, or past the refusal plateau
                 tick()
     if search == "scored":
-        grid = _confirm(grid, compressed, meas, trial, realignment, confirm, generated_base, o_logits,
-                        max_overrefusal_rise, kl_threshold, tick)
+        with running_at(compressed, confirm_precision):
+            grid = _confirm(grid, compressed, meas, trial, realignment, confirm, generated_base, o_logits,
+                            max_overrefusal_rise, kl_threshold, tick)
     best = choose(grid)
     layers = best.layers or candidate_layer_sets(source_layer, compressed.n_layers)[0]
     for g in grid:
