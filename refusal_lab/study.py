@@ -46,7 +46,7 @@ CODE_VERSION = "study-2"  # part of every stage's cache key
 # Versions of single stages' computations, part of their cache keys: bump one when what its stage
 # computes changes, and stored results of the older version are computed again.
 VERDICT_VERSION = "verdict-3"  # the recoverability verdict (diagnostic and drift stages)
-REPAIR_VERSION = "realign-4"  # AIRD's re-alignment fit and calibration (4: float32 confirmation of 5 points)
+REPAIR_VERSION = "realign-4"  # AIRD's re-alignment fit and calibration (4: float32 confirmation of 4 points)
 BUDGET_VERSION = "budget-2"  # the budget curve
 StageProgress = Callable[[str, int, int], None]
 

@@ -38,8 +38,8 @@ from refusal_lab.results import CalibrationPoint
 
 Search = Literal["scored", "generated"]
 SEARCHES: tuple[Search, ...] = get_args(Search)
-DEFAULT_CONFIRM = 5  # grid points generated after a scored search, besides the unrepaired model: on default +
-#                     wanda:0.5 the exact search's best point ranks 4th (float32) / 5th (bf16) by score (BENCHMARKS.md)
+DEFAULT_CONFIRM = 4  # grid points generated after a scored search, besides the unrepaired model: on default +
+#                     wanda:0.5 the exact search's best point ranks 4th by score in float32 and in bf16 (BENCHMARKS.md)
 CONFIRM_PRECISION: str | None = "float32"  # of the confirming generations: one val prompt decides between close points
 
 
