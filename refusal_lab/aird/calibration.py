@@ -14,8 +14,8 @@ either way (the first reply token's logits are the same forward). Then only the 
 points are generated, at ``confirm_precision`` like the unrepaired model's replies that fit the
 threshold (float32 by default: the exact path, whatever the model's compute precision; the scores stay
 at the model's own precision, and the threshold maps them to exact verdicts), and the choice among
-them and the unrepaired model is made on those generated rates. ``search="generated"`` generates every point (the reference; the two are
-compared in BENCHMARKS.md, "AIRD calibration").
+them and the unrepaired model is made on those generated rates. ``search="generated"`` generates every
+point (the reference; the two are compared in BENCHMARKS.md, "AIRD calibration").
 """
 
 from __future__ import annotations
