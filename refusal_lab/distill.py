@@ -42,8 +42,8 @@ import torch
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
                                       direction_distance, last_positions, precompute, precompute_passes, reading,
-                                      reply_batch, reply_logits, state_distance, stubbed, teacher_replies, token_kl,
-                                      token_weights, training_prompts)
+                                      reply_batch, reply_kl, reply_logits, state_distance, stubbed, teacher_replies,
+                                      token_kl, token_weights, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
@@ -587,25 +587,6 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     result.density_after = after
     result.densified_weights = after.nonzero - before.nonzero
     return repaired, repair
-
-
-@torch.no_grad()
-def reply_kl(teacher: ModelHandle, model: ModelHandle, data: TeacherReplies, *, batch_size: int = 16,
-             progress: Progress | None = None) -> float:
-    """Mean KL(teacher ‖ model) (nats) per reply token of ``data``, teacher-forced (prompt positions
-    not scored)."""
-    pad = teacher.tokenizer.pad_token_id or 0
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = reply_batch(data, list(range(start, min(start + batch_size, len(data)))), pad)
-        with teacher.lock, compute(teacher):
-            t = reply_logits(teacher.model, batch.to(teacher.device))
-        with model.lock, compute(model):
-            s = reply_logits(model.model, batch.to(model.device))
-        total += float(token_kl(t.to(s.device), s, batch.mask.to(s.device)))
-        count += int(batch.mask.sum())
-        report(progress, min(start + batch_size, len(data)), len(data))
-    return total / count
 
 
 def compress_student(teacher: ModelHandle, scheme: str, *, progress: Progress | None = None) -> ModelHandle:

@@ -386,3 +386,22 @@ def direction_distance(student: torch.Tensor, teacher: torch.Tensor, direction: 
     r = r / r.norm().clamp_min(1e-12)
     t = teacher.to(student.dtype) @ r
     return ((student @ r - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def reply_kl(teacher: ModelHandle, model: ModelHandle, data: TeacherReplies, *, batch_size: int = 16,
+             progress: Progress | None = None) -> float:
+    """Mean KL(teacher ‖ model) (nats) per reply token of ``data``, teacher-forced (prompt positions
+    not scored)."""
+    pad = teacher.tokenizer.pad_token_id or 0
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = reply_batch(data, list(range(start, min(start + batch_size, len(data)))), pad)
+        with teacher.lock, compute(teacher):
+            t = reply_logits(teacher.model, batch.to(teacher.device))
+        with model.lock, compute(model):
+            s = reply_logits(model.model, batch.to(model.device))
+        total += float(token_kl(t.to(s.device), s, batch.mask.to(s.device)))
+        count += int(batch.mask.sum())
+        report(progress, min(start + batch_size, len(data)), len(data))
+    return total / count
