@@ -130,14 +130,16 @@ def compute(handle) -> Iterator[None]:
 @contextlib.contextmanager
 def running_at(handle, precision: str | None) -> Iterator[None]:
     """``handle``'s forward passes at ``precision`` inside the block (None: its own), restored after it
-    whatever happens — for a step that must be exact while the rest runs in bf16."""
-    old = handle.precision
-    if precision is not None:
-        handle.precision = precision
-    try:
-        yield
-    finally:
-        handle.precision = old
+    whatever happens — for a step that must be exact while the rest runs in bf16. Holds ``handle.lock``
+    (every forward does), so another thread's passes never see the switched precision."""
+    with handle.lock:
+        old = handle.precision
+        if precision is not None:
+            handle.precision = precision
+        try:
+            yield
+        finally:
+            handle.precision = old
 
 
 def kv_dtype(handle) -> torch.dtype:

@@ -75,9 +75,8 @@ class StudyEta:
     stored: set[str] = field(default_factory=set)
     clock: Callable[[], float] = time.monotonic
     done: set[str] = field(default_factory=set)
-    measured: dict[str, float] = field(default_factory=dict)  # kind → own seconds of its last stage this run
     running: list[list] = field(default_factory=list)  # [stage, start, seconds of stages nested in it]
-    by_model: dict[str, dict[str, float]] = field(default_factory=dict)  # kind → {model: own seconds}, in order
+    by_model: dict[str, dict[str, float]] = field(default_factory=dict)  # kind → {model: own seconds}, last last
     pace: dict[str, list[float]] = field(default_factory=dict)  # model → [own seconds, estimated seconds]
 
     def on_stage(self, stage: str, seconds: float | None) -> None:
@@ -104,10 +103,14 @@ class StudyEta:
         if base and kind != "compress":  # compressing is the scheme's own algorithm, not its speed
             pace = self.pace.setdefault(model, [0.0, 0.0])
             pace[0], pace[1] = pace[0] + own, pace[1] + base
-        self.measured[kind] = own
         self.by_model.setdefault(kind, {}).pop(model, None)
         self.by_model[kind][model] = own
         self.done.add(stage)
+
+    @property
+    def measured(self) -> dict[str, float]:
+        """Kind → own seconds of its last stage this run."""
+        return {kind: list(seen.values())[-1] for kind, seen in self.by_model.items()}
 
     def _elsewhere(self, kind: str, model: str) -> float | None:
         """Seconds of a ``kind`` stage known from other models: the last one this run, else the history."""
