@@ -71,9 +71,9 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     "all-r4-s80-st4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
     "all-r4-s80-st16": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
     # the fifth round (the state term kept over-refusal at 14% Alpaca / 35% borderline): wanda:0.5 squeezes the
-    # post-instruction projections on the refusal direction toward 0 (last position, 24 train prompts each: harmless
-    # O −8.4 / C −0.8, borderline −5.9 / +1.4, harmful 8.7 / 5.4), so also match that projection itself
-    # (direction_distance starts at ≈ 0.06–0.19; weights meant to put the term at the KL's order)
+    # post-instruction projections on the refusal direction toward 0 (bench/direction_projection_probe.py: harmless
+    # O −8.1 / C −0.7, borderline −5.6 / +1.5, harmful 8.8 / 5.5), so also match that projection itself
+    # (direction_distance starts at ≈ 0.06–0.18; weights meant to put the term at the KL's order)
     "all-r4-s80-st4-d8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                        direction_weight=8.0),
     "all-r4-s80-st4-d32": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
