@@ -74,17 +74,22 @@ def _shadow(entries: weakref.WeakKeyDictionary, module: torch.nn.Linear) -> torc
     return entry[2]
 
 
-def _shadows(model: torch.nn.Module) -> weakref.WeakKeyDictionary:
-    """The bf16 weight copies of ``model`` (the ``SHADOW_MODELS`` most recently run models keep theirs)."""
+def _store(store: OrderedDict, keep: int, model: torch.nn.Module) -> weakref.WeakKeyDictionary:
+    """``model``'s entries in ``store``, which keeps those of the ``keep`` most recently run models."""
     with _SHADOW_LOCK:
         key = id(model)
-        ref_entries = _SHADOWS.pop(key, None)
+        ref_entries = store.pop(key, None)
         if ref_entries is None or ref_entries[0]() is not model:
             ref_entries = (weakref.ref(model), weakref.WeakKeyDictionary())
-        _SHADOWS[key] = ref_entries
-        while len(_SHADOWS) > SHADOW_MODELS:
-            _SHADOWS.popitem(last=False)
+        store[key] = ref_entries
+        while len(store) > keep:
+            store.popitem(last=False)
         return ref_entries[1]
+
+
+def _shadows(model: torch.nn.Module) -> weakref.WeakKeyDictionary:
+    """The bf16 weight copies of ``model`` (the ``SHADOW_MODELS`` most recently run models keep theirs)."""
+    return _store(_SHADOWS, SHADOW_MODELS, model)
 
 
 @contextlib.contextmanager
@@ -109,22 +114,104 @@ def _bf16_weights(model: torch.nn.Module) -> Iterator[None]:
             m._parameters["weight"] = w
 
 
+DENSE_4BIT_MODELS = 1  # 4-bit models whose dequantized bf16 weights are kept (half a float32 model each); 0: off
+_DENSE_4BIT: OrderedDict[int, tuple] = OrderedDict()  # id(model) → (weakref(model), {module: entry})
+
+
+def _packed_4bit(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` that runs its fused CPU kernel (weights repacked
+    at its first forward on a CPU with AVX512-BF16: ``packing_format_for_cpu``)."""
+    if not any(c.__name__ == "Linear4bit" for c in type(module).__mro__):
+        return False
+    w = module._parameters.get("weight")
+    qs = getattr(w, "quant_state", None)
+    return (w is not None and w.device.type == "cpu" and bool(getattr(qs, "packing_format_for_cpu", False))
+            and bool(getattr(module, "compute_type_is_set", False)) and not module.training)
+
+
+def read_4bit_weight(module: torch.nn.Module, chunk: int = 1024) -> torch.Tensor:
+    """The bf16 weight ``(out_features, in_features)`` that bitsandbytes' fused CPU kernel multiplies by,
+    read out of the kernel itself by multiplying the identity (each output is one weight times 1.0, so
+    exact); costs one pass of ``in_features`` tokens through the layer. By hand: bitsandbytes exposes
+    no dequantization of its repacked CPU layout."""
+    import bitsandbytes as bnb
+
+    qs = module.weight.quant_state
+    k = int(qs.shape[1])
+    cols = []
+    with torch.autocast(device_type="cpu", enabled=False):
+        for j in range(0, k, chunk):
+            eye = torch.eye(k, dtype=torch.bfloat16)[j:j + chunk]
+            cols.append(bnb.matmul_4bit(eye, module.weight, quant_state=qs))  # (rows, out): W[:, j:j+rows]ᵀ
+    return torch.cat(cols).T.contiguous()
+
+
+def _dense_4bit_forward(module: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Linear4bit.forward`` on the CPU kernel's path, with its weight already dequantized: input cast to
+    the compute dtype, then to bf16 (the kernel's own cast), product in the compute dtype, bias added there."""
+    inp_dtype = x.dtype
+    if module.compute_dtype is not None:
+        x = x.to(module.compute_dtype)
+    out = torch.nn.functional.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+    if module.bias is not None:
+        out += module.bias.to(x.dtype)
+    return out.to(inp_dtype)
+
+
+@contextlib.contextmanager
+def _dense_4bit(model: torch.nn.Module) -> Iterator[None]:
+    """bitsandbytes 4-bit layers on the CPU kernel run as a bf16 matmul with their weight dequantized once
+    (cached like :func:`_shadows`) instead of the fused kernel, which unpacks every weight again on every
+    call (4–5× a decoding step's matmul, BENCHMARKS.md "bitsandbytes on the CPU"). Same weights, same
+    bf16 rounding of the input, float32 accumulation: outputs equal (tested; token agreement on the
+    bundled test prompts measured by ``bench/bnb_dense_probe.py``). Forwards that build a graph keep the kernel."""
+    if torch.is_grad_enabled() or DENSE_4BIT_MODELS < 1:
+        yield
+        return
+    swapped = []
+    try:
+        entries = None
+        for m in model.modules():
+            if not _packed_4bit(m):
+                continue
+            if entries is None:
+                entries = _store(_DENSE_4BIT, DENSE_4BIT_MODELS, model)
+            stamp = (m.weight.data_ptr(), id(m.weight.quant_state))
+            entry = entries.get(m)
+            if entry is None or entry[0] != stamp:
+                entry = (stamp, read_4bit_weight(m))
+                entries[m] = entry
+            swapped.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
+            m.forward = functools.partial(_dense_4bit_forward, m, entry[1])
+        yield
+    finally:
+        for m, had, old in reversed(swapped):
+            if had:
+                m.forward = old
+            else:
+                del m.forward
+
+
 def clear_shadows() -> None:
-    """Drop every cached bf16 weight copy (frees their memory; the next forward makes them again)."""
+    """Drop every cached bf16 weight copy and dequantized 4-bit weight (frees their memory; the next
+    forward makes them again)."""
     with _SHADOW_LOCK:
         _SHADOWS.clear()
+        _DENSE_4BIT.clear()
 
 
 @contextlib.contextmanager
 def compute(handle) -> Iterator[None]:
     """The forward-pass context of ``handle``'s precision: bf16 autocast (with cached bf16 weight
     copies) when the handle asks for it and its weights are float32, nothing otherwise (float32, or
-    weights already in low precision)."""
-    if _autocasts(handle):
-        with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
+    weights already in low precision); in either, bitsandbytes' 4-bit CPU layers with their weights
+    dequantized once (:func:`_dense_4bit`)."""
+    with _dense_4bit(handle.model):
+        if _autocasts(handle):
+            with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
+                yield
+        else:
             yield
-    else:
-        yield
 
 
 @contextlib.contextmanager

@@ -103,3 +103,39 @@ def test_bnb_variant_runs_under_bf16_compute(disk_handle, spec):
         b = BatchRunner(dataclasses.replace(new, precision="bfloat16"), ids).last_logits()
     assert torch.isfinite(b).all()
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+
+
+def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypatch):
+    """Under ``compute``, 4-bit layers on bitsandbytes' fused CPU kernel run as a bf16 matmul with their
+    weight read out of the kernel once: the weight is the kernel's, outputs agree to the last bit of bf16
+    (summation order), the swap is undone after the block, and a forward that builds a graph keeps the kernel."""
+    from refusal_lab import precision
+
+    new, _ = apply(disk_handle, "bnb-nf4")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 230, 11, 3], [9, 8, 7, 6, 5, 4, 3, 2]])
+    _logits(new, ids)  # the first forward repacks for the CPU kernel where the CPU has AVX512-BF16
+    packed = [m for m in new.model.modules() if precision._packed_4bit(m)]
+    if not packed:
+        pytest.skip("this CPU runs bitsandbytes' 4-bit layers without the repacked kernel")
+    m = packed[0]
+    w = precision.read_4bit_weight(m, chunk=16)
+    assert w.dtype == torch.bfloat16 and w.shape == (m.out_features, m.in_features)
+    ref = dense_weight(m)
+    assert torch.allclose(w.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    x = torch.randn(5, m.in_features)
+    with torch.no_grad():
+        a, b = m(x), precision._dense_4bit_forward(m, w, x)
+    assert a.dtype == b.dtype == torch.float32
+    assert torch.allclose(a, b, rtol=2 ** -7, atol=2 ** -7 * float(a.abs().max()))
+    with new.lock, torch.no_grad(), precision.compute(new):
+        assert all("forward" in p.__dict__ for p in packed)
+        dense = new.model(input_ids=ids).logits.float()
+    assert not any("forward" in p.__dict__ for p in packed)
+    monkeypatch.setattr(precision, "DENSE_4BIT_MODELS", 0)
+    with new.lock, torch.no_grad(), precision.compute(new):
+        assert not any("forward" in p.__dict__ for p in packed)
+        kernel = new.model(input_ids=ids).logits.float()
+    assert torch.corrcoef(torch.stack([dense.flatten(), kernel.flatten()]))[0, 1] > 0.9999
+    monkeypatch.setattr(precision, "DENSE_4BIT_MODELS", 1)
+    with new.lock, torch.enable_grad(), precision.compute(new):
+        assert not any("forward" in p.__dict__ for p in packed)
