@@ -1,6 +1,6 @@
 """Probe: a bitsandbytes 4-bit variant's greedy replies through bitsandbytes' fused CPU kernel (which
 unpacks every weight on every call) and through the dequantized-once bf16 matmul that
-``refusal_lab.precision.compute`` uses (``DENSE_4BIT_MODELS``), in one run — seconds (alternating, two
+``refusal_lab.precision.compute`` uses (``DENSE_4BIT``), in one run — seconds (alternating, two
 runs each), token-identical replies and refused/answered verdict agreement on the bundled test prompts,
 at each compute precision. Both products round the input to bf16 and accumulate in float32; they differ
 in summation order, i.e. in the last bit of some bf16 outputs (#20, point 3).
@@ -39,7 +39,6 @@ def main() -> int:
     from refusal_lab.models import load_model
     from refusal_lab.prompts import bundled
 
-    keep = prec.DENSE_4BIT_MODELS
     c, _ = compress(load_model("default"), args.scheme)
     kinds = ("harmful", "harmless", "borderline")
     sets = {kind: bundled(kind, "test").prompts for kind in kinds}
@@ -51,11 +50,11 @@ def main() -> int:
         with prec.running_at(c, precision):
             generate(c, prompts[:2], max_new_tokens=4)  # warm-up (and the dense path's one dequantization)
             for path in ORDER:
-                prec.DENSE_4BIT_MODELS = keep if path == "dense" else 0
+                prec.DENSE_4BIT = path == "dense"
                 t0 = time.perf_counter()
                 replies[path] = generate(c, prompts, max_new_tokens=args.max_new_tokens)
                 seconds.setdefault(path, []).append(round(time.perf_counter() - t0, 1))
-        prec.DENSE_4BIT_MODELS = keep
+        prec.DENSE_4BIT = True
         verdicts = {p: [bool(is_refusal(r)) for r in rs] for p, rs in replies.items()}
         rates, start = {}, 0
         for kind in kinds:

@@ -10,7 +10,9 @@ run. Tasks:
   at the last post-instruction position only, on the val splits.
 * ``search``      — the same at every post-instruction position (the study's default).
 * ``aird``        — AIRD auto on wanda:0.5: re-alignment fit + calibration (timed), then the repaired
-  model's refusal rates on the bundled test splits; chosen point and val objective compared.
+  model's refusal rates on the bundled test splits; chosen point and val objective compared. A new
+  side that computes in bf16 also gives the same repaired model's rates from float32 replies (the
+  base's precision), which separates the repair's difference from the replies' precision.
 * ``search-screen`` / ``search-last-screen`` — the new side with ``screen=12`` (an approximation:
   :func:`core.selection.select_direction`), against the base's exact search (run once per run).
 
@@ -139,18 +141,28 @@ def task_aird() -> dict:
     # grid points: dicts in old commits, core.results.CalibrationPoint since
     points = [g if isinstance(g, dict) else g.to_json() for g in rep.calibration]
     best = next(g for g in points if g["chosen"])
-    rates = {}
-    with applied(c, rep) as h:
+    def test_rates(h) -> dict[str, float]:
+        rates = {}
         for kind in ("harmful", "harmless", "borderline"):
             replies = generate(h, bundled(kind, "test").prompts, max_new_tokens=64)
             rates[kind] = sum(map(is_refusal, replies)) / len(replies)
+        return rates
+
+    extra = {}
+    with applied(c, rep) as h:
+        rates = test_rates(h)
+        if getattr(h, "precision", "float32") != "float32":  # the same repair's replies in float32, as the base's
+            from core.precision import running_at
+
+            with running_at(h, "float32"):
+                extra["test_refusal_float32_replies"] = test_rates(h)
     return {"seconds": t2 - t0, "fit_seconds": t1 - t0, "calibration_seconds": t2 - t1, "load_seconds": load_s,
             "chosen": {"layers": best["layers"], "alpha": best["alpha"], "realign": best["realign"]},
             "val_objective": best["harmful_refusal"] - best["harmless_refusal"],
             "val_harmful_refusal": best["harmful_refusal"], "val_harmless_refusal": best["harmless_refusal"],
             "grid_points": len(points),
             "generated_points": sum(g.get("measured", "generated") == "generated" for g in points),
-            "test_refusal": rates, "grid": [_grid_row(g) for g in points]}
+            "test_refusal": rates, **extra, "grid": [_grid_row(g) for g in points]}
 
 
 def _grid_row(g: dict) -> dict:
@@ -217,8 +229,10 @@ def compare(task: str, old: dict, new: dict) -> dict:
                               "test_refusal")})
         row["same_chosen_point"] = old["chosen"] == new["chosen"]
         row["val_objective_difference"] = new["val_objective"] - old["val_objective"]
-        row["test_refusal_difference_points"] = {k: round(100 * (new["test_refusal"][k] - old["test_refusal"][k]), 1)
-                                                 for k in old["test_refusal"]}
+        for key in ("test_refusal", "test_refusal_float32_replies"):
+            if key in new:
+                row[f"{key}_difference_points"] = {k: round(100 * (new[key][k] - old["test_refusal"][k]), 1)
+                                                   for k in old["test_refusal"]}
     else:
         row.update({f"{side}_{k}": d[k] for side, d in (("base", old), ("new", new))
                     for k in ("selected", "bypass", "induce", "kl", "kl_threshold_used", "candidates_seconds",

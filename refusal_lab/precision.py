@@ -74,22 +74,17 @@ def _shadow(entries: weakref.WeakKeyDictionary, module: torch.nn.Linear) -> torc
     return entry[2]
 
 
-def _store(store: OrderedDict, keep: int, model: torch.nn.Module) -> weakref.WeakKeyDictionary:
-    """``model``'s entries in ``store``, which keeps those of the ``keep`` most recently run models."""
-    with _SHADOW_LOCK:
-        key = id(model)
-        ref_entries = store.pop(key, None)
-        if ref_entries is None or ref_entries[0]() is not model:
-            ref_entries = (weakref.ref(model), weakref.WeakKeyDictionary())
-        store[key] = ref_entries
-        while len(store) > keep:
-            store.popitem(last=False)
-        return ref_entries[1]
-
-
 def _shadows(model: torch.nn.Module) -> weakref.WeakKeyDictionary:
     """The bf16 weight copies of ``model`` (the ``SHADOW_MODELS`` most recently run models keep theirs)."""
-    return _store(_SHADOWS, SHADOW_MODELS, model)
+    with _SHADOW_LOCK:
+        key = id(model)
+        ref_entries = _SHADOWS.pop(key, None)
+        if ref_entries is None or ref_entries[0]() is not model:
+            ref_entries = (weakref.ref(model), weakref.WeakKeyDictionary())
+        _SHADOWS[key] = ref_entries
+        while len(_SHADOWS) > SHADOW_MODELS:
+            _SHADOWS.popitem(last=False)
+        return ref_entries[1]
 
 
 @contextlib.contextmanager
@@ -114,8 +109,7 @@ def _bf16_weights(model: torch.nn.Module) -> Iterator[None]:
             m._parameters["weight"] = w
 
 
-DENSE_4BIT_MODELS = 1  # 4-bit models whose dequantized bf16 weights are kept (half a float32 model each); 0: off
-_DENSE_4BIT: OrderedDict[int, tuple] = OrderedDict()  # id(model) → (weakref(model), {module: entry})
+DENSE_4BIT = True  # False: bitsandbytes' 4-bit CPU layers run its own fused kernel (bench/bnb_dense_probe.py)
 
 
 def _packed_4bit(module: torch.nn.Module) -> bool:
@@ -161,11 +155,12 @@ def _dense_4bit_forward(module: torch.nn.Module, weight: torch.Tensor, x: torch.
 @contextlib.contextmanager
 def _dense_4bit(model: torch.nn.Module) -> Iterator[None]:
     """bitsandbytes 4-bit layers on the CPU kernel run as a bf16 matmul with their weight dequantized once
-    (cached like :func:`_shadows`) instead of the fused kernel, which unpacks every weight again on every
+    (kept with the bf16 copies of :func:`_shadows`, so with the ``SHADOW_MODELS`` most recently run
+    models only) instead of the fused kernel, which unpacks every weight again on every
     call (4–5× a decoding step's matmul, BENCHMARKS.md "bitsandbytes on the CPU"). Same weights, same
     bf16 rounding of the input, float32 accumulation: outputs equal (tested; token agreement on the
     bundled test prompts measured by ``bench/bnb_dense_probe.py``). Forwards that build a graph keep the kernel."""
-    if torch.is_grad_enabled() or DENSE_4BIT_MODELS < 1:
+    if torch.is_grad_enabled() or not DENSE_4BIT:
         yield
         return
     swapped = []
@@ -175,7 +170,7 @@ def _dense_4bit(model: torch.nn.Module) -> Iterator[None]:
             if not _packed_4bit(m):
                 continue
             if entries is None:
-                entries = _store(_DENSE_4BIT, DENSE_4BIT_MODELS, model)
+                entries = _shadows(model)  # one store with the bf16 copies: one model's copies in memory
             stamp = (m.weight.data_ptr(), id(m.weight.quant_state))
             entry = entries.get(m)
             if entry is None or entry[0] != stamp:
@@ -197,7 +192,6 @@ def clear_shadows() -> None:
     forward makes them again)."""
     with _SHADOW_LOCK:
         _SHADOWS.clear()
-        _DENSE_4BIT.clear()
 
 
 @contextlib.contextmanager

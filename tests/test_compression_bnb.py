@@ -131,11 +131,11 @@ def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypa
         assert all("forward" in p.__dict__ for p in packed)
         dense = new.model(input_ids=ids).logits.float()
     assert not any("forward" in p.__dict__ for p in packed)
-    monkeypatch.setattr(precision, "DENSE_4BIT_MODELS", 0)
+    monkeypatch.setattr(precision, "DENSE_4BIT", False)
     with new.lock, torch.no_grad(), precision.compute(new):
         assert not any("forward" in p.__dict__ for p in packed)
         kernel = new.model(input_ids=ids).logits.float()
     assert torch.corrcoef(torch.stack([dense.flatten(), kernel.flatten()]))[0, 1] > 0.9999
-    monkeypatch.setattr(precision, "DENSE_4BIT_MODELS", 1)
+    monkeypatch.setattr(precision, "DENSE_4BIT", True)
     with new.lock, torch.enable_grad(), precision.compute(new):
         assert not any("forward" in p.__dict__ for p in packed)
