@@ -100,3 +100,13 @@ def test_multi_token_kl_with_a_reference_memo_runs_the_reference_once_and_gives_
     assert len(half) == 4
     with pytest.raises(ValueError, match="reference_memo holds 5 rows"):
         multi_token_kl(h, others[0], prompts, replies, tokens=4, batch_size=3, reference_memo=memo + memo[:1])
+    assert all(m.dtype == torch.float32 for m in memo)  # float32 logits are kept as they are
+    # a bf16 reference's logits are bf16 values: kept in bf16 (half the memory), the same KL
+    import dataclasses
+
+    b = dataclasses.replace(h, precision="bfloat16")
+    plain16 = multi_token_kl(b, others[0], prompts, replies, tokens=4, batch_size=3)
+    memo16: list = []
+    assert multi_token_kl(b, others[0], prompts, replies, tokens=4, batch_size=3, reference_memo=memo16) == plain16
+    assert all(m.dtype == torch.bfloat16 for m in memo16)
+    assert multi_token_kl(b, others[0], prompts, replies, tokens=4, batch_size=3, reference_memo=memo16) == plain16
