@@ -21,6 +21,7 @@ from typing import Any
 import streamlit as st
 
 from refusal_lab import session
+from refusal_lab.errors import error_line
 from refusal_lab.models import ChatTemplateError, ModelHandle, ModelLoadError, load_model
 from refusal_lab.progress import Cancelled, Eta, format_seconds
 from refusal_lab.session import DEFAULT_SETTINGS, POSITIONS, ROLES, SCREEN, Workspace, workspace_key
@@ -53,7 +54,7 @@ _use_app_navigation()  # runs once per server process, in whichever page is open
 
 def show_error(what: str, exc: BaseException | str, fix: str | None = None) -> None:
     """An ``st.error`` box with what failed, the cause and how to fix it (never a traceback)."""
-    cause = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    cause = exc if isinstance(exc, str) else error_line(exc)
     msg = f"**{what}.** {cause}"
     if fix:
         msg += f"\n\n**Fix:** {fix}"

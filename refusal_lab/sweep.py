@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from refusal_lab.codec import JsonRecord, optional
+from refusal_lab.errors import error_line
 from refusal_lab.store import RunStore, cache_key
 from refusal_lab.store_files import atomic_write_bytes, json_bytes, slug, utc_now
 from refusal_lab.study_spec import StudySpec
@@ -253,11 +254,6 @@ def list_sweeps(store: RunStore | str | Path) -> list[SweepRecord]:
     return sorted(out, key=lambda r: r.started, reverse=True)
 
 
-def _error_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {text}" if not isinstance(e, (ValueError, OSError)) else text
-
-
 def run_sweep(spec: SweepSpec, store: RunStore | str | Path, executor: Executor | None = None, *,
               on_task: Callable[[TaskOutcome], None] | None = None) -> SweepRecord:
     """Run every task of ``spec`` with ``executor`` (default: in this process), writing each task's stages
@@ -308,7 +304,7 @@ def run_sweep(spec: SweepSpec, store: RunStore | str | Path, executor: Executor 
                     value = executor.result(handle)
                     unpack(value["parcel"], studies[task.model].record)
                 except Exception as e:  # noqa: BLE001 — reported per task; the sweep goes on
-                    change(task, "failed", error=_error_line(e))
+                    change(task, "failed", error=error_line(e))
                     if task.scheme is None:
                         for t in record.tasks:
                             if t.model == task.model and t.scheme is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from refusal_lab.cli.args import DTYPES, device, device_map, max_memory
+from refusal_lab.errors import error_line
 import importlib
 import logging
 import pkgutil
@@ -79,14 +80,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-
-
-def error_line(e: BaseException) -> str:
-    """One line for an exception: its message, prefixed by its type where the message alone is unclear
-    (errors this project raises carry their own wording)."""
-    from refusal_lab.models import ModelLoadError
-    from refusal_lab.store import StoreError
-
-    text = " ".join(str(e).split()) or type(e).__name__
-    own = isinstance(e, (ModelLoadError, StoreError, ValueError, FileNotFoundError, PermissionError))
-    return text if own else f"{type(e).__name__}: {text}"
