@@ -41,7 +41,7 @@ import torch
 
 from refusal_lab.codec import JsonRecord, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, Precomputed, TeacherReplies, batches,
-                                      direction_distance, last_positions, precompute, precompute_passes, reading,
+                                      direction_distance, last_positions, precompute, reading,
                                       reply_batch, reply_kl, reply_logits, state_distance, stubbed, teacher_replies,
                                       token_kl, token_weights, training_prompts)
 from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
@@ -503,18 +503,17 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
 
 def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig, start: int,
            precompute_states: bool, progress: Progress | None, state: tuple[int, int] | None = None,
-           direction: torch.Tensor | None = None) -> list[float]:
+           direction: torch.Tensor | None = None, states_progress: Progress | None = None) -> list[float]:
     """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats,
-    plus the weighted state and direction terms with ``state``, :func:`state_match`) of each step. ``progress`` counts
-    the precomputing passes' batches, then the steps."""
+    plus the weighted state and direction terms with ``state``, :func:`state_match`) of each step.
+    ``states_progress`` counts the precomputing passes' batches, ``progress`` the steps: a step costs
+    several batches' time, so one count of both would make a pace-based ETA several times too short."""
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    n_pre = (-(-len(data) // cfg.batch_size)) * precompute_passes(start, state) if precompute_states else 0
-    total = n_pre + cfg.steps
-    report(progress, 0, total)
     pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, state=state,
-                     progress=progress, total=total) if precompute_states else None
+                     progress=states_progress) if precompute_states else None
+    report(progress, 0, cfg.steps)
     losses: list[float] = []
     repeats = [cfg.oversample.get(kind, 1) for kind in data.kinds]
     for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed, repeats)):
@@ -533,18 +532,20 @@ def _train(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplie
         opt.step()
         sched.step()
         losses.append(round(loss.detach().item(), 5))
-        report(progress, n_pre + step + 1, total)
+        report(progress, step + 1, cfg.steps)
     return losses
 
 
 def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | None = None, *,
             source_layer: int | None = None, data: TeacherReplies | None = None,
             data_progress: Progress | None = None, progress: Progress | None = None,
-            precompute_states: bool = True, direction: torch.Tensor | None = None) -> tuple[ModelHandle, Distilled]:
+            states_progress: Progress | None = None, precompute_states: bool = True,
+            direction: torch.Tensor | None = None) -> tuple[ModelHandle, Distilled]:
     """Train a distill repair of ``student`` (a compressed copy of ``teacher``) → ``(repaired handle,
     the repair)``. ``data``: the teacher's replies (:func:`distill_data`; built when None, reported to
-    ``data_progress``); ``progress`` gets ``(step, steps)``, and raising
-    :class:`~refusal_lab.progress.Cancelled` from it stops the training (nothing is left changed).
+    ``data_progress``); ``states_progress`` gets the batches of the precomputed passes, then ``progress``
+    ``(step, steps)``; raising :class:`~refusal_lab.progress.Cancelled` from either stops the training
+    (nothing is left changed).
     ``source_layer``: the original's refusal source layer (``writers`` without explicit layers, the state
     and direction terms); ``direction``: the original's refusal direction ``(d_model,)`` (the direction term).
     ``precompute_states``: run the teacher once and the student's blocks below the lowest LoRA'd block
@@ -573,7 +574,7 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         losses = _train(teacher, student, lora, data, cfg, lowest, precompute_states, progress, state,
-                        None if direction is None else direction.detach().float())
+                        None if direction is None else direction.detach().float(), states_progress)
     before = density(list(targets.values()))
     result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
                            trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),

@@ -347,14 +347,14 @@ def _states(handle: ModelHandle, model: torch.nn.Module, data: TeacherReplies, b
 
 
 def precompute(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Module, data: TeacherReplies, start: int,
-               *, batch_size: int = 16, state: tuple[int, int] | None = None, progress: Progress | None = None,
-               total: int | None = None) -> Precomputed:
+               *, batch_size: int = 16, state: tuple[int, int] | None = None,
+               progress: Progress | None = None) -> Precomputed:
     """:class:`Precomputed` states for training ``model`` (the student's adapted copy, LoRA at blocks ≥
     ``start``): the teacher's once, the student's below ``start`` once (none when ``start`` is 0), and with
     ``state`` = ``(layer, n)`` the teacher's output of block ``layer`` at each prompt's last ``n`` positions.
-    ``progress`` gets one step per batch of each pass, out of ``total`` (default: the passes' batches)."""
+    ``progress`` gets one step per batch of each pass, out of all the passes' batches."""
     n = -(-len(data) // batch_size)
-    total = total or n * precompute_passes(start, state)
+    total = n * precompute_passes(start, state)
     t = _states(teacher, teacher.model, data, teacher.n_layers - 1, "output", batch_size, progress, 0, total)
     s = states = None
     if start > 0:

@@ -169,16 +169,17 @@ def test_bad_input_is_a_clear_error(pair):
         distill(o, c, replace(CFG, reply_tokens=7), data=data)
 
 
-def test_cancelled_training_changes_nothing(pair):
+@pytest.mark.parametrize("bar", ["progress", "states_progress"])  # cancelled in training or in the teacher passes
+def test_cancelled_training_changes_nothing(pair, bar):
     o, c, data = pair
     state = snapshot(c)
 
     def cancel(done, total):
-        if done >= 2:
+        if done >= 1:
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        distill(o, c, CFG, data=data, progress=cancel)
+        distill(o, c, CFG, data=data, **{bar: cancel})
     assert same_state(c, state)
 
 

@@ -45,10 +45,12 @@ def _stages(study) -> dict[str, list[dict]]:
 
 def test_distill_stage_is_stored_without_pickle_and_a_second_run_computes_nothing(tiny_folder, runs, monkeypatch):
     seen = []
-    study = Study(_spec(tiny_folder), runs, on_progress=lambda s, d, t: seen.append(s))
+    study = Study(_spec(tiny_folder), runs, on_progress=lambda s, d, t: seen.append((s, d, t)))
     assert study.planned_stages()[-3:] == ["distill teacher replies", f"distill {SCHEME}", f"evaluate {SCHEME}+distill"]
     res = study.run()
-    assert {"distill teacher replies", f"distill {SCHEME}: training"} <= set(seen)  # two progress bars
+    bars = {s for s, _, _ in seen}  # three progress bars, each paced on its own (a step costs several batches)
+    assert {"distill teacher replies", f"distill {SCHEME}: teacher states", f"distill {SCHEME}: training"} <= bars
+    assert {(d, t) for s, d, t in seen if s == f"distill {SCHEME}: training"} == {(i, 4) for i in range(5)}
     v = res.variants[SCHEME]
     assert v.repair_method == "distill" and list(v.repairs) == ["distill"] and v.repaired.method == "distill"
     assert v.repaired.repair is None and v.repaired.distill.steps == 4 and v.repaired.distill.rank == 4
