@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from refusal_lab.fingerprints import file_digest, folder_fingerprint, tensors_fingerprint  # noqa: F401 (public here too)
 from refusal_lab.placement import DeviceMap, module_device, read_tensor
 from refusal_lab.precision import PRECISIONS, resolve_precision
 
@@ -292,55 +293,6 @@ class ModelHandle:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fingerprints
-# ----------------------------------------------------------------------------------------------
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, memoised in the cache keyed by (path, inode, size, mtime, ctime): a file replaced
-    by another of the same size with its mtime set back still gets a new inode or ctime (the kernel
-    sets ctime on every change; no user call can set it back)."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
-                         .encode()).hexdigest()[:32]
-    memo = cache_dir() / "digests" / key
-    if memo.exists():
-        return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
-    return digest
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """Stable id of a model folder: hash of its weight and config files' contents."""
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".gguf"}
-                   and p.name not in {"refusal_lab.json"})
-    for p in files:
-        h.update(p.name.encode())
-        h.update(_file_digest(p).encode())
-    return h.hexdigest()[:16]
-
-
-def tensors_fingerprint(model: nn.Module) -> str:
-    """Hash of a model's parameters as they are in memory (for in-memory variants; offloaded ones read where
-    they are stored)."""
-    from refusal_lab.placement import model_tensors
-
-    h = hashlib.sha256()
-    for name, t in sorted(model_tensors(model), key=lambda item: item[0]):
-        h.update(name.encode())
-        t = t.detach()
-        h.update(str(t.dtype).encode())
-        h.update(t.contiguous().view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
 
@@ -385,7 +337,7 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     """Convert a GGUF file once into a plain safetensors folder in the cache; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = _file_digest(gguf_path)[:16]
+    digest = file_digest(gguf_path)[:16]
     out = cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
     if (out / "refusal_lab.json").exists():
         return out
@@ -416,7 +368,7 @@ def _merged_default_folder(base_folder: Path) -> Path | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
 
-    key = hashlib.sha256((folder_fingerprint(base_folder) + _file_digest(adapter)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((folder_fingerprint(base_folder) + file_digest(adapter)).encode()).hexdigest()[:16]
     out = cache_dir() / "models" / f"smollm2-135m-instruct-refusal-{key}"
     if (out / "refusal_lab.json").exists():
         return out
