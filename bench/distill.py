@@ -92,6 +92,21 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
                                              direction_weight=8.0, first_token_weight=4.0,
                                              kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                              answered_only=["contrast"]),
+    # seventh round, from the sixth's choice (borderline test 24.5% vs its bar 19.3, broken 3.6% vs 2): teacher
+    # replies scored over 64 tokens, as many as the evaluation generates (its broken replies are loops, some
+    # past token 32); the contrast and borderline prompts twice per epoch; rank 8
+    "all-r4-s80-st4-d8-f4-ca-t64": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+                                                 state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                                 kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                                 answered_only=["contrast"], reply_tokens=64),
+    "all-r4-s80-st4-d8-f4-ca-o2": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+                                                state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                                kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                                answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}),
+    "all-r8-s80-st4-d8-f4-ca": DistillConfig(modules="all", rank=8, lora_alpha=16, steps=80, lr=2e-3,
+                                             state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                             kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                             answered_only=["contrast"]),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 # since the sixth round: 97 more benign prompts with alarming words, written for this benchmark and used for
@@ -179,7 +194,8 @@ def train(name: str, cfg: DistillConfig, original, compressed, data, data_second
         if rep.result.config == cfg and rep.result.data_key == data.key():
             return rep.apply(compressed), rep
     h, rep = distill(original, compressed, cfg, data=data, source_layer=source, direction=direction,
-                     progress=tqdm_progress(f"distill {name}"))
+                     states_progress=tqdm_progress(f"distill {name}: teacher states"),
+                     progress=tqdm_progress(f"distill {name}: training"))
     rep.result.seconds_data = round(data_seconds, 1)  # the memoised replies' own time
     rep.save(folder)
     return h, rep
