@@ -44,7 +44,8 @@ from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError,
                                       direction_distance, last_positions, precompute, reading,
                                       reply_batch, reply_kl, reply_logits, state_distance, stubbed, teacher_replies,
                                       token_kl, token_weights, training_prompts)
-from refusal_lab.models import ModelHandle, is_plain_linear, linear_kind, linear_out_features, weight_as_out_in
+from refusal_lab.models import (ModelHandle, find_blocks, is_plain_linear, linear_kind, linear_out_features,
+                                weight_as_out_in)
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
 from refusal_lab.results import Density, DistillSummary
@@ -59,6 +60,7 @@ Modules = Literal["writers", "all"]
 MODES: tuple[str, ...] = get_args(Mode)
 MODULES: tuple[str, ...] = get_args(Modules)
 ADAPTER_FILE = "distill_adapter.safetensors"
+SHIFT_KEY = "refusal_lab.shift"  # the offset's vector among the adapter's tensors (no peft name looks like it)
 META_FILE = "distill_adapter.json"
 
 
@@ -102,20 +104,22 @@ class DistillConfig(JsonRecord):
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
     direction_weight: float = 8.0  # weight of the refusal-direction term (0: none); 8 chosen on val among
     #                                0/8/32 with the state term at 4 (bench/distill.py, fifth round)
+    offset: float = 0.0  # after training, the stream leaving the state block shifted by −offset × the original's
+    #                      raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none)
 
     def needs_source_layer(self) -> bool:
         """Whether training needs the original's refusal source layer: ``writers`` without explicit layers
-        (they sit around it), or a state or direction term without its own ``state_layer``."""
+        (they sit around it), or a state or direction term or an offset without its own ``state_layer``."""
         writers_around_source = self.modules == "writers" and self.layers is None
-        return writers_around_source or bool(self.matches_states() and self.state_layer is None)
+        return writers_around_source or bool((self.matches_states() or self.offset) and self.state_layer is None)
 
     def matches_states(self) -> bool:
         """Whether the loss compares residual streams (a state or a direction term)."""
         return bool(self.state_weight or self.direction_weight)
 
     def needs_direction(self) -> bool:
-        """Whether training needs the original's refusal direction (a direction term)."""
-        return bool(self.direction_weight)
+        """Whether training needs the original's refusal direction (a direction term or an offset)."""
+        return bool(self.direction_weight or self.offset)
 
     def check(self) -> None:
         """Raise :class:`DistillError` for a setting out of range."""
@@ -135,9 +139,9 @@ class DistillConfig(JsonRecord):
         bad = {k: v for k, v in self.oversample.items() if k not in PROMPT_KINDS or int(v) < 1}
         if bad:
             raise DistillError(f"oversample maps a prompt kind ({', '.join(PROMPT_KINDS)}) to a count ≥ 1, got {bad}")
-        for name in ("state_weight", "direction_weight"):
-            if not getattr(self, name) >= 0:
-                raise DistillError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("state_weight", "direction_weight", "offset"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise DistillError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
         unknown = [k for k in self.answered_only if k not in PROMPT_KINDS]
         if unknown:
             raise DistillError(f"answered_only takes prompt kinds ({', '.join(PROMPT_KINDS)}), got {unknown}")
@@ -147,7 +151,8 @@ class DistillConfig(JsonRecord):
         their defaults: a repair stored before them keeps its cache key."""
         out = self.to_json()
         for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []),
-                              ("state_weight", 0.0), ("state_layer", None), ("direction_weight", 0.0)):
+                              ("state_weight", 0.0), ("state_layer", None), ("direction_weight", 0.0),
+                              ("offset", 0.0)):
             if out.get(name) == default:
                 out.pop(name, None)
         return out
@@ -335,29 +340,38 @@ def _lora_state(lora) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Distilled:
-    """A trained distill repair: the LoRA weights ``lora`` (peft state-dict names → tensors) and the
-    :class:`DistillResult`; :meth:`apply` puts it on the compressed model it was trained on."""
+    """A trained distill repair: the LoRA weights ``lora`` (peft state-dict names → tensors), the
+    :class:`DistillResult` and, with an ``offset``, the ``shift`` ``(d_model,)`` added to the stream leaving
+    block :attr:`shift_layer`; :meth:`apply` puts it on the compressed model it was trained on."""
 
     lora: dict[str, torch.Tensor]
     result: DistillResult
+    shift: torch.Tensor | None = None
+
+    @property
+    def shift_layer(self) -> int | None:
+        """The block whose output the shift moves (the state layer, else the source layer)."""
+        c = self.result.config
+        return c.state_layer if c.state_layer is not None else self.result.source_layer
 
     def key(self) -> tuple:
         """What the repaired model's function depends on (for cache keys): mode and a digest of the weights."""
         h = hashlib.sha256()
-        for name in sorted(self.lora):
+        for name, t in sorted(self.tensors().items()):
             h.update(name.encode())
-            h.update(self.lora[name].float().numpy().tobytes())
+            h.update(t.float().numpy().tobytes())
         return (self.result.config.mode, h.hexdigest()[:16])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.lora)
+        return dict(self.lora) if self.shift is None else {**self.lora, SHIFT_KEY: self.shift}
 
     def describe(self) -> dict:
         return self.result.to_json()
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Distilled":
-        return cls(lora=dict(tensors), result=DistillResult.from_json(meta))
+        lora = dict(tensors)
+        return cls(lora=lora, result=DistillResult.from_json(meta), shift=lora.pop(SHIFT_KEY, None))
 
     def save(self, folder: str | Path) -> Path:
         """``distill_adapter.safetensors`` (LoRA weights) + ``distill_adapter.json`` (the result) in ``folder``."""
@@ -395,6 +409,8 @@ def _handle(student: ModelHandle, lora, repair: Distilled) -> ModelHandle:
     model = lora.merge_and_unload() if repair.result.config.mode == "merged" else lora.model
     model.eval()
     model.requires_grad_(False)
+    if repair.shift is not None:
+        _shift_stream(find_blocks(model)[repair.shift_layer], repair.shift)
     digest = repair.key()[1]
     suffix = f"distill({repair.result.config.mode},{digest})"
     return ModelHandle(model=model, tokenizer=student.tokenizer, name=f"{student.name} + distill",
@@ -404,6 +420,23 @@ def _handle(student: ModelHandle, lora, repair: Distilled) -> ModelHandle:
                        precision=student.precision,
                        meta={**student.meta, "parent_fingerprint": student.fingerprint, "edit": suffix},
                        lock=threading.RLock())
+
+
+def _shift_stream(block: torch.nn.Module, shift: torch.Tensor) -> None:
+    """``block``'s output residual stream + ``shift`` at every position, as a forward hook on ``block`` —
+    a block of the repaired handle's own copy of the model (never the compressed model's: that copy's
+    modules are new, only parameters are shared), so the hook lives and goes with that copy."""
+    cache: dict = {}
+
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = shift.to(device=x.device, dtype=x.dtype)
+        x = x + cache[key]
+        return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    block.register_forward_hook(hook)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +503,6 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
                  rows: list[int], pre: Precomputed | None, state: tuple[int, int] | None = None) -> _Pair:
     """One batch's :class:`_Pair`. With ``pre``, the frozen parts run from their precomputed states;
     ``state`` = ``(block, n)``: also the output of that block at each prompt's last ``n`` positions."""
-    from refusal_lab.models import find_blocks
-
     batch = reply_batch(data, rows, teacher.tokenizer.pad_token_id or 0)
     tb, sb = batch.to(teacher.device), batch.to(student.device)
     t_stub = s_stub = t_read = s_read = contextlib.nullcontext()
@@ -559,8 +590,12 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     lowest = _lowest_block(student, targets)
     state = state_match(student, cfg, source_layer, lowest)
     if cfg.needs_direction() and (direction is None or tuple(direction.shape) != (student.d_model,)):
-        raise DistillError(f"direction_weight needs the original's refusal direction of shape ({student.d_model},), "
+        raise DistillError(f"direction_weight and offset need the original's refusal direction of shape ({student.d_model},), "
                            f"got {None if direction is None else tuple(direction.shape)}")
+    shift_layer = cfg.state_layer if cfg.state_layer is not None else source_layer
+    if cfg.offset and (shift_layer is None or not 0 <= shift_layer < student.n_layers):
+        raise DistillError(f"offset shifts the output of the state layer or the source layer, got {shift_layer} "
+                           f"(the model has {student.n_layers} blocks)")
     t0 = time.perf_counter()
     if data is None:
         data = distill_data(teacher, cfg, progress=data_progress)
@@ -582,7 +617,8 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
                            data_key=data.key(), seconds_data=round(seconds_data, 2),
                            seconds_train=round(time.perf_counter() - t1, 2), precision=student.precision,
                            density_before=before)
-    repair = Distilled(lora=_lora_state(lora), result=result)
+    shift = None if not cfg.offset else (-cfg.offset * direction.detach().float().cpu()).contiguous()
+    repair = Distilled(lora=_lora_state(lora), result=result, shift=shift)
     repaired = _handle(student, lora, repair)
     after = density([repaired.model.get_submodule(name) for name in targets]) if cfg.mode == "merged" else before
     result.density_after = after

@@ -279,7 +279,7 @@ def test_state_term_moves_the_residual_stream_toward_the_teachers(pair, trained)
     assert cfg.key_json()["state_weight"] == 20.0 and "state_weight" not in CFG.key_json()  # old keys kept
     with pytest.raises(DistillError, match="state layer 0 must be in"):
         distill(o, c, replace(cfg, state_layer=0), data=data)  # below the lowest adapted block (1)
-    with pytest.raises(DistillError, match="state_weight must be ≥ 0"):
+    with pytest.raises(DistillError, match="state_weight must be a finite number ≥ 0"):
         distill(o, c, replace(cfg, state_weight=-1.0), data=data)
     with pytest.raises(DistillError, match="need a state_layer or the source layer"):
         distill(o, c, replace(cfg, state_layer=None), data=data)
@@ -297,7 +297,38 @@ def test_direction_term_moves_the_projection_toward_the_teachers(pair, trained):
     assert with_term < 0.5 * kl_only and with_term < before, (before, kl_only, with_term)
     assert reply_kl(o, h, data) < reply_kl(o, c, data)
     assert cfg.needs_direction() and not CFG.needs_direction() and "direction_weight" not in CFG.key_json()
-    with pytest.raises(DistillError, match="needs the original's refusal direction"):
+    with pytest.raises(DistillError, match="the original's refusal direction"):
         distill(o, c, cfg, data=data)
-    with pytest.raises(DistillError, match="direction_weight must be ≥ 0"):
+    with pytest.raises(DistillError, match="direction_weight must be a finite number ≥ 0"):
         distill(o, c, replace(cfg, direction_weight=-1.0), data=data, direction=r)
+
+
+def test_offset_shifts_the_stream_leaving_its_block_against_the_raw_direction(pair, tmp_path):
+    """``offset``: the repaired model is the trained one with ``−offset × r`` added to the output of the state
+    block (the same as that activation addition), training itself unchanged; stored with the adapter and
+    re-applied; the compressed model carries no hook; old cache keys stay; bad values are clear errors."""
+    from refusal_lab.interventions import add, count_hooks
+
+    o, c, data = pair
+    r = torch.randn(o.d_model, generator=torch.Generator().manual_seed(5))
+    cfg = replace(CFG, steps=3, offset=0.5, state_layer=2)
+    h, rep = distill(o, c, cfg, data=data, direction=r)
+    plain, rep0 = distill(o, c, replace(cfg, offset=0.0), data=data, direction=r)
+    assert rep.lora.keys() == rep0.lora.keys() and all(torch.equal(rep.lora[k], rep0.lora[k]) for k in rep.lora)
+    assert rep0.shift is None and torch.equal(rep.shift, -0.5 * r) and rep.key() != rep0.key()
+    with add(plain, r, 3, coeff=-0.5):  # block 3's input is block 2's output
+        shifted = fixed_logits(plain)
+    assert torch.allclose(fixed_logits(h), shifted, atol=1e-5)
+    assert not torch.allclose(fixed_logits(h), fixed_logits(plain), atol=1e-3)
+    assert count_hooks(c) == 0 and count_hooks(plain) == 0
+    rep.save(tmp_path / "d")
+    back = Distilled.load(tmp_path / "d")
+    assert torch.equal(back.shift, rep.shift) and back.key() == rep.key() and back.lora.keys() == rep.lora.keys()
+    assert torch.allclose(fixed_logits(back.apply(c)), fixed_logits(h), atol=1e-6)
+    assert "offset" not in CFG.key_json() and cfg.key_json()["offset"] == 0.5 and cfg.needs_direction()
+    with pytest.raises(DistillError, match="offset must be a finite number ≥ 0"):
+        distill(o, c, replace(cfg, offset=-1.0), data=data, direction=r)
+    with pytest.raises(DistillError, match="the original's refusal direction"):
+        distill(o, c, cfg, data=data)
+    with pytest.raises(DistillError, match="offset shifts the output"):
+        distill(o, c, replace(cfg, state_layer=None), data=data, direction=r)
