@@ -107,6 +107,13 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
                                              state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                              kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                              answered_only=["contrast"]),
+    # eighth round: the seventh's choice with the shift the offset probe chose on val (bench/distill_offset_probe.py,
+    # β 1 along the unit direction = 0.04 of the raw direction's norm, 25.2), now a setting of the library
+    "all-r4-s80-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+                                                      state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                                      kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                                      answered_only=["contrast"],
+                                                      oversample={"contrast": 2, "borderline": 2}, offset=0.04),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 # since the sixth round: 97 more benign prompts with alarming words, written for this benchmark and used for
