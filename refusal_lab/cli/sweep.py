@@ -10,7 +10,8 @@ from pathlib import Path
 
 from refusal_lab.cli import add_model_args
 from refusal_lab.cli.args import aird_spec, count
-from refusal_lab.cli.study import _print_rows, _repair_options, study_kwargs, study_options
+from refusal_lab.cli.study import (_method_options, _print_rows, _repair_options, repair_kwargs, study_kwargs,
+                                   study_options)
 
 SUMMARY = ["model", "refusal_harmful", "broken_harmful", "over_refusal_harmless", "over_refusal_borderline",
            "perplexity", "zero_shot_accuracy", "kl_to_original", "source_layer", "aird_layers", "aird_alpha"]
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--aird", default=None, type=aird_spec, help="auto | top:K: repair each variant with AIRD")
     p.add_argument("--aird-mode", default="merged", choices=["merged", "adapter"])
     _repair_options(p)
+    _method_options(p)
     p.add_argument("--budget", action="store_true", help="with --aird: each variant's AIRD budget curve too")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="auto|local|ADDRESS",
                    help="run the tasks on Ray: local (start Ray on this machine; the default of a bare --ray), "
@@ -50,14 +52,26 @@ def _print_task(task) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def sweep_spec(args: argparse.Namespace):
+    """The :class:`~refusal_lab.sweep.SweepSpec` of the command line (``--method`` as ``study`` takes it:
+    ``aird+distill`` starts from AIRD auto unless ``--aird`` says otherwise)."""
+    from refusal_lab.study_repairs import method
+    from refusal_lab.sweep import SweepSpec
+
+    uses_aird = method(args.method).uses_aird
+    aird = args.aird or ("auto" if uses_aird and args.method != "aird" else None)
+    study = dict(study_kwargs(args), aird=aird, aird_mode=args.aird_mode, aird_realign=args.realign,
+                 aird_search=args.calibration, **repair_kwargs(args))
+    return SweepSpec(models=args.model or ["default"], schemes=args.scheme, study=study,
+                     budget=bool(args.budget and aird and uses_aird), cpus_per_task=args.cpus_per_task,
+                     name=args.name)
+
+
 def run_sweep_command(args: argparse.Namespace) -> int:
     from refusal_lab.study import Study, summary_rows
-    from refusal_lab.sweep import SequentialExecutor, SweepSpec, run_sweep
+    from refusal_lab.sweep import SequentialExecutor, run_sweep
 
-    study = dict(study_kwargs(args), aird=args.aird, aird_mode=args.aird_mode, aird_realign=args.realign,
-                 aird_search=args.calibration)
-    spec = SweepSpec(models=args.model or ["default"], schemes=args.scheme, study=study,
-                     budget=bool(args.budget and args.aird), cpus_per_task=args.cpus_per_task, name=args.name)
+    spec = sweep_spec(args)
     if args.ray is None:
         executor = SequentialExecutor()
     else:
