@@ -51,7 +51,8 @@ __all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError
            "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
            "compress_student", "config_from", "kept_replies"]
 
-DISTILL_VERSION = "distill-1"  # bump when what training computes changes (part of cache keys)
+DISTILL_VERSION = "distill-2"  # bump when what training computes changes (part of cache keys); 2: bitsandbytes
+#                                4-bit students whose CPU weights were packed trained through a kernel without autograd
 Mode = Literal["adapter", "merged"]
 Modules = Literal["writers", "all"]
 MODES: tuple[str, ...] = get_args(Mode)

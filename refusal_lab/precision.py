@@ -133,7 +133,7 @@ def read_4bit_weight(module: torch.nn.Module, chunk: int = 1024) -> torch.Tensor
     qs = module.weight.quant_state
     k = int(qs.shape[1])
     cols = []
-    with torch.autocast(device_type="cpu", enabled=False):
+    with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
         for j in range(0, k, chunk):
             eye = torch.eye(k, dtype=torch.bfloat16)[j:j + chunk]
             cols.append(bnb.matmul_4bit(eye, module.weight, quant_state=qs))  # (rows, out): W[:, j:j+rows]ᵀ
@@ -159,8 +159,11 @@ def _dense_4bit(model: torch.nn.Module) -> Iterator[None]:
     models only) instead of the fused kernel, which unpacks every weight again on every
     call (4–5× a decoding step's matmul, BENCHMARKS.md "bitsandbytes on the CPU"). Same weights, same
     bf16 rounding of the input, float32 accumulation: outputs equal (tested; token agreement on the
-    bundled test prompts measured by ``bench/bnb_dense_probe.py``). Forwards that build a graph keep the kernel."""
-    if torch.is_grad_enabled() or not DENSE_4BIT:
+    bundled test prompts measured by ``bench/bnb_dense_probe.py``). Forwards that build a graph take this
+    path too, whatever ``DENSE_4BIT`` says: the fused kernel has no autograd (bitsandbytes 0.50 warns
+    "an autograd kernel was not registered" and the gradient through it is wrong — a distill training of a
+    bnb-nf4 student that had run once before diverged), the matmul here differentiates in its input."""
+    if not (DENSE_4BIT or torch.is_grad_enabled()):
         yield
         return
     swapped = []

@@ -108,7 +108,8 @@ def test_bnb_variant_runs_under_bf16_compute(disk_handle, spec):
 def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypatch):
     """Under ``compute``, 4-bit layers on bitsandbytes' fused CPU kernel run as a bf16 matmul with their
     weight read out of the kernel once: the weight is the kernel's, outputs agree to the last bit of bf16
-    (summation order), the swap is undone after the block, and a forward that builds a graph keeps the kernel."""
+    (summation order), the swap is undone after the block, and a forward that builds a graph takes it too —
+    whatever ``DENSE_4BIT`` says — with the gradient of the dequantized matmul (the kernel has no autograd)."""
     from refusal_lab import precision
 
     new, _ = apply(disk_handle, "bnb-nf4")
@@ -136,6 +137,10 @@ def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypa
         assert not any("forward" in p.__dict__ for p in packed)
         kernel = new.model(input_ids=ids).logits.float()
     assert torch.corrcoef(torch.stack([dense.flatten(), kernel.flatten()]))[0, 1] > 0.9999
-    monkeypatch.setattr(precision, "DENSE_4BIT", True)
-    with new.lock, torch.enable_grad(), precision.compute(new):
-        assert not any("forward" in p.__dict__ for p in packed)
+    x = torch.randn(5, m.in_features, requires_grad=True)
+    with new.lock, torch.enable_grad(), precision.compute(new):  # DENSE_4BIT still False: a graph needs it anyway
+        assert all("forward" in p.__dict__ for p in packed)
+        (m(x) * torch.arange(m.out_features)).sum().backward()
+    want = torch.arange(m.out_features, dtype=torch.float32) @ w.float()  # d/dx of Σ_o c_o (W x)_o = cᵀW
+    assert torch.allclose(x.grad, want.expand_as(x), rtol=2 ** -6, atol=1e-3 * float(want.abs().max()))
+    assert not any("forward" in p.__dict__ for p in packed)

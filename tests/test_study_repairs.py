@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from refusal_lab.distill import DISTILL_VERSION
 from refusal_lab.study import Study, StudySpec, summary_rows
 from refusal_lab.testing.tiny import tiny_model_folder
 
@@ -61,7 +62,7 @@ def test_distill_stage_is_stored_without_pickle_and_a_second_run_computes_nothin
     stages = _stages(study)
     [lora] = stages[f"distill {SCHEME}"]
     assert lora["kind"] == "tensors" and lora["path"].endswith(".safetensors")
-    assert lora["meta"]["config"]["steps"] == 4 and lora["meta"]["version"] == "distill-1"
+    assert lora["meta"]["config"]["steps"] == 4 and lora["meta"]["version"] == DISTILL_VERSION
     assert stages["distill teacher replies"][0]["kind"] == "json"
 
     seen.clear()  # a new process: everything loads, no model is loaded
