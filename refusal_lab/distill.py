@@ -51,8 +51,8 @@ __all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError
            "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
            "compress_student", "config_from", "kept_replies"]
 
-DISTILL_VERSION = "distill-2"  # bump when what training computes changes (part of cache keys); 2: bitsandbytes
-#                                4-bit students whose CPU weights were packed trained through a kernel without autograd
+DISTILL_VERSION = "distill-3"  # bump when what training computes changes (part of cache keys); 2, 3: bitsandbytes
+#   4-bit students whose CPU weights were packed trained without gradient through them (2), on garbage (3)
 Mode = Literal["adapter", "merged"]
 Modules = Literal["writers", "all"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -333,7 +333,10 @@ def _adapted_copy(student: ModelHandle, cfg: DistillConfig, targets: dict[str, t
 def _lora_state(lora) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(lora).items()}
+    from refusal_lab.precision import kept_4bit_packing
+
+    with kept_4bit_packing(lora.model):  # bitsandbytes unpacks CPU-packed 4-bit weights on state_dict()
+        return {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(lora).items()}
 
 
 @dataclass
@@ -398,7 +401,10 @@ class Distilled:
         if sorted(targets) != sorted(r.targets):
             raise DistillError("this distill repair was trained on another model: its target modules differ")
         lora = _adapted_copy(student, r.config, targets, r.config.seed)
-        set_peft_model_state_dict(lora, self.lora)
+        from refusal_lab.precision import kept_4bit_packing
+
+        with kept_4bit_packing(lora.model):
+            set_peft_model_state_dict(lora, self.lora)
         return _handle(student, lora, self)
 
 

@@ -464,8 +464,13 @@ def replaced(edits: Sequence[Edit]) -> Iterator[None]:
 
 
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model.state_dict()``'s entries with offloaded (``meta``) tensors read from where they are stored."""
-    for key, t in model.state_dict().items():
+    """``model.state_dict()``'s entries with offloaded (``meta``) tensors read from where they are stored
+    (bitsandbytes' CPU-packed 4-bit weights in their standard layout, the layers left packed)."""
+    from refusal_lab.precision import kept_4bit_packing
+
+    with kept_4bit_packing(model):
+        entries = model.state_dict()
+    for key, t in entries.items():
         if t.device.type == "meta":
             owner, _, name = key.rpartition(".")
             t = read_tensor(model.get_submodule(owner), name)

@@ -112,6 +112,31 @@ def _bf16_weights(model: torch.nn.Module) -> Iterator[None]:
 DENSE_4BIT = True  # False: bitsandbytes' 4-bit CPU layers run its own fused kernel (bench/bnb_dense_probe.py)
 
 
+@contextlib.contextmanager
+def kept_4bit_packing(model: torch.nn.Module) -> Iterator[None]:
+    """``model.state_dict()`` made safe inside the block for bitsandbytes 4-bit layers repacked for the CPU
+    kernel: bitsandbytes 0.50's ``Linear4bit._save_to_state_dict`` turns such a weight back into the standard
+    layout in place (its data and quant_state), and the layer's next forward packs the data again without
+    updating the weight's quant_state, so from then on it computes garbage (peft's
+    ``get_peft_model_state_dict`` and our fingerprints call it). Each packed weight's data and quant_state
+    are put back after the block (the entries read inside are the standard layout's). By hand: a fix of
+    the library's in-place conversion, which it has no switch for."""
+    saved = []
+    for m in model.modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        qs = getattr(w, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            saved.append((w, w.data, qs, dict(qs.__dict__)))  # the conversion rewrites qs's fields in place
+    try:
+        yield
+    finally:
+        for w, data, qs, fields in saved:
+            w.data = data
+            qs.__dict__.clear()
+            qs.__dict__.update(fields)
+            w.quant_state = qs
+
+
 def _packed_4bit(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a bitsandbytes ``Linear4bit`` that runs its fused CPU kernel (weights repacked
     at its first forward on a CPU with AVX512-BF16: ``packing_format_for_cpu``)."""

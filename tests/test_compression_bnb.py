@@ -144,3 +144,23 @@ def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypa
     want = torch.arange(m.out_features, dtype=torch.float32) @ w.float()  # d/dx of Σ_o c_o (W x)_o = cᵀW
     assert torch.allclose(x.grad, want.expand_as(x), rtol=2 ** -6, atol=1e-3 * float(want.abs().max()))
     assert not any("forward" in p.__dict__ for p in packed)
+
+
+def test_state_dict_of_a_packed_4bit_model_leaves_it_computing_the_same(disk_handle):
+    """bitsandbytes unpacks CPU-packed 4-bit weights in place on ``state_dict()`` and then packs them again
+    inconsistently (garbage outputs); fingerprints, snapshots and distill's LoRA state read it safely."""
+    from refusal_lab import precision
+    from refusal_lab.models import tensors_fingerprint
+
+    new, _ = apply(disk_handle, "bnb-nf4")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 230, 11, 3]])
+    before = _logits(new, ids)
+    if not any(precision._packed_4bit(m) for m in new.model.modules()):
+        pytest.skip("this CPU runs bitsandbytes' 4-bit layers without the repacked kernel")
+    fingerprint = tensors_fingerprint(new.model)
+    assert torch.equal(_logits(new, ids), before) and tensors_fingerprint(new.model) == fingerprint
+    with precision.kept_4bit_packing(new.model):
+        new.model.state_dict()
+    assert torch.equal(_logits(new, ids), before)
+    new.model.state_dict()  # bitsandbytes' own behaviour, which the guard exists for
+    assert not torch.allclose(_logits(new, ids), before, atol=1e-2)

@@ -89,11 +89,17 @@ def fixed_logits(h: ModelHandle) -> torch.Tensor:
 
 
 def snapshot(h: ModelHandle) -> dict[str, torch.Tensor]:
-    """A detached copy of ``h``'s state dict."""
-    return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
+    """A detached copy of ``h``'s state dict (bitsandbytes' CPU-packed 4-bit layers left packed)."""
+    from refusal_lab.precision import kept_4bit_packing
+
+    with kept_4bit_packing(h.model):
+        return {k: v.detach().clone() for k, v in h.model.state_dict().items()}
 
 
 def same_state(h: ModelHandle, state: dict[str, torch.Tensor]) -> bool:
     """Whether ``h``'s state dict is bit-identical to :func:`snapshot`'s ``state`` (same keys too)."""
-    now = h.model.state_dict()
+    from refusal_lab.precision import kept_4bit_packing
+
+    with kept_4bit_packing(h.model):
+        now = h.model.state_dict()
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
