@@ -245,7 +245,10 @@ def evaluate_distilled(study: "Study", scheme: str, name: str = "distill") -> Re
                                           method=name, distill=r.summary(), parameters_changed=params,
                                           seconds=round(seconds, 2))
 
-    key = study._eval_key(f"{scheme}+{name}") + rep.key() + _aird_key(study, scheme, name)
+    from refusal_lab.distill import DISTILL_VERSION
+
+    # the code version too: an evaluation stored by a version whose repaired model ran wrong is not reused
+    key = study._eval_key(f"{scheme}+{name}") + rep.key() + _aird_key(study, scheme, name) + (DISTILL_VERSION,)
     return study._cached(f"evaluate {scheme}+{name}", key, compute, codec=RepairedEvaluation)
 
 
