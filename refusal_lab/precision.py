@@ -145,7 +145,8 @@ def _packed_4bit(module: torch.nn.Module) -> bool:
     w = module._parameters.get("weight")
     qs = getattr(w, "quant_state", None)
     return (w is not None and w.device.type == "cpu" and bool(getattr(qs, "packing_format_for_cpu", False))
-            and bool(getattr(module, "compute_type_is_set", False)) and not module.training)
+            and bool(getattr(module, "compute_type_is_set", False)))  # in train mode too: bitsandbytes keeps the
+    #                                                                     packed kernel (no autograd) once packed
 
 
 def read_4bit_weight(module: torch.nn.Module, chunk: int = 1024) -> torch.Tensor:

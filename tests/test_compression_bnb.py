@@ -138,12 +138,14 @@ def test_4bit_cpu_kernel_runs_as_a_dequantized_once_matmul(disk_handle, monkeypa
         kernel = new.model(input_ids=ids).logits.float()
     assert torch.corrcoef(torch.stack([dense.flatten(), kernel.flatten()]))[0, 1] > 0.9999
     x = torch.randn(5, m.in_features, requires_grad=True)
+    new.model.train()  # a training's mode: bitsandbytes still runs the packed kernel
     with new.lock, torch.enable_grad(), precision.compute(new):  # DENSE_4BIT still False: a graph needs it anyway
         assert all("forward" in p.__dict__ for p in packed)
         (m(x) * torch.arange(m.out_features)).sum().backward()
     want = torch.arange(m.out_features, dtype=torch.float32) @ w.float()  # d/dx of Σ_o c_o (W x)_o = cᵀW
     assert torch.allclose(x.grad, want.expand_as(x), rtol=2 ** -6, atol=1e-3 * float(want.abs().max()))
     assert not any("forward" in p.__dict__ for p in packed)
+    new.model.eval()
 
 
 def test_state_dict_of_a_packed_4bit_model_leaves_it_computing_the_same(disk_handle):
