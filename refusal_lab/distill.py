@@ -51,7 +51,7 @@ __all__ = ["DISTILL_VERSION", "MODES", "MODULES", "DistillConfig", "DistillError
            "TeacherReplies", "distill", "distill_data", "reply_kl", "target_modules", "training_prompts",
            "compress_student", "config_from", "kept_replies"]
 
-DISTILL_VERSION = "distill-4"  # bump when what training computes changes (part of cache keys); 2–4: bitsandbytes
+DISTILL_VERSION = "distill-5"  # bump when what training computes changes (part of cache keys); 2–5: bitsandbytes
 #   4-bit students whose CPU weights were packed trained without gradient through them, or on garbage
 Mode = Literal["adapter", "merged"]
 Modules = Literal["writers", "all"]

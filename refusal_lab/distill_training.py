@@ -15,7 +15,7 @@ from refusal_lab.distill_data import (DistillError, Precomputed, TeacherReplies,
                                       last_positions, precompute, reading, reply_batch, reply_logits, state_distance,
                                       stubbed, token_kl, token_weights)
 from refusal_lab.models import ModelHandle, find_blocks
-from refusal_lab.precision import compute
+from refusal_lab.precision import compute, dense_4bit
 from refusal_lab.progress import Progress, report
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
             t_read = reading(teacher.blocks[state[0]], "output", t_seen)
     with torch.no_grad(), teacher.lock, compute(teacher), t_stub, t_read:
         t_logits = reply_logits(teacher.model, tb)
-    with compute(student), s_stub, s_read:  # bf16 autocast when the student's precision asks for it; LoRA stays float32
+    # bf16 autocast when the student's precision asks for it (LoRA stays float32); the LoRA copy's own 4-bit
+    # modules on the dequantized path (compute() swaps the student's, which this copy does not run)
+    with compute(student), dense_4bit(model), s_stub, s_read:
         s_logits = reply_logits(model, sb)
     out = _Pair(t_logits.to(s_logits.device), s_logits, sb.mask)
     if state is not None:

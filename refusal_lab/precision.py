@@ -179,7 +179,7 @@ def _dense_4bit_forward(module: torch.nn.Module, weight: torch.Tensor, x: torch.
 
 
 @contextlib.contextmanager
-def _dense_4bit(model: torch.nn.Module) -> Iterator[None]:
+def dense_4bit(model: torch.nn.Module) -> Iterator[None]:
     """bitsandbytes 4-bit layers on the CPU kernel run as a bf16 matmul with their weight dequantized once
     (kept with the bf16 copies of :func:`_shadows`, so with the ``SHADOW_MODELS`` most recently run
     models only) instead of the fused kernel, which unpacks every weight again on every
@@ -228,8 +228,8 @@ def compute(handle) -> Iterator[None]:
     """The forward-pass context of ``handle``'s precision: bf16 autocast (with cached bf16 weight
     copies) when the handle asks for it and its weights are float32, nothing otherwise (float32, or
     weights already in low precision); in either, bitsandbytes' 4-bit CPU layers with their weights
-    dequantized once (:func:`_dense_4bit`)."""
-    with _dense_4bit(handle.model):
+    dequantized once (:func:`dense_4bit`)."""
+    with dense_4bit(handle.model):
         if _autocasts(handle):
             with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
                 yield

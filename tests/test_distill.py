@@ -332,3 +332,35 @@ def test_offset_shifts_the_stream_leaving_its_block_against_the_raw_direction(pa
         distill(o, c, cfg, data=data)
     with pytest.raises(DistillError, match="offset shifts the output"):
         distill(o, c, replace(cfg, state_layer=None), data=data, direction=r)
+
+
+def test_a_packed_4bit_student_trains_with_gradients_through_its_quantized_layers(tmp_path, monkeypatch):
+    """bitsandbytes' packed CPU 4-bit kernel has no autograd: once the student has run (an evaluation packs
+    it), training must not go through it — the LoRA copy's 4-bit layers take the dequantized matmul."""
+    import bitsandbytes.functional as bnb_functional
+
+    from refusal_lab import precision
+    from refusal_lab.models import load_model
+
+    o = tiny_handle("llama", n_layers=2, d_model=64)
+    o.model.save_pretrained(tmp_path / "m")
+    o.tokenizer.save_pretrained(tmp_path / "m")
+    o = load_model(str(tmp_path / "m"), device="cpu", precision="float32")
+    try:
+        c, _ = compress(o, "bnb-nf4")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    with torch.no_grad(), precision.compute(c):
+        c.model(input_ids=torch.tensor([[1, 5, 9, 12]]))  # as an evaluation does: packs where the CPU can
+    if not any(precision._packed_4bit(m) for m in c.model.modules()):
+        pytest.skip("this CPU runs bitsandbytes' 4-bit layers without the repacked kernel")
+    kernel = bnb_functional.gemv_4bit
+
+    def no_graph(A, *args, **kw):
+        assert not (torch.is_grad_enabled() and A.requires_grad), "a graph went through the packed kernel"
+        return kernel(A, *args, **kw)
+
+    monkeypatch.setattr(bnb_functional, "gemv_4bit", no_graph)
+    cfg = replace(CFG, layers=[0, 1], steps=3, per_kind=2)
+    h, rep = distill(o, c, cfg, data=distill_data(o, cfg))
+    assert len(rep.result.losses) == 3
