@@ -15,7 +15,7 @@ from refusal_lab.distill_data import (DistillError, Precomputed, TeacherReplies,
                                       last_positions, precompute, reading, reply_batch, reply_logits, state_distance,
                                       stubbed, token_kl, token_weights)
 from refusal_lab.models import ModelHandle, find_blocks
-from refusal_lab.precision import compute, dense_4bit
+from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
 
 if TYPE_CHECKING:
@@ -63,9 +63,8 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
             t_read = reading(teacher.blocks[state[0]], "output", t_seen)
     with torch.no_grad(), teacher.lock, compute(teacher), t_stub, t_read:
         t_logits = reply_logits(teacher.model, tb)
-    # bf16 autocast when the student's precision asks for it (LoRA stays float32); the LoRA copy's own 4-bit
-    # modules on the dequantized path (compute() swaps the student's, which this copy does not run)
-    with compute(student), dense_4bit(model), s_stub, s_read:
+    # bf16 autocast when the student's precision asks for it (LoRA stays float32); the copy's own modules run
+    with compute(student, model), s_stub, s_read:
         s_logits = reply_logits(model, sb)
     out = _Pair(t_logits.to(s_logits.device), s_logits, sb.mask)
     if state is not None:
@@ -101,8 +100,8 @@ def train_lora(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherRe
         if state is not None and cfg.direction_weight:
             loss = loss + cfg.direction_weight * direction_distance(pair.student_states, pair.teacher_states, direction)
         opt.zero_grad(set_to_none=True)
-        with compute(student):  # the forward's autocast: HQQ's backward (no custom_bwd) meets bf16 grads with
-            loss.backward()     # float32 weights otherwise; plain, pruned and bnb students: same LoRA bit for bit (checked)
+        with compute(student, lora.model):  # the forward's autocast: HQQ's backward (no custom_bwd) meets bf16
+            loss.backward()  # grads with float32 weights otherwise; plain, pruned, bnb students: same LoRA bit for bit
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

@@ -224,14 +224,16 @@ def clear_shadows() -> None:
 
 
 @contextlib.contextmanager
-def compute(handle) -> Iterator[None]:
+def compute(handle, model: torch.nn.Module | None = None) -> Iterator[None]:
     """The forward-pass context of ``handle``'s precision: bf16 autocast (with cached bf16 weight
     copies) when the handle asks for it and its weights are float32, nothing otherwise (float32, or
     weights already in low precision); in either, bitsandbytes' 4-bit CPU layers with their weights
-    dequantized once (:func:`dense_4bit`)."""
-    with dense_4bit(handle.model):
+    dequantized once (:func:`dense_4bit`). ``model``: the module tree that runs (default ``handle.model``;
+    e.g. a training copy that shares its parameters)."""
+    model = handle.model if model is None else model
+    with dense_4bit(model):
         if _autocasts(handle):
-            with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(handle.model):
+            with torch.autocast(device_type=handle.device.type, dtype=torch.bfloat16), _bf16_weights(model):
                 yield
         else:
             yield
