@@ -44,6 +44,7 @@ from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError,
 from refusal_lab.distill_training import train_lora
 from refusal_lab.models import (ModelHandle, find_blocks, is_plain_linear, linear_kind, linear_out_features,
                                 weight_as_out_in)
+from refusal_lab.precision import kept_4bit_packing
 from refusal_lab.progress import Progress
 from refusal_lab.results import Density, DistillSummary
 
@@ -114,6 +115,11 @@ class DistillConfig(JsonRecord):
     def matches_states(self) -> bool:
         """Whether the loss compares residual streams (a state or a direction term)."""
         return bool(self.state_weight or self.direction_weight)
+
+    def state_block(self, source_layer: int | None) -> int | None:
+        """The block whose output the state and direction terms match and the offset shifts: ``state_layer``,
+        else the source layer."""
+        return self.state_layer if self.state_layer is not None else source_layer
 
     def needs_direction(self) -> bool:
         """Whether training needs the original's refusal direction (a direction term or an offset)."""
@@ -256,7 +262,7 @@ def state_match(handle: ModelHandle, cfg: DistillConfig, source_layer: int | Non
 
     if not cfg.matches_states():
         return None
-    layer = cfg.state_layer if cfg.state_layer is not None else source_layer
+    layer = cfg.state_block(source_layer)
     if layer is None:
         raise DistillError("state and direction terms need a state_layer or the source layer of the original's "
                            "refusal direction")
@@ -333,8 +339,6 @@ def _adapted_copy(student: ModelHandle, cfg: DistillConfig, targets: dict[str, t
 def _lora_state(lora) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    from refusal_lab.precision import kept_4bit_packing
-
     with kept_4bit_packing(lora.model):  # bitsandbytes unpacks CPU-packed 4-bit weights on state_dict()
         return {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(lora).items()}
 
@@ -352,8 +356,7 @@ class Distilled:
     @property
     def shift_layer(self) -> int | None:
         """The block whose output the shift moves (the state layer, else the source layer)."""
-        c = self.result.config
-        return c.state_layer if c.state_layer is not None else self.result.source_layer
+        return self.result.config.state_block(self.result.source_layer)
 
     def key(self) -> tuple:
         """What the repaired model's function depends on (for cache keys): mode and a digest of the weights."""
@@ -401,8 +404,6 @@ class Distilled:
         if sorted(targets) != sorted(r.targets):
             raise DistillError("this distill repair was trained on another model: its target modules differ")
         lora = _adapted_copy(student, r.config, targets, r.config.seed)
-        from refusal_lab.precision import kept_4bit_packing
-
         with kept_4bit_packing(lora.model):
             set_peft_model_state_dict(lora, self.lora)
         return _handle(student, lora, self)
@@ -430,17 +431,10 @@ def _shift_stream(block: torch.nn.Module, shift: torch.Tensor) -> None:
     """``block``'s output residual stream + ``shift`` at every position, as a forward hook on ``block`` —
     a block of the repaired handle's own copy of the model (never the compressed model's: that copy's
     modules are new, only parameters are shared), so the hook lives and goes with that copy."""
-    cache: dict = {}
+    from refusal_lab.interventions import _Cast, _out_hook  # the activation addition's own cast and hook
 
-    def hook(module, args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = shift.to(device=x.device, dtype=x.dtype)
-        x = x + cache[key]
-        return (x, *output[1:]) if isinstance(output, tuple) else x
-
-    block.register_forward_hook(hook)
+    v = _Cast(shift)
+    block.register_forward_hook(_out_hook(lambda x: x + v.like(x)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +504,7 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
         raise DistillError("direction_weight and offset need the original's refusal direction of shape "
                            f"({student.d_model},), "
                            f"got {None if direction is None else tuple(direction.shape)}")
-    shift_layer = cfg.state_layer if cfg.state_layer is not None else source_layer
+    shift_layer = cfg.state_block(source_layer)
     if cfg.offset and (shift_layer is None or not 0 <= shift_layer < student.n_layers):
         raise DistillError(f"offset shifts the output of the state layer or the source layer, got {shift_layer} "
                            f"(the model has {student.n_layers} blocks)")
