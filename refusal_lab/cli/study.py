@@ -129,6 +129,13 @@ def _spec(args, schemes, **kw):
     return StudySpec(model=args.model, schemes=schemes, **study_kwargs(args), **kw)
 
 
+def aird_setting(args: argparse.Namespace) -> str | None:
+    """``--aird``, or ``auto`` when the method starts with AIRD (``aird+distill``) and none was given."""
+    from refusal_lab.study_repairs import method
+
+    return args.aird or ("auto" if method(args.method).uses_aird and args.method != "aird" else None)
+
+
 def repair_kwargs(args: argparse.Namespace) -> dict:
     """The spec's repair method and distill settings (``--method``, ``--distill``); empty for AIRD without
     distill settings, so its specs — and study folders — stay those of before the option existed."""
@@ -157,7 +164,7 @@ def run_study(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     uses_aird = method(args.method).uses_aird
-    aird = args.aird or ("auto" if uses_aird and args.method != "aird" else None)  # aird+distill starts with AIRD
+    aird = aird_setting(args)
     study = Study(_spec(args, args.scheme, aird=aird, aird_mode=args.aird_mode,
                         aird_realign=args.realign, aird_search=args.calibration, **repair_kwargs(args)), args.runs,
                   on_progress=_progress_bars())

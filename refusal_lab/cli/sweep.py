@@ -10,8 +10,8 @@ from pathlib import Path
 
 from refusal_lab.cli import add_model_args
 from refusal_lab.cli.args import aird_spec, count
-from refusal_lab.cli.study import (_method_options, _print_rows, _repair_options, repair_kwargs, study_kwargs,
-                                   study_options)
+from refusal_lab.cli.study import (_method_options, _print_rows, _repair_options, aird_setting, repair_kwargs,
+                                   study_kwargs, study_options)
 
 SUMMARY = ["model", "refusal_harmful", "broken_harmful", "over_refusal_harmless", "over_refusal_borderline",
            "perplexity", "zero_shot_accuracy", "kl_to_original", "source_layer", "aird_layers", "aird_alpha"]
@@ -59,7 +59,7 @@ def sweep_spec(args: argparse.Namespace):
     from refusal_lab.sweep import SweepSpec
 
     uses_aird = method(args.method).uses_aird
-    aird = args.aird or ("auto" if uses_aird and args.method != "aird" else None)
+    aird = aird_setting(args)
     study = dict(study_kwargs(args), aird=aird, aird_mode=args.aird_mode, aird_realign=args.realign,
                  aird_search=args.calibration, **repair_kwargs(args))
     return SweepSpec(models=args.model or ["default"], schemes=args.scheme, study=study,
