@@ -369,6 +369,19 @@ class Distilled:
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.lora) if self.shift is None else {**self.lora, SHIFT_KEY: self.shift}
 
+    def with_offset(self, offset: float, direction: torch.Tensor) -> "Distilled":
+        """This repair with another ``offset`` (the same trained LoRA: the offset never enters training),
+        ``direction`` the original's raw refusal direction ``(d_model,)`` — an offset is tuned without
+        training again."""
+        from dataclasses import replace
+
+        cfg = replace(self.result.config, offset=float(offset))
+        cfg.check()
+        if cfg.offset and self.shift_layer is None:
+            raise DistillError("offset shifts the output of the state layer or the source layer; this repair has neither")
+        result = replace(self.result, config=cfg)
+        return Distilled(lora=dict(self.lora), result=result, shift=_shift(cfg, direction))
+
     def describe(self) -> dict:
         return self.result.to_json()
 
@@ -407,6 +420,15 @@ class Distilled:
         with kept_4bit_packing(lora.model):
             set_peft_model_state_dict(lora, self.lora)
         return _handle(student, lora, self)
+
+
+def _shift(cfg: DistillConfig, direction: torch.Tensor | None) -> torch.Tensor | None:
+    """The offset's shift ``−offset × direction`` ``(d_model,)`` (None without an offset)."""
+    if not cfg.offset:
+        return None
+    if direction is None:
+        raise DistillError("an offset needs the original's refusal direction")
+    return (-cfg.offset * direction.detach().float().cpu()).contiguous()
 
 
 def _handle(student: ModelHandle, lora, repair: Distilled) -> ModelHandle:
@@ -529,8 +551,7 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
                            data_key=data.key(), seconds_data=round(seconds_data, 2),
                            seconds_train=round(time.perf_counter() - t1, 2), precision=student.precision,
                            density_before=before)
-    shift = None if not cfg.offset else (-cfg.offset * direction.detach().float().cpu()).contiguous()
-    repair = Distilled(lora=_lora_state(lora), result=result, shift=shift)
+    repair = Distilled(lora=_lora_state(lora), result=result, shift=_shift(cfg, direction))
     repaired = _handle(student, lora, repair)
     after = density([repaired.model.get_submodule(name) for name in targets]) if cfg.mode == "merged" else before
     result.density_after = after

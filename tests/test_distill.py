@@ -332,6 +332,12 @@ def test_offset_shifts_the_stream_leaving_its_block_against_the_raw_direction(pa
         distill(o, c, cfg, data=data)
     with pytest.raises(DistillError, match="offset shifts the output"):
         distill(o, c, replace(cfg, state_layer=None), data=data, direction=r)
+    retuned = rep0.with_offset(0.5, r)  # the same repair as training with the offset, without training
+    assert retuned.key() == rep.key() and retuned.result.config == cfg
+    assert torch.allclose(fixed_logits(retuned.apply(c)), fixed_logits(h), atol=1e-6)
+    assert rep.with_offset(0.0, r).shift is None and rep.with_offset(0.0, r).key() == rep0.key()
+    with pytest.raises(DistillError, match="offset must be a finite number ≥ 0"):
+        rep0.with_offset(float("nan"), r)
 
 
 def test_a_packed_4bit_student_trains_with_gradients_through_its_quantized_layers(tmp_path, monkeypatch):
