@@ -163,10 +163,12 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
     cached stage ``NAME SCHEME``). Its ``seconds_data`` is the teacher replies' stage time."""
     from refusal_lab.distill import DISTILL_VERSION, distill
 
-    cfg = distill_config(study.spec.distill)
+    wanted = distill_config(study.spec.distill)
+    cfg = dataclasses.replace(wanted, offset=0.0)  # trained without the offset: it never enters training, so
+    #                                                trying offsets trains once
     data = teacher_replies(study)
-    found = study.directions("original") if cfg.needs_source_layer() or cfg.needs_direction() else None
-    source = found.selected[1] if cfg.needs_source_layer() else None
+    found = study.directions("original") if wanted.needs_source_layer() or wanted.needs_direction() else None
+    source = found.selected[1] if wanted.needs_source_layer() else None
     direction = found.direction if cfg.needs_direction() else None
     stage = f"{name} {scheme}"
 
@@ -181,7 +183,8 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
     parts = (study.original_fingerprint(), scheme, name, cfg.key_json(), source, data.key(), DISTILL_VERSION)
     if direction is not None:  # the selected candidate: the original's direction search is part of the key
         parts += (list(found.selected),)
-    return study._cached(stage, parts + _aird_key(study, scheme, name), compute, "distill")
+    trained = study._cached(stage, parts + _aird_key(study, scheme, name), compute, "distill")
+    return trained.with_offset(wanted.offset, found.direction) if wanted.offset else trained
 
 
 def _base(mod):

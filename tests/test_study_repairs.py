@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from refusal_lab.distill import DISTILL_VERSION
 from refusal_lab.study import Study, StudySpec, summary_rows
@@ -75,6 +76,15 @@ def test_distill_stage_is_stored_without_pickle_and_a_second_run_computes_nothin
 
     assert distilled(other, SCHEME).result.config.steps == 5
     assert f"distill {SCHEME}: training" in seen and "distill teacher replies" not in seen
+    # … an offset does not: it never enters training, so trying one reuses the stored LoRA, shifted
+    seen.clear()
+    shifted = Study(_spec(tiny_folder, distill={**DISTILL, "offset": 0.1}), runs,
+                    on_progress=lambda s, d, t: seen.append(s))
+    rep, base = distilled(shifted, SCHEME), distilled(again, SCHEME)
+    assert not [s for s in seen if "training" in s] and rep.result.config.offset == 0.1 and base.shift is None
+    assert rep.lora.keys() == base.lora.keys() and all(torch.equal(rep.lora[k], base.lora[k]) for k in rep.lora)
+    assert torch.allclose(rep.shift, -0.1 * shifted.directions("original").direction)
+    assert shifted.evaluate_method(SCHEME, "distill") != res.variants[SCHEME].repaired  # evaluated with the shift
     # … and a new DISTILL_VERSION recomputes both parts
     import refusal_lab.distill as distill_module
 
