@@ -175,8 +175,11 @@ with box:
     if d is not None:
         said.append(f"distill: {d.modules} linears of blocks {d.layers[0]}–{d.layers[-1]}, LoRA rank {d.rank}, "
                     f"{d.steps} steps, mode {d.mode}, trained on {sum(d.n_prompts.values())} train prompts "
-                    f"({d.n_reply_tokens:,} reply tokens); KL to the original per reply token "
-                    f"{d.loss_first:.3f} → {d.loss_last:.3f} nats")
+                    f"({d.n_reply_tokens:,} reply tokens); training loss (KL to the original per reply token, plus the "
+                    "stream terms when set) "
+                    f"{d.loss_first:.3f} → {d.loss_last:.3f} nats"
+                    + (f"; stream leaving the source block shifted by −{d.offset:g} × the refusal direction"
+                       if d.offset else ""))
     st.caption("; ".join(said) + f". Evaluated on {results.original.sets['harmful'].n} test prompts per set; "
                "seconds: the repair's own compute time (calibration / teacher replies and training).")
     if rep is not None and rep.auto and rep.alpha == 0 and rep.realign_layer is None:

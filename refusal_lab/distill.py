@@ -219,7 +219,7 @@ class DistillResult(JsonRecord):
                               loss_first=self.losses[0] if self.losses else None,
                               loss_last=self.losses[-1] if self.losses else None, n_prompts=dict(self.n_prompts),
                               n_reply_tokens=self.n_reply_tokens, seconds_data=self.seconds_data,
-                              seconds_train=self.seconds_train, version=self.version)
+                              seconds_train=self.seconds_train, version=self.version, offset=c.offset)
 
 
 # ----------------------------------------------------------------------------------------------

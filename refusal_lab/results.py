@@ -131,7 +131,7 @@ class DistillSummary(JsonRecord):
     """A distill repair without its LoRA weights (:meth:`refusal_lab.distill.DistillResult.summary`): its
     mode, target ``modules`` and blocks, LoRA rank, training steps, LoRA's parameter count, the first and
     last step's loss (mean KL(teacher ‖ student) per reply token, nats), prompts per kind and reply tokens
-    trained on, seconds for the teacher's replies and for training."""
+    trained on, seconds for the teacher's replies and for training, and the ``offset`` applied after it."""
 
     mode: str
     modules: str
@@ -146,6 +146,7 @@ class DistillSummary(JsonRecord):
     seconds_data: float = 0.0
     seconds_train: float = 0.0
     version: str = ""
+    offset: float = 0.0
 
 
 @dataclass(kw_only=True)

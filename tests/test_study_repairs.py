@@ -84,7 +84,8 @@ def test_distill_stage_is_stored_without_pickle_and_a_second_run_computes_nothin
     assert not [s for s in seen if "training" in s] and rep.result.config.offset == 0.1 and base.shift is None
     assert rep.lora.keys() == base.lora.keys() and all(torch.equal(rep.lora[k], base.lora[k]) for k in rep.lora)
     assert torch.allclose(rep.shift, -0.1 * shifted.directions("original").direction)
-    assert shifted.evaluate_method(SCHEME, "distill") != res.variants[SCHEME].repaired  # evaluated with the shift
+    assert shifted.evaluate_method(SCHEME, "distill").distill.offset == 0.1  # evaluated with the shift
+    assert res.variants[SCHEME].repaired.distill.offset == 0.0
     # … and a new DISTILL_VERSION recomputes both parts
     import refusal_lab.distill as distill_module
 
