@@ -130,6 +130,19 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
         first_token_weight=4.0, kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
         answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}, offset=offset)
        for suffix, offset in (("", 0.0), ("-off04", 0.04), ("-off08", 0.08))},
+    # tenth round, from the ninth's choice (s160-off04 met every bar on val and on the public sets all but broken
+    # replies, 2.7% — loops in benign answers; the second epoch had lowered val broken 3.1 → 1.6% and val KL
+    # 0.495 → 0.441): a third of an epoch more (200 steps, the most that fits 900 s at 3.7 s a step), and rank 8
+    "all-r4-s200-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=200, lr=2e-3,
+                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                                       answered_only=["contrast"],
+                                                       oversample={"contrast": 2, "borderline": 2}, offset=0.04),
+    "all-r8-s160-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=8, lora_alpha=16, steps=160, lr=2e-3,
+                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
+                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+                                                       answered_only=["contrast"],
+                                                       oversample={"contrast": 2, "borderline": 2}, offset=0.04),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 # since the sixth round: 97 more benign prompts with alarming words, written for this benchmark and used for
