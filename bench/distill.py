@@ -41,78 +41,89 @@ from refusal_lab.distill import DistillConfig  # noqa: E402
 from refusal_lab.tables import text_table  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "benchmarks"
+MEMO_KINDS = ("harmful", "harmless", "borderline", "tasks")  # the train memo named without kinds (the first rounds')
 SCHEME = "wanda:0.5"
 BUDGET_S = 900.0
+ROUND1 = dict(kinds=list(MEMO_KINDS), first_token_weight=1.0, oversample={}, answered_only=[], state_weight=0.0,
+              direction_weight=0.0, offset=0.0)  # the library's defaults of the first round
+
+
+def _cfg(**settings) -> DistillConfig:
+    """A configuration of this benchmark: ``settings`` over the first round's defaults, so that a name keeps
+    the meaning it had when its round ran (the library's defaults have moved since, chosen by these rounds)."""
+    return DistillConfig(**{**ROUND1, **settings})
+
+
 CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared cores
-    "writers-w2-r16": DistillConfig(modules="writers", window=2, rank=16, lora_alpha=32, steps=100, lr=2e-3),
-    "all-r4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3),
+    "writers-w2-r16": _cfg(modules="writers", window=2, rank=16, lora_alpha=32, steps=100, lr=2e-3),
+    "all-r4": _cfg(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3),
     # the second round (after the public sets showed over-refusal and broken replies above #23's bar; chosen
     # on val like the first): weight the refuse-or-answer token, see harmless/borderline prompts more, train longer
-    "all-r4-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=4.0),
-    "all-r4-over": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3,
+    "all-r4-f4": _cfg(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=4.0),
+    "all-r4-over": _cfg(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3,
                                  oversample={"harmless": 2, "borderline": 3}),
-    "all-r4-s80": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3),
-    "all-r4-s80-f4-over": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
+    "all-r4-s80": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3),
+    "all-r4-s80-f4-over": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
                                         oversample={"harmless": 2, "borderline": 3}),
     # after the first three of the round on val (oversampling alone lowered the val score, the first-token
     # weight raised it): the weight with longer training, and a larger weight
-    "all-r4-s80-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0),
-    "all-r4-f8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=8.0),
+    "all-r4-s80-f4": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0),
+    "all-r4-f8": _cfg(modules="all", rank=4, lora_alpha=8, steps=50, lr=2e-3, first_token_weight=8.0),
     # the third round (every repair so far over-refused the borderline test split, 24–39% against the original's
     # 14%): add the train-only contrast pool — benign prompts with alarming words — to the training prompts
-    "all-r4-s80-c": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-c": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                   kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
-    "all-r4-s80-f4-c": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
+    "all-r4-s80-f4-c": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, first_token_weight=4.0,
                                      kinds=["harmful", "harmless", "borderline", "tasks", "contrast"]),
     # after all-r4-s80-c lowered the val score: O itself refuses 57 of the 209 contrast prompts (27%), so they
     # taught its over-refusal; keep only the contrast prompts O answers
-    "all-r4-s80-ca": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-ca": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                    kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                    answered_only=["contrast"]),
     # the fourth round (near-boundary prompts did not teach the boundary): also match the teacher's residual
     # stream leaving the source layer at the post-instruction positions, where the refusal direction is read
     # (relative squared distance; weights meant to put the term at the KL's order, 1.2 nats per token at the start)
-    "all-r4-s80-st4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
-    "all-r4-s80-st16": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
+    "all-r4-s80-st4": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0),
+    "all-r4-s80-st16": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=16.0),
     # the fifth round (the state term kept over-refusal at 14% Alpaca / 35% borderline): wanda:0.5 squeezes the
     # post-instruction projections on the refusal direction toward 0 (bench/direction_projection_probe.py: harmless
     # O −8.1 / C −0.7, borderline −5.6 / +1.5, harmful 8.8 / 5.5), so also match that projection itself
     # (direction_distance starts at ≈ 0.06–0.18; weights meant to put the term at the KL's order)
-    "all-r4-s80-st4-d8": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+    "all-r4-s80-st4-d8": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                        direction_weight=8.0),
-    "all-r4-s80-st4-d32": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+    "all-r4-s80-st4-d32": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                         direction_weight=32.0),
     # the sixth round (the chosen d8 over-refused the borderline test split, 38.8% against O's 12.2%, while its
     # val borderline was O's within a prompt): a larger over-refusal val (VAL's pool), and the two levers that
     # aim at the refuse-or-answer decision on benign prompts — the first-token weight (lowest val harmless
     # over-refusal of the second round) and the contrast prompts O answers (third round)
-    "all-r4-s80-st4-d8-f4": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+    "all-r4-s80-st4-d8-f4": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                           direction_weight=8.0, first_token_weight=4.0),
-    "all-r4-s80-st4-d8-ca": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+    "all-r4-s80-st4-d8-ca": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                           direction_weight=8.0, kinds=["harmful", "harmless", "borderline", "tasks",
                                                                        "contrast"], answered_only=["contrast"]),
-    "all-r4-s80-st4-d8-f4-ca": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
+    "all-r4-s80-st4-d8-f4-ca": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                              direction_weight=8.0, first_token_weight=4.0,
                                              kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                              answered_only=["contrast"]),
     # seventh round, from the sixth's choice (borderline test 24.5% vs its bar 19.3, broken 3.6% vs 2): teacher
     # replies scored over 64 tokens, as many as the evaluation generates (its broken replies are loops, some
     # past token 32); the contrast and borderline prompts twice per epoch; rank 8
-    "all-r4-s80-st4-d8-f4-ca-t64": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-st4-d8-f4-ca-t64": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                                  state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                  kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                  answered_only=["contrast"], reply_tokens=64),
-    "all-r4-s80-st4-d8-f4-ca-o2": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-st4-d8-f4-ca-o2": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                                 state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                 kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                 answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}),
-    "all-r8-s80-st4-d8-f4-ca": DistillConfig(modules="all", rank=8, lora_alpha=16, steps=80, lr=2e-3,
+    "all-r8-s80-st4-d8-f4-ca": _cfg(modules="all", rank=8, lora_alpha=16, steps=80, lr=2e-3,
                                              state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                              kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                              answered_only=["contrast"]),
     # eighth round: the seventh's choice with the shift the offset probe chose on val (bench/distill_offset_probe.py,
     # β 1 along the unit direction = 0.04 of the raw direction's norm, 25.2), now a setting of the library
-    "all-r4-s80-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                       answered_only=["contrast"],
@@ -120,12 +131,12 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     # ninth round, with the bar-counting rule (the eighth's offset 0.04 lost on val by a prompt; the chosen configuration's
     # broken replies, loops, stay above 2% on val and public sets): two epochs instead of one, and offsets 0.04 and
     # 0.08 on both (an offset reuses its configuration's trained LoRA: it never enters training)
-    "all-r4-s80-st4-d8-f4-ca-o2-off08": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
+    "all-r4-s80-st4-d8-f4-ca-o2-off08": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                       answered_only=["contrast"],
                                                       oversample={"contrast": 2, "borderline": 2}, offset=0.08),
-    **{f"all-r4-s160-st4-d8-f4-ca-o2{suffix}": DistillConfig(
+    **{f"all-r4-s160-st4-d8-f4-ca-o2{suffix}": _cfg(
         modules="all", rank=4, lora_alpha=8, steps=160, lr=2e-3, state_weight=4.0, direction_weight=8.0,
         first_token_weight=4.0, kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
         answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}, offset=offset)
@@ -133,12 +144,12 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     # tenth round, from the ninth's choice (s160-off04 met every bar on val and on the public sets all but broken
     # replies, 2.7% — loops in benign answers; the second epoch had lowered val broken 3.1 → 1.6% and val KL
     # 0.495 → 0.441): a third of an epoch more (200 steps, the most that fits 900 s at 3.7 s a step), and rank 8
-    "all-r4-s200-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=4, lora_alpha=8, steps=200, lr=2e-3,
+    "all-r4-s200-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=4, lora_alpha=8, steps=200, lr=2e-3,
                                                        state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                        kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                        answered_only=["contrast"],
                                                        oversample={"contrast": 2, "borderline": 2}, offset=0.04),
-    "all-r8-s160-st4-d8-f4-ca-o2-off04": DistillConfig(modules="all", rank=8, lora_alpha=16, steps=160, lr=2e-3,
+    "all-r8-s160-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=8, lora_alpha=16, steps=160, lr=2e-3,
                                                        state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
                                                        kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
                                                        answered_only=["contrast"],
@@ -214,10 +225,10 @@ def choose(rows: dict, original: dict, compressed: dict) -> str:
 def teacher_data(original, cfg: DistillConfig, split: str):
     """O's replies to the bundled ``split`` prompts, memoised in the cache (with the seconds they took)."""
     from refusal_lab.distill import TeacherReplies, distill_data, kept_replies
-    from refusal_lab.distill_data import DEFAULT_KINDS, teacher_replies, training_prompts
+    from refusal_lab.distill_data import teacher_replies, training_prompts
     from refusal_lab.models import cache_dir
 
-    kinds = "" if split != "train" or tuple(cfg.kinds) == DEFAULT_KINDS else "-" + "+".join(cfg.kinds)
+    kinds = "" if split != "train" or tuple(cfg.kinds) == MEMO_KINDS else "-" + "+".join(cfg.kinds)
     memo = cache_dir() / "distill" / f"teacher-{original.fingerprint}-{split}-{cfg.reply_tokens}{kinds}.json"
     if memo.is_file():
         saved = json.loads(memo.read_text())

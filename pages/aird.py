@@ -80,17 +80,25 @@ if REPAIRS[method].uses_distill:
 
     base = DistillConfig()  # the defaults the page starts from (settings equal to them are not sent)
     with st.expander("Distill settings", expanded=False):
-        d1, d2, d3, d4 = st.columns(4)
+        d1, d2, d3, d4, d5 = st.columns(5)
         distill = {"mode": d1.radio("Distill mode", ["adapter", "merged"], key="distill_mode",
                                     help="adapter: LoRA kept separate (compressed weights untouched); merged: "
                                          "folded into the weights (they become dense)"),
                    "rank": int(d2.number_input("LoRA rank", 1, 64, base.rank, key="distill_rank")),
                    "steps": int(d3.number_input("Training steps", 1, 1000, base.steps, key="distill_steps")),
                    "per_kind": int(d4.number_input("Train prompts per kind (0 = all)", 0, 1000, 0,
-                                                   key="distill_per_kind")) or None}
+                                                   key="distill_per_kind")) or None,
+                   "offset": float(d5.number_input("Offset", 0.0, 0.5, base.offset, step=0.01, format="%.2f",
+                                                   key="distill_offset",
+                                                   help="after training, the stream leaving the source block is "
+                                                        "shifted by −offset × the original's refusal direction "
+                                                        "(lowers over-refusal and refusal); changing it does not "
+                                                        "train again"))}
         st.caption("Trained on the original's greedy replies (first 32 tokens) to the bundled train prompts — "
-                   "harmful, harmless, borderline and the everyday-task pool; never a test or public set.")
-    defaults = {"mode": base.mode, "rank": base.rank, "steps": base.steps, "per_kind": base.per_kind}
+                   "harmful, harmless, borderline, the everyday-task pool and the contrast pool (benign prompts "
+                   "with alarming words, where the original answers them); never a test or public set.")
+    defaults = {"mode": base.mode, "rank": base.rank, "steps": base.steps, "per_kind": base.per_kind,
+                "offset": base.offset}
     changed = {k: v for k, v in distill.items() if v != defaults[k]}
     if not REPAIRS[method].uses_aird:
         aird = {"aird": None}  # AIRD's settings are not used: not part of this result's settings

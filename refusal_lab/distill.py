@@ -16,11 +16,13 @@ stay quantized (peft wraps them: the QLoRA set-up). Modes:
 
 Targets (``modules``): ``writers`` — the residual writers (attention and MLP output projections) of a
 few blocks around the source layer of the original's refusal direction; ``all`` — every linear layer of
-the decoder blocks. The default, ``all`` at rank 4 for 80 steps, was chosen by measurement on the bundled
-val splits (``bench/distill.py``: on default + wanda:0.5 it beat the writers of blocks l*−2…l*+2 at rank 16
-on refusal, over-refusal, broken replies and KL within the same time, then 80 steps beat 50 steps, a
-heavier first reply token (``first_token_weight`` 4 or 8) and oversampled harmless/borderline prompts on
-the val score). Deterministic for a seed (LoRA initialisation and data order).
+the decoder blocks. The defaults were chosen by measurement on the bundled val splits (``bench/distill.py``,
+default + wanda:0.5, ten rounds, public sets evaluated only after each choice): ``all`` at rank 4 (it beat
+the writers of blocks l*−2…l*+2 at rank 16); the state and refusal-direction terms at the source layer; the
+train-only contrast pool (benign prompts with alarming words) where the original answers, with it and the
+borderline prompts twice per epoch and the first reply token weighted 4; 160 steps (two epochs); and an
+offset of 0.04 of the original's refusal direction after training. Deterministic for a seed (LoRA
+initialisation and data order).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Literal, get_args
 
 import torch
 
-from refusal_lab.codec import JsonRecord, optional
+from refusal_lab.codec import JsonRecord, from_json, optional
 from refusal_lab.distill_data import (DEFAULT_KINDS, PROMPT_KINDS, DistillError, TeacherReplies, reply_kl,
                                       teacher_replies, training_prompts)
 from refusal_lab.distill_training import train_lora
@@ -86,7 +88,7 @@ class DistillConfig(JsonRecord):
     window: int = 2
     rank: int = 4
     lora_alpha: float = 8.0
-    steps: int = 80  # chosen on val among 50/80 steps, first-token weights 1/4/8, oversampling (bench/distill.py)
+    steps: int = 160  # two epochs of the default prompts; chosen on val over 80 and 200 (bench/distill.py)
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 10
@@ -95,16 +97,19 @@ class DistillConfig(JsonRecord):
     per_kind: int | None = None
     max_prompt_tokens: int = 256
     seed: int = 0
-    first_token_weight: float = 1.0  # loss weight of each reply's first token (the others weigh 1)
-    oversample: dict[str, int] = field(default_factory=dict)  # kind → times its prompts appear per epoch
-    answered_only: list[str] = field(default_factory=list)  # kinds trained on where the teacher answered only
+    first_token_weight: float = 4.0  # loss weight of each reply's first token (the others weigh 1; 4 chosen on val)
+    oversample: dict[str, int] = field(default_factory=lambda: {"contrast": 2, "borderline": 2})  # kind → times its
+    #                                                             prompts appear per epoch (chosen on val, round 7)
+    answered_only: list[str] = field(default_factory=lambda: ["contrast"])  # kinds trained on where the teacher
+    #                                                                         answered only
     state_weight: float = 4.0  # weight of the residual-stream term (0: the KL alone); 4 chosen on val among
     #                            0/4/16 (bench/distill.py, fourth round)
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
     direction_weight: float = 8.0  # weight of the refusal-direction term (0: none); 8 chosen on val among
     #                                0/8/32 with the state term at 4 (bench/distill.py, fifth round)
-    offset: float = 0.0  # after training, the stream leaving the state block shifted by −offset × the original's
-    #                      raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none)
+    offset: float = 0.04  # after training, the stream leaving the state block shifted by −offset × the original's
+    #                       raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none; 0.04
+    #                       chosen on val among 0/0.04/0.08, bench/distill.py round 9)
 
     def needs_source_layer(self) -> bool:
         """Whether training needs the original's refusal source layer: ``writers`` without explicit layers
@@ -152,14 +157,23 @@ class DistillConfig(JsonRecord):
 
     def key_json(self) -> dict:
         """:meth:`to_json` without the settings added after the first stored repairs while they are at
-        their defaults: a repair stored before them keeps its cache key."""
+        the value they had before they existed: a repair stored before them keeps its cache key."""
         out = self.to_json()
-        for name, default in (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []),
-                              ("state_weight", 0.0), ("state_layer", None), ("direction_weight", 0.0),
-                              ("offset", 0.0)):
-            if out.get(name) == default:
+        for name, before in ADDED_SETTINGS:
+            if out.get(name) == before:
                 out.pop(name, None)
         return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DistillConfig":
+        """The settings stored as ``data``; one stored before a setting existed gets that setting's value
+        of then (not today's default, which later rounds moved): it decodes as the repair it was."""
+        return from_json(cls, {**{name: copy.deepcopy(before) for name, before in ADDED_SETTINGS}, **data})
+
+
+# settings added after the first stored repairs, with the value they had before (which they keep when absent)
+ADDED_SETTINGS = (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []), ("state_weight", 0.0),
+                  ("state_layer", None), ("direction_weight", 0.0), ("offset", 0.0))
 
 
 def config_from(overrides: dict | None = None) -> DistillConfig:
@@ -210,6 +224,11 @@ class DistillResult(JsonRecord):
     @property
     def seconds(self) -> float:
         return self.seconds_data + self.seconds_train
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DistillResult":
+        """The result stored as ``data``, its settings decoded by :meth:`DistillConfig.from_json`."""
+        return from_json(cls, {**data, "config": DistillConfig.from_json(data["config"]).to_json()})
 
     def summary(self) -> DistillSummary:
         """The result without the per-step losses and module names (what an evaluation carries)."""
@@ -378,7 +397,8 @@ class Distilled:
         cfg = replace(self.result.config, offset=float(offset))
         cfg.check()
         if cfg.offset and self.shift_layer is None:
-            raise DistillError("offset shifts the output of the state layer or the source layer; this repair has neither")
+            raise DistillError("offset shifts the output of the state layer or the source layer; "
+                               "this repair has neither")
         result = replace(self.result, config=cfg)
         return Distilled(lora=dict(self.lora), result=result, shift=_shift(cfg, direction))
 

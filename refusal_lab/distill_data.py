@@ -27,7 +27,7 @@ from refusal_lab.prompts import BUNDLED_KINDS, PROMPTS_DIR, bundled, load_prompt
 TASKS_FILE = PROMPTS_DIR / "tasks.txt"
 TRAIN_ONLY = {"tasks": TASKS_FILE, "contrast": PROMPTS_DIR / "contrast.txt"}  # kind → its train-only pool
 PROMPT_KINDS = BUNDLED_KINDS + tuple(TRAIN_ONLY)  # harmful, harmless, borderline, tasks, contrast
-DEFAULT_KINDS = BUNDLED_KINDS + ("tasks",)  # what a repair trains on unless told
+DEFAULT_KINDS = PROMPT_KINDS  # what a repair trains on unless told (the contrast pool since the ninth round)
 
 
 class DistillError(ValueError):

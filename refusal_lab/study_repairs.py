@@ -131,9 +131,11 @@ def _data_parts(study: "Study", cfg: "DistillConfig") -> tuple:
     """The cache-key parts of :func:`teacher_replies`: the original and what shapes the data."""
     from refusal_lab.distill import DISTILL_VERSION
 
-    return (study.original_fingerprint(), {"kinds": cfg.kinds, "per_kind": cfg.per_kind,
-                                           "reply_tokens": cfg.reply_tokens,
-                                           "max_prompt_tokens": cfg.max_prompt_tokens}, DISTILL_VERSION)
+    shape = {"kinds": cfg.kinds, "per_kind": cfg.per_kind, "reply_tokens": cfg.reply_tokens,
+             "max_prompt_tokens": cfg.max_prompt_tokens}
+    if cfg.answered_only:  # the stored replies are filtered by it (absent when empty: older keys stay)
+        shape["answered_only"] = cfg.answered_only
+    return (study.original_fingerprint(), shape, DISTILL_VERSION)
 
 
 def aird_seconds(study: "Study", scheme: str) -> float | None:

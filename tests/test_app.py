@@ -391,6 +391,11 @@ def test_aird_page_distill_method(study_env):
     at2.number_input(key="distill_per_kind").set_value(4).run()
     assert button(at2, "Run distill").disabled and not errors(at2)
     assert at2.dataframe[0].value.set_index("model").loc["wanda:0.5 + distill", "seconds"] == row["seconds"]
+    at2.number_input(key="distill_offset").set_value(0.1).run()  # another offset: evaluated, not trained again
+    button(at2, "Run distill").click().run()
+    assert not at2.exception and not errors(at2), errors(at2)
+    assert any("shifted by −0.1 × the refusal direction" in c.value for c in at2.caption)
+    assert at2.dataframe[0].value.set_index("model").loc["wanda:0.5 + distill", "seconds"] == row["seconds"]
 
 
 def test_report_page_html_export_of_a_dashboard_study(study_env):

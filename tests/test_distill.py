@@ -15,7 +15,7 @@ from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_ha
 
 CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
                     reply_tokens=6, per_kind=4, state_weight=0.0,
-                    direction_weight=0.0)  # the KL alone (the state and direction terms: their own tests)
+                    direction_weight=0.0, offset=0.0)  # the KL alone (the stream terms, the offset: own tests)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,8 @@ def test_only_bundled_train_prompts(monkeypatch):
     real = data_mod.bundled
     monkeypatch.setattr(data_mod, "bundled", lambda kind, split=None: asked.append(split) or real(kind, split))
     prompts = data_mod.training_prompts()
-    assert set(asked) == {"train"} and {k for k, _ in prompts} == {"harmful", "harmless", "borderline", "tasks"}
+    assert set(asked) == {"train"} and {k for k, _ in prompts} == {"harmful", "harmless", "borderline", "tasks",
+                                                                   "contrast"}
 
 
 @pytest.mark.parametrize("scheme,precision", [("hqq:4:64", "float32"), ("bnb-nf4", "float32"),
@@ -222,7 +223,7 @@ def test_contrast_prompts_are_train_only_and_unlike_every_val_and_test_prompt():
 
     from refusal_lab.prompts import BUNDLED_KINDS, bundled
 
-    assert "contrast" not in {k for k, _ in data_mod.training_prompts()}  # not in the default kinds
+    assert "contrast" not in {k for k, _ in data_mod.training_prompts(["harmful", "tasks"])}  # asked for by name
     contrast = [p for k, p in data_mod.training_prompts(["contrast"]) if k == "contrast"]
     assert len(contrast) >= 150 and data_mod.training_prompts(["contrast"], split="val") == []
     words = lambda p: set(re.findall(r"[a-z]+", p.lower()))  # noqa: E731
@@ -243,7 +244,23 @@ def test_answered_only_drops_the_teachers_refusals_of_those_kinds_only():
     assert kept.reply_ids == [[11], [10], [11]] and kept.key() != data.key()
     with pytest.raises(DistillError, match="answered_only"):
         DistillConfig(answered_only=["nonsense"]).check()
-    assert "answered_only" not in DistillConfig().key_json()  # repairs stored before it keep their keys
+    assert "answered_only" not in DistillConfig(answered_only=[]).key_json()  # repairs stored before it keep their keys
+
+
+def test_a_config_stored_before_a_setting_existed_decodes_with_that_settings_value_of_then():
+    """Defaults move (chosen by later benchmark rounds); a stored repair's settings must not move with them."""
+    from refusal_lab.distill import ADDED_SETTINGS, DistillResult
+
+    first_round = {"mode": "adapter", "modules": "all", "layers": None, "window": 2, "rank": 4, "lora_alpha": 8,
+                   "steps": 50, "batch_size": 16, "lr": 0.002, "warmup": 10, "reply_tokens": 32,
+                   "kinds": ["harmful", "harmless", "borderline", "tasks"], "per_kind": None,
+                   "max_prompt_tokens": 256, "seed": 0}
+    cfg = DistillConfig.from_json(first_round)
+    assert {name: getattr(cfg, name) for name, _ in ADDED_SETTINGS} == dict(ADDED_SETTINGS)
+    assert cfg.key_json() == first_round and DistillConfig().offset != 0.0 and DistillConfig().state_weight != 0.0
+    res = DistillResult.from_json({"config": first_round, "layers": [0], "targets": ["x"], "trainable_parameters": 1})
+    assert res.config == cfg
+    assert DistillConfig.from_json(DistillConfig().to_json()) == DistillConfig()  # today's settings round-trip
 
 
 def _state_distance(o, h, data, layer: int, direction: torch.Tensor | None = None) -> float:

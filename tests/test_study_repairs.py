@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from refusal_lab.distill import DISTILL_VERSION
+from refusal_lab.distill import DISTILL_VERSION, DistillConfig
 from refusal_lab.study import Study, StudySpec, summary_rows
 from refusal_lab.testing.tiny import tiny_model_folder
 
@@ -80,12 +80,14 @@ def test_distill_stage_is_stored_without_pickle_and_a_second_run_computes_nothin
     seen.clear()
     shifted = Study(_spec(tiny_folder, distill={**DISTILL, "offset": 0.1}), runs,
                     on_progress=lambda s, d, t: seen.append(s))
-    rep, base = distilled(shifted, SCHEME), distilled(again, SCHEME)
-    assert not [s for s in seen if "training" in s] and rep.result.config.offset == 0.1 and base.shift is None
+    rep, base = distilled(shifted, SCHEME), distilled(again, SCHEME)  # base: the default offset
+    direction = shifted.directions("original").direction
+    assert not [s for s in seen if "training" in s] and rep.result.config.offset == 0.1
     assert rep.lora.keys() == base.lora.keys() and all(torch.equal(rep.lora[k], base.lora[k]) for k in rep.lora)
-    assert torch.allclose(rep.shift, -0.1 * shifted.directions("original").direction)
+    assert torch.allclose(rep.shift, -0.1 * direction)
+    assert torch.allclose(base.shift, -DistillConfig().offset * direction)
     assert shifted.evaluate_method(SCHEME, "distill").distill.offset == 0.1  # evaluated with the shift
-    assert res.variants[SCHEME].repaired.distill.offset == 0.0
+    assert res.variants[SCHEME].repaired.distill.offset == DistillConfig().offset
     # … and a new DISTILL_VERSION recomputes both parts
     import refusal_lab.distill as distill_module
 
