@@ -15,7 +15,9 @@ from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_ha
 
 CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
                     reply_tokens=6, per_kind=4, state_weight=0.0,
-                    direction_weight=0.0, offset=0.0)  # the KL alone (the stream terms, the offset: own tests)
+                    direction_weight=0.0, offset=0.0, first_token_weight=1.0, oversample={}, answered_only=[],
+                    kinds=["harmful", "harmless", "borderline", "tasks"])  # the KL alone, the first round's
+#                   settings (the stream terms, the offset, the contrast pool, the weights: their own tests)
 
 
 @pytest.fixture(scope="module")
