@@ -47,6 +47,7 @@ import os
 import secrets
 import shutil
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -225,6 +226,21 @@ class RunStore:
             )
         infos.sort(key=lambda i: i.updated, reverse=True)
         return infos
+
+    def holders(self, key: str, *, besides: str | None = None) -> Iterator[tuple[str, StudyRecord, dict]]:
+        """``(study id, record, manifest entry)`` of every study but ``besides`` that stores ``key`` with
+        all its files, newest update first; read-only (no gc of a study another process may be writing),
+        damaged studies skipped."""
+        for info in self.list_studies():
+            if info.id == besides or info.problem:
+                continue
+            try:
+                record = StudyRecord(info.path)
+                entry = record.entry(key) if record.has(key) else None
+            except Exception:  # a damaged peer never stops the caller
+                continue
+            if entry is not None:
+                yield info.id, record, entry
 
     def delete(self, study_id: str) -> None:
         """Delete a study folder (renamed away first, so a crash never leaves half a study)."""

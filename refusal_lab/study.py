@@ -176,15 +176,11 @@ class Study:
     def _from_other_studies(self, kind: str, key: str, codec=None):
         """``(value, study id)`` of the artifact ``key`` stored by another study of the run store, or
         None. Unreadable studies and entries are skipped."""
-        for info in self.store.list_studies():
-            if info.id == self.record.id or info.problem:
-                continue
+        for study_id, other, _ in self.store.holders(key, besides=self.record.id):
             try:
-                other = StudyRecord(info.path)  # read-only: no gc of a study another process may be writing
-                if other.has(key):
-                    return self._get(kind, key, other, codec), info.id
-            except Exception as e:  # a damaged peer never stops this study
-                log.debug("study %s: %s unreadable (%s)", info.id, key, e)
+                return self._get(kind, key, other, codec), study_id
+            except Exception as e:
+                log.debug("study %s: %s unreadable (%s)", study_id, key, e)
         return None
 
     def _get(self, kind: str, key: str, record: StudyRecord | None = None, codec=None):
@@ -474,10 +470,17 @@ class Study:
                  REPAIR_VERSION) + (() if s.aird_search == "generated" else (f"search={s.aird_search}",)))
 
     def stage_seconds(self, stage: str, key_parts: tuple) -> float | None:
-        """Seconds the stored stage ``(stage, key_parts)`` took to compute (0 when another study's copy was
-        reused); None when it is not stored in this study."""
-        entry = self.record.entry(cache_key(stage, CODE_VERSION, *key_parts, *self.numerics))
-        return None if entry is None else entry.get("seconds")
+        """Seconds the stored stage ``(stage, key_parts)`` took to compute — where this study reused another
+        study's copy (stored with 0 s, so ETAs do not count it), the computing study's seconds (0 when no
+        study of the store has them any more); None when it is not stored in this study."""
+        key = cache_key(stage, CODE_VERSION, *key_parts, *self.numerics)
+        entry = self.record.entry(key)
+        if entry is None:
+            return None
+        if entry.get("seconds"):
+            return entry["seconds"]
+        peers = self.store.holders(key, besides=self.record.id)
+        return next((e["seconds"] for _, _, e in peers if e.get("seconds")), entry.get("seconds"))
 
     def evaluate_repaired(self, scheme: str) -> RepairedEvaluation:
         """The same evaluation on the AIRD-repaired variant, plus the repair's cost (density)."""

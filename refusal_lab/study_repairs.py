@@ -139,7 +139,7 @@ def _data_parts(study: "Study", cfg: "DistillConfig") -> tuple:
 
 
 def aird_seconds(study: "Study", scheme: str) -> float | None:
-    """Seconds the stored AIRD repair of ``scheme`` took (calibration and fit; 0 when copied from another study)."""
+    """Seconds the stored AIRD repair of ``scheme`` took (calibration and fit; the computing study's when copied)."""
     return study.stage_seconds(f"aird {scheme}", study._repair_parts(scheme))
 
 

@@ -224,3 +224,18 @@ def test_a_killed_distill_run_resumes_with_only_what_is_missing(tiny_folder, tmp
     assert set(resumed.timings) == {f"distill {SCHEME}", f"evaluate {SCHEME}+distill"}  # only what was missing
     assert res.variants[SCHEME].repaired.distill.steps == 30  # trained in full (seeded: test_distill.py)
     assert Study(spec, runs).run() == res  # and stored
+
+
+def test_a_stage_copied_from_another_study_reports_the_computing_studys_seconds(tiny_folder, runs):
+    """A study that reuses another's AIRD repair stores it at 0 s (ETAs must not count it), but the repair's
+    cost it reports is what computing it took."""
+    from refusal_lab.study_repairs import aird_seconds
+
+    first = Study(_spec(tiny_folder, repair_method="aird", distill=None, name="computes"), runs)
+    first.repair(SCHEME)
+    second = Study(_spec(tiny_folder, repair_method="aird", distill=None, name="copies"), runs)
+    assert second.id != first.id
+    second.repair(SCHEME)
+    [copied] = _stages(second)[f"aird {SCHEME}"]
+    assert copied["seconds"] == 0.0
+    assert aird_seconds(second, SCHEME) == aird_seconds(first, SCHEME) > 0
