@@ -27,6 +27,7 @@ perplexity. Recovered share of the lost refusal = (R − C) / (O − C). Adapter
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -51,7 +52,15 @@ ROUND1 = dict(kinds=list(MEMO_KINDS), first_token_weight=1.0, oversample={}, ans
 def _cfg(**settings) -> DistillConfig:
     """A configuration of this benchmark: ``settings`` over the first round's defaults, so that a name keeps
     the meaning it had when its round ran (the library's defaults have moved since, chosen by these rounds)."""
-    return DistillConfig(**{**ROUND1, **settings})
+    return DistillConfig(**copy.deepcopy({**ROUND1, **settings}))  # no list or dict shared between configurations
+
+
+# the sixth round's choice (state and direction terms, first reply token ×4, the contrast prompts O answers), and
+# the seventh's (that, with the contrast and borderline prompts twice per epoch): the later rounds vary these
+SIXTH = dict(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0, direction_weight=8.0,
+             first_token_weight=4.0, kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
+             answered_only=["contrast"])
+O2 = {**SIXTH, "oversample": {"contrast": 2, "borderline": 2}}
 
 
 CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared cores
@@ -102,58 +111,27 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     "all-r4-s80-st4-d8-ca": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
                                           direction_weight=8.0, kinds=["harmful", "harmless", "borderline", "tasks",
                                                                        "contrast"], answered_only=["contrast"]),
-    "all-r4-s80-st4-d8-f4-ca": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3, state_weight=4.0,
-                                             direction_weight=8.0, first_token_weight=4.0,
-                                             kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                             answered_only=["contrast"]),
+    "all-r4-s80-st4-d8-f4-ca": _cfg(**SIXTH),
     # seventh round, from the sixth's choice (borderline test 24.5% vs its bar 19.3, broken 3.6% vs 2): teacher
     # replies scored over 64 tokens, as many as the evaluation generates (its broken replies are loops, some
     # past token 32); the contrast and borderline prompts twice per epoch; rank 8
-    "all-r4-s80-st4-d8-f4-ca-t64": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
-                                                 state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                 kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                 answered_only=["contrast"], reply_tokens=64),
-    "all-r4-s80-st4-d8-f4-ca-o2": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
-                                                state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}),
-    "all-r8-s80-st4-d8-f4-ca": _cfg(modules="all", rank=8, lora_alpha=16, steps=80, lr=2e-3,
-                                             state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                             kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                             answered_only=["contrast"]),
+    "all-r4-s80-st4-d8-f4-ca-t64": _cfg(**SIXTH, reply_tokens=64),
+    "all-r4-s80-st4-d8-f4-ca-o2": _cfg(**O2),
+    "all-r8-s80-st4-d8-f4-ca": _cfg(**{**SIXTH, "rank": 8, "lora_alpha": 16}),
     # eighth round: the seventh's choice with the shift the offset probe chose on val (bench/distill_offset_probe.py,
     # β 1 along the unit direction = 0.04 of the raw direction's norm, 25.2), now a setting of the library
-    "all-r4-s80-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
-                                                      state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                      kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                      answered_only=["contrast"],
-                                                      oversample={"contrast": 2, "borderline": 2}, offset=0.04),
+    "all-r4-s80-st4-d8-f4-ca-o2-off04": _cfg(**O2, offset=0.04),
     # ninth round, with the bar-counting rule (the eighth's offset 0.04 lost on val by a prompt; the chosen configuration's
     # broken replies, loops, stay above 2% on val and public sets): two epochs instead of one, and offsets 0.04 and
     # 0.08 on both (an offset reuses its configuration's trained LoRA: it never enters training)
-    "all-r4-s80-st4-d8-f4-ca-o2-off08": _cfg(modules="all", rank=4, lora_alpha=8, steps=80, lr=2e-3,
-                                                      state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                      kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                      answered_only=["contrast"],
-                                                      oversample={"contrast": 2, "borderline": 2}, offset=0.08),
-    **{f"all-r4-s160-st4-d8-f4-ca-o2{suffix}": _cfg(
-        modules="all", rank=4, lora_alpha=8, steps=160, lr=2e-3, state_weight=4.0, direction_weight=8.0,
-        first_token_weight=4.0, kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-        answered_only=["contrast"], oversample={"contrast": 2, "borderline": 2}, offset=offset)
+    "all-r4-s80-st4-d8-f4-ca-o2-off08": _cfg(**O2, offset=0.08),
+    **{f"all-r4-s160-st4-d8-f4-ca-o2{suffix}": _cfg(**{**O2, "steps": 160}, offset=offset)
        for suffix, offset in (("", 0.0), ("-off04", 0.04), ("-off08", 0.08))},
     # tenth round, from the ninth's choice (s160-off04 met every bar on val and on the public sets all but broken
     # replies, 2.7% — loops in benign answers; the second epoch had lowered val broken 3.1 → 1.6% and val KL
     # 0.495 → 0.441): a third of an epoch more (200 steps, the most that fits 900 s at 3.7 s a step), and rank 8
-    "all-r4-s200-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=4, lora_alpha=8, steps=200, lr=2e-3,
-                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                       answered_only=["contrast"],
-                                                       oversample={"contrast": 2, "borderline": 2}, offset=0.04),
-    "all-r8-s160-st4-d8-f4-ca-o2-off04": _cfg(modules="all", rank=8, lora_alpha=16, steps=160, lr=2e-3,
-                                                       state_weight=4.0, direction_weight=8.0, first_token_weight=4.0,
-                                                       kinds=["harmful", "harmless", "borderline", "tasks", "contrast"],
-                                                       answered_only=["contrast"],
-                                                       oversample={"contrast": 2, "borderline": 2}, offset=0.04),
+    "all-r4-s200-st4-d8-f4-ca-o2-off04": _cfg(**{**O2, "steps": 200}, offset=0.04),
+    "all-r8-s160-st4-d8-f4-ca-o2-off04": _cfg(**{**O2, "rank": 8, "lora_alpha": 16, "steps": 160}, offset=0.04),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 # since the sixth round: 97 more benign prompts with alarming words, written for this benchmark and used for

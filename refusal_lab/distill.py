@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -168,12 +168,17 @@ class DistillConfig(JsonRecord):
     def from_json(cls, data: dict) -> "DistillConfig":
         """The settings stored as ``data``; one stored before a setting existed gets that setting's value
         of then (not today's default, which later rounds moved): it decodes as the repair it was."""
-        return from_json(cls, {**{name: copy.deepcopy(before) for name, before in ADDED_SETTINGS}, **data})
+        return from_json(cls, _as_stored_then(data))
 
 
 # settings added after the first stored repairs, with the value they had before (which they keep when absent)
 ADDED_SETTINGS = (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []), ("state_weight", 0.0),
                   ("state_layer", None), ("direction_weight", 0.0), ("offset", 0.0))
+
+
+def _as_stored_then(data: dict) -> dict:
+    """Stored settings ``data`` with each setting added after they were stored at its value of then."""
+    return {**{name: copy.deepcopy(before) for name, before in ADDED_SETTINGS}, **data}
 
 
 def config_from(overrides: dict | None = None) -> DistillConfig:
@@ -228,7 +233,7 @@ class DistillResult(JsonRecord):
     @classmethod
     def from_json(cls, data: dict) -> "DistillResult":
         """The result stored as ``data``, its settings decoded by :meth:`DistillConfig.from_json`."""
-        return from_json(cls, {**data, "config": DistillConfig.from_json(data["config"]).to_json()})
+        return from_json(cls, {**data, "config": _as_stored_then(data["config"])})
 
     def summary(self) -> DistillSummary:
         """The result without the per-step losses and module names (what an evaluation carries)."""
@@ -392,8 +397,6 @@ class Distilled:
         """This repair with another ``offset`` (the same trained LoRA: the offset never enters training),
         ``direction`` the original's raw refusal direction ``(d_model,)`` — an offset is tuned without
         training again."""
-        from dataclasses import replace
-
         cfg = replace(self.result.config, offset=float(offset))
         cfg.check()
         if cfg.offset and self.shift_layer is None:
