@@ -80,7 +80,10 @@ class DistillConfig(JsonRecord):
     teacher's residual stream leaving block ``state_layer`` (default: the source layer) at the
     post-instruction positions — where the refusal direction is read — to the loss; ``direction_weight``:
     adds that times :func:`~refusal_lab.distill_data.direction_distance` there, the same streams'
-    gap along the original's refusal direction only (training then needs that direction)."""
+    gap along the original's refusal direction only (training then needs that direction); ``on_policy``:
+    the last share of the steps scores the KL on the student's *own* greedy replies (made once, by the
+    LoRA'd student as it is when that share starts) instead of the teacher's — the prefixes it will
+    really continue, loops included (on-policy distillation; 0: teacher replies throughout)."""
 
     mode: str = "adapter"
     modules: str = "all"  # measured on default + wanda:0.5 (bench/distill.py): all at rank 4 beat writers at rank 16
@@ -107,6 +110,7 @@ class DistillConfig(JsonRecord):
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
     direction_weight: float = 8.0  # weight of the refusal-direction term (0: none); 8 chosen on val among
     #                                0/8/32 with the state term at 4 (bench/distill.py, fifth round)
+    on_policy: float = 0.0  # share of the steps (the last ones) trained on the student's own replies
     offset: float = 0.04  # after training, the stream leaving the state block shifted by −offset × the original's
     #                       raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none; 0.04
     #                       chosen on val among 0/0.04/0.08, bench/distill.py round 9)
@@ -151,6 +155,8 @@ class DistillConfig(JsonRecord):
         for name in ("state_weight", "direction_weight", "offset"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 raise DistillError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.on_policy < 1:
+            raise DistillError(f"on_policy is a share of the steps in [0, 1), got {self.on_policy}")
         unknown = [k for k in self.answered_only if k not in PROMPT_KINDS]
         if unknown:
             raise DistillError(f"answered_only takes prompt kinds ({', '.join(PROMPT_KINDS)}), got {unknown}")
@@ -173,7 +179,7 @@ class DistillConfig(JsonRecord):
 
 # settings added after the first stored repairs, with the value they had before (which they keep when absent)
 ADDED_SETTINGS = (("first_token_weight", 1.0), ("oversample", {}), ("answered_only", []), ("state_weight", 0.0),
-                  ("state_layer", None), ("direction_weight", 0.0), ("offset", 0.0))
+                  ("state_layer", None), ("direction_weight", 0.0), ("offset", 0.0), ("on_policy", 0.0))
 
 
 def _as_stored_then(data: dict) -> dict:
@@ -526,13 +532,14 @@ def _lowest_block(handle: ModelHandle, targets: dict[str, torch.nn.Module]) -> i
 def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | None = None, *,
             source_layer: int | None = None, data: TeacherReplies | None = None,
             data_progress: Progress | None = None, progress: Progress | None = None,
-            states_progress: Progress | None = None, precompute_states: bool = True,
-            direction: torch.Tensor | None = None) -> tuple[ModelHandle, Distilled]:
+            states_progress: Progress | None = None, own_progress: Progress | None = None,
+            precompute_states: bool = True, direction: torch.Tensor | None = None) -> tuple[ModelHandle, Distilled]:
     """Train a distill repair of ``student`` (a compressed copy of ``teacher``) → ``(repaired handle,
     the repair)``. ``data``: the teacher's replies (:func:`distill_data`; built when None, reported to
     ``data_progress``); ``states_progress`` gets the batches of the precomputed passes, then ``progress``
-    ``(step, steps)``; raising :class:`~refusal_lab.progress.Cancelled` from either stops the training
-    (nothing is left changed).
+    ``(step, steps)`` (with ``cfg.on_policy``, ``own_progress`` the student's replies mid-training);
+    raising :class:`~refusal_lab.progress.Cancelled` from any of them stops the training (nothing is left
+    changed).
     ``source_layer``: the original's refusal source layer (``writers`` without explicit layers, the state
     and direction terms); ``direction``: the original's refusal direction ``(d_model,)`` (the direction term).
     ``precompute_states``: run the teacher once and the student's blocks below the lowest LoRA'd block
@@ -566,7 +573,7 @@ def distill(teacher: ModelHandle, student: ModelHandle, cfg: DistillConfig | Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         losses = train_lora(teacher, student, lora, data, cfg, lowest, precompute_states, progress, state,
-                        None if direction is None else direction.detach().float(), states_progress)
+                        None if direction is None else direction.detach().float(), states_progress, own_progress)
     before = density(list(targets.values()))
     result = DistillResult(config=cfg, layers=layers, targets=list(targets), source_layer=source_layer,
                            trainable_parameters=sum(p.numel() for p in lora.parameters() if p.requires_grad),

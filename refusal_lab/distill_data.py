@@ -106,16 +106,17 @@ class TeacherReplies(JsonRecord):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _greedy(teacher: ModelHandle, ids: list[list[int]], tokens: int, progress: Progress | None) -> list[list[int]]:
+def greedy_replies(handle: ModelHandle, ids: list[list[int]], tokens: int,
+                   progress: Progress | None = None) -> list[list[int]]:
     """Greedy reply ids of tokenized prompts, cut after the first end-of-turn token."""
     from refusal_lab.generation import _generate_hf, eos_ids, fast_greedy_supported, greedy_ids
 
-    if fast_greedy_supported(teacher):
-        return greedy_ids(teacher, ids, max_new_tokens=tokens, progress=progress)
-    texts = teacher.tokenizer.batch_decode(ids)
-    raw = _generate_hf(teacher, texts, max_new_tokens=tokens, batch_size=16, do_sample=False, temperature=1.0,
+    if fast_greedy_supported(handle):
+        return greedy_ids(handle, ids, max_new_tokens=tokens, progress=progress)
+    texts = handle.tokenizer.batch_decode(ids)
+    raw = _generate_hf(handle, texts, max_new_tokens=tokens, batch_size=16, do_sample=False, temperature=1.0,
                        seed=0, progress=progress)
-    stop = eos_ids(teacher)
+    stop = eos_ids(handle)
     return [r[:next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in raw]
 
 
@@ -133,7 +134,7 @@ def teacher_replies(teacher: ModelHandle, prompts: Sequence[tuple[str, str]], *,
     if not keep:
         raise DistillError(f"no training prompts left after filtering: {len(prompts)} given, none of at most "
                            f"{max_prompt_tokens} tokens once chat-formatted; raise max_prompt_tokens or add prompts")
-    replies = _greedy(teacher, [ids[i] for i in keep], tokens, progress)
+    replies = greedy_replies(teacher, [ids[i] for i in keep], tokens, progress)
     return TeacherReplies(teacher=teacher.fingerprint, tokens=tokens, kinds=[prompts[i][0] for i in keep],
                           prompts=[prompts[i][1] for i in keep], prompt_ids=[ids[i] for i in keep],
                           reply_ids=[list(r) for r in replies])

@@ -5,14 +5,16 @@ residual-stream and refusal-direction terms — with the frozen parts' states pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from refusal_lab.distill_data import (DistillError, Precomputed, TeacherReplies, batches, direction_distance,
-                                      last_positions, precompute, reading, reply_batch, reply_logits, state_distance,
+                                      greedy_replies, last_positions, precompute, reading, reply_batch, reply_logits, state_distance,
                                       stubbed, token_kl, token_weights)
 from refusal_lab.models import ModelHandle, find_blocks
 from refusal_lab.precision import compute
@@ -75,13 +77,30 @@ def _pair_logits(teacher: ModelHandle, student: ModelHandle, model: torch.nn.Mod
     return out
 
 
+def own_replies(student: ModelHandle, model: torch.nn.Module, data: TeacherReplies,
+                progress: Progress | None = None) -> TeacherReplies:
+    """``data`` with each reply replaced by the greedy reply (as many tokens) of ``model``, the student's
+    LoRA'd copy as it is now: the on-policy steps' data, scored by the teacher like its own replies."""
+    handle = dataclasses.replace(student, model=model, fingerprint=f"{student.fingerprint}+training",
+                                 lock=threading.RLock())
+    was = model.training
+    model.eval()
+    try:
+        replies = greedy_replies(handle, data.prompt_ids, data.tokens, progress)
+    finally:
+        model.train(was)
+    return dataclasses.replace(data, reply_ids=[list(r) for r in replies])
+
+
 def train_lora(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherReplies, cfg: DistillConfig, start: int,
            precompute_states: bool, progress: Progress | None, state: tuple[int, int] | None = None,
-           direction: torch.Tensor | None = None, states_progress: Progress | None = None) -> list[float]:
+           direction: torch.Tensor | None = None, states_progress: Progress | None = None,
+           own_progress: Progress | None = None) -> list[float]:
     """AdamW on LoRA's matrices (at blocks ≥ ``start``); returns the loss (mean KL per reply token, nats,
     plus the weighted state and direction terms with ``state``, :func:`state_match`) of each step.
-    ``states_progress`` counts the precomputing passes' batches, ``progress`` the steps: a step costs
-    several batches' time, so one count of both would make a pace-based ETA several times too short."""
+    ``states_progress`` counts the precomputing passes' batches (with ``cfg.on_policy`` again over the
+    student's replies, whose making ``own_progress`` counts), ``progress`` the steps: a step costs several
+    batches' time, so one count of both would make a pace-based ETA several times too short."""
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
@@ -90,7 +109,12 @@ def train_lora(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherRe
     report(progress, 0, cfg.steps)
     losses: list[float] = []
     repeats = [cfg.oversample.get(kind, 1) for kind in data.kinds]
+    switch = cfg.steps - round(cfg.steps * cfg.on_policy)  # the first step on the student's own replies
     for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed, repeats)):
+        if step == switch and cfg.on_policy:  # same prompts in the same order: the batches' rows still hold
+            data = own_replies(student, lora.model, data, own_progress)
+            pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, state=state,
+                             progress=states_progress) if precompute_states else None
         pair = _pair_logits(teacher, student, lora.model, data, rows, pre, state)
         mask = pair.mask
         weights = None if cfg.first_token_weight == 1 else token_weights(mask, cfg.first_token_weight)

@@ -178,6 +178,7 @@ def distilled(study: "Study", scheme: str, name: str = "distill") -> "Distilled"
         with _student(study, scheme, name) as student:
             _, repair = distill(study.original, student, cfg, source_layer=source, data=data, direction=direction,
                                 states_progress=study._progress(f"{stage}: teacher states"),
+                                own_progress=study._progress(f"{stage}: own replies"),
                                 progress=study._progress(f"{stage}: training"))
         repair.result.seconds_data = round(study.stage_seconds(DATA_STAGE, _data_parts(study, cfg)) or 0.0, 2)
         return repair

@@ -172,8 +172,8 @@ def test_bad_input_is_a_clear_error(pair):
         distill(o, c, replace(CFG, reply_tokens=7), data=data)
 
 
-@pytest.mark.parametrize("bar", ["progress", "states_progress"])  # cancelled in training or in the teacher passes
-def test_cancelled_training_changes_nothing(pair, bar):
+@pytest.mark.parametrize("bar", ["progress", "states_progress", "own_progress"])  # cancelled in training, in the
+def test_cancelled_training_changes_nothing(pair, bar):  # teacher passes, in the student's own replies (on-policy)
     o, c, data = pair
     state = snapshot(c)
 
@@ -182,7 +182,7 @@ def test_cancelled_training_changes_nothing(pair, bar):
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        distill(o, c, CFG, data=data, **{bar: cancel})
+        distill(o, c, replace(CFG, on_policy=0.5), data=data, **{bar: cancel})
     assert same_state(c, state)
 
 
@@ -389,3 +389,38 @@ def test_a_packed_4bit_student_trains_with_gradients_through_its_quantized_layer
     cfg = replace(CFG, layers=[0, 1], steps=3, per_kind=2)
     h, rep = distill(o, c, cfg, data=distill_data(o, cfg))
     assert len(rep.result.losses) == 3
+
+
+def test_own_replies_are_the_models_greedy_replies_to_the_same_prompts(pair):
+    from refusal_lab.distill_data import greedy_replies
+    from refusal_lab.distill_training import own_replies
+
+    o, c, data = pair
+    own = own_replies(c, c.model, data)
+    assert own.prompt_ids == data.prompt_ids and own.kinds == data.kinds and own.tokens == data.tokens
+    assert own.reply_ids == greedy_replies(c, data.prompt_ids, data.tokens)
+    assert own.reply_ids != data.reply_ids  # the pruned student's, not the teacher's
+
+
+def test_on_policy_steps_train_on_the_students_replies_made_mid_training(pair, monkeypatch):
+    from refusal_lab import distill_training
+
+    o, c, data = pair
+    real, calls = distill_training.own_replies, []
+
+    def spy(student, model, d, progress=None):
+        trained_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        calls.append(any(bool(p.detach().abs().sum()) for p in trained_b))  # LoRA already trained then
+        return real(student, model, d, progress)
+
+    monkeypatch.setattr(distill_training, "own_replies", spy)
+    cfg = replace(CFG, steps=6, on_policy=0.5)
+    ticks: list = []
+    h, rep = distill(o, c, cfg, data=data, own_progress=lambda done, total: ticks.append((done, total)))
+    assert calls == [True] and len(rep.result.losses) == 6
+    assert ticks and ticks[-1][0] == ticks[-1][1] > 0  # the student's replies are reported
+    _, plain = distill(o, c, replace(CFG, steps=6), data=data)
+    assert rep.result.losses[:3] == plain.result.losses[:3] and rep.result.losses[3:] != plain.result.losses[3:]
+    assert "on_policy" not in CFG.key_json() and cfg.key_json()["on_policy"] == 0.5  # old keys kept
+    with pytest.raises(DistillError, match="on_policy is a share"):
+        distill(o, c, replace(CFG, on_policy=1.0), data=data)
