@@ -147,6 +147,14 @@ CONFIGS = {  # steps sized so that each fits the 15-minute budget on 2 shared co
     # itself, where its loops start (on-policy distillation)
     **{f"all-r4-s160-st4-d8-f4-ca-o2-op{round(100 * share)}-off04": _cfg(**{**O2, "steps": 160}, on_policy=share,
                                                                         offset=0.04) for share in (0.5, 0.25)},
+    # then (op50 had the fewest broken val replies, 23 of 455 against 27, and missed the borderline bar by one of the
+    # 24 prompts; op25 not yet evaluated): op50 with the offset 0.08 (its trained LoRA: no training), and three
+    # quarters of the steps on the student's own replies
+    "all-r4-s160-st4-d8-f4-ca-o2-op50-off08": _cfg(**{**O2, "steps": 160}, on_policy=0.5, offset=0.08),
+    "all-r4-s160-st4-d8-f4-ca-o2-op75-off04": _cfg(**{**O2, "steps": 160}, on_policy=0.75, offset=0.04),
+    # after op50-off08 was chosen (the fewest broken val replies, 20 of 455; public broken 2.2%): its LoRA with the
+    # offset 0.12 (no training)
+    "all-r4-s160-st4-d8-f4-ca-o2-op50-off12": _cfg(**{**O2, "steps": 160}, on_policy=0.5, offset=0.12),
 }
 VAL = {k: f"bundled:{k}:val" for k in ("harmful", "harmless", "borderline")}
 # since the sixth round: 97 more benign prompts with alarming words, written for this benchmark and used for

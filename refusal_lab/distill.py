@@ -110,10 +110,11 @@ class DistillConfig(JsonRecord):
     state_layer: int | None = None  # block whose output the term matches (None: the source layer)
     direction_weight: float = 8.0  # weight of the refusal-direction term (0: none); 8 chosen on val among
     #                                0/8/32 with the state term at 4 (bench/distill.py, fifth round)
-    on_policy: float = 0.0  # share of the steps (the last ones) trained on the student's own replies
-    offset: float = 0.04  # after training, the stream leaving the state block shifted by −offset × the original's
-    #                       raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none; 0.04
-    #                       chosen on val among 0/0.04/0.08, bench/distill.py round 9)
+    on_policy: float = 0.5  # share of the steps (the last ones) trained on the student's own replies (0.5 chosen
+    #                         on val among 0/0.25/0.5/0.75, bench/distill.py round 11)
+    offset: float = 0.12  # after training, the stream leaving the state block shifted by −offset × the original's
+    #                       raw refusal direction (a fraction of its harmful − harmless mean gap; 0: none; 0.12
+    #                       chosen on val among 0.04/0.08/0.12 with on_policy 0.5, bench/distill.py round 11)
 
     def needs_source_layer(self) -> bool:
         """Whether training needs the original's refusal source layer: ``writers`` without explicit layers

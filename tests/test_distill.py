@@ -14,8 +14,8 @@ from refusal_lab.progress import Cancelled
 from refusal_lab.testing.tiny import fixed_logits, same_state, snapshot, tiny_handle
 
 CFG = DistillConfig(modules="writers", layers=[1, 2], rank=4, steps=12, batch_size=8, lr=5e-3, warmup=2,
-                    reply_tokens=6, per_kind=4, state_weight=0.0,
-                    direction_weight=0.0, offset=0.0, first_token_weight=1.0, oversample={}, answered_only=[],
+                    reply_tokens=6, per_kind=4, state_weight=0.0, direction_weight=0.0, offset=0.0, on_policy=0.0,
+                    first_token_weight=1.0, oversample={}, answered_only=[],
                     kinds=["harmful", "harmless", "borderline", "tasks"])  # the KL alone, the first round's
 #                   settings (the stream terms, the offset, the contrast pool, the weights: their own tests)
 
@@ -260,6 +260,7 @@ def test_a_config_stored_before_a_setting_existed_decodes_with_that_settings_val
     cfg = DistillConfig.from_json(first_round)
     assert {name: getattr(cfg, name) for name, _ in ADDED_SETTINGS} == dict(ADDED_SETTINGS)
     assert cfg.key_json() == first_round and DistillConfig().offset != 0.0 and DistillConfig().state_weight != 0.0
+    assert DistillConfig().on_policy != 0.0 and cfg.on_policy == 0.0
     res = DistillResult.from_json({"config": first_round, "layers": [0], "targets": ["x"], "trainable_parameters": 1})
     assert res.config == cfg
     assert DistillConfig.from_json(DistillConfig().to_json()) == DistillConfig()  # today's settings round-trip
