@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from refusal_lab.distill_data import (DistillError, Precomputed, TeacherReplies, batches, direction_distance,
-                                      greedy_replies, last_positions, precompute, reading, reply_batch, reply_logits, state_distance,
-                                      stubbed, token_kl, token_weights)
+                                      greedy_replies, last_positions, precompute, reading, reply_batch, reply_logits,
+                                      state_distance, stubbed, token_kl, token_weights)
 from refusal_lab.models import ModelHandle, find_blocks
 from refusal_lab.precision import compute
 from refusal_lab.progress import Progress, report
