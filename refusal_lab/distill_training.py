@@ -104,8 +104,11 @@ def train_lora(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherRe
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, state=state,
-                     progress=states_progress) if precompute_states else None
+    def precomputed(replies: TeacherReplies) -> Precomputed | None:
+        return precompute(teacher, student, lora.model, replies, start, batch_size=cfg.batch_size, state=state,
+                          progress=states_progress) if precompute_states else None
+
+    pre = precomputed(data)
     report(progress, 0, cfg.steps)
     losses: list[float] = []
     repeats = [cfg.oversample.get(kind, 1) for kind in data.kinds]
@@ -113,8 +116,7 @@ def train_lora(teacher: ModelHandle, student: ModelHandle, lora, data: TeacherRe
     for step, rows in enumerate(batches(len(data), cfg.batch_size, cfg.steps, cfg.seed, repeats)):
         if step == switch and cfg.on_policy:  # same prompts in the same order: the batches' rows still hold
             data = own_replies(student, lora.model, data, own_progress)
-            pre = precompute(teacher, student, lora.model, data, start, batch_size=cfg.batch_size, state=state,
-                             progress=states_progress) if precompute_states else None
+            pre = precomputed(data)
         pair = _pair_logits(teacher, student, lora.model, data, rows, pre, state)
         mask = pair.mask
         weights = None if cfg.first_token_weight == 1 else token_weights(mask, cfg.first_token_weight)
